@@ -1,0 +1,232 @@
+"""Meta's checkpoint format: ``params.json`` plus ``consolidated.NN.pth`` shards, read, validated and written.
+
+A checkpoint saved with k shards loads on any number n of processes that its shapes can be split across:
+every weight is sharded along one dimension (column-parallel on dim 0, row-parallel on dim 1, the embedding
+on its embedding dimension) or replicated, so each rank cuts its own slice out of the concatenation of the
+shards. Shards are memory-mapped, so a rank only reads the bytes of its slice.
+"""
+
+import hashlib
+import json
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .model import ModelArgs
+
+# Along which dimension each weight is split across model-parallel ranks; None: replicated on every rank.
+SHARD_DIM: Dict[str, Optional[int]] = {
+    "tok_embeddings.weight": 1,
+    "output.weight": 0,
+    "norm.weight": None,
+    "attention.wq.weight": 0,
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w2.weight": 1,
+    "feed_forward.w3.weight": 0,
+    "attention_norm.weight": None,
+    "ffn_norm.weight": None,
+}
+IGNORED_KEYS = {"rope.freqs"}  # in Llama 1/2 shards; the model computes its rotary tables itself
+SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
+
+
+def shard_dim(key: str) -> Optional[int]:
+    return SHARD_DIM[re.sub(r"^layers\.\d+\.", "", key)]
+
+
+def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
+    """The unsharded shape of every weight the model has."""
+    kv_dim = args.kv_heads * args.head_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim), "norm.weight": (args.dim,),
+              "output.weight": (args.vocab_size, args.dim)}
+    for i in range(args.n_layers):
+        shapes.update({
+            f"layers.{i}.attention.wq.weight": (args.n_heads * args.head_dim, args.dim),
+            f"layers.{i}.attention.wk.weight": (kv_dim, args.dim),
+            f"layers.{i}.attention.wv.weight": (kv_dim, args.dim),
+            f"layers.{i}.attention.wo.weight": (args.dim, args.n_heads * args.head_dim),
+            f"layers.{i}.feed_forward.w1.weight": (args.hidden_dim, args.dim),
+            f"layers.{i}.feed_forward.w2.weight": (args.dim, args.hidden_dim),
+            f"layers.{i}.feed_forward.w3.weight": (args.hidden_dim, args.dim),
+            f"layers.{i}.attention_norm.weight": (args.dim,),
+            f"layers.{i}.ffn_norm.weight": (args.dim,),
+        })
+    return shapes
+
+
+def shard_shape(shape: Tuple[int, ...], dim: Optional[int], n: int) -> Tuple[int, ...]:
+    if dim is None:
+        return shape
+    return shape[:dim] + (shape[dim] // n,) + shape[dim + 1:]
+
+
+def read_params(ckpt_dir: str) -> dict:
+    path = Path(ckpt_dir) / "params.json"
+    if not Path(ckpt_dir).is_dir():
+        raise ValueError(f"checkpoint directory {ckpt_dir!r} does not exist: pass --ckpt_dir, the folder "
+                         "that holds params.json and consolidated.NN.pth")
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; a checkpoint folder holds params.json and consolidated.NN.pth")
+    try:
+        params = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: expected a JSON object of model parameters, got {type(params).__name__}")
+    return params
+
+
+def shard_paths(ckpt_dir: str) -> List[Path]:
+    """The shards, in order; they must be numbered 00 .. k-1."""
+    paths = sorted(Path(ckpt_dir).glob("*.pth"))
+    if not paths:
+        raise ValueError(f"{ckpt_dir}: no consolidated.NN.pth shards found")
+    numbers = []
+    for p in paths:
+        m = SHARD_NAME.fullmatch(p.name)
+        if not m:
+            raise ValueError(f"{p}: unexpected file; shards are named consolidated.00.pth, consolidated.01.pth, ...")
+        numbers.append(int(m.group(1)))
+    if sorted(numbers) != list(range(len(paths))):
+        raise ValueError(f"{ckpt_dir}: shards must be numbered 00 .. {len(paths) - 1:02d}, found "
+                         f"{[p.name for p in paths]}")
+    return sorted(paths, key=lambda p: int(SHARD_NAME.fullmatch(p.name).group(1)))
+
+
+def load_shard(path: Path) -> Dict[str, torch.Tensor]:
+    """Memory-map one shard. Only tensors and plain containers unpickle: a pickle that would run code is refused."""
+    try:
+        shard = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused to load: the file's pickle asks to run code or build objects other "
+                         f"than tensors, which a checkpoint never needs ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{path}: truncated or corrupted, can't be read ({str(e).splitlines()[0]}); "
+                         "download it again and check it with checklist.chk") from None
+    if not isinstance(shard, dict) or not all(isinstance(t, torch.Tensor) for t in shard.values()):
+        raise ValueError(f"{path}: expected a dict of tensors")
+    return shard
+
+
+def check_split(args: ModelArgs, n: int) -> None:
+    """Refuse a world size the model's shapes can't be cut into, naming the largest one that works."""
+    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.kv_heads, "dim": args.dim,
+             "the SwiGLU hidden size": args.hidden_dim, "vocab_size": args.vocab_size}
+    bad = [f"{name}={size}" for name, size in sizes.items() if size % n]
+    if bad:
+        best = max(m for m in range(1, n + 1) if all(size % m == 0 for size in sizes.values()))
+        raise ValueError(f"this model can't be split across {n} processes: {', '.join(bad)} not divisible by "
+                         f"{n}; the largest model-parallel size up to {n} that works is {best}")
+
+
+def validate(paths: List[Path], shards: List[Dict[str, torch.Tensor]], args: ModelArgs) -> None:
+    """Every shard holds exactly the expected keys with the shapes params.json implies."""
+    expected = full_shapes(args)
+    k = len(shards)
+    for path, shard in zip(paths, shards):
+        keys = set(shard) - IGNORED_KEYS
+        missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+        if missing:
+            raise ValueError(f"{path}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            raise ValueError(f"{path}: unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+                             "(not part of a Llama model with this params.json)")
+        for key, shape in expected.items():
+            want = shard_shape(shape, shard_dim(key), k)
+            if tuple(shard[key].shape) != want:
+                raise ValueError(f"{path}: {key} has shape {tuple(shard[key].shape)}, expected {want} for "
+                                 f"params.json with {k} shard(s)")
+
+
+def checkpoint_vocab_size(ckpt_dir: str) -> int:
+    """The vocabulary size the shards were saved with (params.json may say -1)."""
+    paths = shard_paths(ckpt_dir)
+    return load_shard(paths[0])["output.weight"].shape[0] * len(paths)
+
+
+def load_rank(ckpt_dir: str, args: ModelArgs, rank: int, world: int, dtype: torch.dtype,
+              device: torch.device) -> Dict[str, torch.Tensor]:
+    """This rank's slice of every weight, in ``dtype`` on ``device``, whatever the number of shards."""
+    check_split(args, world)
+    paths = shard_paths(ckpt_dir)
+    shards = [load_shard(p) for p in paths]
+    validate(paths, shards, args)
+    k = len(shards)
+    state = {}
+    for key, shape in full_shapes(args).items():
+        dim = shard_dim(key)
+        if dim is None:
+            state[key] = _to(shards[0][key], dtype, device)
+            continue
+        size = shape[dim] // world
+        start, end = rank * size, (rank + 1) * size
+        src = shape[dim] // k
+        pieces = [shards[j][key].narrow(dim, max(start, j * src) - j * src, min(end, (j + 1) * src) - max(start, j * src))
+                  for j in range(start // src, (end - 1) // src + 1)]
+        state[key] = _to(pieces[0], dtype, device) if len(pieces) == 1 else torch.cat(pieces, dim).to(device, dtype)
+    return state
+
+
+def _to(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A contiguous copy in dtype on device; a whole shard tensor already right stays memory-mapped (no copy)."""
+    t = t.to(device=device, dtype=dtype)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def split(state: Dict[str, torch.Tensor], k: int) -> List[Dict[str, torch.Tensor]]:
+    """Cut a full state dict into k shards as Meta's model-parallel ranks hold them."""
+    shards: List[Dict[str, torch.Tensor]] = [{} for _ in range(k)]
+    for key, tensor in state.items():
+        dim = None if key in IGNORED_KEYS else shard_dim(key)
+        for j in range(k):
+            shards[j][key] = tensor.clone() if dim is None else tensor.chunk(k, dim)[j].clone()
+    return shards
+
+
+def md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save(shards: List[Dict[str, torch.Tensor]], params: dict, out_dir: str) -> None:
+    """Write params.json, consolidated.NN.pth and a checklist.chk of md5 sums (``md5sum -c`` format)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.json").write_text(json.dumps(params))
+    names = ["params.json"]
+    for j, shard in enumerate(shards):
+        names.append(f"consolidated.{j:02d}.pth")
+        torch.save(shard, out / names[-1])
+    (out / "checklist.chk").write_text("".join(f"{md5(out / name)}  {name}\n" for name in sorted(names)))
+
+
+def random_checkpoint(out_dir: str, params: dict, mp: int = 1, seed: int = 0, vocab_size: Optional[int] = None,
+                      dtype: torch.dtype = torch.bfloat16) -> Dict[str, torch.Tensor]:
+    """Write a random checkpoint in Meta's exact format (bf16 shards with ``rope.freqs``) and return its
+    full, unsharded weights. ``vocab_size`` is needed when params.json says -1 (the tokenizer's size)."""
+    args = ModelArgs.from_params(params)
+    if args.vocab_size == -1:
+        if vocab_size is None:
+            raise ValueError("params has vocab_size -1: pass vocab_size (the tokenizer's n_words)")
+        args.vocab_size = vocab_size
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in full_shapes(args).items():
+        if len(shape) == 1:  # norms: around 1, so the test sees them used
+            state[key] = (1 + 0.1 * torch.randn(shape, generator=g)).to(dtype)
+        else:
+            state[key] = (torch.randn(shape, generator=g) / shape[-1] ** 0.5).to(dtype)
+    state["rope.freqs"] = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
+    state["rope.freqs"] = state["rope.freqs"].to(dtype)
+    save(split(state, mp), params, out_dir)
+    return state

@@ -1,0 +1,84 @@
+"""Device, backend and process group: with torchrun, or with no launcher at all.
+
+Meta's reference needs torchrun even for one process, and fails when ``Llama.build`` is called twice in one
+Python session. Here a missing launcher means a one-process group on a free local port, and a group that
+already exists is reused.
+"""
+
+import datetime
+import os
+import socket
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel import initialize as mp_init
+
+# A collective that waits longer than this for a rank that died fails instead of hanging the run.
+TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("LLAMA_DIST_TIMEOUT", "600")))
+
+
+def pick_device(device: Union[str, torch.device, None]) -> torch.device:
+    """The requested device, or CUDA when available, else the CPU; each launched rank gets its own GPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU: pass device='cpu'")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(device: torch.device) -> None:
+    """Join torchrun's group if launched by it, else start a one-process group; reuse one that exists."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=TIMEOUT)
+    else:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                timeout=TIMEOUT)
+
+
+def setup(model_parallel_size: Optional[int], device: Union[str, torch.device, None]) -> torch.device:
+    """Process group plus fairscale's model-parallel group; returns this rank's device.
+
+    model_parallel_size defaults to the world size: every process holds a slice of every layer.
+    """
+    device = pick_device(device)
+    init_process_group(device)
+    world = dist.get_world_size()
+    mp = model_parallel_size or world
+    if mp_init.model_parallel_is_initialized():
+        have = mp_init.get_model_parallel_world_size()
+        if have != mp:
+            raise ValueError(f"this process already has a model-parallel group of size {have}; "
+                             f"model_parallel_size={mp} can't be built beside it in the same process")
+    else:
+        if world % mp:
+            raise ValueError(f"model_parallel_size={mp} must divide the world size {world}")
+        mp_init.initialize_model_parallel(mp)
+    return device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def all_ok(ok: bool, device: torch.device) -> bool:
+    """True on every rank only if ``ok`` is true on every rank, so one rank's failure stops them all."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

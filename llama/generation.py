@@ -1,0 +1,263 @@
+"""The ``Llama`` class: build from a checkpoint, then generate, complete text and chat."""
+
+import logging
+import os
+import time
+from typing import List, Optional, Tuple, TypedDict, Union
+
+import torch
+from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
+
+from . import checkpoint, distributed
+from .chat import UNSAFE_ERROR, Dialog, Message, chat_format
+from .model import ModelArgs, Transformer
+from .sampling import sample
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("llama")
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: List[str]  # with logprobs=True
+    logprobs: List[float]  # with logprobs=True
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: List[str]  # with logprobs=True
+    logprobs: List[float]  # with logprobs=True
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: without them torch's bf16 matrix products are emulated and 5-100x slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    """The requested dtype, or the fastest accurate one this machine has."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: use one of bfloat16, float16, float32")
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def _cpu_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {torch.backends.cpu.get_cpu_capability()}, native bf16: {'yes' if cpu_has_native_bf16() else 'no'}"
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def check_fits(args: ModelArgs, world: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Fail before allocating if this rank's weights plus KV cache can't fit the device."""
+    free = available_memory(device)
+    if free is None:
+        return
+    nbytes = torch.finfo(dtype).bits // 8
+    weights = sum(torch.Size(s).numel() for s in checkpoint.full_shapes(args).values()) * nbytes // world
+    per_slot = 2 * args.n_layers * (args.kv_heads // world) * args.head_dim * nbytes  # K and V, one position
+    cache = per_slot * args.max_batch_size * args.max_seq_len
+    if weights + cache > free:
+        fit = max(0, (free - weights) // per_slot)
+        raise ValueError(f"not enough memory on {device}: weights {weights / 2**30:.2f} GiB + KV cache "
+                         f"{cache / 2**30:.2f} GiB (max_batch_size {args.max_batch_size} x max_seq_len "
+                         f"{args.max_seq_len}) > {free / 2**30:.2f} GiB free; max_batch_size x max_seq_len must be "
+                         f"at most {fit} here")
+
+
+class Llama:
+    @staticmethod
+    def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int,
+              model_parallel_size: Optional[int] = None, seed: int = 1, *,
+              device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None) -> "Llama":
+        """Load a checkpoint saved in Meta's format, with or without torchrun, on CPU or GPU.
+
+        model_parallel_size defaults to the world size (1 without a launcher). Any error is raised on
+        every rank, so a distributed run never hangs on a rank that failed.
+        """
+        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        start = time.perf_counter()
+        device = distributed.setup(model_parallel_size, device)
+        rank, world = get_model_parallel_rank(), get_model_parallel_world_size()
+        error: Optional[Exception] = None
+        try:
+            tokenizer = Tokenizer(tokenizer_path)
+            params = checkpoint.read_params(ckpt_dir)
+            args = ModelArgs.from_params({**params, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
+            saved_vocab = checkpoint.checkpoint_vocab_size(ckpt_dir)
+            if args.vocab_size == -1:
+                args.vocab_size = saved_vocab
+            if tokenizer.n_words != args.vocab_size or saved_vocab != args.vocab_size:
+                raise ValueError(f"{tokenizer_path}: the tokenizer has {tokenizer.n_words} tokens but the model in "
+                                 f"{ckpt_dir} has a vocabulary of {saved_vocab}: pass the tokenizer that came with "
+                                 "this checkpoint")
+            requested, dtype = dtype, pick_dtype(dtype, device)
+            check_fits(args, world, dtype, device)
+            state = checkpoint.load_rank(ckpt_dir, args, rank, world, dtype, device)
+            model = Transformer(args)
+            model.load_state_dict(state, strict=True, assign=True)
+            model.setup_cache()
+        except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, not leave them waiting
+            error = e
+        if not distributed.all_ok(error is None, device):
+            raise error or RuntimeError("another rank failed to load the checkpoint: see its error")
+        if distributed.rank() == 0:
+            log.info("loaded %s on %d process(es) in %.2f s: %s, %s%s", ckpt_dir, world, time.perf_counter() - start,
+                     device, str(dtype).removeprefix("torch."),
+                     "" if requested else f" (picked for this machine: {_cpu_name(device)})")
+        return Llama(model, tokenizer, seed)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.formatter = chat_format(tokenizer)
+        self.device = model.output.weight.device
+        # A generator of our own: sampling is reproducible without touching torch's global RNG.
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+
+    def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
+                 top_p: float = 0.9, logprobs: bool = False, echo: bool = False,
+                 ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Continue each prompt; returns the new tokens (with the prompt's when echo), cut at the first stop
+        token, and with logprobs=True the log-probability of each returned token (0.0 for a prompt's first).
+
+        The prompts are left-padded to a common end and prefilled in one forward pass; each row stops at its
+        own stop token and the loop ends when all rows have.
+        """
+        params = self.model.params
+        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
+        bsz = len(prompt_tokens)
+        lens = torch.tensor([len(p) for p in prompt_tokens], device=self.device)
+        prompt_len = int(lens.max())
+        total_len = min(params.max_seq_len, prompt_len + max_gen_len)
+        pad = prompt_len - lens
+        tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompt_tokens):
+            tokens[i, prompt_len - len(p):prompt_len] = torch.tensor(p, dtype=torch.long)
+        token_logprobs = torch.zeros((bsz, total_len), device=self.device) if logprobs else None
+        stop = torch.tensor(sorted(self.tokenizer.stop_tokens), device=self.device)
+        done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+
+        logits = self.model.forward(tokens[:, :prompt_len], 0, left_pad=pad, last_only=not (logprobs and echo))
+        if logprobs and echo:
+            token_logprobs[:, 1:prompt_len] = _logprobs_of(logits[:, :-1], tokens[:, 1:prompt_len])
+            # A prompt's first token has no context: 0.0, as in the reference (and padding before it too).
+            before = torch.arange(prompt_len, device=self.device)[None, :] <= pad[:, None]
+            token_logprobs[:, :prompt_len].masked_fill_(before, 0.0)
+        for pos in range(prompt_len, total_len):
+            next_token = sample(logits[:, -1], temperature, top_p, self.generator)
+            tokens[:, pos] = next_token
+            if logprobs:
+                token_logprobs[:, pos] = _logprobs_of(logits[:, -1], next_token)
+            done |= torch.isin(next_token, stop)
+            if pos + 1 == total_len or bool(done.all()):
+                total_len = pos + 1
+                break
+            logits = self.model.forward(tokens[:, pos:pos + 1], pos, left_pad=pad, last_only=True)
+
+        out_tokens, out_logprobs = [], []
+        stop_set = self.tokenizer.stop_tokens
+        for i, row in enumerate(tokens[:, :total_len].tolist()):
+            generated = row[prompt_len:]
+            end = next((j for j, t in enumerate(generated) if t in stop_set), len(generated))
+            first = int(pad[i]) if echo else prompt_len
+            out_tokens.append(row[first:prompt_len + end])
+            if logprobs:
+                out_logprobs.append(token_logprobs[i, first:prompt_len + end].tolist())
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def _check_generate_args(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float,
+                             top_p: float) -> None:
+        params = self.model.params
+        if not prompt_tokens:
+            raise ValueError("no prompts given: pass at least one")
+        if len(prompt_tokens) > params.max_batch_size:
+            raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size {params.max_batch_size}: pass "
+                             "fewer or build with a larger max_batch_size")
+        for i, p in enumerate(prompt_tokens):
+            if not p:
+                raise ValueError(f"prompt {i} is empty: give it at least one token")
+            if len(p) > params.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(p)} tokens, more than max_seq_len {params.max_seq_len}: "
+                                 "shorten it or build with a larger max_seq_len")
+            if not all(isinstance(t, int) and 0 <= t < params.vocab_size for t in p):
+                raise ValueError(f"prompt {i} must be a list of token ids in [0, {params.vocab_size})")
+        if not isinstance(max_gen_len, int) or max_gen_len < 1:
+            raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+    def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: Optional[int] = None, logprobs: bool = False,
+                        echo: bool = False) -> List[CompletionPrediction]:
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a list of strings")
+        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        tokens, probs = self.generate(prompt_tokens, self._gen_len(prompt_tokens, max_gen_len), temperature,
+                                      top_p, logprobs, echo)
+        return [self._prediction(self.tokenizer.decode(t), t, probs[i] if logprobs else None)
+                for i, t in enumerate(tokens)]
+
+    def chat_completion(self, dialogs: List[Dialog], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: Optional[int] = None, logprobs: bool = False) -> List[ChatPrediction]:
+        """Answer each dialog. One that carries the chat format's own tags gets the reference's error answer
+        and costs no generation; the rest of the batch is answered normally."""
+        if not isinstance(dialogs, (list, tuple)):
+            raise ValueError("dialogs must be a list of dialogs (lists of messages)")
+        encoded = [self.formatter.encode_dialog(d, i) for i, d in enumerate(dialogs)]
+        safe = [i for i, d in enumerate(dialogs) if not self.formatter.is_unsafe(d)]
+        results: List[ChatPrediction] = [
+            self._prediction({"role": "assistant", "content": UNSAFE_ERROR}, [], [] if logprobs else None)
+            for _ in dialogs]
+        if safe:
+            prompt_tokens = [encoded[i] for i in safe]
+            tokens, probs = self.generate(prompt_tokens, self._gen_len(prompt_tokens, max_gen_len), temperature,
+                                          top_p, logprobs)
+            for j, i in enumerate(safe):
+                content = {"role": "assistant", "content": self.tokenizer.decode(tokens[j])}
+                results[i] = self._prediction(content, tokens[j], probs[j] if logprobs else None)
+        return results
+
+    def _gen_len(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int]) -> int:
+        """Meta's default: as much as max_seq_len leaves after the longest prompt (at least one token)."""
+        if max_gen_len is not None:
+            return max_gen_len
+        return max(1, self.model.params.max_seq_len - max((len(p) for p in prompt_tokens), default=0))
+
+    def _prediction(self, generation, tokens: List[int], logprobs: Optional[List[float]]) -> dict:
+        if logprobs is None:
+            return {"generation": generation}
+        return {"generation": generation, "tokens": [self.tokenizer.decode([t]) for t in tokens],
+                "logprobs": logprobs}
+
+
+def _logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log-softmax of ``logits`` (..., vocab) at ``tokens`` (...)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,238 @@
+"""The Llama transformer: ModelArgs, its layers and the preallocated KV cache.
+
+Module names equal the keys of Meta's checkpoints, and the tensor-parallel layers are fairscale's, so that
+each rank's ``consolidated.NN.pth`` slice loads into it as it is.
+"""
+
+import dataclasses
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import layers as fs_layers
+from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1  # -1 in params.json: the tokenizer gives it
+    multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    @classmethod
+    def from_params(cls, params: dict, **overrides) -> "ModelArgs":
+        """Build from a params.json dict; keys this engine doesn't know are ignored with a warning."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            warnings.warn(f"params.json: ignoring unknown keys {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in params.items() if k in known}, **overrides)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """The SwiGLU width, derived exactly as Meta's params.json intend (e.g. 11008 for 7B)."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+@contextmanager
+def _skip_fairscale_init() -> Iterator[None]:
+    """fairscale's layers fill their weights (and, with several ranks, a full-size master copy) when built.
+
+    The weights come from the checkpoint anyway, so skip that work: the layers keep uninitialised storage that
+    the load replaces with the checkpoint's tensors, and that is never touched (so never resident) before.
+    """
+    original = fs_layers._initialize_affine_weight
+    fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        fs_layers._initialize_affine_weight = original
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the model's dtype: bf16 sums of squares lose too much.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, end: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, (end, head_dim // 2), in float32."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(end, device=device, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as Meta's complex-number code does.
+
+    x: (batch, seq, heads, head_dim); cos, sin: (batch, seq, 1, head_dim // 2).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        mp = get_model_parallel_world_size()
+        self.n_local_heads = args.n_heads // mp
+        self.n_local_kv_heads = args.kv_heads // mp
+        self.head_dim = args.head_dim
+        kw = dict(bias=False, init_method=lambda w: w)
+        self.wq = fs_layers.ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, gather_output=False, **kw)
+        self.wk = fs_layers.ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, gather_output=False, **kw)
+        self.wv = fs_layers.ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, gather_output=False, **kw)
+        self.wo = fs_layers.RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True, **kw)
+        self.cache_k: Optional[torch.Tensor] = None
+        self.cache_v: Optional[torch.Tensor] = None
+
+    def allocate_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        # (batch, kv_heads, seq, head_dim): the layout attention reads, so no per-step transpose of the cache.
+        shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
+        self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
+        self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        end = start_pos + seqlen
+        self.cache_k[:bsz, :, start_pos:end] = k.transpose(1, 2)
+        self.cache_v[:bsz, :, start_pos:end] = v.transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), self.cache_k[:bsz, :, :end], self.cache_v[:bsz, :, :end],
+            attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads,
+        )
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        kw = dict(bias=False, init_method=lambda w: w)
+        self.w1 = fs_layers.ColumnParallelLinear(dim, hidden_dim, gather_output=False, **kw)
+        self.w2 = fs_layers.RowParallelLinear(hidden_dim, dim, input_is_parallel=True, **kw)
+        self.w3 = fs_layers.ColumnParallelLinear(dim, hidden_dim, gather_output=False, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Meta's Llama transformer. Build it inside a model-parallel group (``llama.distributed.setup``).
+
+    ``Transformer(ModelArgs)`` allocates its weights uninitialised, as they are to be loaded; ``Llama.build``
+    loads them and allocates the KV cache with ``setup_cache``. Used on its own, call ``setup_cache`` (or
+    ``.to(device, dtype)`` and forward, which allocates it on first use).
+    """
+
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+        with _skip_fairscale_init():
+            self.tok_embeddings = fs_layers.ParallelEmbedding(params.vocab_size, params.dim, init_method=lambda w: w)
+            self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
+            self.output = fs_layers.ColumnParallelLinear(params.dim, params.vocab_size, bias=False,
+                                                         init_method=lambda w: w)
+        self.norm = RMSNorm(params.dim, params.norm_eps)
+        self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def setup_cache(self, max_batch_size: Optional[int] = None, max_seq_len: Optional[int] = None) -> None:
+        """(Re)allocate the KV cache and rotary tables on the weights' device, in their dtype."""
+        p = self.params
+        max_batch_size, max_seq_len = max_batch_size or p.max_batch_size, max_seq_len or p.max_seq_len
+        weight = self.output.weight
+        for layer in self.layers:
+            layer.attention.allocate_cache(max_batch_size, max_seq_len, weight.dtype, weight.device)
+        self._rope = rope_tables(p.head_dim, max_seq_len, p.rope_theta, weight.device)
+
+    def cache_bytes(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype) -> int:
+        """Bytes the KV cache will take on this rank, to check before allocating it."""
+        a = self.layers[0].attention
+        per_layer = 2 * max_batch_size * a.n_local_kv_heads * max_seq_len * a.head_dim
+        return self.n_layers * per_layer * torch.finfo(dtype).bits // 8
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int, *, left_pad: Optional[torch.Tensor] = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (batch, seqlen, vocab) in float32 for ``tokens`` at cache positions start_pos...
+
+        left_pad: per row, how many leading cache positions are padding (a ragged batch aligned on its last
+        prompt token). Those positions are masked out and each row's rotary positions start after its padding.
+        last_only: return the logits of the last position only, (batch, 1, vocab): all that sampling needs.
+        """
+        bsz, seqlen = tokens.shape
+        cache = self.layers[0].attention.cache_k
+        if cache is None or cache.device != self.output.weight.device or cache.dtype != self.output.weight.dtype:
+            self.setup_cache()
+            cache = self.layers[0].attention.cache_k
+        if bsz > cache.shape[0] or start_pos + seqlen > cache.shape[2]:
+            raise ValueError(f"batch {bsz} x positions up to {start_pos + seqlen} exceed the KV cache "
+                             f"({cache.shape[0]} x {cache.shape[2]}): raise max_batch_size / max_seq_len")
+        device = tokens.device
+        q_pos = torch.arange(start_pos, start_pos + seqlen, device=device)
+        pad = left_pad if left_pad is not None else torch.zeros(bsz, dtype=torch.long, device=device)
+        rope_pos = (q_pos[None, :] - pad[:, None]).clamp(min=0)  # (bsz, seqlen)
+        cos, sin = (t[rope_pos].unsqueeze(2) for t in self._rope)
+        mask = None
+        if seqlen > 1 or left_pad is not None:
+            k_pos = torch.arange(start_pos + seqlen, device=device)
+            # Causal, and no key in a row's padding, except a padding query's own slot (avoids all-masked rows).
+            mask = (k_pos[None, None, :] <= q_pos[None, :, None]) & (
+                (k_pos[None, None, :] >= pad[:, None, None]) | (k_pos[None, None, :] == q_pos[None, :, None]))
+            mask = mask.unsqueeze(1)  # (bsz, 1, seqlen, keys)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, start_pos, cos, sin, mask)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()
