@@ -5,7 +5,9 @@ Python session. Here a missing launcher means a one-process group on a free loca
 already exists is reused.
 """
 
+import contextlib
 import datetime
+import io
 import os
 import socket
 from typing import Optional, Union
@@ -67,7 +69,8 @@ def setup(model_parallel_size: Optional[int], device: Union[str, torch.device, N
     else:
         if world % mp:
             raise ValueError(f"model_parallel_size={mp} must divide the world size {world}")
-        mp_init.initialize_model_parallel(mp)
+        with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes on rank 0
+            mp_init.initialize_model_parallel(mp)
     return device
 
 

@@ -1,0 +1,69 @@
+"""Write a random checkpoint in Meta's exact format, for trying the engine and for tests and benchmarks.
+
+    python scripts/make_checkpoint.py --out_dir checkpoints/tiny [--shape tiny|1b|7b] [--mp N]
+        [--tokenizer_path FILE] [--seed S]
+
+The folder gets params.json, consolidated.NN.pth (bf16, with rope.freqs), checklist.chk and tokenizer.model:
+the one given, or, without --tokenizer_path, a small SentencePiece model trained here on this project's own
+source text (random weights speak gibberish anyway; the point is a complete checkpoint with no download).
+"""
+
+import argparse
+import io
+import shutil
+import sys
+from pathlib import Path
+
+import sentencepiece as spm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from llama.checkpoint import random_checkpoint  # noqa: E402
+from llama.tokenizer import Tokenizer  # noqa: E402
+
+SHAPES = {
+    "tiny": {"dim": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 64},
+    "1b": {"dim": 2048, "n_layers": 22, "n_heads": 32, "n_kv_heads": 4, "multiple_of": 256},
+    "7b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256},
+}
+
+
+def train_tokenizer(path: Path, vocab_size: int = 1000) -> None:
+    """A byte-fallback BPE tokenizer trained on the project's Python sources: deterministic, a second."""
+    root = Path(__file__).resolve().parents[1]
+    lines = [line for f in sorted(root.glob("**/*.py")) if ".venv" not in f.parts
+             for line in f.read_text().splitlines() if line.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, hard_vocab_limit=False,
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1, minloglevel=2)
+    path.write_bytes(model.getvalue())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--mp", type=int, default=1, help="number of shards (model-parallel size)")
+    parser.add_argument("--tokenizer_path", help="tokenizer.model to use (default: train a small one)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()):
+        sys.exit(f"error: {out} is not empty: choose a new --out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = out / "tokenizer.model"
+    if args.tokenizer_path:
+        shutil.copyfile(args.tokenizer_path, tokenizer)
+    else:
+        train_tokenizer(tokenizer)
+    try:
+        vocab_size = Tokenizer(str(tokenizer)).n_words
+        random_checkpoint(str(out), {**SHAPES[args.shape], "norm_eps": 1e-5, "vocab_size": -1}, mp=args.mp,
+                          seed=args.seed, vocab_size=vocab_size)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote a random {args.shape} checkpoint with {args.mp} shard(s) and its tokenizer to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama import distributed
+from llama.checkpoint import random_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+LLAMA2_TOKENIZER = FIXTURES / "llama2" / "tokenizer.model"
+
+# Small shapes of each kind: multi-head, grouped-query, Code Llama's rope_theta. vocab_size -1 as Meta writes it.
+MHA = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": -1}
+GQA = {"dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 2, "multiple_of": 48, "ffn_dim_multiplier": 1.3,
+       "norm_eps": 1e-6, "vocab_size": -1}
+CODE = {**GQA, "rope_theta": 1e6}
+VOCAB = 32000
+
+
+@pytest.fixture(scope="session", autouse=True)
+def process_group():
+    """One process, one model-parallel group, set up the way Llama.build does it without a launcher."""
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        os.environ.pop(var, None)
+    distributed.setup(None, "cpu")
+    yield
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path() -> str:
+    if not LLAMA2_TOKENIZER.is_file():
+        pytest.fail(f"missing test fixture {LLAMA2_TOKENIZER} (the real Llama 2 tokenizer, in shared/fixtures)")
+    return str(LLAMA2_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def make_ckpt(tmp_path_factory):
+    """make_ckpt(params, mp) -> (ckpt_dir, full float weights); each distinct checkpoint is written once."""
+    made = {}
+
+    def make(params: dict, mp: int = 1, seed: int = 0):
+        key = (tuple(sorted(params.items())), mp, seed)
+        if key not in made:
+            out = tmp_path_factory.mktemp("ckpt")
+            state = random_checkpoint(str(out), params, mp=mp, seed=seed, vocab_size=VOCAB)
+            made[key] = (str(out), {k: v.float() for k, v in state.items()})
+        return made[key]
+
+    return make
+
+
+def run_cmd(args, timeout=180, env=None, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command from the repository root with no launcher variables inherited; a hang fails the test."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**base, **(env or {})}, **kwargs)
+
+
+def torchrun(nproc: int, *args, **kwargs) -> subprocess.CompletedProcess:
+    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    return run_cmd([exe, "--standalone", "--nproc_per_node", str(nproc), *args], **kwargs)
+
+
+@pytest.fixture
+def default_dtype_guard():
+    yield
+    assert torch.get_default_dtype() == torch.float32

@@ -1,0 +1,63 @@
+"""An independent Llama forward pass for the tests: float64, plain tensors, naive attention, no KV cache, no
+fairscale, rotary embeddings through complex numbers as Meta's code computes them."""
+
+import torch
+
+
+def hidden_dim(p: dict) -> int:
+    h = int(2 * 4 * p["dim"] / 3)
+    if p.get("ffn_dim_multiplier") is not None:
+        h = int(p["ffn_dim_multiplier"] * h)
+    m = p["multiple_of"]
+    return m * -(-h // m)
+
+
+def rms_norm(x, w, eps):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+
+def rotate(x, positions, theta):
+    """x: (seq, heads, head_dim); pairs (0,1), (2,3), ... rotated by position * theta^(-2i/d)."""
+    d = x.shape[-1]
+    freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = positions.double()[:, None] * freqs[None, :]
+    z = torch.view_as_complex(x.reshape(*x.shape[:-1], d // 2, 2).contiguous())
+    return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)[:, None, :]).reshape(x.shape)
+
+
+def logits(state: dict, p: dict, tokens: list) -> torch.Tensor:
+    """float64 logits (seq, vocab) of one sequence of token ids, every position seeing all before it."""
+    w = {k: v.double() for k, v in state.items()}
+    n_heads, n_kv = p["n_heads"], p.get("n_kv_heads") or p["n_heads"]
+    hd, eps, theta = p["dim"] // n_heads, p.get("norm_eps", 1e-5), p.get("rope_theta", 10000.0)
+    T = len(tokens)
+    pos = torch.arange(T)
+    x = w["tok_embeddings.weight"][torch.tensor(tokens)]
+    causal = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+    for i in range(p["n_layers"]):
+        L = lambda name: w[f"layers.{i}.{name}.weight"]  # noqa: E731
+        h = rms_norm(x, L("attention_norm"), eps)
+        q = rotate((h @ L("attention.wq").T).view(T, n_heads, hd), pos, theta)
+        k = rotate((h @ L("attention.wk").T).view(T, n_kv, hd), pos, theta)
+        v = (h @ L("attention.wv").T).view(T, n_kv, hd)
+        k, v = (t.repeat_interleave(n_heads // n_kv, dim=1) for t in (k, v))
+        out = torch.empty(T, n_heads, hd, dtype=torch.float64)
+        for head in range(n_heads):
+            scores = q[:, head] @ k[:, head].T / hd ** 0.5 + causal
+            out[:, head] = torch.softmax(scores, dim=-1) @ v[:, head]
+        x = x + out.reshape(T, -1) @ L("attention.wo").T
+        h = rms_norm(x, L("ffn_norm"), eps)
+        g = h @ L("feed_forward.w1").T
+        x = x + ((g * torch.sigmoid(g)) * (h @ L("feed_forward.w3").T)) @ L("feed_forward.w2").T
+    return rms_norm(x, w["norm.weight"], eps) @ w["output.weight"].T
+
+
+def greedy(state: dict, p: dict, prompt: list, n: int, stop: int = -1) -> list:
+    """n greedy tokens after prompt (fewer if ``stop`` comes), recomputing everything each step."""
+    tokens = list(prompt)
+    for _ in range(n):
+        t = int(logits(state, p, tokens)[-1].argmax())
+        if t == stop:
+            break
+        tokens.append(t)
+    return tokens[len(prompt):]

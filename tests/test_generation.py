@@ -1,0 +1,192 @@
+"""Llama.build / generate / text_completion / chat_completion against the float64 reference."""
+
+import pytest
+import torch
+
+from llama import Llama
+from llama.chat import UNSAFE_ERROR
+
+from conftest import CODE, GQA, MHA, VOCAB
+from reference import greedy
+from reference import logits as reference_logits
+
+
+@pytest.fixture(scope="module")
+def gqa(make_ckpt, tokenizer_path):
+    ckpt, state = make_ckpt(GQA)
+    return Llama.build(ckpt, tokenizer_path, max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32"), state
+
+
+PARAMS = {**GQA, "vocab_size": VOCAB}
+
+
+def test_build_does_not_change_torch_defaults(make_ckpt, tokenizer_path):
+    ckpt, _ = make_ckpt(MHA)
+    Llama.build(ckpt, tokenizer_path, max_seq_len=32, max_batch_size=2, dtype="bfloat16")
+    assert torch.get_default_dtype() == torch.float32
+    assert torch.empty(1).dtype == torch.float32 and torch.empty(1).device.type == "cpu"
+
+
+def test_default_dtype_is_picked_for_the_machine(make_ckpt, tokenizer_path):
+    from llama.generation import cpu_has_native_bf16
+    ckpt, _ = make_ckpt(MHA)
+    g = Llama.build(ckpt, tokenizer_path, max_seq_len=32, max_batch_size=2)
+    assert g.model.output.weight.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert g.model.layers[0].attention.cache_k.dtype == g.model.output.weight.dtype
+
+
+def test_greedy_tokens_match_reference(gqa):
+    g, state = gqa
+    prompt = g.tokenizer.encode("The quick brown fox", bos=True, eos=False)
+    tokens, _ = g.generate([prompt], max_gen_len=6, temperature=0)
+    assert tokens[0] == greedy(state, PARAMS, prompt, 6, stop=g.tokenizer.eos_id)
+
+
+def test_ragged_batch_equals_each_prompt_alone(gqa):
+    g, _ = gqa
+    texts = ["Hi", "A much longer prompt that spans quite a few more tokens than the others", "Once upon a time"]
+    prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in texts]
+    batch, _ = g.generate(prompts, max_gen_len=8, temperature=0)
+    for p, row in zip(prompts, batch):
+        alone, _ = g.generate([p], max_gen_len=8, temperature=0)
+        assert row == alone[0]
+        assert len(row) == 8  # a random model emitting EOS this early would make the test vacuous
+
+
+def test_each_row_stops_at_its_own_eos(gqa):
+    g, state = gqa
+    prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in ["one", "two three"]]
+    # Make the first row's 3rd greedy token the stop token: the reference says which token that is.
+    target = greedy(state, PARAMS, prompts[0], 3)
+    g.tokenizer.eos_id, saved = target[2], g.tokenizer.eos_id
+    try:
+        tokens, _ = g.generate(prompts, max_gen_len=6, temperature=0)
+    finally:
+        g.tokenizer.eos_id = saved
+    assert tokens[0] == target[:2]
+    assert tokens[1] == greedy(state, PARAMS, prompts[1], 6, stop=target[2])
+
+
+def test_logprobs_and_echo(gqa):
+    g, state = gqa
+    prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in ["Hello world", "Rain falls on the hills"]]
+    tokens, logprobs = g.generate(prompts, max_gen_len=5, temperature=0, logprobs=True, echo=True)
+    for p, toks, lps in zip(prompts, tokens, logprobs):
+        assert toks[:len(p)] == p and len(toks) == len(p) + 5 and len(lps) == len(toks)
+        want = torch.log_softmax(reference_logits(state, PARAMS, toks), dim=-1)
+        expected = [0.0] + [float(want[i - 1, toks[i]]) for i in range(1, len(toks))]
+        assert lps == pytest.approx(expected, abs=1e-3)
+    # Without echo: only the new tokens, with the same log-probabilities.
+    new, new_lps = g.generate(prompts, max_gen_len=5, temperature=0, logprobs=True)
+    assert new[0] == tokens[0][len(prompts[0]):]
+    assert new_lps[0] == pytest.approx(logprobs[0][len(prompts[0]):], abs=1e-4)
+
+
+def test_text_completion_shapes(gqa):
+    g, _ = gqa
+    out = g.text_completion(["Hello", "Goodbye"], max_gen_len=4, temperature=0)
+    assert [set(o) for o in out] == [{"generation"}] * 2 and all(isinstance(o["generation"], str) for o in out)
+    out = g.text_completion(["Hello"], max_gen_len=4, temperature=0, logprobs=True, echo=True)
+    assert set(out[0]) == {"generation", "tokens", "logprobs"}
+    assert out[0]["generation"].startswith("Hello")
+    assert len(out[0]["tokens"]) == len(out[0]["logprobs"]) and out[0]["tokens"][1] == "Hello"
+
+
+def test_same_seed_same_sample(make_ckpt, tokenizer_path):
+    ckpt, _ = make_ckpt(GQA)
+    runs = [Llama.build(ckpt, tokenizer_path, 64, 2, seed=seed, dtype="float32")
+            .text_completion(["Tell me"], temperature=1.0, top_p=0.95, max_gen_len=12)[0]["generation"]
+            for seed in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def encode_plain(g, text, bos=True, eos=False):
+    return ([g.tokenizer.bos_id] if bos else []) + g.tokenizer.sp_model.encode(text) + ([g.tokenizer.eos_id] if eos else [])
+
+
+INST, END_INST = [518, 25580, 29962], [518, 29914, 25580, 29962]  # "[INST]", "[/INST]" in Llama 2's vocabulary
+
+
+def test_chat_prompt_tokens(gqa):
+    f = gqa[0].formatter
+    g = gqa[0]
+    single = f.encode_dialog([{"role": "user", "content": "  hi  "}])
+    assert single == [1] + INST + g.tokenizer.sp_model.encode("hi") + END_INST
+    with_system = f.encode_dialog([{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "Hello there"}])
+    assert with_system == encode_plain(g, "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHello there [/INST]")
+    multi = f.encode_dialog([{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+                             {"role": "assistant", "content": " A1 "}, {"role": "user", "content": "Q2 "}])
+    assert multi == (encode_plain(g, "[INST] <<SYS>>\nS\n<</SYS>>\n\nQ1 [/INST] A1 ", eos=True)
+                     + encode_plain(g, "[INST] Q2 [/INST]"))
+    assert multi[:1] == [1] and multi[1:4] == INST and multi.count(2) == 1
+
+
+def test_chat_unsafe_dialog_gets_error_and_no_generation(gqa, monkeypatch):
+    g, _ = gqa
+    seen = []
+    original = g.generate
+    monkeypatch.setattr(g, "generate", lambda prompts, *a, **k: seen.append(len(prompts)) or original(prompts, *a, **k))
+    dialogs = [[{"role": "user", "content": "What is [INST] this?"}], [{"role": "user", "content": "Hi"}],
+               [{"role": "system", "content": "<<SYS>> x"}, {"role": "user", "content": "Yo"}]]
+    out = g.chat_completion(dialogs, max_gen_len=3, temperature=0)
+    assert out[0]["generation"] == {"role": "assistant", "content": UNSAFE_ERROR}
+    assert out[2]["generation"]["content"] == UNSAFE_ERROR
+    assert out[1]["generation"]["role"] == "assistant" and out[1]["generation"]["content"] != UNSAFE_ERROR
+    assert seen == [1]
+    alone = g.chat_completion([dialogs[1]], max_gen_len=3, temperature=0)
+    assert alone[0] == out[1]
+    g.chat_completion([dialogs[0]], max_gen_len=3)  # all unsafe: nothing generated at all
+    assert seen == [1, 1]
+
+
+def test_chat_logprobs(gqa):
+    g, _ = gqa
+    out = g.chat_completion([[{"role": "user", "content": "Hi"}]], max_gen_len=3, temperature=0, logprobs=True)
+    assert len(out[0]["tokens"]) == len(out[0]["logprobs"]) == 3
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda g: g.text_completion([]), "no prompts"),
+    (lambda g: g.text_completion(["a"] * 5), "max_batch_size 4"),
+    (lambda g: g.text_completion(["word " * 80]), "max_seq_len 64"),
+    (lambda g: g.text_completion(["a"], temperature=-0.1), "temperature"),
+    (lambda g: g.text_completion(["a"], top_p=0), "top_p"),
+    (lambda g: g.text_completion(["a"], top_p=1.5), "top_p"),
+    (lambda g: g.text_completion(["a"], max_gen_len=0), "max_gen_len"),
+    (lambda g: g.text_completion([3]), "list of strings"),
+    (lambda g: g.text_completion("abc"), "list of strings"),
+    (lambda g: g.generate([[]], 4), "prompt 0 is empty"),
+    (lambda g: g.generate([[1, VOCAB]], 4), "token ids"),
+    (lambda g: g.chat_completion([[{"role": "assistant", "content": "x"}]]), "roles must be"),
+    (lambda g: g.chat_completion([[{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]]),
+     "roles must be"),
+    (lambda g: g.chat_completion([[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]]),
+     "ending with 'user'"),
+    (lambda g: g.chat_completion([[{"role": "system", "content": "x"}]]), "followed by a user"),
+    (lambda g: g.chat_completion([[]]), "non-empty list"),
+    (lambda g: g.chat_completion([[{"role": "user", "content": 5}]]), "str 'content'"),
+])
+def test_bad_input_is_a_value_error(gqa, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(gqa[0])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_seq_len": 0}, "max_seq_len"), ({"max_batch_size": -1}, "max_batch_size"),
+    ({"dtype": "float8"}, "unknown dtype"), ({"tokenizer_path": "/nonexistent/tokenizer.model"}, "does not exist"),
+    ({"ckpt_dir": "/nonexistent"}, "does not exist"),
+])
+def test_bad_build_arguments(make_ckpt, tokenizer_path, kwargs, match):
+    ckpt, _ = make_ckpt(MHA)
+    args = {"ckpt_dir": ckpt, "tokenizer_path": tokenizer_path, "max_seq_len": 32, "max_batch_size": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        Llama.build(**args)
+
+
+def test_code_llama_theta_generates_like_reference(make_ckpt, tokenizer_path):
+    ckpt, state = make_ckpt(CODE)
+    g = Llama.build(ckpt, tokenizer_path, 64, 2, dtype="float32")
+    prompt = g.tokenizer.encode("def fib(n):", bos=True, eos=False)
+    assert g.generate([prompt], 5, temperature=0)[0][0] == greedy(state, {**CODE, "vocab_size": VOCAB}, prompt, 5,
+                                                                   stop=g.tokenizer.eos_id)

@@ -1,0 +1,68 @@
+"""Multi-process runs under torchrun (gloo), the examples end to end, and running with no launcher at all."""
+
+import json
+import sys
+
+import pytest
+
+from conftest import GQA, VOCAB, run_cmd, torchrun
+from reference import greedy
+
+PROMPTS = ["The sea was calm", "A much longer opening line, which makes this batch ragged"]
+
+
+def tokens_of(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("TOKENS "))
+    return json.loads(line[len("TOKENS "):])
+
+
+def test_two_processes_on_mp2_equal_one_process_and_reference(make_ckpt, tokenizer_path):
+    mp2, state = make_ckpt(GQA, mp=2)
+    mp1, state1 = make_ckpt(GQA, mp=1)
+    assert all((state[k] == state1[k]).all() for k in state)  # same seed: the same weights, sharded two ways
+    args = ["tests/generate_driver.py", "--ckpt_dir", mp2, "--tokenizer_path", tokenizer_path,
+            "--prompts", json.dumps(PROMPTS)]
+    two = tokens_of(torchrun(2, *args))
+    one = tokens_of(run_cmd([sys.executable, *args[:2], mp1, *args[3:]]))
+    assert two == one
+    from llama import Tokenizer
+    tok = Tokenizer(tokenizer_path)
+    for p, got in zip(PROMPTS, two):
+        assert got == greedy(state, {**GQA, "vocab_size": VOCAB}, tok.encode(p, True, False), 8, stop=tok.eos_id)
+
+
+@pytest.mark.parametrize("example", ["example_text_completion.py", "example_chat_completion.py"])
+def test_examples_under_torchrun_and_without(make_ckpt, tokenizer_path, example):
+    ckpt, _ = make_ckpt(GQA, mp=2)
+    args = [example, "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path, "--max_gen_len", "6"]
+    for result in (torchrun(2, *args), run_cmd([sys.executable, *args])):
+        assert result.returncode == 0, result.stderr[-3000:]
+        # Only rank 0 prints: three prompts/dialogs, each answered once.
+        assert result.stdout.count("==================================") == 3
+        assert sum(line.startswith("> ") for line in result.stdout.splitlines()) == 3
+
+
+def test_bad_checkpoint_exits_1_on_every_rank_without_hanging(tmp_path, tokenizer_path):
+    args = ["example_text_completion.py", "--ckpt_dir", str(tmp_path / "missing"), "--tokenizer_path",
+            tokenizer_path]
+    launched, plain = torchrun(2, *args, timeout=120), run_cmd([sys.executable, *args])
+    assert launched.returncode == 1 and plain.returncode == 1
+    assert plain.stderr.startswith("error: checkpoint directory") and "Traceback" not in plain.stderr
+    # Each rank says what is wrong in one line (torchrun may stop the second once the first has exited).
+    assert "error: checkpoint directory" in launched.stderr and "ValueError" not in launched.stderr
+
+
+def test_build_twice_in_one_python_session_without_launcher(make_ckpt, tokenizer_path):
+    ckpt, _ = make_ckpt(GQA)
+    code = f"""
+from llama import Llama
+a = Llama.build({ckpt!r}, {tokenizer_path!r}, 64, 2)
+b = Llama.build({ckpt!r}, {tokenizer_path!r}, 32, 1)
+x = a.text_completion(["Hello"], temperature=0, max_gen_len=4)[0]["generation"]
+y = b.text_completion(["Hello"], temperature=0, max_gen_len=4)[0]["generation"]
+assert x == y, (x, y)
+print("OK")
+"""
+    result = run_cmd([sys.executable, "-c", code])
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

@@ -1,0 +1,97 @@
+"""The model's logits against the independent float64 computation in reference.py."""
+
+import pytest
+import torch
+
+from llama import ModelArgs, Transformer
+from llama.checkpoint import read_params
+
+from conftest import CODE, GQA, MHA, VOCAB
+from reference import logits as reference_logits
+
+
+def build_model(ckpt_dir, state, max_batch_size=4, max_seq_len=64, dtype=torch.float32) -> Transformer:
+    args = ModelArgs.from_params({**read_params(ckpt_dir), "vocab_size": VOCAB, "max_batch_size": max_batch_size,
+                                  "max_seq_len": max_seq_len})
+    model = Transformer(args)
+    weights = {k: v.to(dtype) for k, v in state.items() if k != "rope.freqs"}
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.setup_cache()
+    return model
+
+
+def prompt(n, seed=0):
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("params", [MHA, GQA, CODE], ids=["mha", "gqa", "rope_theta_1e6"])
+def test_logits_match_float64_reference(make_ckpt, params):
+    ckpt, state = make_ckpt(params)
+    model = build_model(ckpt, state)
+    rows = [prompt(24, seed) for seed in range(2)]
+    got = model.forward(torch.tensor(rows), 0)
+    assert got.dtype == torch.float32 and got.shape == (2, 24, VOCAB)
+    for row, tokens in zip(got, rows):
+        want = reference_logits(state, {**params, "vocab_size": VOCAB}, tokens)
+        torch.testing.assert_close(row.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_hidden_dim_matches_meta_shapes():
+    # Llama 2 7B, 13B, 70B and Code Llama 34B: the SwiGLU widths of Meta's released weights.
+    assert ModelArgs(dim=4096, multiple_of=256).hidden_dim == 11008
+    assert ModelArgs(dim=5120, multiple_of=256).hidden_dim == 13824
+    assert ModelArgs(dim=8192, multiple_of=4096, ffn_dim_multiplier=1.3).hidden_dim == 28672
+    assert ModelArgs(dim=8192, multiple_of=256, ffn_dim_multiplier=1.0).hidden_dim == 22016
+
+
+def test_bfloat16_model_close_to_reference(make_ckpt):
+    ckpt, state = make_ckpt(GQA)
+    model = build_model(ckpt, state, dtype=torch.bfloat16)
+    tokens = prompt(16)
+    got = model.forward(torch.tensor([tokens]), 0)[0]
+    want = reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens)
+    assert got.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: compare at that precision, and the top token where it is clear.
+    assert (got.double() - want).abs().max() < 0.05 * want.abs().max()
+
+
+@pytest.mark.parametrize("params", [MHA, GQA], ids=["mha", "gqa"])
+def test_incremental_decoding_equals_full_forward(make_ckpt, params):
+    ckpt, state = make_ckpt(params)
+    model = build_model(ckpt, state)
+    tokens = torch.tensor([prompt(20, 1), prompt(20, 2)])
+    full = model.forward(tokens, 0)
+    # Prefill 8 tokens, then 3, then one at a time, through the KV cache.
+    parts = [model.forward(tokens[:, :8], 0), model.forward(tokens[:, 8:11], 8)]
+    parts += [model.forward(tokens[:, i:i + 1], i) for i in range(11, 20)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_left_padded_rows_equal_unpadded(make_ckpt):
+    ckpt, state = make_ckpt(GQA)
+    model = build_model(ckpt, state)
+    short, long = prompt(5, 3), prompt(12, 4)
+    padded = torch.tensor([[0] * 7 + short, long])
+    got = model.forward(padded, 0, left_pad=torch.tensor([7, 0]))
+    want_short = reference_logits(state, {**GQA, "vocab_size": VOCAB}, short)
+    torch.testing.assert_close(got[0, 7:].double(), want_short, rtol=1e-4, atol=1e-4)
+    # Decoding one more token for both rows keeps the short row's positions right.
+    nxt = torch.tensor([[11], [13]])
+    step = model.forward(nxt, 12, left_pad=torch.tensor([7, 0]))
+    want = reference_logits(state, {**GQA, "vocab_size": VOCAB}, short + [11])[-1]
+    torch.testing.assert_close(step[0, 0].double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_cache_overflow_is_a_clear_error(make_ckpt):
+    ckpt, state = make_ckpt(MHA)
+    model = build_model(ckpt, state, max_batch_size=2, max_seq_len=16)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.forward(torch.tensor([prompt(17)]), 0)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        model.forward(torch.tensor([prompt(4)] * 3), 0)
+
+
+def test_unknown_params_keys_are_ignored_with_a_warning():
+    with pytest.warns(UserWarning, match="future_key"):
+        args = ModelArgs.from_params({**MHA, "future_key": 1})
+    assert args.dim == MHA["dim"]
