@@ -1,0 +1,439 @@
+"""Tests for download.sh against a fake signed-URL release on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fake_release_server import MODELS, SIGNATURE, FakeRelease  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "download.sh"
+BASH = shutil.which("bash") or "/bin/bash"
+ROOT_FILES = ["LICENSE", "USE_POLICY.md", "tokenizer.model", "tokenizer_checklist.chk"]
+SHARD_7B = "llama-2-7b/consolidated.00.pth"
+DOWNLOADERS = [d for d in ("curl", "wget") if shutil.which(d)]
+
+# tools download.sh needs besides a downloader and an md5 tool
+BASE_TOOLS = ["awk", "cat", "df", "du", "grep", "head", "mkdir", "mktemp", "mv", "rm",
+              "sleep", "tr", "wc"]
+
+
+@pytest.fixture
+def server():
+    srv = FakeRelease().start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def run(args=(), *, env=None, stdin="", cwd=None, timeout=60):
+    """Runs download.sh; checks that the signature never shows in its output."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_")}
+    full_env["LLAMA_DOWNLOAD_BACKOFF"] = "0"
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [BASH, str(SCRIPT), *args], input=stdin, capture_output=True, text=True,
+        env=full_env, cwd=cwd, timeout=timeout,
+    )
+    assert SIGNATURE not in proc.stdout
+    assert SIGNATURE not in proc.stderr
+    return proc
+
+
+def model_paths(model: str) -> list[str]:
+    shards = [f"{model}/consolidated.{i:02d}.pth" for i in range(MODELS[model])]
+    return shards + [f"{model}/params.json", f"{model}/checklist.chk"]
+
+
+def assert_release(target: Path, release: FakeRelease, models: list[str]) -> None:
+    """Exactly the requested models, laid out as Meta's release, byte-exact."""
+    wanted = list(ROOT_FILES)
+    for m in models:
+        wanted += model_paths(m)
+    for rel in wanted:
+        assert (target / rel).read_bytes() == release.files[rel], rel
+    present = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+    assert present == sorted(wanted)
+    # and the checklists agree with md5sum's view of the folder
+    for m in models:
+        for line in (target / m / "checklist.chk").read_text().splitlines():
+            digest, name = line.split(maxsplit=1)
+            assert hashlib.md5((target / m / name).read_bytes()).hexdigest() == digest
+
+
+def no_complete_looking(target: Path, rel: str) -> None:
+    assert not (target / rel).exists(), f"{rel} left under its final name"
+
+
+def restricted_path(tmp_path: Path, tools: list[str], extra: dict[str, str] | None = None) -> str:
+    """A PATH directory holding only the given tools (plus small scripts)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in tools:
+        found = shutil.which(tool)
+        assert found, tool
+        (bindir / tool).symlink_to(found)
+    for name, text in (extra or {}).items():
+        (bindir / name).write_text(text)
+        (bindir / name).chmod(0o755)
+    return str(bindir)
+
+
+# ------------------------------------------------------------------ happy paths
+
+def test_flags_download_verifies_meta_layout(server, tmp_path):
+    target = tmp_path / "weights"
+    proc = run(["--url", server.url, "--models", "7B,13B,70B", "--target", str(target)])
+    assert proc.returncode == 0, proc.stderr
+    assert_release(target, server, ["llama-2-7b", "llama-2-13b", "llama-2-70b"])
+    for m in ("tokenizer", "llama-2-7b", "llama-2-13b", "llama-2-70b"):
+        assert f"{m}: OK" in proc.stdout
+    assert "All files verified" in proc.stdout
+    # the path replaced the '*' and the signed query went along
+    assert "llama-2-70b/consolidated.07.pth" in server.requested_paths()
+    assert not any(r for r in server.requests if r[0] != "GET")
+
+
+def test_interactive_prompts_from_stdin(server, tmp_path):
+    workdir = tmp_path / "here"
+    workdir.mkdir()
+    proc = run([], stdin=f"{server.url}\n7B-chat\n", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert "Enter the URL from email" in proc.stderr
+    assert "Enter the list of models" in proc.stderr
+    # the default target is the current directory
+    assert_release(workdir, server, ["llama-2-7b-chat"])
+
+
+def test_interactive_enter_means_all_models(server, tmp_path):
+    # a pasted URL with quotes and blanks around it is accepted too
+    proc = run(["--target", str(tmp_path / "t")], stdin=f"  '{server.url}'\n\n")
+    assert proc.returncode == 0, proc.stderr
+    assert_release(tmp_path / "t", server, list(MODELS))
+    assert "llama-2-70b-chat: OK" in proc.stdout
+
+
+def test_environment_variables(server, tmp_path):
+    target = tmp_path / "env target"  # a blank in the path, too
+    proc = run(env={"LLAMA_DOWNLOAD_URL": server.url, "LLAMA_MODELS": "13b",
+                    "LLAMA_TARGET_DIR": str(target)})
+    assert proc.returncode == 0, proc.stderr
+    assert "Enter" not in proc.stderr
+    assert_release(target, server, ["llama-2-13b"])
+
+
+def test_flags_win_over_environment(server, tmp_path):
+    env = {"LLAMA_DOWNLOAD_URL": "https://example.invalid/no-star?Signature=x",
+           "LLAMA_MODELS": "70B", "LLAMA_TARGET_DIR": str(tmp_path / "from-env"),
+           "LLAMA_DOWNLOADER": "no-such-tool"}
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path / "flag"),
+                "--downloader", DOWNLOADERS[0]], env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert_release(tmp_path / "flag", server, ["llama-2-7b"])
+    assert not (tmp_path / "from-env").exists()
+
+
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
+def test_each_downloader_and_second_run_fetches_nothing(server, tmp_path, downloader):
+    args = ["--url", server.url, "--models", "7B", "--target", str(tmp_path),
+            "--downloader", downloader]
+    first = run(args)
+    assert first.returncode == 0, first.stderr
+    assert f"Downloader: {downloader}" in first.stdout
+    assert_release(tmp_path, server, ["llama-2-7b"])
+    server.reset_log()
+    second = run(args)
+    assert second.returncode == 0, second.stderr
+    assert server.requests == []
+    assert "already verified" in second.stdout
+    assert_release(tmp_path, server, ["llama-2-7b"])
+
+
+def test_progress_is_shown_per_file(server, tmp_path):
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path)],
+               env={"LLAMA_DOWNLOAD_PROGRESS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "consolidated.00.pth  64.0 KiB / 64.0 KiB  100%" in proc.stderr
+    assert "[6/7] llama-2-7b/consolidated.00.pth: verified" in proc.stdout
+
+
+def test_dry_run_fetches_nothing(server, tmp_path):
+    target = tmp_path / "not-created"
+    proc = run(["--url", server.url, "--models", "70B-chat", "--target", str(target),
+                "--dry-run"])
+    assert proc.returncode == 0, proc.stderr
+    assert server.requests == []
+    assert not target.exists()
+    out = proc.stdout
+    assert f"/dl/llama-2-70b-chat/consolidated.07.pth?Policy=***&Signature=***" in out
+    assert f"{target}/llama-2-70b-chat/consolidated.07.pth" in out
+    assert f"{target}/tokenizer.model" in out
+
+
+# ---------------------------------------------------------------------- resuming
+
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
+def test_cut_transfer_resumes_with_range(server, tmp_path, downloader):
+    server.cut = {SHARD_7B: 20000}
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path),
+                "--downloader", downloader])
+    assert proc.returncode == 0, proc.stderr
+    assert server.ranges_for(SHARD_7B) == [None, "bytes=20000-"]
+    assert "retry 1 of 5" in proc.stderr
+    assert_release(tmp_path, server, ["llama-2-7b"])
+
+
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
+def test_interrupted_run_resumes_next_time(server, tmp_path, downloader):
+    server.cut = {SHARD_7B: 30000}
+    args = ["--url", server.url, "--models", "7B", "--target", str(tmp_path),
+            "--downloader", downloader]
+    first = run(args, env={"LLAMA_DOWNLOAD_RETRIES": "0"})
+    assert first.returncode == 1
+    assert "llama-2-7b: FAILED" in first.stdout
+    assert f"{SHARD_7B}.partial" in first.stderr and "resume" in first.stderr
+    no_complete_looking(tmp_path, SHARD_7B)
+    assert (tmp_path / f"{SHARD_7B}.partial").stat().st_size == 30000
+
+    server.reset_log()
+    second = run(args)
+    assert second.returncode == 0, second.stderr
+    assert server.requested_paths() == [SHARD_7B]
+    assert server.ranges_for(SHARD_7B) == ["bytes=30000-"]
+    assert_release(tmp_path, server, ["llama-2-7b"])
+
+
+def test_truncated_file_under_final_name_is_continued(server, tmp_path):
+    # as left behind by a download that wrote straight to the final name
+    (tmp_path / "llama-2-7b").mkdir()
+    (tmp_path / SHARD_7B).write_bytes(server.files[SHARD_7B][:10000])
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    assert server.ranges_for(SHARD_7B) == ["bytes=10000-"]
+    assert_release(tmp_path, server, ["llama-2-7b"])
+
+
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
+def test_complete_partial_is_verified_without_refetch(server, tmp_path, downloader):
+    (tmp_path / "llama-2-7b").mkdir()
+    (tmp_path / f"{SHARD_7B}.partial").write_bytes(server.files[SHARD_7B])
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path),
+                "--downloader", downloader])
+    assert proc.returncode == 0, proc.stderr
+    assert server.ranges_for(SHARD_7B) == [f"bytes={64 * 1024}-"]  # answered 416
+    assert_release(tmp_path, server, ["llama-2-7b"])
+
+
+def test_transient_server_errors_are_retried(server, tmp_path):
+    server.flaky = {SHARD_7B: 2}
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    assert len(server.ranges_for(SHARD_7B)) == 3
+    assert "HTTP 503" in proc.stderr and "retry 2 of 5" in proc.stderr
+    assert_release(tmp_path, server, ["llama-2-7b"])
+
+
+# ---------------------------------------------------------------------- failures
+
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
+def test_forbidden_link(server, tmp_path, downloader):
+    server.forbidden = True
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path),
+                "--downloader", downloader])
+    assert proc.returncode == 1
+    assert ("access denied (HTTP 403): the signed URL has expired or has been used "
+            "too often; request a new one from Meta") in proc.stderr
+    assert len(server.requests) == 1  # no retries, no further files
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert "llama-2-7b: FAILED" in proc.stdout
+
+
+@pytest.mark.parametrize("path", ["LICENSE", "llama-2-7b/checklist.chk", SHARD_7B])
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
+def test_html_page_instead_of_file(server, tmp_path, path, downloader):
+    server.html = {path}
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path),
+                "--downloader", downloader])
+    assert proc.returncode == 1
+    assert (f"the server returned an HTML page instead of {path}; the link has probably "
+            "expired or is wrong: request a new one") in proc.stderr
+    no_complete_looking(tmp_path, path)
+    assert not (tmp_path / f"{path}.partial").exists()
+    assert "FAILED" in proc.stdout
+
+
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
+def test_corrupt_file_fails_verification(server, tmp_path, downloader):
+    server.corrupt = {SHARD_7B}
+    args = ["--url", server.url, "--models", "7B,7B-chat", "--target", str(tmp_path),
+            "--downloader", downloader]
+    proc = run(args)
+    assert proc.returncode == 1
+    assert f"{SHARD_7B} FAILED verification" in proc.stderr
+    assert "deleted" in proc.stderr
+    assert "llama-2-7b: FAILED" in proc.stdout
+    assert "llama-2-7b-chat: OK" in proc.stdout
+    no_complete_looking(tmp_path, SHARD_7B)
+    assert not (tmp_path / f"{SHARD_7B}.partial").exists()
+    assert (tmp_path / "llama-2-7b/params.json").exists()
+
+    server.corrupt = set()
+    server.reset_log()
+    again = run(args)
+    assert again.returncode == 0, again.stderr
+    assert server.requested_paths() == [SHARD_7B]
+    assert_release(tmp_path, server, ["llama-2-7b", "llama-2-7b-chat"])
+
+
+def test_corrupt_checklist_is_rejected(server, tmp_path):
+    server.files["llama-2-7b/checklist.chk"] = b"this is not a checklist\n"
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path)])
+    assert proc.returncode == 1
+    assert "does not look like an md5 checklist" in proc.stderr
+    no_complete_looking(tmp_path, "llama-2-7b/checklist.chk")
+
+
+def test_missing_model_fails_only_that_model(server, tmp_path):
+    server.missing = {"llama-2-13b/checklist.chk"}
+    proc = run(["--url", server.url, "--models", "13B,7B", "--target", str(tmp_path)])
+    assert proc.returncode == 1
+    assert "HTTP 404" in proc.stderr
+    assert "llama-2-13b: FAILED" in proc.stdout and "llama-2-7b: OK" in proc.stdout
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_is_reported(server, tmp_path):
+    (tmp_path / "llama-2-7b").mkdir()
+    (tmp_path / f"{SHARD_7B}.partial").symlink_to("/dev/full")  # every write: ENOSPC
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path)])
+    assert proc.returncode == 1
+    assert f"disk full or not writable: free space in {tmp_path}" in proc.stderr
+    no_complete_looking(tmp_path, SHARD_7B)
+
+
+# --------------------------------------------------------------- URL and usage
+
+def test_url_without_star_is_rejected(server, tmp_path):
+    url = server.url.replace("/*?", "/llama-2-7b/params.json?")
+    proc = run(["--url", url, "--target", str(tmp_path)])
+    assert proc.returncode == 2
+    assert "the URL has no '*'" in proc.stderr
+    assert server.requests == []
+
+
+def test_url_cut_at_ampersand_asks_for_quotes(server, tmp_path):
+    url = server.url.split("&")[0]  # what an unquoted URL leaves behind
+    proc = run(["--url", url, "--target", str(tmp_path)])
+    assert proc.returncode == 2
+    assert "single quotes" in proc.stderr
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("url", ["not a url", "ftp://host/*?Signature=x", ""])
+def test_malformed_url_is_rejected(tmp_path, url):
+    proc = run(["--target", str(tmp_path)], stdin=url + "\n")
+    assert proc.returncode == 2
+    assert "URL" in proc.stderr
+
+
+def test_unknown_model_is_rejected(server, tmp_path):
+    proc = run(["--url", server.url, "--models", "7B,8B", "--target", str(tmp_path)])
+    assert proc.returncode == 2
+    assert "unknown model '8b'" in proc.stderr
+    assert server.requests == []
+
+
+def test_stray_argument_is_not_echoed(server, tmp_path):
+    proc = run(["--url", server.url, f"Signature={SIGNATURE}"])
+    assert proc.returncode == 2
+    assert "single quotes" in proc.stderr
+
+
+def test_help_documents_environment():
+    proc = run(["--help"])
+    assert proc.returncode == 0
+    for name in ("--url", "--models", "--target", "--dry-run", "LLAMA_DOWNLOAD_URL",
+                 "LLAMA_MODELS", "LLAMA_TARGET_DIR", "LLAMA_DOWNLOAD_BACKOFF"):
+        assert name in proc.stdout
+
+
+# ------------------------------------------------------- tools that may be missing
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+def test_python_md5_fallback_without_md5sum(server, tmp_path):
+    path = restricted_path(tmp_path, BASE_TOOLS + ["curl"],
+                           {"python3": f"#!/bin/sh\nexec {sys.executable} \"$@\"\n"})
+    server.corrupt = {"llama-2-7b/params.json"}
+    target = tmp_path / "t"
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(target)],
+               env={"PATH": path})
+    assert "md5: python3" in proc.stdout
+    assert proc.returncode == 1  # the fallback really checks
+    assert "llama-2-7b/params.json FAILED verification" in proc.stderr
+    assert (target / SHARD_7B).read_bytes() == server.files[SHARD_7B]
+    assert (target / "tokenizer.model").exists()
+
+
+@pytest.mark.skipif(not shutil.which("md5sum"), reason="fakes macOS md5 with md5sum")
+def test_macos_md5_tool_is_used_without_md5sum(server, tmp_path):
+    fake_md5 = (f"#!/bin/sh\n[ \"$1\" = -r ] || exit 2\n"
+                f"exec {shutil.which('md5sum')} \"$2\"\n")
+    path = restricted_path(tmp_path, BASE_TOOLS + DOWNLOADERS[:1], {"md5": fake_md5})
+    target = tmp_path / "t"
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(target)],
+               env={"PATH": path})
+    assert proc.returncode == 0, proc.stderr
+    assert "md5: md5" in proc.stdout
+    assert_release(target, server, ["llama-2-7b"])
+
+
+def test_explicit_python_md5(server, tmp_path):
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path)],
+               env={"LLAMA_DOWNLOAD_MD5": "python"})
+    assert proc.returncode == 0, proc.stderr
+    assert "md5: python" in proc.stdout
+    assert_release(tmp_path, server, ["llama-2-7b"])
+
+
+@pytest.mark.skipif(not shutil.which("wget"), reason="needs wget")
+def test_wget_is_used_when_curl_is_missing(server, tmp_path):
+    path = restricted_path(tmp_path, BASE_TOOLS + ["wget", "md5sum"])
+    target = tmp_path / "t"
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(target)],
+               env={"PATH": path})
+    assert proc.returncode == 0, proc.stderr
+    assert "Downloader: wget" in proc.stdout
+    assert_release(target, server, ["llama-2-7b"])
+
+
+def test_missing_curl_and_wget_is_reported(server, tmp_path):
+    path = restricted_path(tmp_path, BASE_TOOLS + ["md5sum"])
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path / "t")],
+               env={"PATH": path})
+    assert proc.returncode == 1
+    assert "neither curl nor wget is installed" in proc.stderr
+    assert server.requests == []
+
+
+# ---------------------------------------------------------------------- linting
+
+def test_bash_syntax():
+    proc = subprocess.run([BASH, "-n", str(SCRIPT)], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(not shutil.which("shellcheck"), reason="shellcheck not installed")
+def test_shellcheck_clean():
+    proc = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
