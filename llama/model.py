@@ -123,19 +123,22 @@ class Attention(nn.Module):
         self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, start_pos: Optional[int], cos: torch.Tensor, sin: torch.Tensor,
                 mask: Optional[torch.Tensor]) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        end = start_pos + seqlen
-        self.cache_k[:bsz, :, start_pos:end] = k.transpose(1, 2)
-        self.cache_v[:bsz, :, start_pos:end] = v.transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), self.cache_k[:bsz, :, :end], self.cache_v[:bsz, :, :end],
-            attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads,
-        )
+        gqa = self.n_local_heads != self.n_local_kv_heads
+        if start_pos is None:  # training: whole sequences at once, no cache
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, enable_gqa=gqa)
+        else:
+            end = start_pos + seqlen
+            self.cache_k[:bsz, :, start_pos:end] = k.transpose(1, 2)
+            self.cache_v[:bsz, :, start_pos:end] = v.transpose(1, 2)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), self.cache_k[:bsz, :, :end],
+                                                 self.cache_v[:bsz, :, :end], attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -159,7 +162,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, start_pos: Optional[int], cos: torch.Tensor, sin: torch.Tensor,
                 mask: Optional[torch.Tensor]) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -235,4 +238,16 @@ class Transformer(nn.Module):
             h = layer(h, start_pos, cos, sin, mask)
         if last_only:
             h = h[:, -1:]
+        return self.output(self.norm(h)).float()
+
+    def forward_train(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, seqlen, vocab) of whole sequences from position 0, with autograd and without the KV
+        cache: for training (scripts/train_demo.py), where forward's inference mode and cache don't belong."""
+        if self._rope is None or self._rope[0].shape[0] < tokens.shape[1]:
+            self._rope = rope_tables(self.params.head_dim, max(tokens.shape[1], self.params.max_seq_len),
+                                     self.params.rope_theta, tokens.device)
+        cos, sin = (t[: tokens.shape[1]][None, :, None, :] for t in self._rope)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, None, cos, sin, None)
         return self.output(self.norm(h)).float()

@@ -95,3 +95,17 @@ def test_unknown_params_keys_are_ignored_with_a_warning():
     with pytest.warns(UserWarning, match="future_key"):
         args = ModelArgs.from_params({**MHA, "future_key": 1})
     assert args.dim == MHA["dim"]
+
+
+def test_forward_train_matches_reference_and_has_gradients(make_ckpt):
+    ckpt, state = make_ckpt(GQA)
+    args = ModelArgs.from_params({**read_params(ckpt), "vocab_size": VOCAB})
+    model = Transformer(args)
+    model.load_state_dict({k: v.clone().requires_grad_() for k, v in state.items() if k != "rope.freqs"},
+                          strict=True, assign=True)
+    tokens = prompt(12)
+    logits = model.forward_train(torch.tensor([tokens]))
+    torch.testing.assert_close(logits[0].double(), reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens),
+                               rtol=1e-4, atol=1e-4)
+    logits.logsumexp(-1).mean().backward()
+    assert model.layers[0].attention.wq.weight.grad is not None
