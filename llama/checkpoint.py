@@ -12,10 +12,11 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
+from . import pages
 from .model import ModelArgs
 
 # Along which dimension each weight is split across model-parallel ranks; None: replicated on every rank.
@@ -115,13 +116,22 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     return shard
 
 
-def check_split(args: ModelArgs, n: int) -> None:
-    """Refuse a world size the model's shapes can't be cut into, naming the largest one that works."""
-    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.kv_heads, "dim": args.dim,
-             "the SwiGLU hidden size": args.hidden_dim, "vocab_size": args.vocab_size}
+def check_split(args: ModelArgs, n: int, replicate_kv: bool = True) -> None:
+    """Refuse a world size the model's shapes can't be cut into, naming the largest one that works.
+
+    With replicate_kv, n may exceed n_kv_heads when it is a multiple of it: each rank then holds the one KV head
+    its query heads share. A checkpoint written to disk can't hold replicated heads, so resharding passes False.
+    """
+    def kv_ok(m: int) -> bool:
+        return args.kv_heads % m == 0 or (replicate_kv and m % args.kv_heads == 0)
+
+    sizes = {"n_heads": args.n_heads, "dim": args.dim, "the SwiGLU hidden size": args.hidden_dim,
+             "vocab_size": args.vocab_size}
     bad = [f"{name}={size}" for name, size in sizes.items() if size % n]
+    if not kv_ok(n):
+        bad.append(f"n_kv_heads={args.kv_heads}" + (" (nor a multiple of it)" if replicate_kv else ""))
     if bad:
-        best = max(m for m in range(1, n + 1) if all(size % m == 0 for size in sizes.values()))
+        best = max(m for m in range(1, n + 1) if kv_ok(m) and all(size % m == 0 for size in sizes.values()))
         raise ValueError(f"this model can't be split across {n} processes: {', '.join(bad)} not divisible by "
                          f"{n}; the largest model-parallel size up to {n} that works is {best}")
 
@@ -145,15 +155,31 @@ def validate(paths: List[Path], shards: List[Dict[str, torch.Tensor]], args: Mod
                                  f"params.json with {k} shard(s)")
 
 
-def checkpoint_vocab_size(ckpt_dir: str) -> int:
-    """The vocabulary size the shards were saved with (params.json may say -1)."""
+def model_args(ckpt_dir: str, **overrides) -> ModelArgs:
+    """ModelArgs from params.json, with the vocabulary size the shards were saved with when it says -1."""
+    args = ModelArgs.from_params({**read_params(ckpt_dir), **overrides})
     paths = shard_paths(ckpt_dir)
-    return load_shard(paths[0])["output.weight"].shape[0] * len(paths)
+    saved_vocab = load_shard(paths[0])["output.weight"].shape[0] * len(paths)
+    if args.vocab_size == -1:
+        args.vocab_size = saved_vocab
+    elif args.vocab_size != saved_vocab:
+        raise ValueError(f"{ckpt_dir}/params.json says vocab_size {args.vocab_size} but the shards hold "
+                         f"{saved_vocab} rows of output.weight")
+    return args
 
 
-def load_rank(ckpt_dir: str, args: ModelArgs, rank: int, world: int, dtype: torch.dtype,
+def _rank_range(key: str, size: int, rank: int, world: int, args: ModelArgs) -> Tuple[int, int]:
+    """The [start, end) of the sharded dimension that this rank holds."""
+    if key.endswith(("attention.wk.weight", "attention.wv.weight")) and world > args.kv_heads:
+        head = rank // (world // args.kv_heads)  # the KV head this rank's query heads share
+        return head * args.head_dim, (head + 1) * args.head_dim
+    return rank * size // world, (rank + 1) * size // world
+
+
+def load_rank(ckpt_dir: str, args: ModelArgs, rank: int, world: int, dtype: Optional[torch.dtype],
               device: torch.device) -> Dict[str, torch.Tensor]:
-    """This rank's slice of every weight, in ``dtype`` on ``device``, whatever the number of shards."""
+    """This rank's slice of every weight, in ``dtype`` (None: as saved) on ``device``, whatever the number of
+    shards: each weight is cut out of the concatenation of the shards along its sharded dimension."""
     check_split(args, world)
     paths = shard_paths(ckpt_dir)
     shards = [load_shard(p) for p in paths]
@@ -163,31 +189,44 @@ def load_rank(ckpt_dir: str, args: ModelArgs, rank: int, world: int, dtype: torc
     for key, shape in full_shapes(args).items():
         dim = shard_dim(key)
         if dim is None:
-            state[key] = _to(shards[0][key], dtype, device)
+            state[key] = _gather([shards[0][key]], 0, dtype, device)
             continue
-        size = shape[dim] // world
-        start, end = rank * size, (rank + 1) * size
-        src = shape[dim] // k
+        start, end = _rank_range(key, shape[dim], rank, world, args)
+        src = shape[dim] // k  # each shard's share
         pieces = [shards[j][key].narrow(dim, max(start, j * src) - j * src, min(end, (j + 1) * src) - max(start, j * src))
                   for j in range(start // src, (end - 1) // src + 1)]
-        state[key] = _to(pieces[0], dtype, device) if len(pieces) == 1 else torch.cat(pieces, dim).to(device, dtype)
+        state[key] = _gather(pieces, dim, dtype, device)
     return state
 
 
-def _to(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A contiguous copy in dtype on device; a whole shard tensor already right stays memory-mapped (no copy)."""
-    t = t.to(device=device, dtype=dtype)
-    return t if t.is_contiguous() else t.contiguous()
+def _gather(pieces: List[torch.Tensor], dim: int, dtype: Optional[torch.dtype],
+            device: torch.device) -> torch.Tensor:
+    """Join memory-mapped pieces into one tensor in dtype on device, keeping resident memory to one copy.
+
+    A single contiguous piece already in the right dtype on the CPU is used as it is, still memory-mapped (no
+    copy), and its pages are read in now rather than during the first forward pass. Anything else is copied
+    once, and the pages the copy read are dropped from this process's memory.
+    """
+    dtype = dtype or pieces[0].dtype
+    if len(pieces) == 1 and device.type == "cpu" and pieces[0].dtype == dtype and pieces[0].is_contiguous():
+        pages.prefault(pieces[0])
+        return pieces[0]
+    shape = list(pieces[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in pieces)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    offset = 0
+    for p in pieces:
+        out.narrow(dim, offset, p.shape[dim]).copy_(p)
+        offset += p.shape[dim]
+        pages.drop(p)
+    return out
 
 
-def split(state: Dict[str, torch.Tensor], k: int) -> List[Dict[str, torch.Tensor]]:
-    """Cut a full state dict into k shards as Meta's model-parallel ranks hold them."""
-    shards: List[Dict[str, torch.Tensor]] = [{} for _ in range(k)]
-    for key, tensor in state.items():
-        dim = None if key in IGNORED_KEYS else shard_dim(key)
-        for j in range(k):
-            shards[j][key] = tensor.clone() if dim is None else tensor.chunk(k, dim)[j].clone()
-    return shards
+def split(state: Dict[str, torch.Tensor], k: int) -> Iterator[Dict[str, torch.Tensor]]:
+    """Cut a full state dict into k shards as Meta's model-parallel ranks hold them, one at a time."""
+    for j in range(k):
+        yield {key: (t if key in IGNORED_KEYS or shard_dim(key) is None else t.chunk(k, shard_dim(key))[j]).clone()
+               for key, t in state.items()}
 
 
 def md5(path: Path) -> str:
@@ -198,8 +237,11 @@ def md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(shards: List[Dict[str, torch.Tensor]], params: dict, out_dir: str) -> None:
-    """Write params.json, consolidated.NN.pth and a checklist.chk of md5 sums (``md5sum -c`` format)."""
+def save(shards: Iterable[Dict[str, torch.Tensor]], params: dict, out_dir: str) -> None:
+    """Write params.json, consolidated.NN.pth and a checklist.chk of md5 sums (``md5sum -c`` format).
+
+    shards may be a generator: each is written and let go before the next is made.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.json").write_text(json.dumps(params))
@@ -207,7 +249,19 @@ def save(shards: List[Dict[str, torch.Tensor]], params: dict, out_dir: str) -> N
     for j, shard in enumerate(shards):
         names.append(f"consolidated.{j:02d}.pth")
         torch.save(shard, out / names[-1])
+        del shard  # before the generator makes the next one
     (out / "checklist.chk").write_text("".join(f"{md5(out / name)}  {name}\n" for name in sorted(names)))
+
+
+def reshard(ckpt_dir: str, out_dir: str, mp: int) -> None:
+    """Write ckpt_dir's model as an equivalent checkpoint of mp shards, one output shard in memory at a time."""
+    args = model_args(ckpt_dir)
+    check_split(args, mp, replicate_kv=False)
+    extras = {k: v.clone() for k, v in load_shard(shard_paths(ckpt_dir)[0]).items() if k in IGNORED_KEYS}
+    cpu = torch.device("cpu")
+    shards = ({**{k: v.clone() for k, v in load_rank(ckpt_dir, args, r, mp, None, cpu).items()}, **extras}
+              for r in range(mp))
+    save(shards, read_params(ckpt_dir), out_dir)
 
 
 def random_checkpoint(out_dir: str, params: dict, mp: int = 1, seed: int = 0, vocab_size: Optional[int] = None,

@@ -78,7 +78,7 @@ def check_fits(args: ModelArgs, world: int, dtype: torch.dtype, device: torch.de
         return
     nbytes = torch.finfo(dtype).bits // 8
     weights = sum(torch.Size(s).numel() for s in checkpoint.full_shapes(args).values()) * nbytes // world
-    per_slot = 2 * args.n_layers * (args.kv_heads // world) * args.head_dim * nbytes  # K and V, one position
+    per_slot = 2 * args.n_layers * max(1, args.kv_heads // world) * args.head_dim * nbytes  # K, V: a position
     cache = per_slot * args.max_batch_size * args.max_seq_len
     if weights + cache > free:
         fit = max(0, (free - weights) // per_slot)
@@ -107,15 +107,11 @@ class Llama:
         error: Optional[Exception] = None
         try:
             tokenizer = Tokenizer(tokenizer_path)
-            params = checkpoint.read_params(ckpt_dir)
-            args = ModelArgs.from_params({**params, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
-            saved_vocab = checkpoint.checkpoint_vocab_size(ckpt_dir)
-            if args.vocab_size == -1:
-                args.vocab_size = saved_vocab
-            if tokenizer.n_words != args.vocab_size or saved_vocab != args.vocab_size:
+            args = checkpoint.model_args(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+            if tokenizer.n_words != args.vocab_size:
                 raise ValueError(f"{tokenizer_path}: the tokenizer has {tokenizer.n_words} tokens but the model in "
-                                 f"{ckpt_dir} has a vocabulary of {saved_vocab}: pass the tokenizer that came with "
-                                 "this checkpoint")
+                                 f"{ckpt_dir} has a vocabulary of {args.vocab_size}: pass the tokenizer that came "
+                                 "with this checkpoint")
             requested, dtype = dtype, pick_dtype(dtype, device)
             check_fits(args, world, dtype, device)
             state = checkpoint.load_rank(ckpt_dir, args, rank, world, dtype, device)

@@ -107,12 +107,14 @@ class Attention(nn.Module):
         super().__init__()
         mp = get_model_parallel_world_size()
         self.n_local_heads = args.n_heads // mp
-        self.n_local_kv_heads = args.kv_heads // mp
+        # With more ranks than KV heads, each rank holds a copy of the one KV head its query heads share.
+        self.n_local_kv_heads = max(1, args.kv_heads // mp)
         self.head_dim = args.head_dim
+        kv_dim = self.n_local_kv_heads * mp * self.head_dim
         kw = dict(bias=False, init_method=lambda w: w)
         self.wq = fs_layers.ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, gather_output=False, **kw)
-        self.wk = fs_layers.ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, gather_output=False, **kw)
-        self.wv = fs_layers.ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, gather_output=False, **kw)
+        self.wk = fs_layers.ColumnParallelLinear(args.dim, kv_dim, gather_output=False, **kw)
+        self.wv = fs_layers.ColumnParallelLinear(args.dim, kv_dim, gather_output=False, **kw)
         self.wo = fs_layers.RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True, **kw)
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
@@ -197,12 +199,6 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.allocate_cache(max_batch_size, max_seq_len, weight.dtype, weight.device)
         self._rope = rope_tables(p.head_dim, max_seq_len, p.rope_theta, weight.device)
-
-    def cache_bytes(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype) -> int:
-        """Bytes the KV cache will take on this rank, to check before allocating it."""
-        a = self.layers[0].attention
-        per_layer = 2 * max_batch_size * a.n_local_kv_heads * max_seq_len * a.head_dim
-        return self.n_layers * per_layer * torch.finfo(dtype).bits // 8
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int, *, left_pad: Optional[torch.Tensor] = None,

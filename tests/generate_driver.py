@@ -1,14 +1,34 @@
-"""Greedy generation as a separate program, for the multi-process tests: prints the tokens as JSON on rank 0."""
+"""Greedy generation as a separate program, for the multi-process tests: prints the tokens as JSON on rank 0,
+and with --logits_out saves the logits of a full forward pass over the first prompt there."""
 
 import json
+
+import torch
+
 from llama import Llama
 from llama.cli import print0, run
 
 
-def main(ckpt_dir: str, tokenizer_path: str, prompts: list, max_gen_len: int = 8):
-    """prompts: a JSON list of strings (fire parses it)."""
+def main(ckpt_dir: str, tokenizer_path: str, prompts: list, max_gen_len: int = 8, logits_out: str = "",
+         fail_on_rank: int = -1):
+    """prompts: a JSON list of strings (fire parses it). fail_on_rank: make that rank's load fail, to check
+    that the others stop too instead of waiting for it."""
+    if fail_on_rank >= 0:
+        import llama.checkpoint
+        from llama import distributed
+        original = llama.checkpoint.load_rank
+
+        def load_rank(*args, **kwargs):
+            if distributed.rank() == fail_on_rank:
+                raise ValueError(f"injected failure on rank {fail_on_rank}")
+            return original(*args, **kwargs)
+        llama.checkpoint.load_rank = load_rank
     g = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32")
     prompt_tokens = [g.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+    if logits_out:
+        logits = g.model.forward(torch.tensor(prompt_tokens[:1]), 0)[0]
+        if torch.distributed.get_rank() == 0:
+            torch.save(logits, logits_out)
     tokens, _ = g.generate(prompt_tokens, max_gen_len, temperature=0)
     print0("TOKENS " + json.dumps(tokens))
 

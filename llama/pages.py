@@ -1,0 +1,39 @@
+"""Memory pages of memory-mapped shards: read them in ahead of use, or let go of them after a copy.
+
+A rank maps every shard but keeps only its slice. Pages it touched to copy a slice would otherwise stay in its
+resident set until the whole shard is unmapped, so peak memory would be the mapped shards plus the copies.
+Dropping them (MADV_DONTNEED on a private, never-written file mapping) only forgets them: touched again, they
+are read back from the file, so this is always safe. Elsewhere than Linux both calls do nothing.
+"""
+
+import ctypes
+import mmap
+import sys
+
+import torch
+
+MADV_DONTNEED = 4
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes from t's first element to its last, whatever its strides."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def drop(t: torch.Tensor) -> None:
+    """Let go of the whole pages under t (a view of a memory-mapped file that is not written to)."""
+    if _libc is None or t.device.type != "cpu" or t.numel() == 0:
+        return
+    start, end = _span(t)
+    start = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the span only
+    end = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+
+def prefault(t: torch.Tensor) -> None:
+    """Read in every page of a contiguous memory-mapped tensor now, one byte per page."""
+    if t.numel():
+        t.reshape(-1).view(torch.uint8)[:: mmap.PAGESIZE].sum()

@@ -1,0 +1,45 @@
+"""Rewrite a checkpoint in Meta's format with another number of shards.
+
+    python scripts/reshard.py --ckpt_dir IN --out_dir OUT --mp N [--force]
+
+OUT gets params.json (copied), consolidated.00.pth .. N-1 (the same tensors, re-cut along each weight's
+sharded dimension, in the dtype they were saved in) and a fresh checklist.chk. One output shard is held in
+memory at a time. The engine itself loads any shard count on any number of processes; resharding once saves
+that work at every start, and gives files Meta's reference code can load with N processes.
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from llama.checkpoint import reshard  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt_dir", required=True, help="the checkpoint to read")
+    parser.add_argument("--out_dir", required=True, help="where to write the resharded checkpoint")
+    parser.add_argument("--mp", type=int, required=True, help="number of shards to write")
+    parser.add_argument("--force", action="store_true", help="write into OUT even if it is not empty")
+    args = parser.parse_args()
+    src, out = Path(args.ckpt_dir).resolve(), Path(args.out_dir).resolve()
+    if args.mp < 1:
+        sys.exit("error: --mp must be at least 1")
+    if out == src:
+        sys.exit("error: --out_dir must differ from --ckpt_dir (the input would be overwritten while read)")
+    if out.exists() and any(out.iterdir()) and not args.force:
+        sys.exit(f"error: {out} is not empty: choose an empty --out_dir, or pass --force to write into it")
+    try:
+        reshard(str(src), str(out), args.mp)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    for extra in ("tokenizer.model",):
+        if (src / extra).is_file() and not (out / extra).exists():
+            shutil.copyfile(src / extra, out / extra)
+    print(f"wrote {args.mp} shard(s) to {out}")
+
+
+if __name__ == "__main__":
+    main()

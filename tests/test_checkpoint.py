@@ -1,0 +1,209 @@
+"""Loading: any shard count on any number of processes, resharding, and a clear error for every broken
+checkpoint, raised on every rank without hanging."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama import Llama
+from llama import checkpoint
+from llama.model import ModelArgs
+
+from conftest import GQA, VOCAB, run_cmd, torchrun
+from reference import greedy
+from reference import logits as reference_logits
+
+# Four KV heads, so that it can be saved in 4 shards; GQA (two KV heads) runs on 4 ranks by replicating them.
+MP4 = {**GQA, "n_kv_heads": 4}
+PROMPTS = ["Once there was a", "The rain in the valley kept falling for days and days"]
+
+
+def greedy_reference(state, params, tokenizer_path):
+    from llama import Tokenizer
+    tok = Tokenizer(tokenizer_path)
+    return [greedy(state, {**params, "vocab_size": VOCAB}, tok.encode(p, True, False), 8, stop=tok.eos_id)
+            for p in PROMPTS], tok.encode(PROMPTS[0], True, False)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_k_shards_on_one_process(make_ckpt, tokenizer_path, k):
+    ckpt, state = make_ckpt(MP4, mp=k)
+    g = Llama.build(ckpt, tokenizer_path, 64, 2, dtype="float32")
+    want_tokens, prompt = greedy_reference(state, MP4, tokenizer_path)
+    logits = g.model.forward(torch.tensor([prompt]), 0)[0]
+    torch.testing.assert_close(logits.double(), reference_logits(state, {**MP4, "vocab_size": VOCAB}, prompt),
+                               rtol=1e-4, atol=1e-4)
+    got, _ = g.generate([g.tokenizer.encode(p, True, False) for p in PROMPTS], 8, temperature=0)
+    assert got == want_tokens
+
+
+@pytest.mark.parametrize("params, k, n", [(MP4, 1, 2), (MP4, 4, 2), (GQA, 1, 4)],
+                         ids=["split-1-to-2", "merge-4-to-2", "split-1-to-4-replicating-kv-heads"])
+def test_k_shards_on_n_processes(make_ckpt, tokenizer_path, tmp_path, params, k, n):
+    ckpt, state = make_ckpt(params, mp=k)
+    out = tmp_path / "logits.pt"
+    result = torchrun(n, "tests/generate_driver.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
+                      "--prompts", json.dumps(PROMPTS), "--logits_out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokens = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("TOKENS "))[7:])
+    want_tokens, prompt = greedy_reference(state, params, tokenizer_path)
+    assert tokens == want_tokens
+    torch.testing.assert_close(torch.load(out, weights_only=True).double(),
+                               reference_logits(state, {**params, "vocab_size": VOCAB}, prompt), rtol=1e-4, atol=1e-4)
+
+
+def test_world_size_that_does_not_divide_is_refused_naming_the_largest_that_works(make_ckpt):
+    ckpt, _ = make_ckpt(GQA, mp=2)
+    args = checkpoint.model_args(ckpt)
+    with pytest.raises(ValueError, match="can't be split across 3 processes: .*largest model-parallel size up to 3 "
+                                         "that works is 2"):
+        checkpoint.load_rank(ckpt, args, 0, 3, torch.float32, torch.device("cpu"))
+    # 8 query heads over 2 KV heads: 8 ranks replicate each KV head 4 times; 16 can't split the query heads.
+    checkpoint.check_split(args, 8)
+    with pytest.raises(ValueError, match="n_heads=8"):
+        checkpoint.check_split(args, 16)
+    with pytest.raises(ValueError, match="n_kv_heads=2"):
+        checkpoint.check_split(args, 4, replicate_kv=False)
+
+
+def test_model_parallel_size_defaults_to_world_size_not_shard_count(make_ckpt, tokenizer_path):
+    ckpt, _ = make_ckpt(MP4, mp=4)
+    g = Llama.build(ckpt, tokenizer_path, 32, 1, dtype="float32")
+    assert g.model.output.weight.shape == (VOCAB, MP4["dim"])  # the whole model on this one process
+
+
+def test_reshard_round_trip(make_ckpt, tmp_path):
+    ckpt, _ = make_ckpt(MP4, mp=1)
+    dirs = [Path(ckpt)]
+    for mp in (4, 2, 1):
+        dirs.append(tmp_path / f"mp{mp}")
+        r = run_cmd([sys.executable, "scripts/reshard.py", "--ckpt_dir", str(dirs[-2]), "--out_dir", str(dirs[-1]),
+                     "--mp", str(mp)])
+        assert r.returncode == 0, r.stderr
+        assert sorted(p.name for p in dirs[-1].glob("*.pth")) == [f"consolidated.{j:02d}.pth" for j in range(mp)]
+        assert json.loads((dirs[-1] / "params.json").read_text()) == json.loads((Path(ckpt) / "params.json").read_text())
+        if shutil.which("md5sum"):
+            check = subprocess.run(["md5sum", "-c", "checklist.chk"], cwd=dirs[-1], capture_output=True, text=True)
+            assert check.returncode == 0 and check.stdout.count(": OK") == mp + 1, check.stdout
+    # Four shards really are quarters, cut as Meta's ranks hold them.
+    quarter = torch.load(dirs[1] / "consolidated.02.pth", weights_only=True)
+    whole = torch.load(Path(ckpt) / "consolidated.00.pth", weights_only=True)
+    assert torch.equal(quarter["layers.1.attention.wo.weight"], whole["layers.1.attention.wo.weight"].chunk(4, 1)[2])
+    assert torch.equal(quarter["layers.0.feed_forward.w3.weight"], whole["layers.0.feed_forward.w3.weight"].chunk(4)[2])
+    back = torch.load(dirs[-1] / "consolidated.00.pth", weights_only=True)
+    assert back.keys() == whole.keys() and all(torch.equal(back[k], whole[k]) and back[k].dtype == whole[k].dtype
+                                               for k in whole)
+
+
+def test_reshard_refuses_a_non_empty_out_dir_unless_forced(make_ckpt, tmp_path):
+    ckpt, _ = make_ckpt(MP4, mp=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = [sys.executable, "scripts/reshard.py", "--ckpt_dir", ckpt, "--out_dir", str(out), "--mp", "2"]
+    r = run_cmd(args)
+    assert r.returncode == 1 and "not empty" in r.stderr and not list(out.glob("*.pth"))
+    assert run_cmd(args + ["--force"]).returncode == 0 and (out / "notes.txt").read_text() == "mine"
+    r = run_cmd([sys.executable, "scripts/reshard.py", "--ckpt_dir", ckpt, "--out_dir", str(tmp_path / "o3"),
+                 "--mp", "3"])
+    assert r.returncode == 1 and "can't be split across 3" in r.stderr
+
+
+# ---- broken checkpoints: each gets one clear error naming the file and the problem
+
+def broken_copy(ckpt, tmp_path) -> Path:
+    dst = tmp_path / "broken"
+    shutil.copytree(ckpt, dst)
+    return dst
+
+
+def resave(path: Path, change) -> None:
+    shard = torch.load(path, weights_only=True)
+    change(shard)
+    torch.save(shard, path)
+
+
+BROKEN = {
+    "missing params.json": (lambda d: (d / "params.json").unlink(), r"params.json: missing"),
+    "invalid JSON": (lambda d: (d / "params.json").write_text('{"dim": 64,'), r"params.json: not valid JSON"),
+    "no shards": (lambda d: [p.unlink() for p in d.glob("*.pth")], r"no consolidated.NN.pth shards"),
+    "shards misnumbered": (lambda d: (d / "consolidated.01.pth").rename(d / "consolidated.02.pth"),
+                           r"numbered 00 .. 01"),
+    "wrong shape": (lambda d: resave(d / "consolidated.01.pth", lambda s: s.update(
+        {"layers.1.feed_forward.w2.weight": s["layers.1.feed_forward.w2.weight"][:, :-8].clone()})),
+        r"consolidated.01.pth: layers.1.feed_forward.w2.weight has shape \(64, 112\), expected \(64, 120\)"),
+    "missing key": (lambda d: resave(d / "consolidated.00.pth", lambda s: s.pop("layers.0.ffn_norm.weight")),
+                    r"consolidated.00.pth: missing keys \['layers.0.ffn_norm.weight'\]"),
+    "unexpected key": (lambda d: resave(d / "consolidated.00.pth", lambda s: s.update({"lm_head.bias": torch.ones(3)})),
+                       r"consolidated.00.pth: unexpected keys \['lm_head.bias'\]"),
+    "truncated shard": (lambda d: (d / "consolidated.01.pth").write_bytes((d / "consolidated.01.pth").read_bytes()[:5000]),
+                        r"consolidated.01.pth: truncated or corrupted"),
+    "corrupted shard": (lambda d: (d / "consolidated.00.pth").write_bytes(b"\x00" * 4096),
+                        r"consolidated.00.pth: truncated or corrupted"),
+    "vocab mismatch": (lambda d: (d / "params.json").write_text(json.dumps({**GQA, "vocab_size": 32016})),
+                       r"vocab_size 32016 but the shards hold 32000"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_checkpoint_gets_a_clear_error(make_ckpt, tokenizer_path, tmp_path, case):
+    ckpt, _ = make_ckpt(GQA, mp=2)
+    d = broken_copy(ckpt, tmp_path)
+    breaks, message = BROKEN[case]
+    breaks(d)
+    with pytest.raises(ValueError, match=message):
+        Llama.build(str(d), tokenizer_path, 32, 1)
+
+
+def test_tokenizer_of_another_vocabulary_is_refused(tmp_path, tokenizer_path):
+    d = tmp_path / "ck"
+    checkpoint.random_checkpoint(str(d), GQA, vocab_size=32016)  # a Code Llama-sized vocabulary
+    with pytest.raises(ValueError, match="tokenizer has 32000 tokens but the model .* has a vocabulary of 32016"):
+        Llama.build(str(d), tokenizer_path, 32, 1)
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_never_run(make_ckpt, tokenizer_path, tmp_path):
+    ckpt, _ = make_ckpt(GQA, mp=1)
+    d = broken_copy(ckpt, tmp_path)
+    marker = tmp_path / "code-was-run"
+    resave(d / "consolidated.00.pth", lambda s: s.update({"payload": RunsCode(marker)}))
+    with pytest.raises(ValueError, match=r"consolidated.00.pth: refused to load: the file's pickle asks to run code"):
+        Llama.build(str(d), tokenizer_path, 32, 1)
+    assert not marker.exists()
+
+
+def test_a_kv_cache_that_cannot_fit_fails_before_allocating(make_ckpt, tokenizer_path):
+    ckpt, _ = make_ckpt(GQA)
+    with pytest.raises(ValueError, match=r"not enough memory on cpu: .*KV cache .* GiB .*must be at most \d+ here"):
+        Llama.build(ckpt, tokenizer_path, max_seq_len=2_000_000, max_batch_size=1000)
+
+
+@pytest.mark.parametrize("case", ["wrong shape", "truncated shard", "injected failure on rank 1"])
+def test_broken_checkpoint_under_torchrun_exits_non_zero_without_hanging(make_ckpt, tokenizer_path, tmp_path, case):
+    ckpt, _ = make_ckpt(GQA, mp=2)
+    d = broken_copy(ckpt, tmp_path)
+    extra = []
+    if case in BROKEN:
+        BROKEN[case][0](d)
+        message = BROKEN[case][1]
+    else:
+        extra, message = ["--fail_on_rank", "1"], "another rank failed to load the checkpoint"
+    result = torchrun(2, "tests/generate_driver.py", "--ckpt_dir", str(d), "--tokenizer_path", tokenizer_path,
+                      "--prompts", json.dumps(PROMPTS), *extra, timeout=90)
+    assert result.returncode != 0
+    assert re.search(message, result.stderr), result.stderr[-3000:]
