@@ -155,17 +155,51 @@ def validate(paths: List[Path], shards: List[Dict[str, torch.Tensor]], args: Mod
                                  f"params.json with {k} shard(s)")
 
 
-def model_args(ckpt_dir: str, **overrides) -> ModelArgs:
-    """ModelArgs from params.json, with the vocabulary size the shards were saved with when it says -1."""
-    args = ModelArgs.from_params({**read_params(ckpt_dir), **overrides})
-    paths = shard_paths(ckpt_dir)
-    saved_vocab = load_shard(paths[0])["output.weight"].shape[0] * len(paths)
-    if args.vocab_size == -1:
-        args.vocab_size = saved_vocab
-    elif args.vocab_size != saved_vocab:
-        raise ValueError(f"{ckpt_dir}/params.json says vocab_size {args.vocab_size} but the shards hold "
-                         f"{saved_vocab} rows of output.weight")
-    return args
+class Checkpoint:
+    """A checkpoint folder opened for loading: params.json read, every shard memory-mapped (not read)."""
+
+    def __init__(self, ckpt_dir: str):
+        self.dir = ckpt_dir
+        self.params = read_params(ckpt_dir)
+        self.paths = shard_paths(ckpt_dir)
+        self.shards = [load_shard(p) for p in self.paths]
+
+    def model_args(self, **overrides) -> ModelArgs:
+        """ModelArgs from params.json, with the vocabulary size the shards hold where it says -1."""
+        args = ModelArgs.from_params({**self.params, **overrides})
+        if "output.weight" not in self.shards[0]:
+            raise ValueError(f"{self.paths[0]}: missing keys ['output.weight']")
+        saved_vocab = self.shards[0]["output.weight"].shape[0] * len(self.shards)
+        if args.vocab_size == -1:
+            args.vocab_size = saved_vocab
+        elif args.vocab_size != saved_vocab:
+            raise ValueError(f"{self.dir}/params.json says vocab_size {args.vocab_size} but the shards hold "
+                             f"{saved_vocab} rows of output.weight")
+        return args
+
+    def load_rank(self, args: ModelArgs, rank: int, world: int, dtype: Optional[torch.dtype],
+                  device: torch.device, copy: bool = False) -> Dict[str, torch.Tensor]:
+        """This rank's slice of every weight, in ``dtype`` (None: as saved) on ``device``, whatever the number
+        of shards: each weight is cut out of the concatenation of the shards along its sharded dimension.
+
+        copy: never hand out memory-mapped tensors (for writing them elsewhere).
+        """
+        check_split(args, world)
+        validate(self.paths, self.shards, args)
+        k = len(self.shards)
+        state = {}
+        for key, shape in full_shapes(args).items():
+            dim = shard_dim(key)
+            if dim is None:
+                state[key] = _gather([self.shards[0][key]], 0, dtype, device, copy)
+                continue
+            start, end = _rank_range(key, shape[dim], rank, world, args)
+            src = shape[dim] // k  # each shard's share
+            pieces = [self.shards[j][key].narrow(dim, max(start, j * src) - j * src,
+                                                 min(end, (j + 1) * src) - max(start, j * src))
+                      for j in range(start // src, (end - 1) // src + 1)]
+            state[key] = _gather(pieces, dim, dtype, device, copy)
+        return state
 
 
 def _rank_range(key: str, size: int, rank: int, world: int, args: ModelArgs) -> Tuple[int, int]:
@@ -176,31 +210,8 @@ def _rank_range(key: str, size: int, rank: int, world: int, args: ModelArgs) -> 
     return rank * size // world, (rank + 1) * size // world
 
 
-def load_rank(ckpt_dir: str, args: ModelArgs, rank: int, world: int, dtype: Optional[torch.dtype],
-              device: torch.device) -> Dict[str, torch.Tensor]:
-    """This rank's slice of every weight, in ``dtype`` (None: as saved) on ``device``, whatever the number of
-    shards: each weight is cut out of the concatenation of the shards along its sharded dimension."""
-    check_split(args, world)
-    paths = shard_paths(ckpt_dir)
-    shards = [load_shard(p) for p in paths]
-    validate(paths, shards, args)
-    k = len(shards)
-    state = {}
-    for key, shape in full_shapes(args).items():
-        dim = shard_dim(key)
-        if dim is None:
-            state[key] = _gather([shards[0][key]], 0, dtype, device)
-            continue
-        start, end = _rank_range(key, shape[dim], rank, world, args)
-        src = shape[dim] // k  # each shard's share
-        pieces = [shards[j][key].narrow(dim, max(start, j * src) - j * src, min(end, (j + 1) * src) - max(start, j * src))
-                  for j in range(start // src, (end - 1) // src + 1)]
-        state[key] = _gather(pieces, dim, dtype, device)
-    return state
-
-
-def _gather(pieces: List[torch.Tensor], dim: int, dtype: Optional[torch.dtype],
-            device: torch.device) -> torch.Tensor:
+def _gather(pieces: List[torch.Tensor], dim: int, dtype: Optional[torch.dtype], device: torch.device,
+            copy: bool) -> torch.Tensor:
     """Join memory-mapped pieces into one tensor in dtype on device, keeping resident memory to one copy.
 
     A single contiguous piece already in the right dtype on the CPU is used as it is, still memory-mapped (no
@@ -208,7 +219,8 @@ def _gather(pieces: List[torch.Tensor], dim: int, dtype: Optional[torch.dtype],
     once, and the pages the copy read are dropped from this process's memory.
     """
     dtype = dtype or pieces[0].dtype
-    if len(pieces) == 1 and device.type == "cpu" and pieces[0].dtype == dtype and pieces[0].is_contiguous():
+    if not copy and len(pieces) == 1 and device.type == "cpu" and pieces[0].dtype == dtype \
+            and pieces[0].is_contiguous():
         pages.prefault(pieces[0])
         return pieces[0]
     shape = list(pieces[0].shape)
@@ -255,13 +267,12 @@ def save(shards: Iterable[Dict[str, torch.Tensor]], params: dict, out_dir: str) 
 
 def reshard(ckpt_dir: str, out_dir: str, mp: int) -> None:
     """Write ckpt_dir's model as an equivalent checkpoint of mp shards, one output shard in memory at a time."""
-    args = model_args(ckpt_dir)
+    ckpt = Checkpoint(ckpt_dir)
+    args = ckpt.model_args()
     check_split(args, mp, replicate_kv=False)
-    extras = {k: v.clone() for k, v in load_shard(shard_paths(ckpt_dir)[0]).items() if k in IGNORED_KEYS}
+    extras = {k: v.clone() for k, v in ckpt.shards[0].items() if k in IGNORED_KEYS}
     cpu = torch.device("cpu")
-    shards = ({**{k: v.clone() for k, v in load_rank(ckpt_dir, args, r, mp, None, cpu).items()}, **extras}
-              for r in range(mp))
-    save(shards, read_params(ckpt_dir), out_dir)
+    save(({**ckpt.load_rank(args, r, mp, None, cpu, copy=True), **extras} for r in range(mp)), ckpt.params, out_dir)
 
 
 def random_checkpoint(out_dir: str, params: dict, mp: int = 1, seed: int = 0, vocab_size: Optional[int] = None,

@@ -107,14 +107,16 @@ class Llama:
         error: Optional[Exception] = None
         try:
             tokenizer = Tokenizer(tokenizer_path)
-            args = checkpoint.model_args(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+            ckpt = checkpoint.Checkpoint(ckpt_dir)
+            args = ckpt.model_args(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
             if tokenizer.n_words != args.vocab_size:
                 raise ValueError(f"{tokenizer_path}: the tokenizer has {tokenizer.n_words} tokens but the model in "
                                  f"{ckpt_dir} has a vocabulary of {args.vocab_size}: pass the tokenizer that came "
                                  "with this checkpoint")
             requested, dtype = dtype, pick_dtype(dtype, device)
             check_fits(args, world, dtype, device)
-            state = checkpoint.load_rank(ckpt_dir, args, rank, world, dtype, device)
+            state = ckpt.load_rank(args, rank, world, dtype, device)
+            del ckpt  # unmaps what the model doesn't use
             model = Transformer(args)
             model.load_state_dict(state, strict=True, assign=True)
             model.setup_cache()

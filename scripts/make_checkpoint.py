@@ -13,6 +13,7 @@ import io
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 import sentencepiece as spm
 
@@ -21,22 +22,42 @@ from llama.checkpoint import random_checkpoint  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
 SHAPES = {
-    "tiny": {"dim": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 64},
-    "1b": {"dim": 2048, "n_layers": 22, "n_heads": 32, "n_kv_heads": 4, "multiple_of": 256},
-    "7b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256},
+    "tiny": {"dim": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 64, "vocab_size": 1000},
+    "1b": {"dim": 2048, "n_layers": 22, "n_heads": 32, "n_kv_heads": 4, "multiple_of": 256, "vocab_size": 32000},
+    "7b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256, "vocab_size": 32000},
 }
 
 
-def train_tokenizer(path: Path, vocab_size: int = 1000) -> None:
-    """A byte-fallback BPE tokenizer trained on the project's Python sources: deterministic, a second."""
+def train_tokenizer(path: Path, vocab_size: int) -> None:
+    """A byte-fallback BPE tokenizer of exactly vocab_size pieces, trained on the project's Python sources
+    (deterministic, a second). Where the text has too few merges, placeholder pieces make up the size."""
     root = Path(__file__).resolve().parents[1]
     lines = [line for f in sorted(root.glob("**/*.py")) if ".venv" not in f.parts
              for line in f.read_text().splitlines() if line.strip()]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-                                   model_type="bpe", byte_fallback=True, hard_vocab_limit=False,
-                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1, minloglevel=2)
+    placeholders = 0
+    while True:
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, hard_vocab_limit=False, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1,
+            minloglevel=2, user_defined_symbols=[f"<placeholder_{i}>" for i in range(placeholders)])
+        size = spm.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
+        if size >= vocab_size:
+            break
+        placeholders += vocab_size - size
     path.write_bytes(model.getvalue())
+
+
+def make(out: Path, shape: str, mp: int = 1, tokenizer_path: Optional[str] = None, seed: int = 0) -> None:
+    """Write a random checkpoint of the named shape, and its tokenizer.model, into the folder out."""
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = out / "tokenizer.model"
+    if tokenizer_path:
+        shutil.copyfile(tokenizer_path, tokenizer)
+    else:
+        train_tokenizer(tokenizer, SHAPES[shape]["vocab_size"])
+    params = {**SHAPES[shape], "norm_eps": 1e-5, "vocab_size": -1}  # -1, as Meta writes it: the tokenizer says
+    random_checkpoint(str(out), params, mp=mp, seed=seed, vocab_size=Tokenizer(str(tokenizer)).n_words)
 
 
 def main() -> None:
@@ -50,16 +71,8 @@ def main() -> None:
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         sys.exit(f"error: {out} is not empty: choose a new --out_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = out / "tokenizer.model"
-    if args.tokenizer_path:
-        shutil.copyfile(args.tokenizer_path, tokenizer)
-    else:
-        train_tokenizer(tokenizer)
     try:
-        vocab_size = Tokenizer(str(tokenizer)).n_words
-        random_checkpoint(str(out), {**SHAPES[args.shape], "norm_eps": 1e-5, "vocab_size": -1}, mp=args.mp,
-                          seed=args.seed, vocab_size=vocab_size)
+        make(out, args.shape, args.mp, args.tokenizer_path, args.seed)
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"wrote a random {args.shape} checkpoint with {args.mp} shard(s) and its tokenizer to {out}")

@@ -16,13 +16,13 @@ def main(ckpt_dir: str, tokenizer_path: str, prompts: list, max_gen_len: int = 8
     if fail_on_rank >= 0:
         import llama.checkpoint
         from llama import distributed
-        original = llama.checkpoint.load_rank
+        original = llama.checkpoint.Checkpoint.load_rank
 
         def load_rank(*args, **kwargs):
             if distributed.rank() == fail_on_rank:
                 raise ValueError(f"injected failure on rank {fail_on_rank}")
             return original(*args, **kwargs)
-        llama.checkpoint.load_rank = load_rank
+        llama.checkpoint.Checkpoint.load_rank = load_rank
     g = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32")
     prompt_tokens = [g.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
     if logits_out:

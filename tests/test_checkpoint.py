@@ -61,10 +61,11 @@ def test_k_shards_on_n_processes(make_ckpt, tokenizer_path, tmp_path, params, k,
 
 def test_world_size_that_does_not_divide_is_refused_naming_the_largest_that_works(make_ckpt):
     ckpt, _ = make_ckpt(GQA, mp=2)
-    args = checkpoint.model_args(ckpt)
+    opened = checkpoint.Checkpoint(ckpt)
+    args = opened.model_args()
     with pytest.raises(ValueError, match="can't be split across 3 processes: .*largest model-parallel size up to 3 "
                                          "that works is 2"):
-        checkpoint.load_rank(ckpt, args, 0, 3, torch.float32, torch.device("cpu"))
+        opened.load_rank(args, 0, 3, torch.float32, torch.device("cpu"))
     # 8 query heads over 2 KV heads: 8 ranks replicate each KV head 4 times; 16 can't split the query heads.
     checkpoint.check_split(args, 8)
     with pytest.raises(ValueError, match="n_heads=8"):

@@ -1,0 +1,106 @@
+"""How fast and how lean loading is, against what the disk and the checkpoint itself allow.
+
+    python scripts/bench_load.py [--shape 1b] [--nproc 1,2] [--dtype bfloat16] [--cache_dir checkpoints]
+
+Makes (once, then reuses) a random checkpoint of the named shape in Meta's format, then in one run measures:
+the time to simply read its bytes from disk (the ceiling), and for each process count, the time
+``Llama.build`` takes, the first forward pass after it (so lazily read weights can't hide there), and each
+rank's peak resident memory (getrusage) as a multiple of the checkpoint and of the rank's share of it.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def cached_checkpoint(cache_dir: Path, shape: str) -> Path:
+    from make_checkpoint import make
+    ckpt = cache_dir / f"bench-{shape}"
+    if not (ckpt / "checklist.chk").is_file():  # written last: its presence means the checkpoint is whole
+        print(f"writing a random {shape} checkpoint to {ckpt} (once) ...", flush=True)
+        make(ckpt, shape)
+    return ckpt
+
+
+def read_time(ckpt: Path) -> float:
+    """Seconds to read every shard's bytes into memory, in 16 MiB blocks: what loading can't beat."""
+    buf = bytearray(16 << 20)
+    start = time.perf_counter()
+    for path in sorted(ckpt.glob("*.pth")):
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - start
+
+
+def worker(ckpt: str, dtype: str) -> None:
+    """One rank: build, one forward, report."""
+    import torch
+    from llama import Llama
+    start = time.perf_counter()
+    g = Llama.build(ckpt, str(Path(ckpt) / "tokenizer.model"), max_seq_len=256, max_batch_size=1, device="cpu",
+                    dtype=dtype)
+    load = time.perf_counter() - start
+    start = time.perf_counter()
+    g.model.forward(torch.tensor([[1] * 8]), 0)
+    first = time.perf_counter() - start
+    weights = sum(p.numel() * p.element_size() for p in g.model.parameters())
+    print("BENCH " + json.dumps({"rank": torch.distributed.get_rank(), "load_s": load, "first_forward_s": first,
+                                 "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                                 "weights": weights}), flush=True)
+
+
+def run(nproc: int, ckpt: Path, dtype: str) -> list:
+    args = [str(Path(__file__).resolve()), "--worker", "--ckpt", str(ckpt), "--dtype", dtype]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, *args] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode:
+        sys.exit(f"error: the load run with {nproc} process(es) failed:\n{out.stderr[-3000:]}")
+    return sorted((json.loads(line[6:]) for line in out.stdout.splitlines() if line.startswith("BENCH ")),
+                  key=lambda r: r["rank"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="1b", help="tiny, 1b or 7b (see scripts/make_checkpoint.py)")
+    parser.add_argument("--ckpt_dir", help="a checkpoint of your own (with its tokenizer.model) instead")
+    parser.add_argument("--nproc", default="1,2", help="comma-separated process counts to load on")
+    parser.add_argument("--dtype", default="bfloat16", help="dtype to load into (default: the checkpoint's)")
+    parser.add_argument("--cache_dir", default=str(ROOT / "checkpoints"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ckpt", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.ckpt, args.dtype)
+    ckpt = Path(args.ckpt_dir) if args.ckpt_dir else cached_checkpoint(Path(args.cache_dir), args.shape)
+    size = sum(p.stat().st_size for p in ckpt.glob("*.pth"))
+    read_time(ckpt)  # once to warm the page cache, as the loads below will find it
+    raw = min(read_time(ckpt) for _ in range(2))
+    print(f"checkpoint {ckpt}: {size / 1e9:.2f} GB in {len(list(ckpt.glob('*.pth')))} shard(s), loading as "
+          f"{args.dtype}")
+    print(f"raw read of the same bytes: {raw:.2f} s ({size / raw / 1e9:.2f} GB/s)\n")
+    print(f"{'procs':>5} {'rank':>4} {'load s':>7} {'x read':>7} {'1st fwd s':>9} {'peak RSS GB':>11} "
+          f"{'x ckpt':>7} {'share GB':>8} {'target GB':>9}")
+    for n in (int(x) for x in args.nproc.split(",")):
+        for r in run(n, ckpt, args.dtype):
+            share = r["weights"]  # this rank's weights as loaded
+            target = 1.2 * share + (0.5e9 if n > 1 else 0)
+            print(f"{n:>5} {r['rank']:>4} {r['load_s']:>7.2f} {r['load_s'] / raw:>7.2f} {r['first_forward_s']:>9.2f} "
+                  f"{r['peak_rss'] / 1e9:>11.2f} {r['peak_rss'] / size:>7.2f} {share / 1e9:>8.2f} {target / 1e9:>9.2f}")
+    print("\ntargets: load <= 1.5 x read; peak RSS <= 1.2 x the checkpoint on 1 process, "
+          "<= 1.2 x the rank's share + 0.5 GB on several")
+
+
+if __name__ == "__main__":
+    main()
