@@ -2,8 +2,9 @@
 
 A checkpoint saved with k shards loads on any number n of processes that its shapes can be split across:
 every weight is sharded along one dimension (column-parallel on dim 0, row-parallel on dim 1, the embedding
-on its embedding dimension) or replicated, so each rank cuts its own slice out of the concatenation of the
-shards. Shards are memory-mapped, so a rank only reads the bytes of its slice.
+on its embedding dimension in Llama 1/2 and Code Llama shards, on the vocabulary in Llama 3's) or replicated,
+so each rank cuts its own slice out of the concatenation of the shards. Shards are memory-mapped, so a rank
+only reads the bytes of its slice.
 """
 
 import hashlib
@@ -38,8 +39,15 @@ IGNORED_KEYS = {"rope.freqs"}  # in Llama 1/2 shards; the model computes its rot
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 
 
-def shard_dim(key: str) -> Optional[int]:
-    return SHARD_DIM[re.sub(r"^layers\.\d+\.", "", key)]
+def shard_dim(key: str, embed_dim: int = 1) -> Optional[int]:
+    """The dimension key is split along; embed_dim: the embedding's (1 in Llama 1/2 shards, 0 in Llama 3's)."""
+    return embed_dim if key == "tok_embeddings.weight" else SHARD_DIM[re.sub(r"^layers\.\d+\.", "", key)]
+
+
+def family_embed_dim(vocab_size: int) -> int:
+    """How Meta's code for a model of this vocabulary shards the embedding: Llama 3 (128256 tokens) on the
+    vocabulary, Llama 1/2 and Code Llama on the embedding dimension."""
+    return 0 if vocab_size >= 128000 else 1
 
 
 def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
@@ -136,7 +144,7 @@ def check_split(args: ModelArgs, n: int, replicate_kv: bool = True) -> None:
                          f"{n}; the largest model-parallel size up to {n} that works is {best}")
 
 
-def validate(paths: List[Path], shards: List[Dict[str, torch.Tensor]], args: ModelArgs) -> None:
+def validate(paths: List[Path], shards: List[Dict[str, torch.Tensor]], args: ModelArgs, embed_dim: int) -> None:
     """Every shard holds exactly the expected keys with the shapes params.json implies."""
     expected = full_shapes(args)
     k = len(shards)
@@ -149,7 +157,7 @@ def validate(paths: List[Path], shards: List[Dict[str, torch.Tensor]], args: Mod
             raise ValueError(f"{path}: unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
                              "(not part of a Llama model with this params.json)")
         for key, shape in expected.items():
-            want = shard_shape(shape, shard_dim(key), k)
+            want = shard_shape(shape, shard_dim(key, embed_dim), k)
             if tuple(shard[key].shape) != want:
                 raise ValueError(f"{path}: {key} has shape {tuple(shard[key].shape)}, expected {want} for "
                                  f"params.json with {k} shard(s)")
@@ -177,28 +185,43 @@ class Checkpoint:
                              f"{saved_vocab} rows of output.weight")
         return args
 
+    def embed_dim(self, args: ModelArgs) -> int:
+        """The dimension the saved embedding is split along, read off the shards' shapes where there are
+        several; a single shard is the same either way, so its family's convention is assumed."""
+        k = len(self.shards)
+        emb = self.shards[0].get("tok_embeddings.weight")
+        if k > 1 and emb is not None and tuple(emb.shape) == (args.vocab_size // k, args.dim):
+            return 0
+        return 1 if k > 1 else family_embed_dim(args.vocab_size)
+
     def load_rank(self, args: ModelArgs, rank: int, world: int, dtype: Optional[torch.dtype],
-                  device: torch.device, copy: bool = False) -> Dict[str, torch.Tensor]:
+                  device: torch.device, copy: bool = False, embed_dim: int = 1) -> Dict[str, torch.Tensor]:
         """This rank's slice of every weight, in ``dtype`` (None: as saved) on ``device``, whatever the number
         of shards: each weight is cut out of the concatenation of the shards along its sharded dimension.
 
+        embed_dim: the dimension to split the embedding along for these ranks, whichever the shards used.
         copy: never hand out memory-mapped tensors (for writing them elsewhere).
         """
         check_split(args, world)
-        validate(self.paths, self.shards, args)
+        saved_embed_dim = self.embed_dim(args)
+        validate(self.paths, self.shards, args, saved_embed_dim)
         k = len(self.shards)
         state = {}
         for key, shape in full_shapes(args).items():
-            dim = shard_dim(key)
-            if dim is None:
+            src, dst = shard_dim(key, saved_embed_dim), shard_dim(key, embed_dim)
+            if dst is None:
                 state[key] = _gather([self.shards[0][key]], 0, dtype, device, copy)
                 continue
-            start, end = _rank_range(key, shape[dim], rank, world, args)
-            src = shape[dim] // k  # each shard's share
-            pieces = [self.shards[j][key].narrow(dim, max(start, j * src) - j * src,
-                                                 min(end, (j + 1) * src) - max(start, j * src))
-                      for j in range(start // src, (end - 1) // src + 1)]
-            state[key] = _gather(pieces, dim, dtype, device, copy)
+            start, end = _rank_range(key, shape[dst], rank, world, args)
+            if src != dst:  # the embedding saved split the other way: a slice of every shard, joined along src
+                pieces = [shard[key].narrow(dst, start, end - start) for shard in self.shards]
+                state[key] = _gather(pieces, src, dtype, device, copy)
+                continue
+            size = shape[dst] // k  # each shard's share
+            pieces = [self.shards[j][key].narrow(dst, max(start, j * size) - j * size,
+                                                 min(end, (j + 1) * size) - max(start, j * size))
+                      for j in range(start // size, (end - 1) // size + 1)]
+            state[key] = _gather(pieces, dst, dtype, device, copy)
         return state
 
 
@@ -234,11 +257,11 @@ def _gather(pieces: List[torch.Tensor], dim: int, dtype: Optional[torch.dtype], 
     return out
 
 
-def split(state: Dict[str, torch.Tensor], k: int) -> Iterator[Dict[str, torch.Tensor]]:
+def split(state: Dict[str, torch.Tensor], k: int, embed_dim: int = 1) -> Iterator[Dict[str, torch.Tensor]]:
     """Cut a full state dict into k shards as Meta's model-parallel ranks hold them, one at a time."""
     for j in range(k):
-        yield {key: (t if key in IGNORED_KEYS or shard_dim(key) is None else t.chunk(k, shard_dim(key))[j]).clone()
-               for key, t in state.items()}
+        yield {key: t.clone() if key in IGNORED_KEYS or shard_dim(key) is None
+               else t.chunk(k, shard_dim(key, embed_dim))[j].clone() for key, t in state.items()}
 
 
 def md5(path: Path) -> str:
@@ -271,14 +294,16 @@ def reshard(ckpt_dir: str, out_dir: str, mp: int) -> None:
     args = ckpt.model_args()
     check_split(args, mp, replicate_kv=False)
     extras = {k: v.clone() for k, v in ckpt.shards[0].items() if k in IGNORED_KEYS}
-    cpu = torch.device("cpu")
-    save(({**ckpt.load_rank(args, r, mp, None, cpu, copy=True), **extras} for r in range(mp)), ckpt.params, out_dir)
+    cpu, embed_dim = torch.device("cpu"), ckpt.embed_dim(args)  # each family keeps its own layout
+    save(({**ckpt.load_rank(args, r, mp, None, cpu, copy=True, embed_dim=embed_dim), **extras} for r in range(mp)),
+         ckpt.params, out_dir)
 
 
 def random_checkpoint(out_dir: str, params: dict, mp: int = 1, seed: int = 0, vocab_size: Optional[int] = None,
                       dtype: torch.dtype = torch.bfloat16) -> Dict[str, torch.Tensor]:
-    """Write a random checkpoint in Meta's exact format (bf16 shards with ``rope.freqs``) and return its
-    full, unsharded weights. ``vocab_size`` is needed when params.json says -1 (the tokenizer's size)."""
+    """Write a random checkpoint in Meta's exact format for its family (bf16 shards; Llama 1/2 ones with the
+    unused ``rope.freqs`` and the embedding split on its dimension, Llama 3 ones split on the vocabulary) and
+    return its full, unsharded weights. ``vocab_size`` is needed when params.json says -1."""
     args = ModelArgs.from_params(params)
     if args.vocab_size == -1:
         if vocab_size is None:
@@ -291,7 +316,9 @@ def random_checkpoint(out_dir: str, params: dict, mp: int = 1, seed: int = 0, vo
             state[key] = (1 + 0.1 * torch.randn(shape, generator=g)).to(dtype)
         else:
             state[key] = (torch.randn(shape, generator=g) / shape[-1] ** 0.5).to(dtype)
-    state["rope.freqs"] = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
-    state["rope.freqs"] = state["rope.freqs"].to(dtype)
-    save(split(state, mp), params, out_dir)
+    embed_dim = family_embed_dim(args.vocab_size)
+    if embed_dim == 1:
+        freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
+        state["rope.freqs"] = freqs.to(dtype)
+    save(split(state, mp, embed_dim), params, out_dir)
     return state

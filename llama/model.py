@@ -28,7 +28,8 @@ class ModelArgs:
     multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # Llama 2: 1e4, Code Llama: 1e6, Llama 3: 5e5
+    use_scaled_rope: bool = False  # Llama 3.1's long-context frequency scaling
     max_batch_size: int = 32
     max_seq_len: int = 2048
 
@@ -85,11 +86,26 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, end: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(args: ModelArgs, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles, (end, head_dim // 2), in float32."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    d = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    if args.use_scaled_rope:
+        freqs = scale_rope_freqs(freqs)
     angles = torch.outer(torch.arange(end, device=device, dtype=torch.float32), freqs)
     return angles.cos(), angles.sin()
+
+
+def scale_rope_freqs(freqs: torch.Tensor, factor: float = 8.0, low_freq_factor: float = 1.0,
+                     high_freq_factor: float = 4.0, original_context: int = 8192) -> torch.Tensor:
+    """Llama 3.1's scaling: wavelengths longer than the original context / low_freq_factor are stretched by
+    factor, those shorter than original context / high_freq_factor are kept, and the band between blends
+    the two linearly in original_context / wavelength."""
+    wavelen = 2 * math.pi / freqs
+    blend = ((original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+    scaled = (1 - blend) * freqs / factor + blend * freqs
+    scaled = torch.where(wavelen < original_context / high_freq_factor, freqs, scaled)
+    return torch.where(wavelen > original_context / low_freq_factor, freqs / factor, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -198,7 +214,7 @@ class Transformer(nn.Module):
         weight = self.output.weight
         for layer in self.layers:
             layer.attention.allocate_cache(max_batch_size, max_seq_len, weight.dtype, weight.device)
-        self._rope = rope_tables(p.head_dim, max_seq_len, p.rope_theta, weight.device)
+        self._rope = rope_tables(p, max_seq_len, weight.device)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int, *, left_pad: Optional[torch.Tensor] = None,
@@ -240,8 +256,7 @@ class Transformer(nn.Module):
         """Logits (batch, seqlen, vocab) of whole sequences from position 0, with autograd and without the KV
         cache: for training (scripts/train_demo.py), where forward's inference mode and cache don't belong."""
         if self._rope is None or self._rope[0].shape[0] < tokens.shape[1]:
-            self._rope = rope_tables(self.params.head_dim, max(tokens.shape[1], self.params.max_seq_len),
-                                     self.params.rope_theta, tokens.device)
+            self._rope = rope_tables(self.params, max(tokens.shape[1], self.params.max_seq_len), tokens.device)
         cos, sin = (t[: tokens.shape[1]][None, :, None, :] for t in self._rope)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
