@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fs_layers
+from fairscale.nn.model_parallel import mappings
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 
@@ -74,6 +75,37 @@ def _skip_fairscale_init() -> Iterator[None]:
         fs_layers._initialize_affine_weight = original
 
 
+# Products with at least this many rows run in the activations' dtype, the narrower stored weight converted for
+# the call; fewer rows (decoding) run in the weight's dtype, reading half the bytes. This is for bf16 weights on
+# a CPU without native bf16, whose bf16 matrix products are 5-100x slower than its float32 ones while its bf16
+# matrix-vector products are as fast as float32's on half the bytes.
+WIDE_ROWS = 8
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T in x's dtype, whatever the weight is stored in."""
+    if x.dtype == weight.dtype:
+        return F.linear(x, weight)
+    if x.numel() >= WIDE_ROWS * x.shape[-1]:
+        return F.linear(x, weight.to(x.dtype))
+    return F.linear(x.to(weight.dtype), weight).to(x.dtype)
+
+
+class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
+    """fairscale's column-parallel layer, its product done by ``linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = linear(mappings.copy_to_model_parallel_region(x), self.weight)
+        return mappings.gather_from_model_parallel_region(y) if self.gather_output else y
+
+
+class RowParallelLinear(fs_layers.RowParallelLinear):
+    """fairscale's row-parallel layer (input already split across ranks), its product done by ``linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mappings.reduce_from_model_parallel_region(linear(x, self.weight))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -118,6 +150,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
+@dataclass
+class Window:
+    """Where one forward pass sits: cache positions from start (None: training, no cache), cache rows, and the
+    rotary tables and attention mask for its tokens."""
+    start: Optional[int]
+    rows: slice
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: Optional[torch.Tensor]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -128,10 +171,10 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         kv_dim = self.n_local_kv_heads * mp * self.head_dim
         kw = dict(bias=False, init_method=lambda w: w)
-        self.wq = fs_layers.ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, gather_output=False, **kw)
-        self.wk = fs_layers.ColumnParallelLinear(args.dim, kv_dim, gather_output=False, **kw)
-        self.wv = fs_layers.ColumnParallelLinear(args.dim, kv_dim, gather_output=False, **kw)
-        self.wo = fs_layers.RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True, **kw)
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, gather_output=False, **kw)
+        self.wk = ColumnParallelLinear(args.dim, kv_dim, gather_output=False, **kw)
+        self.wv = ColumnParallelLinear(args.dim, kv_dim, gather_output=False, **kw)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True, **kw)
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
 
@@ -141,22 +184,21 @@ class Attention(nn.Module):
         self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, start_pos: Optional[int], cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, w: Window) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim), cos, sin)
+        q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim), w.cos, w.sin)
+        k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim), w.cos, w.sin)
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         gqa = self.n_local_heads != self.n_local_kv_heads
-        if start_pos is None:  # training: whole sequences at once, no cache
+        if w.start is None:  # training: whole sequences at once, no cache
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  is_causal=True, enable_gqa=gqa)
         else:
-            end = start_pos + seqlen
-            self.cache_k[:bsz, :, start_pos:end] = k.transpose(1, 2)
-            self.cache_v[:bsz, :, start_pos:end] = v.transpose(1, 2)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), self.cache_k[:bsz, :, :end],
-                                                 self.cache_v[:bsz, :, :end], attn_mask=mask, enable_gqa=gqa)
+            end = w.start + seqlen
+            self.cache_k[w.rows, :, w.start:end] = k.transpose(1, 2)
+            self.cache_v[w.rows, :, w.start:end] = v.transpose(1, 2)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), self.cache_k[w.rows, :, :end],
+                                                 self.cache_v[w.rows, :, :end], attn_mask=w.mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -164,9 +206,9 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         kw = dict(bias=False, init_method=lambda w: w)
-        self.w1 = fs_layers.ColumnParallelLinear(dim, hidden_dim, gather_output=False, **kw)
-        self.w2 = fs_layers.RowParallelLinear(hidden_dim, dim, input_is_parallel=True, **kw)
-        self.w3 = fs_layers.ColumnParallelLinear(dim, hidden_dim, gather_output=False, **kw)
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, gather_output=False, **kw)
+        self.w2 = RowParallelLinear(hidden_dim, dim, input_is_parallel=True, **kw)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, gather_output=False, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -180,9 +222,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: Optional[int], cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor]) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask)
+    def forward(self, x: torch.Tensor, w: Window) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), w)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -202,36 +243,45 @@ class Transformer(nn.Module):
         with _skip_fairscale_init():
             self.tok_embeddings = fs_layers.ParallelEmbedding(params.vocab_size, params.dim, init_method=lambda w: w)
             self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
-            self.output = fs_layers.ColumnParallelLinear(params.dim, params.vocab_size, bias=False,
+            self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False,
                                                          init_method=lambda w: w)
         self.norm = RMSNorm(params.dim, params.norm_eps)
         self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.compute_dtype: Optional[torch.dtype] = None  # set with the KV cache
 
-    def setup_cache(self, max_batch_size: Optional[int] = None, max_seq_len: Optional[int] = None) -> None:
-        """(Re)allocate the KV cache and rotary tables on the weights' device, in their dtype."""
+    def setup_cache(self, max_batch_size: Optional[int] = None, max_seq_len: Optional[int] = None,
+                    compute_dtype: Optional[torch.dtype] = None) -> None:
+        """(Re)allocate the KV cache and rotary tables on the weights' device.
+
+        compute_dtype: the dtype of activations and KV cache, by default the weights'. Weights stored narrower
+        (bf16 on a CPU without native bf16, computing in float32) are converted as ``linear`` needs them.
+        """
         p = self.params
         max_batch_size, max_seq_len = max_batch_size or p.max_batch_size, max_seq_len or p.max_seq_len
         weight = self.output.weight
+        self.compute_dtype = compute_dtype or weight.dtype
         for layer in self.layers:
-            layer.attention.allocate_cache(max_batch_size, max_seq_len, weight.dtype, weight.device)
+            layer.attention.allocate_cache(max_batch_size, max_seq_len, self.compute_dtype, weight.device)
         self._rope = rope_tables(p, max_seq_len, weight.device)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int, *, left_pad: Optional[torch.Tensor] = None,
-                last_only: bool = False) -> torch.Tensor:
+                first_row: int = 0, last_only: bool = False) -> torch.Tensor:
         """Logits (batch, seqlen, vocab) in float32 for ``tokens`` at cache positions start_pos...
 
         left_pad: per row, how many leading cache positions are padding (a ragged batch aligned on its last
         prompt token). Those positions are masked out and each row's rotary positions start after its padding.
+        first_row: the KV cache row of the first row of tokens (to prefill part of a batch).
         last_only: return the logits of the last position only, (batch, 1, vocab): all that sampling needs.
         """
         bsz, seqlen = tokens.shape
+        weight = self.output.weight
         cache = self.layers[0].attention.cache_k
-        if cache is None or cache.device != self.output.weight.device or cache.dtype != self.output.weight.dtype:
-            self.setup_cache()
+        if cache is None or cache.device != weight.device:
+            self.setup_cache()  # first use, or after .to(device)
             cache = self.layers[0].attention.cache_k
-        if bsz > cache.shape[0] or start_pos + seqlen > cache.shape[2]:
-            raise ValueError(f"batch {bsz} x positions up to {start_pos + seqlen} exceed the KV cache "
+        if first_row + bsz > cache.shape[0] or start_pos + seqlen > cache.shape[2]:
+            raise ValueError(f"batch {first_row + bsz} x positions up to {start_pos + seqlen} exceed the KV cache "
                              f"({cache.shape[0]} x {cache.shape[2]}): raise max_batch_size / max_seq_len")
         device = tokens.device
         q_pos = torch.arange(start_pos, start_pos + seqlen, device=device)
@@ -245,9 +295,10 @@ class Transformer(nn.Module):
             mask = (k_pos[None, None, :] <= q_pos[None, :, None]) & (
                 (k_pos[None, None, :] >= pad[:, None, None]) | (k_pos[None, None, :] == q_pos[None, :, None]))
             mask = mask.unsqueeze(1)  # (bsz, 1, seqlen, keys)
-        h = self.tok_embeddings(tokens)
+        w = Window(start_pos, slice(first_row, first_row + bsz), cos, sin, mask)
+        h = self.tok_embeddings(tokens).to(self.compute_dtype)
         for layer in self.layers:
-            h = layer(h, start_pos, cos, sin, mask)
+            h = layer(h, w)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
@@ -259,6 +310,7 @@ class Transformer(nn.Module):
             self._rope = rope_tables(self.params, max(tokens.shape[1], self.params.max_seq_len), tokens.device)
         cos, sin = (t[: tokens.shape[1]][None, :, None, :] for t in self._rope)
         h = self.tok_embeddings(tokens)
+        w = Window(None, slice(None), cos, sin, None)
         for layer in self.layers:
-            h = layer(h, None, cos, sin, None)
+            h = layer(h, w)
         return self.output(self.norm(h)).float()

