@@ -1,8 +1,9 @@
-"""Chat formats: how a dialog becomes prompt tokens. The tokenizer's ``kind`` picks the format."""
+"""Chat formats: how a dialog becomes prompt tokens. The tokenizer's ``kind`` picks the format:
+``Llama2ChatFormat`` for "llama2" (SentencePiece), ``Llama3ChatFormat`` for "llama3" (tiktoken)."""
 
 from typing import List, Literal, TypedDict
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "ipython"]  # ipython: Llama 3.1 tool output
 
 
 class Message(TypedDict):
@@ -58,7 +59,55 @@ class Llama2ChatFormat:
         return tokens
 
 
-FORMATS = {"llama2": Llama2ChatFormat}
+class Llama3ChatFormat:
+    """Llama 3 chat: ``<|begin_of_text|>``, then each message as ``<|start_header_id|>role<|end_header_id|>``,
+    ``"\n\n"``, its stripped content and ``<|eot_id|>``, then an open assistant header for the answer.
+
+    Roles are system, user, assistant and ipython (Llama 3.1's tool output), in any order, but the last message
+    must be one the model answers: from user or ipython. The special tokens come from the tokenizer by name and
+    contents are encoded as plain text, so no content can forge a header or end a turn: nothing is unsafe.
+    """
+
+    ROLES = ("system", "user", "assistant", "ipython")
+    ANSWERED = ("user", "ipython")
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        special = tokenizer.special_id
+        self.begin_of_text = special("<|begin_of_text|>")
+        self.start_header = special("<|start_header_id|>")
+        self.end_header = special("<|end_header_id|>")
+        self.eot = special("<|eot_id|>")
+
+    @staticmethod
+    def is_unsafe(dialog: Dialog) -> bool:
+        return False
+
+    def encode_header(self, role: str) -> List[int]:
+        return ([self.start_header] + self.tokenizer.encode(role, bos=False, eos=False) + [self.end_header]
+                + self.tokenizer.encode("\n\n", bos=False, eos=False))
+
+    def encode_message(self, message: Message) -> List[int]:
+        return (self.encode_header(message["role"])
+                + self.tokenizer.encode(message["content"].strip(), bos=False, eos=False) + [self.eot])
+
+    def encode_dialog(self, dialog: Dialog, index: int = 0) -> List[int]:
+        _check_messages(dialog, index)
+        roles = [message["role"] for message in dialog]
+        for j, role in enumerate(roles):
+            if role not in self.ROLES:
+                raise ValueError(f"dialog {index}: message {j} has an unknown role {role!r}: roles are "
+                                 f"{', '.join(map(repr, self.ROLES))}")
+        if roles[-1] not in self.ANSWERED:
+            raise ValueError(f"dialog {index}: the last message must be from 'user' or 'ipython' for the model to "
+                             f"answer, got {roles[-1]!r}; roles were {roles}")
+        tokens = [self.begin_of_text]
+        for message in dialog:
+            tokens += self.encode_message(message)
+        return tokens + self.encode_header("assistant")
+
+
+FORMATS = {"llama2": Llama2ChatFormat, "llama3": Llama3ChatFormat}
 
 
 def chat_format(tokenizer):

@@ -1,16 +1,78 @@
 """Tokenizers behind one interface: ``encode(s, bos, eos)``, ``decode(ids)``, the special ids, ``n_words``,
-``stop_tokens`` and ``kind`` (which names the chat format that goes with it).
+``stop_tokens``, ``special_id(name)`` and ``kind`` (which names the chat format that goes with it).
 
-``Tokenizer(path)`` reads Meta's ``tokenizer.model`` (SentencePiece for Llama 1/2 and Code Llama).
+``Tokenizer(path)`` reads Meta's ``tokenizer.model`` whichever kind it is and returns the tokenizer for it:
+
+- a SentencePiece model (a protobuf; Llama 1/2 and Code Llama): a ``SentencePieceTokenizer``, kind "llama2";
+- a tiktoken BPE file (text lines ``base64-token rank``; Llama 3 / 3.1): a ``TiktokenTokenizer``, kind "llama3".
+
+Both are subclasses of ``Tokenizer``. Text given to ``encode`` never produces a special token, whatever it
+contains: the chat formats ask for those by name with ``special_id``.
 """
 
+import base64
+import binascii
 import os
-from typing import List, Sequence
+import re
+import unicodedata
+from typing import Dict, List, Sequence
 
 from sentencepiece import SentencePieceProcessor
 
+# The first line of a tiktoken BPE file: a base64 token, one space, its rank.
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+\r?\n")
+
 
 class Tokenizer:
+    """``Tokenizer(path)``: the tokenizer for Meta's ``tokenizer.model`` at ``path``, of either kind."""
+
+    kind: str
+    n_words: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def __new__(cls, model_path: str = None, *args, **kwargs):
+        if cls is Tokenizer:
+            cls = _class_for(model_path)
+        return super().__new__(cls)
+
+    @property
+    def stop_tokens(self) -> frozenset:
+        """Ids that end a generation."""
+        raise NotImplementedError
+
+    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def special_id(self, name: str) -> int:
+        """The id of the special token ``name`` (e.g. ``"<|eot_id|>"``), which ``encode`` never produces."""
+        raise NotImplementedError
+
+
+def _class_for(model_path) -> type:
+    """Which tokenizer reads this file: decided from its first bytes, not its name."""
+    if not isinstance(model_path, (str, os.PathLike)) or not os.path.isfile(model_path):
+        raise ValueError(f"tokenizer file {model_path!r} does not exist: pass the path to Meta's "
+                         "tokenizer.model with --tokenizer_path")
+    with open(model_path, "rb") as f:
+        head = f.read(4096)
+    if _TIKTOKEN_LINE.match(head):
+        return TiktokenTokenizer
+    # Anything else must be a SentencePiece protobuf; its loader says so if it isn't.
+    return SentencePieceTokenizer
+
+
+def _not_a_tokenizer(model_path, why: str) -> ValueError:
+    return ValueError(f"{str(model_path)!r} is not a tokenizer model ({why}): expected Meta's tokenizer.model, "
+                      "either a SentencePiece model (Llama 1/2, Code Llama) or a tiktoken BPE file of "
+                      "'base64-token rank' lines (Llama 3)")
+
+
+class SentencePieceTokenizer(Tokenizer):
     """Meta's SentencePiece tokenizer (Llama 1/2, Code Llama)."""
 
     kind = "llama2"
@@ -21,10 +83,9 @@ class Tokenizer:
                              "tokenizer.model with --tokenizer_path")
         self.sp_model = SentencePieceProcessor()
         try:
-            self.sp_model.Load(model_path)
+            self.sp_model.Load(str(model_path))
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"{model_path!r} is not a SentencePiece tokenizer model ({e}): pass Meta's "
-                             "tokenizer.model") from None
+            raise _not_a_tokenizer(model_path, f"SentencePiece cannot load it: {e}") from None
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()
         self.eos_id: int = self.sp_model.eos_id()
@@ -43,3 +104,162 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp_model.decode(list(ids))
+
+    def special_id(self, name: str) -> int:
+        """The id of a control piece: ``"<s>"``, ``"</s>"`` (or ``"<unk>"``)."""
+        i = self.sp_model.piece_to_id(name) if isinstance(name, str) else -1
+        if not (0 <= i < self.n_words and self.sp_model.id_to_piece(i) == name
+                and (self.sp_model.is_control(i) or self.sp_model.is_unknown(i))):
+            raise ValueError(f"{name!r} is not a special token of this SentencePiece tokenizer")
+        return i
+
+
+# Llama 3's special tokens, in id order from the first id after the regular tokens (128000 for Llama 3).
+N_SPECIAL = 256
+_NAMED_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                  "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
+                  "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+SPECIAL_TOKENS = _NAMED_SPECIAL + [f"<|reserved_special_token_{i}|>"
+                                   for i in range(5, 5 + N_SPECIAL - len(_NAMED_SPECIAL))]
+
+# How Llama 3 splits text into pieces before BPE: contractions; letters with one optional leading character
+# that is neither a letter, a digit nor a line break; 1-3 digits; punctuation runs with an optional leading
+# space and any trailing line breaks; line-break runs (with the whitespace before them); whitespace not
+# followed by a non-space; any other whitespace.
+PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+           r"|[^\r\n\p{L}\p{N}]?\p{L}+"
+           r"|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+"
+           r"|\s+(?!\S)"
+           r"|\s+")
+
+# tiktoken's regex and BPE get slow (and its regex runs out of stack) on huge runs of whitespace or of
+# non-whitespace, so long texts are encoded in parts: at most MAX_CHUNK characters, and no run of more than
+# MAX_RUN whitespace or non-whitespace characters within one part.
+MAX_CHUNK = 400_000
+MAX_RUN = 25_000
+_LONG_RUN = re.compile(r"(?<!\s)\s{%d,}|(?<!\S)\S{%d,}" % (MAX_RUN + 1, MAX_RUN + 1))
+# Where a split never changes the pieces (so neither the ids): PAT_STR never puts a non-whitespace character
+# and a following space in one piece, nor a letter and a following non-letter, nor a digit and a following
+# non-digit; and the one lookahead, (?!\S), reads the same at a space as at the end of a part.
+_SPACE_CUT = re.compile(r"\S(?= )")
+_WORD_CUT = re.compile(r"[^\W_](?=[\W_])")  # candidates, checked with unicodedata
+
+
+def _word_cut_ok(s: str, i: int) -> bool:
+    before, after = unicodedata.category(s[i - 1])[0], unicodedata.category(s[i])[0]
+    return before in "LN" and after != before
+
+
+def _last_cut(s: str, lo: int, hi: int) -> int:
+    """The last position in (lo, hi] where splitting ``s`` leaves its pieces as they are; hi if there is none."""
+    for pattern, ok in ((_SPACE_CUT, None), (_WORD_CUT, _word_cut_ok)):
+        starts = (hi - 4096, lo) if hi - 4096 > lo else (lo,)  # look near hi first: cheaper
+        for start in starts:
+            last = None
+            for m in pattern.finditer(s, start, hi + 1):
+                if ok is None or ok(s, m.end()):
+                    last = m.end()
+            if last is not None:
+                return last
+    return hi
+
+
+def split_for_encoding(s: str) -> List[str]:
+    """``s`` in consecutive parts that tiktoken encodes quickly. For any ordinary text the parts' ids put end to
+    end are the ids of ``s``; only a run of more than MAX_RUN whitespace characters, or of that many letters
+    (or digits) with nothing between them, is cut where the cut may change a piece."""
+    if len(s) <= MAX_RUN:
+        return [s]
+    cuts = []
+    for m in _LONG_RUN.finditer(s):
+        at = m.start()
+        while m.end() - at > MAX_RUN:
+            at = _last_cut(s, at, at + MAX_RUN)
+            cuts.append(at)
+    parts, start = [], 0
+    for end in cuts + [len(s)]:
+        while end - start > MAX_CHUNK:
+            cut = _last_cut(s, start, start + MAX_CHUNK)
+            parts.append(s[start:cut])
+            start = cut
+        parts.append(s[start:end])
+        start = end
+    return parts
+
+
+def _read_ranks(model_path) -> Dict[bytes, int]:
+    """The regular tokens of a tiktoken BPE file, checked: every line ``base64 rank``, ranks 0..n-1, each
+    token once, and every single byte a token (BPE can then encode any text)."""
+    ranks: Dict[bytes, int] = {}
+    with open(model_path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                token, rank = base64.b64decode(token, validate=True), int(rank)
+            except (ValueError, binascii.Error):
+                raise _not_a_tokenizer(model_path, f"line {number} is not 'base64-token rank': "
+                                                   f"{line[:80]!r}") from None
+            if token in ranks:
+                raise _not_a_tokenizer(model_path, f"line {number}: token {token!r} appears twice")
+            ranks[token] = rank
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise _not_a_tokenizer(model_path, f"the ranks of its {len(ranks)} tokens are not 0..{len(ranks) - 1}, "
+                                           "each once")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise _not_a_tokenizer(model_path, f"{len(missing)} single bytes are not tokens, e.g. {bytes(missing[:1])!r}")
+    return ranks
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Meta's Llama 3 tokenizer: byte-level BPE with tiktoken over PAT_STR's pieces, plus 256 special tokens
+    numbered from the first id after the regular ones."""
+
+    kind = "llama3"
+
+    def __init__(self, model_path: str):
+        import tiktoken  # only Llama 3 needs it
+
+        if not os.path.isfile(model_path):
+            raise ValueError(f"tokenizer file {model_path!r} does not exist: pass the path to Meta's "
+                             "tokenizer.model with --tokenizer_path")
+        ranks = _read_ranks(model_path)
+        self.special_tokens: Dict[str, int] = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self.model = tiktoken.Encoding(name=os.path.basename(str(model_path)), pat_str=PAT_STR,
+                                       mergeable_ranks=ranks, special_tokens=self.special_tokens)
+        self.n_words: int = len(ranks) + len(self.special_tokens)
+        self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id: int = self.special_tokens["<|end_of_text|>"]
+        self.eot_id: int = self.special_tokens["<|eot_id|>"]
+        self.pad_id: int = -1
+
+    @property
+    def stop_tokens(self) -> frozenset:
+        """End of text (a base model's end) and end of turn (a chat model's)."""
+        return frozenset({self.eos_id, self.eot_id})
+
+    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+        """``s`` as plain text: a special token's name in it is encoded as the characters it is made of."""
+        if not isinstance(s, str):
+            raise ValueError(f"can only encode a str, got {type(s).__name__}")
+        ids: List[int] = []
+        for part in split_for_encoding(s):
+            ids += self.model.encode(part, allowed_special=set(), disallowed_special=())
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Bytes that aren't whole UTF-8 characters (ids cut mid-character) decode as U+FFFD."""
+        ids = list(ids)
+        bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < self.n_words]
+        if bad:
+            raise ValueError(f"cannot decode {bad[0]!r}: token ids are in [0, {self.n_words})")
+        return self.model.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def special_id(self, name: str) -> int:
+        if name not in self.special_tokens:
+            raise ValueError(f"{name!r} is not a special token of the Llama 3 tokenizer")
+        return self.special_tokens[name]
