@@ -20,15 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-
-
-def cached_checkpoint(cache_dir: Path, shape: str) -> Path:
-    from make_checkpoint import make
-    ckpt = cache_dir / f"bench-{shape}"
-    if not (ckpt / "checklist.chk").is_file():  # written last: its presence means the checkpoint is whole
-        print(f"writing a random {shape} checkpoint to {ckpt} (once) ...", flush=True)
-        make(ckpt, shape)
-    return ckpt
+from make_checkpoint import cached  # noqa: E402
 
 
 def read_time(ckpt: Path) -> float:
@@ -83,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.ckpt, args.dtype)
-    ckpt = Path(args.ckpt_dir) if args.ckpt_dir else cached_checkpoint(Path(args.cache_dir), args.shape)
+    ckpt = Path(args.ckpt_dir) if args.ckpt_dir else cached(Path(args.cache_dir), args.shape)
     size = sum(p.stat().st_size for p in ckpt.glob("*.pth"))
     read_time(ckpt)  # once to warm the page cache, as the loads below will find it
     raw = min(read_time(ckpt) for _ in range(2))

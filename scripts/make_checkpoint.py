@@ -60,6 +60,15 @@ def make(out: Path, shape: str, mp: int = 1, tokenizer_path: Optional[str] = Non
     random_checkpoint(str(out), params, mp=mp, seed=seed, vocab_size=Tokenizer(str(tokenizer)).n_words)
 
 
+def cached(cache_dir: Path, shape: str) -> Path:
+    """A random checkpoint of the named shape for benchmarks, written once and reused after."""
+    ckpt = cache_dir / f"bench-{shape}"
+    if not (ckpt / "checklist.chk").is_file():  # written last: its presence means the checkpoint is whole
+        print(f"writing a random {shape} checkpoint to {ckpt} (once) ...", flush=True)
+        make(ckpt, shape)
+    return ckpt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", required=True)

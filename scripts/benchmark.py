@@ -1,0 +1,274 @@
+"""The engine's speed against the machine's own ceilings, measured in one run.
+
+    python scripts/benchmark.py [--shape tiny|1b|7b | --ckpt_dir DIR] [--threads N] [--reps 3]
+        [--token-by-token] [--vs-hf] [--json FILE]
+
+Ceilings: memory read bandwidth (a large reduction) and matrix throughput (a large matmul in the fastest
+dtype the machine has). Engine: load time; prefill tokens/s (128-token prompt, batch 1 and 4); decode
+tokens/s (batch 1, 4, 16); decode step time with 128, 1024 and 4096 tokens in the cache; a mixed-length
+batch (prompts of 16, 64, 256 and 1000 tokens, 64 new tokens each) end to end; peak RSS. Each figure is the
+median of --reps runs after a warm-up, and is also given as a fraction of its roofline:
+decode: (bytes of weights and KV cache read per step / bandwidth) / step time;
+prefill: (2 x parameters x tokens / matmul rate) / time.
+--token-by-token also times the mixed batch fed one token at a time from the shortest prompt (the reference's
+way); --vs-hf runs Hugging Face transformers' LlamaForCausalLM on the same weights (after checking that its
+greedy tokens equal ours in float32) and gives our figures as ratios to its.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_checkpoint import cached  # noqa: E402
+
+from llama import Llama  # noqa: E402
+from llama.generation import cpu_has_native_bf16  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable, device: torch.device, reps: int) -> float:
+    """Median seconds of reps calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ceilings(device: torch.device, reps: int) -> Dict[str, float]:
+    """Read bandwidth (bytes/s) and the best matmul rate (FLOP/s) over the dtypes the device has."""
+    x = torch.ones(512 << 20 if device.type == "cpu" else 2 << 30, dtype=torch.uint8, device=device).view(torch.float32)
+    bandwidth = x.numel() * 4 / timed(lambda: x.sum(), device, reps)
+    del x
+    n = 4096
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        a = torch.randn(n, n, device=device).to(dtype)
+        if device.type == "cpu" and dtype != torch.float32 and not (dtype == torch.bfloat16 and cpu_has_native_bf16()):
+            a = a[:1024, :1024]  # emulated: measure on a smaller product, it is slow
+        rates[str(dtype).removeprefix("torch.")] = 2 * a.shape[0] ** 3 / timed(lambda: a @ a, device, reps)
+    best = max(rates, key=rates.get)
+    return {"bandwidth": bandwidth, "matmul": rates[best], "matmul_dtype": best,
+            **{f"matmul_{k}": v for k, v in rates.items()}}
+
+
+def decode_step(g: Llama, batch: int, cached: int, reps: int) -> float:
+    """Seconds for one decode step of `batch` rows with `cached` positions before it. Attention reads the cache
+    whatever it holds, so it is not filled first."""
+    tokens = torch.ones(batch, 1, dtype=torch.long, device=g.device)
+    return timed(lambda: g.model.forward(tokens, cached, last_only=True), g.device, reps)
+
+
+def prefill(g: Llama, batch: int, length: int, reps: int) -> float:
+    tokens = torch.randint(3, g.model.params.vocab_size, (batch, length), device=g.device)
+    return timed(lambda: g.model.forward(tokens, 0, last_only=True), g.device, reps)
+
+
+MIXED = (16, 64, 256, 1000)
+
+
+def mixed_batch(g: Llama, reps: int) -> float:
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, g.model.params.vocab_size, (n,), generator=gen).tolist() for n in MIXED]
+    return timed(lambda: g.generate(prompts, 64, temperature=0), g.device, reps)
+
+
+def mixed_token_by_token(g: Llama) -> float:
+    """The reference's way: all rows step together, one token at a time from the shortest prompt's end."""
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, g.model.params.vocab_size, (n,), generator=gen) for n in MIXED]
+    total = max(MIXED) + 64
+    tokens = torch.zeros(len(MIXED), total, dtype=torch.long, device=g.device)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    known = torch.arange(total, device=g.device)[None, :] < torch.tensor(MIXED, device=g.device)[:, None]
+    start = time.perf_counter()
+    logits = g.model.forward(tokens[:, :min(MIXED)], 0, last_only=True)
+    for pos in range(min(MIXED), total):
+        tokens[:, pos] = torch.where(known[:, pos], tokens[:, pos], logits[:, -1].argmax(-1))
+        if pos + 1 < total:
+            logits = g.model.forward(tokens[:, pos:pos + 1], pos, last_only=True)
+    sync(g.device)
+    return time.perf_counter() - start
+
+
+def hf_from(g: Llama, dtype: torch.dtype):
+    """Hugging Face's LlamaForCausalLM holding the same weights (one process). HF rotates each head's two
+    halves where Meta rotates interleaved pairs, so wq and wk rows are reordered to match, as HF's own
+    conversion does; everything else is renamed only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    p = g.model.params
+    cfg = LlamaConfig(vocab_size=p.vocab_size, hidden_size=p.dim, intermediate_size=p.hidden_dim,
+                      num_hidden_layers=p.n_layers, num_attention_heads=p.n_heads, num_key_value_heads=p.kv_heads,
+                      rms_norm_eps=p.norm_eps, max_position_embeddings=p.max_seq_len, tie_word_embeddings=False,
+                      rope_parameters={"rope_type": "default", "rope_theta": p.rope_theta})
+
+    def halves(w: torch.Tensor, heads: int) -> torch.Tensor:
+        return w.view(heads, p.head_dim // 2, 2, p.dim).transpose(1, 2).reshape(w.shape)
+
+    ours = g.model.state_dict()
+    state = {"model.embed_tokens.weight": ours["tok_embeddings.weight"], "model.norm.weight": ours["norm.weight"],
+             "lm_head.weight": ours["output.weight"]}
+    for i in range(p.n_layers):
+        o, h = f"layers.{i}.", f"model.layers.{i}."
+        state.update({
+            h + "self_attn.q_proj.weight": halves(ours[o + "attention.wq.weight"], p.n_heads),
+            h + "self_attn.k_proj.weight": halves(ours[o + "attention.wk.weight"], p.kv_heads),
+            h + "self_attn.v_proj.weight": ours[o + "attention.wv.weight"],
+            h + "self_attn.o_proj.weight": ours[o + "attention.wo.weight"],
+            h + "mlp.gate_proj.weight": ours[o + "feed_forward.w1.weight"],
+            h + "mlp.up_proj.weight": ours[o + "feed_forward.w3.weight"],
+            h + "mlp.down_proj.weight": ours[o + "feed_forward.w2.weight"],
+            h + "input_layernorm.weight": ours[o + "attention_norm.weight"],
+            h + "post_attention_layernorm.weight": ours[o + "ffn_norm.weight"],
+        })
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        model = LlamaForCausalLM(cfg)
+    model.load_state_dict({k: v.to(dtype).contiguous() for k, v in state.items()}, strict=True, assign=True)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)  # its buffers, which the state dict lacks
+    return model.eval()
+
+
+def hf_figures(g: Llama, reps: int) -> Dict[str, float]:
+    """HF's decode (batch 1), prefill (128 tokens) and mixed batch, in float32 (its default on a CPU, and
+    the fastest it has on one without native bf16), or bf16 on a GPU."""
+    dtype = torch.bfloat16 if g.device.type == "cuda" else torch.float32
+    hf = hf_from(g, dtype).to(g.device)
+    from transformers import DynamicCache
+    vocab = g.model.params.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, vocab, (1, 128), generator=gen).to(g.device)
+    fig = {"hf_dtype": str(dtype).removeprefix("torch.")}
+    with torch.inference_mode():
+        fig["prefill 128 tokens, batch 1"] = 128 / timed(lambda: hf(prompt, logits_to_keep=1), g.device, reps)
+        cache = DynamicCache()
+        hf(prompt, past_key_values=cache, use_cache=True)
+        one = prompt[:, -1:]
+        fig["decode batch 1 (128 cached)"] = 1 / timed(lambda: hf(one, past_key_values=cache, use_cache=True),
+                                                        g.device, reps)
+        prompts = [torch.randint(3, vocab, (n,), generator=gen) for n in MIXED]
+        ids = torch.zeros(len(MIXED), max(MIXED), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left-padded, as HF generates a batch
+            ids[i, -len(p):], mask[i, -len(p):] = p, 1
+        ids, mask = ids.to(g.device), mask.to(g.device)
+        fig["mixed batch 16/64/256/1000 +64"] = timed(
+            lambda: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64,
+                                do_sample=False, pad_token_id=0), g.device, max(1, reps // 2))
+    return fig
+
+
+def same_greedy_tokens(ckpt: Path, device) -> None:
+    """Both engines compute the same function: equal greedy tokens from the same weights, in float32."""
+    g32 = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=64, max_batch_size=1, device=device,
+                      dtype="float32")
+    hf = hf_from(g32, torch.float32).to(g32.device)
+    prompt = torch.randint(3, g32.model.params.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    ours = g32.generate([prompt[0].tolist()], 8, temperature=0)[0][0]
+    with torch.inference_mode():
+        theirs = hf.generate(input_ids=prompt.to(g32.device), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                             pad_token_id=0)[0, 16:].tolist()
+    if ours[:len(theirs)] != theirs[:len(ours)]:
+        sys.exit(f"error: greedy tokens differ in float32: ours {ours}, Hugging Face's {theirs}")
+    print(f"float32 greedy tokens equal Hugging Face's: {ours}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="1b", help="tiny, 1b or 7b (see scripts/make_checkpoint.py)")
+    parser.add_argument("--ckpt_dir", help="a checkpoint of your own, with its tokenizer.model in it")
+    parser.add_argument("--cache_dir", default=str(ROOT / "checkpoints"))
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, help="default: what the engine picks for the machine")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--token-by-token", action="store_true", help="also time the reference's way")
+    parser.add_argument("--vs-hf", action="store_true", help="also run Hugging Face transformers")
+    parser.add_argument("--json", help="write the figures to this file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = Path(args.ckpt_dir) if args.ckpt_dir else cached(Path(args.cache_dir), args.shape)
+
+    start = time.perf_counter()
+    g = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=4160, max_batch_size=16,
+                    device=args.device, dtype=args.dtype)
+    fig: Dict[str, float] = {"load_s": time.perf_counter() - start}
+    device, p = g.device, g.model.params
+    n_params = sum(t.numel() for t in g.model.parameters())
+    weight_bytes = sum(t.numel() * t.element_size() for t in g.model.parameters())
+    kv_per_pos = 2 * p.n_layers * p.kv_heads * p.head_dim * g.model.compute_dtype.itemsize
+    ceil = ceilings(device, args.reps)
+    bw, rate = ceil["bandwidth"], ceil["matmul"]
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU {torch.backends.cpu.get_cpu_capability()} (native bf16: {cpu_has_native_bf16()})"
+    print(f"machine: {machine}, {torch.get_num_threads()} threads; weights {g.model.output.weight.dtype}, "
+          f"compute {g.model.compute_dtype}; {n_params / 1e9:.2f} B parameters, {weight_bytes / 1e9:.2f} GB")
+    print(f"ceilings: read {bw / 1e9:.1f} GB/s, matmul {rate / 1e9:.0f} GFLOP/s ({ceil['matmul_dtype']}); "
+          + ", ".join(f"{k[7:]} {v / 1e9:.0f}" for k, v in ceil.items() if k.startswith("matmul_") and k != "matmul_dtype"))
+    rows = []  # (name, value, unit, fraction of roofline)
+    for batch in (1, 4):
+        t = prefill(g, batch, 128, args.reps)
+        rows.append((f"prefill 128 tokens, batch {batch}", batch * 128 / t, "tok/s", 2 * n_params * batch * 128 / rate / t))
+    for batch in (1, 4, 16):
+        t = decode_step(g, batch, 128, args.reps)
+        roof = max((weight_bytes + batch * 128 * kv_per_pos) / bw, 2 * n_params * batch / rate)
+        rows.append((f"decode batch {batch} (128 cached)", batch / t, "tok/s", roof / t))
+    steps = {}
+    for cached_len in (128, 1024, 4096):
+        steps[cached_len] = decode_step(g, 1, cached_len, args.reps)
+        roof = (weight_bytes + cached_len * kv_per_pos) / bw
+        rows.append((f"decode step, {cached_len} cached", steps[cached_len] * 1e3, "ms", roof / steps[cached_len]))
+    t = mixed_batch(g, max(1, args.reps // 2))
+    rows.append(("mixed batch 16/64/256/1000 +64", t, "s", None))
+    if args.token_by_token:
+        t_ref = mixed_token_by_token(g)
+        rows.append(("  same, token by token", t_ref, "s", None))
+        rows.append(("  speed-up", t_ref / t, "x", None))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.pth"))
+    rows.append(("peak RSS / checkpoint", rss / ckpt_bytes, "x", None))
+    rows.append(("decode 4096 / 128 cached", steps[4096] / steps[128], "x", None))
+    rows.insert(0, ("load", fig["load_s"], "s", None))
+
+    print(f"\n{'':36} {'value':>10} {'unit':<6} {'of roofline':>11}")
+    for name, value, unit, frac in rows:
+        print(f"{name:36} {value:>10.2f} {unit:<6} {'' if frac is None else f'{frac:.0%}':>11}")
+        fig[name] = value
+        if frac is not None:
+            fig[f"{name} (fraction of roofline)"] = frac
+    if args.vs_hf:
+        same_greedy_tokens(ckpt, args.device)
+        hf = hf_figures(g, args.reps)
+        print(f"\nversus Hugging Face transformers LlamaForCausalLM ({hf['hf_dtype']}), ours / theirs:")
+        for name in ("decode batch 1 (128 cached)", "prefill 128 tokens, batch 1"):
+            print(f"{name:36} {fig[name] / hf[name]:>10.2f} x   (HF {hf[name]:.2f} tok/s)")
+            fig[f"vs HF: {name}"] = fig[name] / hf[name]
+        name = "mixed batch 16/64/256/1000 +64"
+        print(f"{name:36} {hf[name] / fig[name]:>10.2f} x   (HF {hf[name]:.2f} s)")
+        fig[f"vs HF: {name}"] = hf[name] / fig[name]
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine, **ceil, **fig}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
