@@ -83,14 +83,14 @@ def available_memory(device: torch.device) -> Optional[int]:
         return None
 
 
-def check_fits(args: ModelArgs, world: int, dtype: torch.dtype, device: torch.device) -> None:
+def check_fits(args: ModelArgs, world: int, dtype: torch.dtype, cache_dtype: torch.dtype,
+               device: torch.device) -> None:
     """Fail before allocating if this rank's weights plus KV cache can't fit the device."""
     free = available_memory(device)
     if free is None:
         return
-    nbytes = torch.finfo(dtype).bits // 8
-    weights = sum(torch.Size(s).numel() for s in checkpoint.full_shapes(args).values()) * nbytes // world
-    per_slot = 2 * args.n_layers * max(1, args.kv_heads // world) * args.head_dim * nbytes  # K, V: a position
+    weights = sum(torch.Size(s).numel() for s in checkpoint.full_shapes(args).values()) * dtype.itemsize // world
+    per_slot = 2 * args.n_layers * max(1, args.kv_heads // world) * args.head_dim * cache_dtype.itemsize  # K, V
     cache = per_slot * args.max_batch_size * args.max_seq_len
     if weights + cache > free:
         fit = max(0, (free - weights) // per_slot)
@@ -126,12 +126,13 @@ class Llama:
                                  f"{ckpt_dir} has a vocabulary of {args.vocab_size}: pass the tokenizer that came "
                                  "with this checkpoint")
             requested, dtype = dtype, pick_dtype(dtype, device)
-            check_fits(args, world, dtype, device)
+            compute = compute_dtype(dtype, device)
+            check_fits(args, world, dtype, compute, device)
             state = ckpt.load_rank(args, rank, world, dtype, device)
             del ckpt  # unmaps what the model doesn't use
             model = Transformer(args)
             model.load_state_dict(state, strict=True, assign=True)
-            model.setup_cache(compute_dtype=compute_dtype(dtype, device))
+            model.setup_cache(compute_dtype=compute)
         except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, not leave them waiting
             error = e
         if not distributed.all_ok(error is None, device):

@@ -53,20 +53,26 @@ def timed(fn: Callable, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
+def read_bandwidth(device: torch.device, reps: int) -> float:
+    """Bytes/s of a reduction over a tensor far larger than any cache."""
+    x = torch.ones((512 if device.type == "cpu" else 4096) << 18, device=device)  # 512 MiB / 4 GiB of float32
+    return x.numel() * x.element_size() / timed(x.sum, device, reps)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, reps: int) -> float:
+    """FLOP/s of a square matmul; a smaller one where the CPU only emulates the dtype (it is slow)."""
+    emulated = device.type == "cpu" and dtype != torch.float32 and not (dtype == torch.bfloat16 and cpu_has_native_bf16())
+    n = 1024 if emulated else 4096
+    a = torch.randn(n, n, device=device).to(dtype)
+    return 2 * n ** 3 / timed(lambda: a @ a, device, reps)
+
+
 def ceilings(device: torch.device, reps: int) -> Dict[str, float]:
     """Read bandwidth (bytes/s) and the best matmul rate (FLOP/s) over the dtypes the device has."""
-    x = torch.ones(512 << 20 if device.type == "cpu" else 2 << 30, dtype=torch.uint8, device=device).view(torch.float32)
-    bandwidth = x.numel() * 4 / timed(lambda: x.sum(), device, reps)
-    del x
-    n = 4096
-    rates = {}
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        a = torch.randn(n, n, device=device).to(dtype)
-        if device.type == "cpu" and dtype != torch.float32 and not (dtype == torch.bfloat16 and cpu_has_native_bf16()):
-            a = a[:1024, :1024]  # emulated: measure on a smaller product, it is slow
-        rates[str(dtype).removeprefix("torch.")] = 2 * a.shape[0] ** 3 / timed(lambda: a @ a, device, reps)
+    rates = {str(d).removeprefix("torch."): matmul_rate(device, d, reps)
+             for d in (torch.float32, torch.bfloat16, torch.float16)}
     best = max(rates, key=rates.get)
-    return {"bandwidth": bandwidth, "matmul": rates[best], "matmul_dtype": best,
+    return {"bandwidth": read_bandwidth(device, reps), "matmul": rates[best], "matmul_dtype": best,
             **{f"matmul_{k}": v for k, v in rates.items()}}
 
 

@@ -52,7 +52,7 @@ def logits(state: dict, p: dict, tokens: list) -> torch.Tensor:
     x = w["tok_embeddings.weight"][torch.tensor(tokens)]
     causal = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
     for i in range(p["n_layers"]):
-        L = lambda name: w[f"layers.{i}.{name}.weight"]  # noqa: E731
+        L = lambda name, i=i: w[f"layers.{i}.{name}.weight"]  # noqa: E731
         h = rms_norm(x, L("attention_norm"), eps)
         q = rotate((h @ L("attention.wq").T).view(T, n_heads, hd), pos, theta, scaled)
         k = rotate((h @ L("attention.wk").T).view(T, n_kv, hd), pos, theta, scaled)

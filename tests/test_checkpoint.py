@@ -14,7 +14,6 @@ import torch
 
 from llama import Llama
 from llama import checkpoint
-from llama.model import ModelArgs
 
 from conftest import GQA, VOCAB, run_cmd, torchrun
 from reference import greedy

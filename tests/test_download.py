@@ -174,7 +174,7 @@ def test_dry_run_fetches_nothing(server, tmp_path):
     assert server.requests == []
     assert not target.exists()
     out = proc.stdout
-    assert f"/dl/llama-2-70b-chat/consolidated.07.pth?Policy=***&Signature=***" in out
+    assert "/dl/llama-2-70b-chat/consolidated.07.pth?Policy=***&Signature=***" in out
     assert f"{target}/llama-2-70b-chat/consolidated.07.pth" in out
     assert f"{target}/tokenizer.model" in out
 

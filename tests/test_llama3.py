@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from llama import Llama, ModelArgs, Transformer
+from llama import ModelArgs, Transformer
 from llama.checkpoint import Checkpoint, random_checkpoint
 from llama.model import rope_tables, scale_rope_freqs
 
