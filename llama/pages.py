@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-MADV_DONTNEED = 4
+MADV_WILLNEED, MADV_DONTNEED = 3, 4
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
@@ -22,18 +22,25 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
-def drop(t: torch.Tensor) -> None:
-    """Let go of the whole pages under t (a view of a memory-mapped file that is not written to)."""
+def _advise(t: torch.Tensor, advice: int) -> None:
+    """madvise the whole pages under t."""
     if _libc is None or t.device.type != "cpu" or t.numel() == 0:
         return
     start, end = _span(t)
     start = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the span only
     end = end // mmap.PAGESIZE * mmap.PAGESIZE
     if end > start:
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
+
+
+def drop(t: torch.Tensor) -> None:
+    """Let go of the whole pages under t (a view of a memory-mapped file that is not written to)."""
+    _advise(t, MADV_DONTNEED)
 
 
 def prefault(t: torch.Tensor) -> None:
-    """Read in every page of a contiguous memory-mapped tensor now, one byte per page."""
+    """Read in every page of a contiguous memory-mapped tensor now: ask the kernel to read the whole range
+    ahead (from disk in large requests, not a page per fault), then touch one byte per page."""
     if t.numel():
+        _advise(t, MADV_WILLNEED)
         t.reshape(-1).view(torch.uint8)[:: mmap.PAGESIZE].sum()

@@ -23,6 +23,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from make_checkpoint import cached  # noqa: E402
 
 
+def evict(ckpt: Path) -> None:
+    """Drop the shards from the page cache, so the next read comes from the disk."""
+    for path in ckpt.glob("*.pth"):
+        with open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def read_time(ckpt: Path) -> float:
     """Seconds to read every shard's bytes into memory, in 16 MiB blocks: what loading can't beat."""
     buf = bytearray(16 << 20)
@@ -77,19 +84,23 @@ def main() -> None:
         return worker(args.ckpt, args.dtype)
     ckpt = Path(args.ckpt_dir) if args.ckpt_dir else cached(Path(args.cache_dir), args.shape)
     size = sum(p.stat().st_size for p in ckpt.glob("*.pth"))
-    read_time(ckpt)  # once to warm the page cache, as the loads below will find it
-    raw = min(read_time(ckpt) for _ in range(2))
     print(f"checkpoint {ckpt}: {size / 1e9:.2f} GB in {len(list(ckpt.glob('*.pth')))} shard(s), loading as "
-          f"{args.dtype}")
-    print(f"raw read of the same bytes: {raw:.2f} s ({size / raw / 1e9:.2f} GB/s)\n")
-    print(f"{'procs':>5} {'rank':>4} {'load s':>7} {'x read':>7} {'1st fwd s':>9} {'peak RSS GB':>11} "
-          f"{'x ckpt':>7} {'share GB':>8} {'target GB':>9}")
-    for n in (int(x) for x in args.nproc.split(",")):
-        for r in run(n, ckpt, args.dtype):
-            share = r["weights"]  # this rank's weights as loaded
-            target = 1.2 * share + (0.5e9 if n > 1 else 0)
-            print(f"{n:>5} {r['rank']:>4} {r['load_s']:>7.2f} {r['load_s'] / raw:>7.2f} {r['first_forward_s']:>9.2f} "
-                  f"{r['peak_rss'] / 1e9:>11.2f} {r['peak_rss'] / size:>7.2f} {share / 1e9:>8.2f} {target / 1e9:>9.2f}")
+          f"{args.dtype}\n")
+    print(f"{'cache':>5} {'procs':>5} {'rank':>4} {'load s':>7} {'read s':>7} {'x read':>7} {'1st fwd s':>9} "
+          f"{'peak RSS GB':>11} {'x ckpt':>7} {'share GB':>8} {'target GB':>9}")
+    for cold in (True, False):  # from the disk (page cache emptied first), then from the page cache
+        if cold:
+            evict(ckpt)
+        raw = read_time(ckpt)  # warms the page cache for the warm runs
+        for n in (int(x) for x in args.nproc.split(",")):
+            if cold:
+                evict(ckpt)
+            for r in run(n, ckpt, args.dtype):
+                share = r["weights"]  # this rank's weights as loaded
+                target = 1.2 * share + (0.5e9 if n > 1 else 0)
+                print(f"{'disk' if cold else 'warm':>5} {n:>5} {r['rank']:>4} {r['load_s']:>7.2f} {raw:>7.2f} "
+                      f"{r['load_s'] / raw:>7.2f} {r['first_forward_s']:>9.2f} {r['peak_rss'] / 1e9:>11.2f} "
+                      f"{r['peak_rss'] / size:>7.2f} {share / 1e9:>8.2f} {target / 1e9:>9.2f}")
     print("\ntargets: load <= 1.5 x read; peak RSS <= 1.2 x the checkpoint on 1 process, "
           "<= 1.2 x the rank's share + 0.5 GB on several")
 
