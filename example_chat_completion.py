@@ -1,31 +1,43 @@
 """Chat completion: torchrun --nproc_per_node N example_chat_completion.py --ckpt_dir DIR --tokenizer_path FILE
-(or plain `python example_chat_completion.py ...` for one process)."""
+(or plain `python example_chat_completion.py ...` for one process).
+
+Without --ckpt_dir and --tokenizer_path it runs the demo model in models/demo, a small Llama this project
+trains on the King James Bible (scripts/train_demo.py). It was never taught to chat: it answers in the
+Bible's words whatever is asked, and, unless --max_gen_len says otherwise, 64 tokens at most, since it was
+trained on sequences of 256 tokens.
+"""
 
 from typing import List, Optional
 
 from llama import Dialog, Llama
-from llama.cli import print0, run
+from llama.cli import checkpoint_or_demo, print0, run
+
+DEMO_MAX_GEN_LEN = 64
+
+DIALOGS: List[Dialog] = [
+    [{"role": "user", "content": "Who was the first man, and what was his work in the garden?"}],
+    [
+        {"role": "user", "content": "I am planting a vineyard."},
+        {"role": "assistant", "content": "Then choose good ground, and be patient: the vine bears in its season."},
+        {"role": "user", "content": "What should I do when the grapes are ripe?"},
+    ],
+    [
+        {"role": "system", "content": "Answer in the style of the King James Bible."},
+        {"role": "user", "content": "Why should a man be kind to a stranger?"},
+    ],
+]
 
 
-def main(ckpt_dir: str, tokenizer_path: str, temperature: float = 0.6, top_p: float = 0.9, max_seq_len: int = 512,
-         max_gen_len: Optional[int] = None, max_batch_size: int = 4, device: Optional[str] = None,
-         dtype: Optional[str] = None):
+def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, temperature: float = 0.6,
+         top_p: float = 0.9, max_seq_len: int = 512, max_gen_len: Optional[int] = None, max_batch_size: int = 4,
+         device: Optional[str] = None, dtype: Optional[str] = None):
+    ckpt_dir, tokenizer_path, demo = checkpoint_or_demo(ckpt_dir, tokenizer_path)
+    if demo and max_gen_len is None:
+        max_gen_len = DEMO_MAX_GEN_LEN
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=max_batch_size, device=device, dtype=dtype)
-    dialogs: List[Dialog] = [
-        [{"role": "user", "content": "What is a good name for a grey cat?"}],
-        [
-            {"role": "user", "content": "I am planting a small vegetable garden."},
-            {"role": "assistant", "content": "Lovely! Beans, lettuce and radishes are easy to start with."},
-            {"role": "user", "content": "Which of those grows fastest?"},
-        ],
-        [
-            {"role": "system", "content": "Answer in one short sentence."},
-            {"role": "user", "content": "Why is the sky blue?"},
-        ],
-    ]
-    results = generator.chat_completion(dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
-    for dialog, result in zip(dialogs, results):
+    results = generator.chat_completion(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+    for dialog, result in zip(DIALOGS, results):
         for message in dialog:
             print0(f"{message['role'].capitalize()}: {message['content']}\n")
         print0(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")

@@ -1,30 +1,33 @@
 """Text completion: torchrun --nproc_per_node N example_text_completion.py --ckpt_dir DIR --tokenizer_path FILE
-(or plain `python example_text_completion.py ...` for one process)."""
+(or plain `python example_text_completion.py ...` for one process).
+
+Without --ckpt_dir and --tokenizer_path it runs the demo model in models/demo, a small Llama this project
+trains on the King James Bible (scripts/train_demo.py), so the prompts are ones that suit both it and Llama 2.
+"""
 
 from typing import Optional
 
 from llama import Llama
-from llama.cli import print0, run
+from llama.cli import checkpoint_or_demo, print0, run
+
+PROMPTS = [
+    # A plain continuation.
+    "The LORD is my shepherd, I shall",
+    # A familiar opening: what follows is the model's to say.
+    "And the LORD said unto Moses,",
+    # A story the model is to carry on.
+    "And it came to pass, when the king heard these words, that he",
+]
 
 
-def main(ckpt_dir: str, tokenizer_path: str, temperature: float = 0.6, top_p: float = 0.9, max_seq_len: int = 128,
-         max_gen_len: int = 64, max_batch_size: int = 4, device: Optional[str] = None, dtype: Optional[str] = None):
+def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, temperature: float = 0.6,
+         top_p: float = 0.9, max_seq_len: int = 128, max_gen_len: int = 64, max_batch_size: int = 4,
+         device: Optional[str] = None, dtype: Optional[str] = None):
+    ckpt_dir, tokenizer_path, _ = checkpoint_or_demo(ckpt_dir, tokenizer_path)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=max_batch_size, device=device, dtype=dtype)
-    prompts = [
-        # A plain continuation.
-        "The old lighthouse keeper climbed the stairs and",
-        # A question, answered in a few words.
-        "Water boils at sea level at a temperature of",
-        # A pattern the model is to continue (few-shot).
-        """Plural forms:
-cat => cats
-box => boxes
-child => children
-mouse =>""",
-    ]
-    results = generator.text_completion(prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
-    for prompt, result in zip(prompts, results):
+    results = generator.text_completion(PROMPTS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+    for prompt, result in zip(PROMPTS, results):
         print0(prompt)
         print0(f"> {result['generation']}")
         print0("\n==================================\n")

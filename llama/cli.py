@@ -3,12 +3,15 @@ reported as one line on stderr with exit code 1 (on every rank) instead of a tra
 
 import logging
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional, Tuple
 
 import fire
 import torch.distributed as dist
 
 from . import distributed
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "models" / "demo"
 
 
 def run(main: Callable) -> None:
@@ -28,3 +31,21 @@ def print0(*args, **kwargs) -> None:
     """print on rank 0 only: every rank computes the same text."""
     if distributed.rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+def checkpoint_or_demo(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -> Tuple[str, str, bool]:
+    """(ckpt_dir, tokenizer_path, whether it is the demo model): both paths given, or neither for the small
+    model this repository ships in models/demo, so a fresh clone can generate without Meta's weights."""
+    if ckpt_dir is not None and tokenizer_path is not None:
+        return ckpt_dir, tokenizer_path, False
+    if ckpt_dir is not None or tokenizer_path is not None:
+        raise ValueError("pass both --ckpt_dir and --tokenizer_path, or neither to run the demo model in models/demo")
+    if not (DEMO_DIR / "params.json").is_file():
+        raise ValueError(f"no --ckpt_dir given and the demo model is not in {DEMO_DIR} (it comes with a clone of "
+                         "the repository); pass --ckpt_dir and --tokenizer_path")
+    try:
+        shown = DEMO_DIR.relative_to(Path.cwd())
+    except ValueError:
+        shown = DEMO_DIR
+    print0(f"using the demo model in {shown} (pass --ckpt_dir and --tokenizer_path for your own)\n")
+    return str(DEMO_DIR), str(DEMO_DIR / "tokenizer.model"), True

@@ -75,7 +75,8 @@ def setup(model_parallel_size: Optional[int], device: Union[str, torch.device, N
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's rank; before the group exists, the one its launcher gave it (RANK), else 0."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 def all_ok(ok: bool, device: torch.device) -> bool:
