@@ -55,6 +55,22 @@ def test_bfloat16_model_close_to_reference(make_ckpt):
     assert (got.double() - want).abs().max() < 0.05 * want.abs().max()
 
 
+@pytest.mark.parametrize("aten_gemv", [True, False], ids=["aten_gemv", "onednn_gemv"])
+def test_bfloat16_decoding_one_row_close_to_reference(make_ckpt, monkeypatch, aten_gemv):
+    """One sequence decoded a token at a time in bf16 runs its products as matrix-vector ones, with or without
+    oneDNN (model.ATEN_BF16_GEMV, by CPU kind): both agree with the reference, and oneDNN is left as it was."""
+    import llama.model
+    monkeypatch.setattr(llama.model, "ATEN_BF16_GEMV", aten_gemv)
+    ckpt, state = make_ckpt(GQA)
+    model = build_model(ckpt, state, dtype=torch.bfloat16)
+    tokens = prompt(12)
+    model.forward(torch.tensor([tokens[:8]]), 0)
+    got = torch.cat([model.forward(torch.tensor([[t]]), i) for i, t in enumerate(tokens[8:], 8)], dim=1)[0]
+    want = reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens)[8:]
+    assert (got.double() - want).abs().max() < 0.05 * want.abs().max()
+    assert torch.backends.mkldnn.enabled
+
+
 @pytest.mark.parametrize("params", [MHA, GQA], ids=["mha", "gqa"])
 def test_incremental_decoding_equals_full_forward(make_ckpt, params):
     ckpt, state = make_ckpt(params)
