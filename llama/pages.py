@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-MADV_WILLNEED, MADV_DONTNEED = 3, 4
+MADV_WILLNEED, MADV_DONTNEED, MADV_POPULATE_READ = 3, 4, 22
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
@@ -22,15 +22,14 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
-def _advise(t: torch.Tensor, advice: int) -> None:
-    """madvise the whole pages under t."""
+def _advise(t: torch.Tensor, advice: int) -> bool:
+    """madvise the whole pages under t; whether the kernel did (False also where there is nothing to do)."""
     if _libc is None or t.device.type != "cpu" or t.numel() == 0:
-        return
+        return False
     start, end = _span(t)
     start = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the span only
     end = end // mmap.PAGESIZE * mmap.PAGESIZE
-    if end > start:
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
+    return end > start and _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice) == 0
 
 
 def drop(t: torch.Tensor) -> None:
@@ -40,7 +39,9 @@ def drop(t: torch.Tensor) -> None:
 
 def prefault(t: torch.Tensor) -> None:
     """Read in every page of a contiguous memory-mapped tensor now: ask the kernel to read the whole range
-    ahead (from disk in large requests, not a page per fault), then touch one byte per page."""
+    ahead (from disk in large requests, not a page per fault), then map it all in one call (Linux 5.14+;
+    a fault per page costs about as much as reading the page cache), or else touch one byte per page."""
     if t.numel():
         _advise(t, MADV_WILLNEED)
-        t.reshape(-1).view(torch.uint8)[:: mmap.PAGESIZE].sum()
+        if not _advise(t, MADV_POPULATE_READ):
+            t.reshape(-1).view(torch.uint8)[:: mmap.PAGESIZE].sum()

@@ -11,6 +11,7 @@ rank's peak resident memory (getrusage) as a multiple of the checkpoint and of t
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -66,8 +67,8 @@ def run(nproc: int, ckpt: Path, dtype: str) -> list:
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode:
         sys.exit(f"error: the load run with {nproc} process(es) failed:\n{out.stderr[-3000:]}")
-    return sorted((json.loads(line[6:]) for line in out.stdout.splitlines() if line.startswith("BENCH ")),
-                  key=lambda r: r["rank"])
+    # The ranks share one pipe: their lines can run into each other, so each record is found on its own.
+    return sorted((json.loads(m) for m in re.findall(r"BENCH (\{[^{}]*\})", out.stdout)), key=lambda r: r["rank"])
 
 
 def main() -> None:
