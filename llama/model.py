@@ -6,6 +6,7 @@ each rank's ``consolidated.NN.pth`` slice loads into it as it is.
 
 import dataclasses
 import math
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,6 +81,11 @@ def _skip_fairscale_init() -> Iterator[None]:
 # a CPU without native bf16, whose bf16 matrix products are 5-100x slower than its float32 ones while its bf16
 # matrix-vector products are as fast as float32's on half the bytes.
 WIDE_ROWS = 8
+# The weight is converted this many bytes at a time into one reused buffer, each block used while it is still in
+# the CPU's cache. Converting it whole allocates a fresh tensor per call, and faulting in its pages costs 5-20x
+# the product itself (measured on AVX2 kernels, scripts/benchmark.py's 1b shape).
+CONVERT_BYTES = 8 << 20
+_buffers = threading.local()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -87,8 +93,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.dtype == weight.dtype:
         return _product(x, weight)
     if x.numel() >= WIDE_ROWS * x.shape[-1]:
-        return F.linear(x, weight.to(x.dtype))
+        return _converted_product(x, weight)
     return _product(x.to(weight.dtype), weight).to(x.dtype)
+
+
+def _converted_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T in x's dtype, converting the weight a block of rows at a time (see CONVERT_BYTES)."""
+    n, k = weight.shape
+    rows = min(n, max(1, CONVERT_BYTES // (k * x.element_size())))
+    key = (x.device, x.dtype)
+    buffer = getattr(_buffers, "by_kind", {}).get(key)
+    if buffer is None or buffer.numel() < rows * k:
+        buffer = torch.empty(rows * k, dtype=x.dtype, device=x.device)
+        _buffers.by_kind = {**getattr(_buffers, "by_kind", {}), key: buffer}
+    x2 = x.reshape(-1, k)
+    out = torch.empty(n, x2.shape[0], dtype=x.dtype, device=x.device)  # transposed: each block's rows contiguous
+    for start in range(0, n, rows):
+        block = weight[start:start + rows]
+        torch.mm(buffer[:block.numel()].view(block.shape).copy_(block), x2.t(), out=out[start:start + rows])
+    return out.t().contiguous().view(*x.shape[:-1], n)
 
 
 # Where ATen's bf16 matrix-vector product beats oneDNN's: measured on AVX-512 CPUs, ATen's reads the weight at over
