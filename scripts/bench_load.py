@@ -57,6 +57,9 @@ def worker(ckpt: str, dtype: str) -> None:
     print("BENCH " + json.dumps({"rank": torch.distributed.get_rank(), "load_s": load, "first_forward_s": first,
                                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                                  "weights": weights}), flush=True)
+    # Leave together, the group shut down: a rank exiting with gloo's threads alive may abort.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def run(nproc: int, ckpt: Path, dtype: str) -> list:

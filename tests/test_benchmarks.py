@@ -1,0 +1,49 @@
+"""The benchmark scripts run end to end on the tiny shape and report every figure the project's targets name.
+Their figures are timings of a tiny model on a shared machine, so only their presence and sanity are checked
+here; the numbers that matter come from the 1b shape on a quiet machine (README, Performance)."""
+
+import json
+import math
+import re
+import sys
+
+import pytest
+
+from conftest import run_cmd
+
+FIGURES = [
+    "load_s", "bandwidth", "matmul", "prefill 128 tokens, batch 1", "prefill 128 tokens, batch 4",
+    "decode batch 1 (128 cached)", "decode batch 4 (128 cached)", "decode batch 16 (128 cached)",
+    "decode step, 128 cached", "decode step, 1024 cached", "decode step, 4096 cached",
+    "mixed batch 16/64/256/1000 +64", "  same, token by token", "  speed-up", "peak RSS / checkpoint",
+    "decode 4096 / 128 cached",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One tiny checkpoint for both scripts (each would otherwise make its own)."""
+    return tmp_path_factory.mktemp("bench_cache")
+
+
+def test_benchmark_reports_every_figure_against_its_roofline(cache_dir, tmp_path):
+    out = tmp_path / "figures.json"
+    result = run_cmd([sys.executable, "scripts/benchmark.py", "--shape", "tiny", "--reps", "1", "--threads", "2",
+                      "--token-by-token", "--cache_dir", str(cache_dir), "--json", str(out)], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fig = json.loads(out.read_text())
+    for name in FIGURES:
+        assert math.isfinite(fig[name]) and fig[name] > 0, (name, fig.get(name))
+    fractions = {k: v for k, v in fig.items() if k.endswith("(fraction of roofline)")}
+    assert len(fractions) == 8 and all(0 < v < 10 for v in fractions.values()), fractions
+    assert result.stdout.rstrip().splitlines()[-1].startswith("decode 4096 / 128 cached")  # the table comes last
+
+
+def test_bench_load_reports_each_process_count_from_disk_and_warm(cache_dir):
+    result = run_cmd([sys.executable, "scripts/bench_load.py", "--shape", "tiny", "--nproc", "1,2",
+                      "--cache_dir", str(cache_dir)], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if re.match(r"\s*(disk|warm)\s+\d", line)]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("disk", "1", "0"), ("disk", "2", "0"), ("disk", "2", "1"),
+                                                   ("warm", "1", "0"), ("warm", "2", "0"), ("warm", "2", "1")]
+    assert all(float(v) >= 0 for r in rows for v in r[3:]) and all(float(r[7]) > 0 for r in rows), rows  # RSS
