@@ -238,11 +238,16 @@ class Attention(nn.Module):
             end = w.start + seqlen
             self.cache_k[w.rows, :, w.start:end] = k.transpose(1, 2)
             self.cache_v[w.rows, :, w.start:end] = v.transpose(1, 2)
-            # The query heads that share a KV head go in as one head of group x seqlen queries (w.mask is
-            # repeated to match): enable_gqa's CPU kernel is 10-20x slower than this when decoding.
-            group = q.transpose(1, 2).reshape(bsz, self.n_local_kv_heads, -1, self.head_dim)
-            out = F.scaled_dot_product_attention(group, self.cache_k[w.rows, :, :end], self.cache_v[w.rows, :, :end],
-                                                 attn_mask=w.mask).view(bsz, self.n_local_heads, seqlen, -1)
+            keys, values = self.cache_k[w.rows, :, :end], self.cache_v[w.rows, :, :end]
+            if seqlen == 1:
+                # Decoding: the query heads that share a KV head go in as the queries of one head (the mask,
+                # (bsz, 1, 1, keys), broadcasts over them). enable_gqa's CPU kernel is 10-20x slower here.
+                group = q.view(bsz, self.n_local_kv_heads, -1, self.head_dim)
+                out = F.scaled_dot_product_attention(group, keys, values, attn_mask=w.mask)
+                out = out.view(bsz, self.n_local_heads, 1, self.head_dim)
+            else:
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=w.mask,
+                                                     enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -338,9 +343,7 @@ class Transformer(nn.Module):
             # Causal, and no key in a row's padding, except a padding query's own slot (avoids all-masked rows).
             mask = (k_pos[None, None, :] <= q_pos[None, :, None]) & (
                 (k_pos[None, None, :] >= pad[:, None, None]) | (k_pos[None, None, :] == q_pos[None, :, None]))
-            # (bsz, 1, group x seqlen, keys): the same rows for each query head of a KV head's group.
-            attention = self.layers[0].attention
-            mask = mask.unsqueeze(1).repeat(1, 1, attention.n_local_heads // attention.n_local_kv_heads, 1)
+            mask = mask.unsqueeze(1)  # (bsz, 1, seqlen, keys)
         w = Window(start_pos, slice(first_row, first_row + bsz), cos, sin, mask)
         h = self.tok_embeddings(tokens).to(self.compute_dtype)
         for layer in self.layers:
