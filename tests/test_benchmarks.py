@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cmd
 
 FIGURES = [
-    "load_s", "bandwidth", "matmul", "prefill 128 tokens, batch 1", "prefill 128 tokens, batch 4",
+    "load", "bandwidth", "matmul", "prefill 128 tokens, batch 1", "prefill 128 tokens, batch 4",
     "decode batch 1 (128 cached)", "decode batch 4 (128 cached)", "decode batch 16 (128 cached)",
     "decode step, 128 cached", "decode step, 1024 cached", "decode step, 4096 cached",
     "mixed batch 16/64/256/1000 +64", "  same, token by token", "  speed-up", "peak RSS / checkpoint",
