@@ -197,12 +197,25 @@ parse_models_add() {
     done
 }
 
-shard_count() {
+# A model folder's shard count and rough size in KiB (for the free-space check).
+model_spec() {
     case $1 in
-        llama-2-7b | llama-2-7b-chat) echo 1 ;;
-        llama-2-13b | llama-2-13b-chat) echo 2 ;;
-        llama-2-70b | llama-2-70b-chat) echo 8 ;;
+        llama-2-7b | llama-2-7b-chat) echo "1 13200000" ;;
+        llama-2-13b | llama-2-13b-chat) echo "2 25500000" ;;
+        llama-2-70b | llama-2-70b-chat) echo "8 134800000" ;;
     esac
+}
+
+shard_count() {
+    local spec
+    spec=$(model_spec "$1")
+    echo "${spec% *}"
+}
+
+model_kib() {
+    local spec
+    spec=$(model_spec "$1")
+    echo "${spec#* }"
 }
 
 # Files of a model folder, checklist.chk last (it is fetched first).
@@ -214,15 +227,6 @@ model_files() {
         i=$((i + 1))
     done
     printf 'params.json\n'
-}
-
-# Rough size of a model in KiB, for the free-space check.
-model_kib() {
-    case $1 in
-        llama-2-7b | llama-2-7b-chat) echo 13200000 ;;
-        llama-2-13b | llama-2-13b-chat) echo 25500000 ;;
-        llama-2-70b | llama-2-70b-chat) echo 134800000 ;;
-    esac
 }
 
 # -------------------------------------------------------------- file helpers
