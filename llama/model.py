@@ -101,17 +101,22 @@ def _converted_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T in x's dtype, converting the weight a block of rows at a time (see CONVERT_BYTES)."""
     n, k = weight.shape
     rows = min(n, max(1, CONVERT_BYTES // (k * x.element_size())))
-    key = (x.device, x.dtype)
-    buffer = getattr(_buffers, "by_kind", {}).get(key)
-    if buffer is None or buffer.numel() < rows * k:
-        buffer = torch.empty(rows * k, dtype=x.dtype, device=x.device)
-        _buffers.by_kind = {**getattr(_buffers, "by_kind", {}), key: buffer}
+    buffer = _buffer(rows * k, x.dtype, x.device)
     x2 = x.reshape(-1, k)
     out = torch.empty(n, x2.shape[0], dtype=x.dtype, device=x.device)  # transposed: each block's rows contiguous
     for start in range(0, n, rows):
         block = weight[start:start + rows]
         torch.mm(buffer[:block.numel()].view(block.shape).copy_(block), x2.t(), out=out[start:start + rows])
     return out.t().contiguous().view(*x.shape[:-1], n)
+
+
+def _buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """This thread's conversion buffer for dtype on device, grown as needed."""
+    by_kind = _buffers.__dict__.setdefault("by_kind", {})
+    buffer = by_kind.get((device, dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffer = by_kind[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer
 
 
 # Where ATen's bf16 matrix-vector product beats oneDNN's: measured on AVX-512 CPUs, ATen's reads the weight at over
