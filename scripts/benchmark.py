@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from make_checkpoint import cached  # noqa: E402
 
 from llama import Llama  # noqa: E402
+from llama.distributed import pick_device  # noqa: E402
 from llama.generation import cpu_has_native_bf16  # noqa: E402
 
 
@@ -217,14 +218,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     ckpt = Path(args.ckpt_dir) if args.ckpt_dir else cached(Path(args.cache_dir), args.shape)
 
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     ceil = ceilings(device, args.reps)  # first: its large tensors are freed before the peak RSS the engine makes
     start = time.perf_counter()
     g = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=4160, max_batch_size=16,
-                    device=args.device, dtype=args.dtype)
+                    device=device, dtype=args.dtype)
     load_s = time.perf_counter() - start
     fig: Dict[str, float] = {}
-    device, p = g.device, g.model.params
+    p = g.model.params
     n_params = sum(t.numel() for t in g.model.parameters())
     weight_bytes = sum(t.numel() * t.element_size() for t in g.model.parameters())
     kv_per_pos = 2 * p.n_layers * p.kv_heads * p.head_dim * g.model.compute_dtype.itemsize
@@ -271,7 +272,7 @@ def main() -> None:
         if frac is not None:
             fig[f"{name} (fraction of roofline)"] = frac
     if args.vs_hf:
-        same_greedy_tokens(ckpt, args.device)
+        same_greedy_tokens(ckpt, device)
         hf = hf_figures(g, args.reps)
         print(f"\nversus Hugging Face transformers LlamaForCausalLM ({hf['hf_dtype']}), ours / theirs:")
         for name in ("decode batch 1 (128 cached)", "prefill 128 tokens, batch 1"):
