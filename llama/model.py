@@ -19,6 +19,8 @@ from fairscale.nn.model_parallel import mappings
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 
+from . import pages
+
 
 @dataclass
 class ModelArgs:
@@ -137,19 +139,52 @@ def _product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         torch._C._set_mkldnn_enabled(enabled)
 
 
-class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
-    """fairscale's column-parallel layer, its product done by ``linear``."""
+# oneDNN's bf16 products (on CPUs with native bf16) reorder the weight into a blocked layout on every call. With
+# a few rows, as in decoding a batch, that costs more than the product: 4-16 rows read the weights at 35-45 % of the
+# memory bandwidth, against 60-100 % from a copy kept in the blocked layout (scripts/benchmark.py's 1b shape).
+# oneDNN picks that layout for products of PACK_ROWS rows; it serves one row and whole prompts as well.
+PACK_ROWS = 16
+
+
+def can_pack() -> bool:
+    """Whether oneDNN can keep bf16 weights blocked on this CPU (it needs AVX-512 or AVX-NE-CONVERT)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class _Packable:
+    """The product of the parallel linear layers below: ``linear``, or oneDNN's on a blocked copy of the weight
+    (made by ``pack``) while the weight is the very tensor it was made from, unedited. Any other weight, an
+    in-place edit, or autograd falls back to ``linear``; a stale copy is freed."""
+    weight: nn.Parameter
+    blocked: Optional[tuple[torch.Tensor, int, int]] = None  # (copy, weight's data_ptr, weight's _version)
+
+    def pack(self) -> None:
+        w = self.weight
+        self.blocked = (torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS), w.data_ptr(), w._version)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocked is not None:
+            copy, ptr, version = self.blocked
+            if ptr != self.weight.data_ptr() or version != self.weight._version:
+                self.blocked = None
+            elif x.dtype == self.weight.dtype and not torch.is_grad_enabled():
+                return torch.ops.mkldnn._linear_pointwise(x, copy, None, "none", [], "")
+        return linear(x, self.weight)
+
+
+class ColumnParallelLinear(_Packable, fs_layers.ColumnParallelLinear):
+    """fairscale's column-parallel layer, its product done by ``_Packable``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(mappings.copy_to_model_parallel_region(x), self.weight)
+        y = self.product(mappings.copy_to_model_parallel_region(x))
         return mappings.gather_from_model_parallel_region(y) if self.gather_output else y
 
 
-class RowParallelLinear(fs_layers.RowParallelLinear):
-    """fairscale's row-parallel layer (input already split across ranks), its product done by ``linear``."""
+class RowParallelLinear(_Packable, fs_layers.RowParallelLinear):
+    """fairscale's row-parallel layer (input already split across ranks), its product done by ``_Packable``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mappings.reduce_from_model_parallel_region(linear(x, self.weight))
+        return mappings.reduce_from_model_parallel_region(self.product(x))
 
 
 class RMSNorm(nn.Module):
@@ -317,6 +352,23 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.allocate_cache(max_batch_size, max_seq_len, self.compute_dtype, weight.device)
         self._rope = rope_tables(p, max_seq_len, weight.device)
+
+    def pack_weights(self) -> int:
+        """Give each bf16 weight mapped from a checkpoint file a blocked copy for oneDNN (see PACK_ROWS), and let
+        go of its mapped pages: the process keeps one copy of the weights, and the weight tensors read back
+        from the page cache or file if anything uses them. Worth it where the CPU has native bf16 products.
+        Returns how many weights were packed: none where oneDNN can't (``can_pack``); other weights (copied,
+        converted, on a GPU) are left as they are."""
+        if not can_pack():
+            return 0
+        mapped = pages.file_mapped()
+        count = 0
+        for m in self.modules():
+            if isinstance(m, _Packable) and m.weight.dtype == torch.bfloat16 and mapped(m.weight):
+                m.pack()
+                pages.drop(m.weight)
+                count += 1
+        return count
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int, *, left_pad: Optional[torch.Tensor] = None,

@@ -9,6 +9,7 @@ are read back from the file, so this is always safe. Elsewhere than Linux both c
 import ctypes
 import mmap
 import sys
+from typing import Callable
 
 import torch
 
@@ -45,3 +46,27 @@ def prefault(t: torch.Tensor) -> None:
         _advise(t, MADV_WILLNEED)
         if not _advise(t, MADV_POPULATE_READ):
             t.reshape(-1).view(torch.uint8)[:: mmap.PAGESIZE].sum()
+
+
+def file_mapped() -> Callable[[torch.Tensor], bool]:
+    """A test of whether a tensor lies in one private mapping of a regular file (as torch.load(mmap=True) makes),
+    whose pages ``drop`` may let go of. Taken from /proc/self/maps as it is now; elsewhere than Linux, none does.
+
+    Anonymous memory must never be dropped: its pages would read back as zeros."""
+    spans = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 6 and fields[1].endswith("p") and fields[4] != "0" and fields[5].startswith("/") \
+                        and not fields[5].startswith("/dev/"):
+                    spans.append(tuple(int(a, 16) for a in fields[0].split("-")))
+    except OSError:
+        pass
+
+    def test(t: torch.Tensor) -> bool:
+        if t.device.type != "cpu" or t.numel() == 0:
+            return False
+        start, end = _span(t)
+        return any(lo <= start and end <= hi for lo, hi in spans)
+    return test

@@ -1,7 +1,7 @@
 """The engine's speed against the machine's own ceilings, measured in one run.
 
     python scripts/benchmark.py [--shape tiny|1b|7b | --ckpt_dir DIR] [--threads N] [--reps 3]
-        [--token-by-token] [--vs-hf] [--json FILE]
+        [--token-by-token] [--vs-hf] [--no-pack] [--json FILE]
 
 Ceilings: memory read bandwidth (a large reduction) and matrix throughput (a large matmul in the fastest
 dtype the machine has). Engine: load time; prefill tokens/s (128-token prompt, batch 1 and 4); decode
@@ -209,6 +209,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="default: what the engine picks for the machine")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--no-pack", action="store_true", help="Llama.build(pack_weights=False)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--token-by-token", action="store_true", help="also time the reference's way")
     parser.add_argument("--vs-hf", action="store_true", help="also run Hugging Face transformers")
@@ -222,7 +223,7 @@ def main() -> None:
     ceil = ceilings(device, args.reps)  # first: its large tensors are freed before the peak RSS the engine makes
     start = time.perf_counter()
     g = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=4160, max_batch_size=16,
-                    device=device, dtype=args.dtype)
+                    device=device, dtype=args.dtype, pack_weights=False if args.no_pack else None)
     load_s = time.perf_counter() - start
     fig: Dict[str, float] = {}
     p = g.model.params
@@ -232,7 +233,9 @@ def main() -> None:
     bw, rate = ceil["bandwidth"], ceil["matmul"]
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU {torch.backends.cpu.get_cpu_capability()} (native bf16: {cpu_has_native_bf16()})"
-    print(f"machine: {machine}, {torch.get_num_threads()} threads; weights {g.model.output.weight.dtype}, "
+    packed = any(getattr(m, "blocked", None) is not None for m in g.model.modules())
+    print(f"machine: {machine}, {torch.get_num_threads()} threads; weights {g.model.output.weight.dtype}"
+          f"{' (packed for oneDNN)' if packed else ''}, "
           f"compute {g.model.compute_dtype}; {n_params / 1e9:.2f} B parameters, {weight_bytes / 1e9:.2f} GB")
     print(f"ceilings: read {bw / 1e9:.1f} GB/s, matmul {rate / 1e9:.0f} GFLOP/s ({ceil['matmul_dtype']}); "
           + ", ".join(f"{k[7:]} {v / 1e9:.0f}" for k, v in ceil.items() if k.startswith("matmul_") and k != "matmul_dtype"))
@@ -282,7 +285,7 @@ def main() -> None:
         print(f"{name:36} {hf[name] / fig[name]:>10.2f} x   (HF {hf[name]:.2f} s)")
         fig[f"vs HF: {name}"] = hf[name] / fig[name]
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, **ceil, **fig}, indent=1))
+        Path(args.json).write_text(json.dumps({"machine": machine, "packed": packed, **ceil, **fig}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""Weights packed into oneDNN's blocked layout (Transformer.pack_weights): same function as the reference, one
+copy of the weights, and never a stale copy used after the weight changed."""
+
+import pytest
+import torch
+from torch import nn
+
+from llama import Llama, Transformer
+from llama.checkpoint import Checkpoint
+from llama.model import _Packable, can_pack
+
+from conftest import GQA, VOCAB
+from reference import logits as reference_logits
+from test_model import build_model, prompt
+
+
+def mapped_model(ckpt_dir: str) -> Transformer:
+    """The model as Llama.build loads a bf16 checkpoint: its weights memory-mapped from the shard, bf16 compute."""
+    ckpt = Checkpoint(ckpt_dir)
+    args = ckpt.model_args(max_batch_size=4, max_seq_len=64)
+    model = Transformer(args)
+    model.load_state_dict(ckpt.load_rank(args, 0, 1, torch.bfloat16, torch.device("cpu")), strict=True, assign=True)
+    model.setup_cache(compute_dtype=torch.bfloat16)
+    return model
+
+
+def packables(model: Transformer) -> list:
+    return [m for m in model.modules() if isinstance(m, _Packable)]
+
+
+def assert_close_bf16(got: torch.Tensor, want: torch.Tensor) -> None:
+    """bf16 keeps 8 bits of mantissa: compare at that precision."""
+    assert (got.double() - want).abs().max() < 0.05 * want.abs().max()
+
+
+needs_packing = pytest.mark.skipif(not can_pack(), reason="this CPU's oneDNN can't pack bf16 (needs AVX-512)")
+
+
+@needs_packing
+def test_packed_model_close_to_reference(make_ckpt):
+    ckpt, state = make_ckpt(GQA)
+    model = mapped_model(ckpt)
+    assert model.pack_weights() == 7 * GQA["n_layers"] + 1 == len(packables(model))
+    assert all(m.blocked is not None for m in packables(model))
+    rows = [prompt(12, seed) for seed in (5, 6)]
+    tokens = torch.tensor(rows)
+    logits = [model.forward(tokens[:, :8], 0)]  # a prompt's products: 16 rows
+    logits += [model.forward(tokens[:, i:i + 1], i) for i in range(8, 12)]  # decoding a batch: 2 rows
+    got = torch.cat(logits, dim=1)
+    one = torch.cat([model.forward(tokens[:1, i:i + 1], i) for i in range(8, 12)], dim=1)  # one row
+    for row, toks, g in zip(got, rows, (one[0], None)):
+        want = reference_logits(state, {**GQA, "vocab_size": VOCAB}, toks)
+        assert_close_bf16(row, want)
+        if g is not None:
+            assert_close_bf16(g, want[8:])
+    assert all(m.blocked is not None for m in packables(model))  # the packed copies stayed valid throughout
+
+
+@needs_packing
+def test_packed_weights_still_read_as_saved(make_ckpt):
+    """Their mapped pages were let go of: reading a weight reads the file again, not zeros."""
+    ckpt, state = make_ckpt(GQA)
+    model = mapped_model(ckpt)
+    model.pack_weights()
+    for name, w in model.state_dict().items():
+        torch.testing.assert_close(w.float(), state[name], rtol=0, atol=0)
+
+
+@needs_packing
+def test_edited_or_replaced_weight_is_used_not_its_stale_copy(make_ckpt):
+    ckpt, state = make_ckpt(GQA)
+    model = mapped_model(ckpt)
+    model.pack_weights()
+    w2 = model.layers[1].feed_forward.w2
+    with torch.no_grad():
+        w2.weight.mul_(-3)  # in place
+    new_output = torch.randn(model.output.weight.shape, generator=torch.Generator().manual_seed(3)) * 0.05
+    model.output.weight = nn.Parameter(new_output.bfloat16())  # replaced
+    edited = {**state, "layers.1.feed_forward.w2.weight": state["layers.1.feed_forward.w2.weight"] * -3,
+              "output.weight": new_output.bfloat16().float()}
+    tokens = prompt(10, 7)
+    got = model.forward(torch.tensor([tokens]), 0)[0]
+    assert_close_bf16(got, reference_logits(edited, {**GQA, "vocab_size": VOCAB}, tokens))
+    assert w2.blocked is None and model.output.blocked is None  # stale copies freed
+    assert model.layers[1].feed_forward.w1.blocked is not None
+
+
+@needs_packing
+def test_gradients_flow_past_packed_copies(make_ckpt):
+    ckpt, _ = make_ckpt(GQA)
+    model = mapped_model(ckpt)
+    model.pack_weights()
+    model.forward_train(torch.tensor([prompt(6)])).float().logsumexp(-1).mean().backward()
+    assert model.layers[0].attention.wq.weight.grad is not None
+
+
+def test_copied_weights_are_not_packed(make_ckpt):
+    """Packing a copy in memory would keep two copies of it (and dropping its pages would zero it)."""
+    ckpt, state = make_ckpt(GQA)
+    model = build_model(ckpt, state, dtype=torch.bfloat16)
+    assert model.pack_weights() == 0
+    torch.testing.assert_close(model.layers[0].attention.wq.weight.float(),
+                               state["layers.0.attention.wq.weight"].bfloat16().float(), rtol=0, atol=0)
+
+
+def test_build_packs_on_request_only_where_it_can(make_ckpt, tokenizer_path):
+    ckpt, _ = make_ckpt(GQA)
+    with pytest.raises(ValueError, match="pack_weights=True needs bf16 weights"):
+        Llama.build(ckpt, tokenizer_path, 32, 1, dtype="float32", pack_weights=True)
+    unpacked = Llama.build(ckpt, tokenizer_path, 32, 1, dtype="bfloat16", pack_weights=False)
+    assert all(m.blocked is None for m in packables(unpacked.model))
