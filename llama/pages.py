@@ -1,9 +1,11 @@
-"""Memory pages of memory-mapped shards: read them in ahead of use, or let go of them after a copy.
+"""Memory pages of memory-mapped shards: read them in ahead of use, or let go of them after a copy (a slice
+copied out, a weight packed into another layout).
 
 A rank maps every shard but keeps only its slice. Pages it touched to copy a slice would otherwise stay in its
 resident set until the whole shard is unmapped, so peak memory would be the mapped shards plus the copies.
 Dropping them (MADV_DONTNEED on a private, never-written file mapping) only forgets them: touched again, they
-are read back from the file, so this is always safe. Elsewhere than Linux both calls do nothing.
+are read back from the file, so this is always safe. Elsewhere than Linux these do nothing (and no tensor
+counts as file-mapped).
 """
 
 import ctypes

@@ -1,11 +1,13 @@
 """How fast and how lean loading is, against what the disk and the checkpoint itself allow.
 
-    python scripts/bench_load.py [--shape 1b] [--nproc 1,2] [--dtype bfloat16] [--cache_dir checkpoints]
+    python scripts/bench_load.py [--shape 1b] [--nproc 1,2] [--dtype bfloat16] [--no-pack] [--cache_dir checkpoints]
 
 Makes (once, then reuses) a random checkpoint of the named shape in Meta's format, then in one run measures:
 the time to simply read its bytes from disk (the ceiling), and for each process count, the time
 ``Llama.build`` takes, the first forward pass after it (so lazily read weights can't hide there), and each
 rank's peak resident memory (getrusage) as a multiple of the checkpoint and of the rank's share of it.
+Loading includes packing the weights for oneDNN where Llama.build does it by default (see its pack_weights);
+--no-pack measures loading without it.
 """
 
 import argparse
@@ -42,28 +44,30 @@ def read_time(ckpt: Path) -> float:
     return time.perf_counter() - start
 
 
-def worker(ckpt: str, dtype: str) -> None:
+def worker(ckpt: str, dtype: str, no_pack: bool) -> None:
     """One rank: build, one forward, report."""
     import torch
     from llama import Llama
     start = time.perf_counter()
     g = Llama.build(ckpt, str(Path(ckpt) / "tokenizer.model"), max_seq_len=256, max_batch_size=1, device="cpu",
-                    dtype=dtype)
+                    dtype=dtype, pack_weights=False if no_pack else None)
     load = time.perf_counter() - start
     start = time.perf_counter()
     g.model.forward(torch.tensor([[1] * 8]), 0)
     first = time.perf_counter() - start
     weights = sum(p.numel() * p.element_size() for p in g.model.parameters())
+    packed = sum(getattr(m, "blocked", None) is not None for m in g.model.modules())
     print("BENCH " + json.dumps({"rank": torch.distributed.get_rank(), "load_s": load, "first_forward_s": first,
                                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                                 "weights": weights}), flush=True)
+                                 "weights": weights, "packed": packed}), flush=True)
     # Leave together, the group shut down: a rank exiting with gloo's threads alive may abort.
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
-def run(nproc: int, ckpt: Path, dtype: str) -> list:
-    args = [str(Path(__file__).resolve()), "--worker", "--ckpt", str(ckpt), "--dtype", dtype]
+def run(nproc: int, ckpt: Path, dtype: str, no_pack: bool) -> list:
+    args = [str(Path(__file__).resolve()), "--worker", "--ckpt", str(ckpt), "--dtype", dtype] + \
+        (["--no-pack"] if no_pack else [])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     cmd = [sys.executable, *args] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
@@ -80,18 +84,19 @@ def main() -> None:
     parser.add_argument("--ckpt_dir", help="a checkpoint of your own (with its tokenizer.model) instead")
     parser.add_argument("--nproc", default="1,2", help="comma-separated process counts to load on")
     parser.add_argument("--dtype", default="bfloat16", help="dtype to load into (default: the checkpoint's)")
+    parser.add_argument("--no-pack", action="store_true", help="Llama.build(pack_weights=False)")
     parser.add_argument("--cache_dir", default=str(ROOT / "checkpoints"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.ckpt, args.dtype)
+        return worker(args.ckpt, args.dtype, args.no_pack)
     ckpt = Path(args.ckpt_dir) if args.ckpt_dir else cached(Path(args.cache_dir), args.shape)
     size = sum(p.stat().st_size for p in ckpt.glob("*.pth"))
     print(f"checkpoint {ckpt}: {size / 1e9:.2f} GB in {len(list(ckpt.glob('*.pth')))} shard(s), loading as "
           f"{args.dtype}\n")
     print(f"{'cache':>5} {'procs':>5} {'rank':>4} {'load s':>7} {'read s':>7} {'x read':>7} {'1st fwd s':>9} "
-          f"{'peak RSS GB':>11} {'x ckpt':>7} {'share GB':>8} {'target GB':>9}")
+          f"{'peak RSS GB':>11} {'x ckpt':>7} {'share GB':>8} {'target GB':>9} {'packed':>6}")
     for cold in (True, False):  # from the disk (page cache emptied first), then from the page cache
         if cold:
             evict(ckpt)
@@ -99,12 +104,12 @@ def main() -> None:
         for n in (int(x) for x in args.nproc.split(",")):
             if cold:
                 evict(ckpt)
-            for r in run(n, ckpt, args.dtype):
+            for r in run(n, ckpt, args.dtype, args.no_pack):
                 share = r["weights"]  # this rank's weights as loaded
                 target = 1.2 * share + (0.5e9 if n > 1 else 0)
                 print(f"{'disk' if cold else 'warm':>5} {n:>5} {r['rank']:>4} {r['load_s']:>7.2f} {raw:>7.2f} "
                       f"{r['load_s'] / raw:>7.2f} {r['first_forward_s']:>9.2f} {r['peak_rss'] / 1e9:>11.2f} "
-                      f"{r['peak_rss'] / size:>7.2f} {share / 1e9:>8.2f} {target / 1e9:>9.2f}")
+                      f"{r['peak_rss'] / size:>7.2f} {share / 1e9:>8.2f} {target / 1e9:>9.2f} {r['packed']:>6}")
     print("\ntargets: load <= 1.5 x read; peak RSS <= 1.2 x the checkpoint on 1 process, "
           "<= 1.2 x the rank's share + 0.5 GB on several")
 

@@ -4,10 +4,11 @@
         [--token-by-token] [--vs-hf] [--no-pack] [--json FILE]
 
 Ceilings: memory read bandwidth (a large reduction) and matrix throughput (a large matmul in the fastest
-dtype the machine has). Engine: load time; prefill tokens/s (128-token prompt, batch 1 and 4); decode
-tokens/s (batch 1, 4, 16); decode step time with 128, 1024 and 4096 tokens in the cache; a mixed-length
-batch (prompts of 16, 64, 256 and 1000 tokens, 64 new tokens each) end to end; peak RSS. Each figure is the
-median of --reps runs after a warm-up, and is also given as a fraction of its roofline:
+dtype the machine has), at the start and again right after each figure. Engine: load time; prefill tokens/s
+(128-token prompt, batch 1 and 4); decode tokens/s (batch 1, 4, 16); decode step time with 128, 1024 and
+4096 tokens in the cache; a mixed-length batch (prompts of 16, 64, 256 and 1000 tokens, 64 new tokens each)
+end to end; peak RSS. Each figure is the median of --reps runs after a warm-up, and is also given as a
+fraction of its roofline, from the ceilings measured right after it:
 decode: (bytes of weights and KV cache read per step / bandwidth) / step time;
 prefill: (2 x parameters x tokens / matmul rate) / time.
 --token-by-token also times the mixed batch fed one token at a time from the shortest prompt (the reference's
@@ -23,7 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import torch
 
@@ -44,45 +45,60 @@ def sync(device: torch.device) -> None:
 
 def timed(fn: Callable, device: torch.device, reps: int) -> float:
     """Median seconds of reps calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timed_in_turns({0: fn}, device, reps)[0]
 
 
-def read_bandwidth(device: torch.device, reps: int) -> float:
-    """Bytes/s of a reduction over a tensor far larger than any cache."""
-    x = torch.ones((512 if device.type == "cpu" else 4096) << 18, device=device)  # 512 MiB / 4 GiB of float32
-    return x.numel() * x.element_size() / timed(x.sum, device, reps)
+def timed_in_turns(fns: Dict[int, Callable], device: torch.device, reps: int) -> Dict[int, float]:
+    """Median seconds of reps calls of each function, called in turns (after a warm-up call of each): a
+    drift of the machine's speed during the run (a shared host) then affects all alike and their ratios hold."""
+    times: Dict[int, list] = {key: [] for key in fns}
+    for rep in range(reps + 1):
+        for key, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            if rep:
+                times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, reps: int) -> float:
-    """FLOP/s of a square matmul; a smaller one where the CPU only emulates the dtype (it is slow)."""
-    emulated = device.type == "cpu" and dtype != torch.float32 and not (dtype == torch.bfloat16 and cpu_has_native_bf16())
-    n = 1024 if emulated else 4096
-    a = torch.randn(n, n, device=device).to(dtype)
-    return 2 * n ** 3 / timed(lambda: a @ a, device, reps)
+class Ceilings:
+    """The machine's read bandwidth (bytes/s of a reduction over a tensor far larger than any cache) and matrix
+    throughput (FLOP/s of a square matmul in the fastest dtype it has), measured again next to each figure:
+    on a shared host both drift with the other tenants' load (the bandwidth by up to 2x within minutes), and a
+    figure is compared with what the machine could do at the time. The probe tensors stay allocated through
+    the run; ``nbytes`` is taken off the peak RSS."""
+
+    def __init__(self, device: torch.device, reps: int):
+        self.device, self.reps = device, reps
+        self.x = torch.ones((512 if device.type == "cpu" else 4096) << 18, device=device)  # 512 MiB / 4 GiB fp32
+        self.rates = {str(d).removeprefix("torch."): self._matmul(d) for d in (torch.float32, torch.bfloat16,
+                                                                              torch.float16)}
+        self.dtype = max(self.rates, key=self.rates.get)
+        self.a = torch.randn(4096, 4096, device=device).to(getattr(torch, self.dtype))
+        self.nbytes = self.x.nbytes + self.a.nbytes
+
+    def _matmul(self, dtype: torch.dtype) -> float:
+        """A smaller matmul where the CPU only emulates the dtype (it is slow)."""
+        emulated = self.device.type == "cpu" and dtype != torch.float32 and \
+            not (dtype == torch.bfloat16 and cpu_has_native_bf16())
+        n = 1024 if emulated else 4096
+        a = torch.randn(n, n, device=self.device).to(dtype)
+        return 2 * n ** 3 / timed(lambda: a @ a, self.device, self.reps)
+
+    def bandwidth(self) -> float:
+        return self.x.nbytes / timed(self.x.sum, self.device, self.reps)
+
+    def matmul(self) -> float:
+        return 2 * self.a.shape[0] ** 3 / timed(lambda: self.a @ self.a, self.device, self.reps)
 
 
-def ceilings(device: torch.device, reps: int) -> Dict[str, float]:
-    """Read bandwidth (bytes/s) and the best matmul rate (FLOP/s) over the dtypes the device has."""
-    rates = {str(d).removeprefix("torch."): matmul_rate(device, d, reps)
-             for d in (torch.float32, torch.bfloat16, torch.float16)}
-    best = max(rates, key=rates.get)
-    return {"bandwidth": read_bandwidth(device, reps), "matmul": rates[best], "matmul_dtype": best,
-            **{f"matmul_{k}": v for k, v in rates.items()}}
-
-
-def decode_step(g: Llama, batch: int, cached: int, reps: int) -> float:
-    """Seconds for one decode step of `batch` rows with `cached` positions before it. Attention reads the cache
-    whatever it holds, so it is not filled first."""
+def decode_steps(g: Llama, batch: int, cached: Tuple[int, ...], reps: int) -> Dict[int, float]:
+    """Seconds for one decode step of `batch` rows with each count of positions cached before it, measured in
+    turns. Attention reads the cache whatever it holds, so it is not filled first."""
     tokens = torch.ones(batch, 1, dtype=torch.long, device=g.device)
-    return timed(lambda: g.model.forward(tokens, cached, last_only=True), g.device, reps)
+    return timed_in_turns({n: lambda n=n: g.model.forward(tokens, n, last_only=True) for n in cached}, g.device, reps)
 
 
 def prefill(g: Llama, batch: int, length: int, reps: int) -> float:
@@ -220,57 +236,63 @@ def main() -> None:
     ckpt = Path(args.ckpt_dir) if args.ckpt_dir else cached(Path(args.cache_dir), args.shape)
 
     device = pick_device(args.device)
-    ceil = ceilings(device, args.reps)  # first: its large tensors are freed before the peak RSS the engine makes
+    ceil = Ceilings(device, args.reps)
     start = time.perf_counter()
     g = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=4160, max_batch_size=16,
                     device=device, dtype=args.dtype, pack_weights=False if args.no_pack else None)
     load_s = time.perf_counter() - start
-    fig: Dict[str, float] = {}
     p = g.model.params
     n_params = sum(t.numel() for t in g.model.parameters())
     weight_bytes = sum(t.numel() * t.element_size() for t in g.model.parameters())
     kv_per_pos = 2 * p.n_layers * p.kv_heads * p.head_dim * g.model.compute_dtype.itemsize
-    bw, rate = ceil["bandwidth"], ceil["matmul"]
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU {torch.backends.cpu.get_cpu_capability()} (native bf16: {cpu_has_native_bf16()})"
     packed = any(getattr(m, "blocked", None) is not None for m in g.model.modules())
     print(f"machine: {machine}, {torch.get_num_threads()} threads; weights {g.model.output.weight.dtype}"
-          f"{' (packed for oneDNN)' if packed else ''}, "
-          f"compute {g.model.compute_dtype}; {n_params / 1e9:.2f} B parameters, {weight_bytes / 1e9:.2f} GB")
-    print(f"ceilings: read {bw / 1e9:.1f} GB/s, matmul {rate / 1e9:.0f} GFLOP/s ({ceil['matmul_dtype']}); "
-          + ", ".join(f"{k[7:]} {v / 1e9:.0f}" for k, v in ceil.items() if k.startswith("matmul_") and k != "matmul_dtype"))
-    rows = []  # (name, value, unit, fraction of roofline)
-    for batch in (1, 4):
-        t = prefill(g, batch, 128, args.reps)
-        rows.append((f"prefill 128 tokens, batch {batch}", batch * 128 / t, "tok/s", 2 * n_params * batch * 128 / rate / t))
-    for batch in (1, 4, 16):
-        t = decode_step(g, batch, 128, args.reps)
-        roof = max((weight_bytes + batch * 128 * kv_per_pos) / bw, 2 * n_params * batch / rate)
-        rows.append((f"decode batch {batch} (128 cached)", batch / t, "tok/s", roof / t))
-    steps = {}
-    for cached_len in (128, 1024, 4096):
-        steps[cached_len] = decode_step(g, 1, cached_len, args.reps)
-        roof = (weight_bytes + cached_len * kv_per_pos) / bw
-        rows.append((f"decode step, {cached_len} cached", steps[cached_len] * 1e3, "ms", roof / steps[cached_len]))
+          f"{' (packed for oneDNN)' if packed else ''}, compute {g.model.compute_dtype}; "
+          f"{n_params / 1e9:.2f} B parameters, {weight_bytes / 1e9:.2f} GB")
+    first = {"bandwidth": ceil.bandwidth(), "matmul": ceil.matmul()}
+    print(f"ceilings at the start: read {first['bandwidth'] / 1e9:.1f} GB/s, matmul {first['matmul'] / 1e9:.0f} "
+          f"GFLOP/s ({ceil.dtype}; " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in ceil.rates.items()) + ")")
+    rows = []  # (name, value, unit, fraction of roofline, the ceilings measured next to it)
+
+    def against(name: str, seconds: float, value: float, unit: str, nbytes: float, flops: float) -> None:
+        """A row for a figure just measured, as a fraction of its roofline: max(bytes read / bandwidth, FLOPs /
+        matmul rate), with the ceilings measured now."""
+        bw, rate = ceil.bandwidth(), ceil.matmul()
+        rows.append((name, value, unit, max(nbytes / bw, flops / rate) / seconds,
+                     f"{bw / 1e9:.1f} GB/s, {rate / 1e9:.0f} GFLOP/s"))
+
+    for b in (1, 4):
+        t = prefill(g, b, 128, args.reps)
+        against(f"prefill 128 tokens, batch {b}", t, b * 128 / t, "tok/s", 0, 2 * n_params * b * 128)
+    for b in (1, 4, 16):
+        t = decode_steps(g, b, (128,), args.reps)[128]
+        against(f"decode batch {b} (128 cached)", t, b / t, "tok/s", weight_bytes + b * 128 * kv_per_pos,
+                2 * n_params * b)
+    steps = decode_steps(g, 1, (128, 1024, 4096), max(5, args.reps))  # in turns: their ratio is a target
+    for n, t in steps.items():
+        against(f"decode step, {n} cached", t, t * 1e3, "ms", weight_bytes + n * kv_per_pos, 0)
     t = mixed_batch(g, max(1, args.reps // 2))
-    rows.append(("mixed batch 16/64/256/1000 +64", t, "s", None))
+    rows.append(("mixed batch 16/64/256/1000 +64", t, "s", None, ""))
     if args.token_by_token:
         t_ref = mixed_token_by_token(g)
-        rows.append(("  same, token by token", t_ref, "s", None))
-        rows.append(("  speed-up", t_ref / t, "x", None))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rows.append(("  same, token by token", t_ref, "s", None, ""))
+        rows.append(("  speed-up", t_ref / t, "x", None, ""))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - ceil.nbytes
     ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.pth"))
     kv_bytes = sum(t.numel() * t.element_size() for layer in g.model.layers
                    for t in (layer.attention.cache_k, layer.attention.cache_v))
-    rows.append(("peak RSS / checkpoint", rss / ckpt_bytes, "x", None))
+    rows.append(("peak RSS / checkpoint", rss / ckpt_bytes, "x", None, ""))
     # The KV cache (16 rows x 4160 positions here) is the other large allocation, sized by the caller.
-    rows.append(("  same, less the KV cache", (rss - kv_bytes) / ckpt_bytes, "x", None))
-    rows.append(("decode 4096 / 128 cached", steps[4096] / steps[128], "x", None))
-    rows.insert(0, ("load", load_s, "s", None))
+    rows.append(("  same, less the KV cache", (rss - kv_bytes) / ckpt_bytes, "x", None, ""))
+    rows.append(("decode 4096 / 128 cached", steps[4096] / steps[128], "x", None, ""))
+    rows.insert(0, ("load", load_s, "s", None, ""))
 
-    print(f"\n{'':36} {'value':>10} {'unit':<6} {'of roofline':>11}")
-    for name, value, unit, frac in rows:
-        print(f"{name:36} {value:>10.2f} {unit:<6} {'' if frac is None else f'{frac:.0%}':>11}")
+    fig: Dict[str, float] = {}
+    print(f"\n{'':36} {'value':>10} {'unit':<6} {'of roofline':>11}   ceilings measured next to it")
+    for name, value, unit, frac, ceilings in rows:
+        print(f"{name:36} {value:>10.2f} {unit:<6} {'' if frac is None else f'{frac:.0%}':>11}   {ceilings}")
         fig[name] = value
         if frac is not None:
             fig[f"{name} (fraction of roofline)"] = frac
@@ -285,7 +307,10 @@ def main() -> None:
         print(f"{name:36} {hf[name] / fig[name]:>10.2f} x   (HF {hf[name]:.2f} s)")
         fig[f"vs HF: {name}"] = hf[name] / fig[name]
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "packed": packed, **ceil, **fig}, indent=1))
+        Path(args.json).write_text(json.dumps(
+            {"machine": machine, "packed": packed, **first, "matmul_dtype": ceil.dtype,
+             **{f"matmul_{k}": v for k, v in ceil.rates.items()}, "ceilings by row": {r[0]: r[4] for r in rows if r[4]},
+             **fig}, indent=1))
 
 
 if __name__ == "__main__":

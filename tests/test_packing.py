@@ -109,3 +109,12 @@ def test_build_packs_on_request_only_where_it_can(make_ckpt, tokenizer_path):
         Llama.build(ckpt, tokenizer_path, 32, 1, dtype="float32", pack_weights=True)
     unpacked = Llama.build(ckpt, tokenizer_path, 32, 1, dtype="bfloat16", pack_weights=False)
     assert all(m.blocked is None for m in packables(unpacked.model))
+
+
+@needs_packing
+def test_build_packs_by_default_where_it_computes_in_bf16(make_ckpt, tokenizer_path):
+    """Where the CPU has native bf16 (else bf16 weights are computed in float32, and a packed copy is of no use)."""
+    ckpt, _ = make_ckpt(GQA)
+    g = Llama.build(ckpt, tokenizer_path, 32, 2, dtype="bfloat16")
+    packed = sum(m.blocked is not None for m in packables(g.model))
+    assert packed == (7 * GQA["n_layers"] + 1 if g.model.compute_dtype == torch.bfloat16 else 0)
