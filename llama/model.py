@@ -151,21 +151,27 @@ def can_pack() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def _version(t: torch.Tensor) -> Optional[int]:
+    """t's count of in-place edits; None for a tensor made in inference mode, which keeps none (and can only be
+    edited in inference mode)."""
+    return None if t.is_inference() else t._version
+
+
 class _Packable:
     """The product of the parallel linear layers below: ``linear``, or oneDNN's on a blocked copy of the weight
     (made by ``pack``) while the weight is the very tensor it was made from, unedited. Any other weight, an
     in-place edit, or autograd falls back to ``linear``; a stale copy is freed."""
     weight: nn.Parameter
-    blocked: Optional[tuple[torch.Tensor, int, int]] = None  # (copy, weight's data_ptr, weight's _version)
+    blocked: Optional[tuple[torch.Tensor, int, Optional[int]]] = None  # (copy, weight's data_ptr, _version)
 
     def pack(self) -> None:
         w = self.weight
-        self.blocked = (torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS), w.data_ptr(), w._version)
+        self.blocked = (torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS), w.data_ptr(), _version(w))
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocked is not None:
             copy, ptr, version = self.blocked
-            if ptr != self.weight.data_ptr() or version != self.weight._version:
+            if ptr != self.weight.data_ptr() or version != _version(self.weight):
                 self.blocked = None
             elif x.dtype == self.weight.dtype and not torch.is_grad_enabled():
                 return torch.ops.mkldnn._linear_pointwise(x, copy, None, "none", [], "")

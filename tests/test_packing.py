@@ -86,6 +86,19 @@ def test_edited_or_replaced_weight_is_used_not_its_stale_copy(make_ckpt):
 
 
 @needs_packing
+def test_model_loaded_in_inference_mode_packs(make_ckpt):
+    """Its weights are inference tensors, which keep no count of in-place edits."""
+    ckpt, state = make_ckpt(GQA)
+    with torch.inference_mode():
+        model = mapped_model(ckpt)
+        assert model.pack_weights() == len(packables(model))
+    tokens = prompt(10, 8)
+    assert_close_bf16(model.forward(torch.tensor([tokens]), 0)[0],
+                      reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens))
+    assert all(m.blocked is not None for m in packables(model))
+
+
+@needs_packing
 def test_gradients_flow_past_packed_copies(make_ckpt):
     ckpt, _ = make_ckpt(GQA)
     model = mapped_model(ckpt)
