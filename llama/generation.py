@@ -191,7 +191,8 @@ class Llama:
             logits = self.model.forward(tokens[a:b, start:prompt_len], start, left_pad=pad[a:b], first_row=a,
                                         last_only=not (logprobs and echo))
             if logprobs and echo:  # a prompt's first token has no context: 0.0, as in the reference
-                token_logprobs[a:b, start + 1:prompt_len] = _logprobs_of(logits[:, :-1], tokens[a:b, start + 1:prompt_len])
+                token_logprobs[a:b, start + 1:prompt_len] = _logprobs_of(logits[:, :-1],
+                                                                         tokens[a:b, start + 1:prompt_len])
             last.append(logits[:, -1])
         logits = torch.cat(last)
 

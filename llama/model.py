@@ -168,6 +168,11 @@ class _Packable:
         w = self.weight
         self.blocked = (torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS), w.data_ptr(), _version(w))
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the blocked copy out (oneDNN's opaque tensors can be neither): they compute
+        from the weight."""
+        return {k: v for k, v in self.__dict__.items() if k != "blocked"}
+
     def product(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocked is not None:
             copy, ptr, version = self.blocked

@@ -1,6 +1,8 @@
 """Weights packed into oneDNN's blocked layout (Transformer.pack_weights): same function as the reference, one
 copy of the weights, and never a stale copy used after the weight changed."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -95,6 +97,19 @@ def test_model_loaded_in_inference_mode_packs(make_ckpt):
     tokens = prompt(10, 8)
     assert_close_bf16(model.forward(torch.tensor([tokens]), 0)[0],
                       reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens))
+    assert all(m.blocked is not None for m in packables(model))
+
+
+@needs_packing
+def test_packed_model_can_be_deep_copied_and_saved(make_ckpt, tmp_path):
+    ckpt, _ = make_ckpt(GQA)
+    model = mapped_model(ckpt)
+    model.pack_weights()
+    tokens = torch.tensor([prompt(6, 9)])
+    clone = copy.deepcopy(model)
+    torch.save(model, tmp_path / "model.pt")
+    assert all(m.blocked is None for m in packables(clone))  # computes from its own weights
+    assert_close_bf16(clone.forward(tokens, 0), model.forward(tokens, 0).double())
     assert all(m.blocked is not None for m in packables(model))
 
 
