@@ -374,13 +374,13 @@ class Transformer(nn.Module):
         go of its mapped pages: the process keeps one copy of the weights, and the weight tensors read back
         from the page cache or file if anything uses them. Worth it where the CPU has native bf16 products.
         Returns how many weights were packed: none where oneDNN can't (``can_pack``); other weights (copied,
-        converted, on a GPU) are left as they are."""
+        converted, on a GPU, or edited since they were mapped) are left as they are."""
         if not can_pack():
             return 0
-        mapped = pages.file_mapped()
+        droppable = pages.droppable()
         count = 0
         for m in self.modules():
-            if isinstance(m, _Packable) and m.weight.dtype == torch.bfloat16 and mapped(m.weight):
+            if isinstance(m, _Packable) and m.weight.dtype == torch.bfloat16 and droppable(m.weight):
                 m.pack()
                 pages.drop(m.weight)
                 count += 1

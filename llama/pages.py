@@ -4,8 +4,8 @@ copied out, a weight packed into another layout).
 A rank maps every shard but keeps only its slice. Pages it touched to copy a slice would otherwise stay in its
 resident set until the whole shard is unmapped, so peak memory would be the mapped shards plus the copies.
 Dropping them (MADV_DONTNEED on a private, never-written file mapping) only forgets them: touched again, they
-are read back from the file, so this is always safe. Elsewhere than Linux these do nothing (and no tensor
-counts as file-mapped).
+are read back from the file, so this is always safe. Elsewhere than Linux these do nothing (and nothing is
+droppable).
 """
 
 import ctypes
@@ -50,11 +50,12 @@ def prefault(t: torch.Tensor) -> None:
             t.reshape(-1).view(torch.uint8)[:: mmap.PAGESIZE].sum()
 
 
-def file_mapped() -> Callable[[torch.Tensor], bool]:
-    """A test of whether a tensor lies in one private mapping of a regular file (as torch.load(mmap=True) makes),
-    whose pages ``drop`` may let go of. Taken from /proc/self/maps as it is now; elsewhere than Linux, none does.
-
-    Anonymous memory must never be dropped: its pages would read back as zeros."""
+def droppable() -> Callable[[torch.Tensor], bool]:
+    """A test of whether ``drop`` may let go of a tensor's pages: it lies in one private mapping of a regular
+    file (as torch.load(mmap=True) makes), and none of its pages was written to. Anonymous memory, or a page
+    copied on write (an edit the file doesn't have), would read back as zeros or as the file. The mappings are
+    taken from /proc/self/maps as they are now, the pages' state from /proc/self/pagemap; elsewhere than Linux,
+    nothing is droppable."""
     spans = []
     try:
         with open("/proc/self/maps") as f:
@@ -70,5 +71,19 @@ def file_mapped() -> Callable[[torch.Tensor], bool]:
         if t.device.type != "cpu" or t.numel() == 0:
             return False
         start, end = _span(t)
-        return any(lo <= start and end <= hi for lo, hi in spans)
+        return any(lo <= start and end <= hi for lo, hi in spans) and _unwritten(start, end)
     return test
+
+
+def _unwritten(start: int, end: int) -> bool:
+    """Whether every page from start to end is either not in memory or the file's own page: pagemap's bits 63
+    (present), 62 (swapped: only anonymous pages are) and 61 (a file page)."""
+    first, last = start // mmap.PAGESIZE, (end - 1) // mmap.PAGESIZE
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(first * 8)
+            entries = torch.frombuffer(bytearray(f.read((last - first + 1) * 8)), dtype=torch.int64)
+    except OSError:
+        return False
+    present, swapped, file_page = entries < 0, (entries >> 62) & 1 == 1, (entries >> 61) & 1 == 1
+    return not bool((swapped | (present & ~file_page)).any())

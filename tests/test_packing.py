@@ -114,6 +114,25 @@ def test_packed_model_can_be_deep_copied_and_saved(make_ckpt, tmp_path):
 
 
 @needs_packing
+def test_weight_edited_before_packing_keeps_its_edit(make_ckpt):
+    """Its edited pages are the process's own now: dropping them would bring back the file's values. (So are
+    those of a small neighbour sharing a page with it.)"""
+    ckpt, state = make_ckpt(GQA)
+    model = mapped_model(ckpt)
+    with torch.no_grad():
+        model.layers[0].attention.wq.weight[:8].mul_(-2)
+    assert model.pack_weights() < len(packables(model))
+    assert model.layers[0].attention.wq.blocked is None
+    edited = {**state, "layers.0.attention.wq.weight": state["layers.0.attention.wq.weight"].clone()}
+    edited["layers.0.attention.wq.weight"][:8] *= -2
+    for name, w in model.state_dict().items():
+        torch.testing.assert_close(w.float(), edited[name], rtol=0, atol=0)
+    tokens = prompt(10, 4)
+    assert_close_bf16(model.forward(torch.tensor([tokens]), 0)[0],
+                      reference_logits(edited, {**GQA, "vocab_size": VOCAB}, tokens))
+
+
+@needs_packing
 def test_gradients_flow_past_packed_copies(make_ckpt):
     ckpt, _ = make_ckpt(GQA)
     model = mapped_model(ckpt)
