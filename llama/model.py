@@ -174,13 +174,14 @@ class _Packable:
         return {k: v for k, v in self.__dict__.items() if k != "blocked"}
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
         if self.blocked is not None:
             copy, ptr, version = self.blocked
-            if ptr != self.weight.data_ptr() or version != _version(self.weight):
+            if ptr != w.data_ptr() or version != _version(w):
                 self.blocked = None
-            elif x.dtype == self.weight.dtype and not torch.is_grad_enabled():
+            elif x.dtype == w.dtype and not torch.is_grad_enabled():
                 return torch.ops.mkldnn._linear_pointwise(x, copy, None, "none", [], "")
-        return linear(x, self.weight)
+        return linear(x, w)
 
 
 # On one rank fairscale's mappings are identities, but each is an autograd function call, 155 a decoding step of
@@ -385,6 +386,10 @@ class Transformer(nn.Module):
                 pages.drop(m.weight)
                 count += 1
         return count
+
+    def packed_weights(self) -> int:
+        """How many weights have a packed copy now (``pack_weights``; edits and replacements drop theirs)."""
+        return sum(isinstance(m, _Packable) and m.blocked is not None for m in self.modules())
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int, *, left_pad: Optional[torch.Tensor] = None,

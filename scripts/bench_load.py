@@ -56,10 +56,9 @@ def worker(ckpt: str, dtype: str, no_pack: bool) -> None:
     g.model.forward(torch.tensor([[1] * 8]), 0)
     first = time.perf_counter() - start
     weights = sum(p.numel() * p.element_size() for p in g.model.parameters())
-    packed = sum(getattr(m, "blocked", None) is not None for m in g.model.modules())
     print("BENCH " + json.dumps({"rank": torch.distributed.get_rank(), "load_s": load, "first_forward_s": first,
                                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                                 "weights": weights, "packed": packed}), flush=True)
+                                 "weights": weights, "packed": g.model.packed_weights()}), flush=True)
     # Leave together, the group shut down: a rank exiting with gloo's threads alive may abort.
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

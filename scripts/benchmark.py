@@ -84,14 +84,17 @@ class Ceilings:
         emulated = self.device.type == "cpu" and dtype != torch.float32 and \
             not (dtype == torch.bfloat16 and cpu_has_native_bf16())
         n = 1024 if emulated else 4096
-        a = torch.randn(n, n, device=self.device).to(dtype)
-        return 2 * n ** 3 / timed(lambda: a @ a, self.device, self.reps)
+        return self._rate(torch.randn(n, n, device=self.device).to(dtype))
+
+    def _rate(self, a: torch.Tensor) -> float:
+        """FLOP/s of a @ a."""
+        return 2 * a.shape[0] ** 3 / timed(lambda: a @ a, self.device, self.reps)
 
     def bandwidth(self) -> float:
         return self.x.nbytes / timed(self.x.sum, self.device, self.reps)
 
     def matmul(self) -> float:
-        return 2 * self.a.shape[0] ** 3 / timed(lambda: self.a @ self.a, self.device, self.reps)
+        return self._rate(self.a)
 
 
 def decode_steps(g: Llama, batch: int, cached: Tuple[int, ...], reps: int) -> Dict[int, float]:
@@ -247,7 +250,7 @@ def main() -> None:
     kv_per_pos = 2 * p.n_layers * p.kv_heads * p.head_dim * g.model.compute_dtype.itemsize
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU {torch.backends.cpu.get_cpu_capability()} (native bf16: {cpu_has_native_bf16()})"
-    packed = any(getattr(m, "blocked", None) is not None for m in g.model.modules())
+    packed = g.model.packed_weights() > 0
     print(f"machine: {machine}, {torch.get_num_threads()} threads; weights {g.model.output.weight.dtype}"
           f"{' (packed for oneDNN)' if packed else ''}, compute {g.model.compute_dtype}; "
           f"{n_params / 1e9:.2f} B parameters, {weight_bytes / 1e9:.2f} GB")

@@ -42,7 +42,7 @@ needs_packing = pytest.mark.skipif(not can_pack(), reason="this CPU's oneDNN can
 def test_packed_model_close_to_reference(make_ckpt):
     ckpt, state = make_ckpt(GQA)
     model = mapped_model(ckpt)
-    assert model.pack_weights() == 7 * GQA["n_layers"] + 1 == len(packables(model))
+    assert model.pack_weights() == 7 * GQA["n_layers"] + 1 == len(packables(model)) == model.packed_weights()
     assert all(m.blocked is not None for m in packables(model))
     rows = [prompt(12, seed) for seed in (5, 6)]
     tokens = torch.tensor(rows)
@@ -84,6 +84,7 @@ def test_edited_or_replaced_weight_is_used_not_its_stale_copy(make_ckpt):
     got = model.forward(torch.tensor([tokens]), 0)[0]
     assert_close_bf16(got, reference_logits(edited, {**GQA, "vocab_size": VOCAB}, tokens))
     assert w2.blocked is None and model.output.blocked is None  # stale copies freed
+    assert model.packed_weights() == len(packables(model)) - 2
     assert model.layers[1].feed_forward.w1.blocked is not None
 
 
