@@ -1,6 +1,7 @@
-"""The benchmark scripts run end to end on the tiny shape and report every figure the project's targets name.
-Their figures are timings of a tiny model on a shared machine, so only their presence and sanity are checked
-here; the numbers that matter come from the 1b shape on a quiet machine (README, Performance)."""
+"""The benchmark scripts run end to end (on the tiny shape where they take one) and report every figure the
+project's targets name, or the kernel timings that explain the ones missed. Their figures are timings on a shared
+machine, so only their presence and sanity are checked here; the numbers that matter come from the 1b shape on a
+quiet machine (README, Performance)."""
 
 import json
 import math
@@ -47,3 +48,12 @@ def test_bench_load_reports_each_process_count_from_disk_and_warm(cache_dir):
     assert [(r[0], r[1], r[2]) for r in rows] == [("disk", "1", "0"), ("disk", "2", "0"), ("disk", "2", "1"),
                                                    ("warm", "1", "0"), ("warm", "2", "0"), ("warm", "2", "1")]
     assert all(float(v) >= 0 for r in rows for v in r[3:]) and all(float(r[7]) > 0 for r in rows), rows  # RSS
+
+
+def test_bench_kernels_times_the_products_and_the_attention():
+    result = run_cmd([sys.executable, "scripts/bench_kernels.py", "--reps", "1", "--threads", "2"], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert all(re.search(rf"^\s+{n} positions\s+\d+ us", out, re.M) for n in (128, 4096)), out
+    assert re.search(r"in cache\s+\d+ us.*\n.*read its bytes\s+\d+ us.*\n.*streamed\s+\d+ us", out) or \
+        "can't pack" in out, out

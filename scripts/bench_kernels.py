@@ -1,0 +1,89 @@
+"""Where batch-16 decoding and the 4096-position step lose their time on a CPU, kernel by kernel.
+
+    python scripts/bench_kernels.py [--threads 2] [--reps 7]
+
+1. The product decoding a batch of 16 runs most: 16 rows against a packed bf16 weight of the 1b shape's feed-forward
+   (2048 x 5632), as ``Llama.build`` packs it where oneDNN can. Timed with the weight in the cache (compute
+   alone) and streamed from memory (24 weights in turn, as the layers come), beside the time to read the weight's
+   bytes at the bandwidth measured next to it. A kernel that overlaps reading and computing takes the larger of
+   the two when streaming; one that doesn't, their sum.
+2. Decoding attention for one layer of the 1b shape: 8 grouped queries per KV head (4 KV heads, head_dim 64)
+   against 128 and 4096 cached positions in bf16, as the engine calls it, with 22 layers' caches in turn so
+   they come from memory: its time and the rate it reads the cache at.
+"""
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+LAYERS, KV_HEADS, GROUP, HEAD_DIM, POSITIONS = 22, 4, 8, 64, 4096
+
+
+def timed(fn: Callable, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bandwidth(x: torch.Tensor, reps: int) -> float:
+    return x.nbytes / timed(x.sum, reps)
+
+
+def products(reps: int, probe: torch.Tensor) -> None:
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        print("products: oneDNN can't pack bf16 weights on this CPU; skipped")
+        return
+    rows, k, n = 16, 2048, 5632
+    weights = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k).bfloat16(), rows) for _ in range(24)]
+    x = torch.randn(rows, k).bfloat16()
+
+    def product(w: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+    cached = timed(lambda: product(weights[0]), reps * 4)
+    streamed = timed(lambda: [product(w) for w in weights], reps) / len(weights)
+    read = k * n * 2 / bandwidth(probe, reps)
+    flops = 2 * rows * k * n
+    print(f"products, {rows} rows x packed bf16 {n}x{k}:")
+    print(f"  weight in cache    {cached * 1e6:7.0f} us  ({flops / cached / 1e9:.0f} GFLOP/s)")
+    print(f"  read its bytes     {read * 1e6:7.0f} us  (at the bandwidth measured now)")
+    print(f"  streamed           {streamed * 1e6:7.0f} us  (larger of the two {max(cached, read) * 1e6:.0f}, "
+          f"sum {(cached + read) * 1e6:.0f})")
+
+
+def attention(reps: int) -> None:
+    shape = (1, KV_HEADS, POSITIONS + 64, HEAD_DIM)
+    caches = [(torch.randn(shape).bfloat16(), torch.randn(shape).bfloat16()) for _ in range(LAYERS)]
+    q = torch.randn(1, KV_HEADS, GROUP, HEAD_DIM).bfloat16()
+    print(f"decoding attention, one layer, {KV_HEADS} KV heads x {GROUP} queries, bf16:")
+    for n in (128, POSITIONS):
+        t = timed(lambda: [F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n]) for k, v in caches],
+                  reps) / LAYERS
+        nbytes = 2 * KV_HEADS * n * HEAD_DIM * 2
+        print(f"  {n:5} positions    {t * 1e6:7.0f} us  (reads the cache at {nbytes / t / 1e9:.1f} GB/s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--reps", type=int, default=7)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    probe = torch.ones(128 << 20)  # 512 MiB
+    print(f"CPU {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
+          f"read bandwidth {bandwidth(probe, args.reps) / 1e9:.1f} GB/s")
+    products(args.reps, probe)
+    attention(args.reps)
+
+
+if __name__ == "__main__":
+    main()
