@@ -65,7 +65,7 @@ def attention(reps: int) -> None:
     q = torch.randn(1, KV_HEADS, GROUP, HEAD_DIM).bfloat16()
     print(f"decoding attention, one layer, {KV_HEADS} KV heads x {GROUP} queries, bf16:")
     for n in (128, POSITIONS):
-        t = timed(lambda: [F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n]) for k, v in caches],
+        t = timed(lambda n=n: [F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n]) for k, v in caches],
                   reps) / LAYERS
         nbytes = 2 * KV_HEADS * n * HEAD_DIM * 2
         print(f"  {n:5} positions    {t * 1e6:7.0f} us  (reads the cache at {nbytes / t / 1e9:.1f} GB/s)")
