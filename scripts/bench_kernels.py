@@ -13,28 +13,21 @@
 """
 
 import argparse
-import statistics
-import time
-from typing import Callable
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import timed  # noqa: E402
+
 LAYERS, KV_HEADS, GROUP, HEAD_DIM, POSITIONS = 22, 4, 8, 64, 4096
-
-
-def timed(fn: Callable, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+CPU = torch.device("cpu")
 
 
 def bandwidth(x: torch.Tensor, reps: int) -> float:
-    return x.nbytes / timed(x.sum, reps)
+    return x.nbytes / timed(x.sum, CPU, reps)
 
 
 def products(reps: int, probe: torch.Tensor) -> None:
@@ -48,8 +41,8 @@ def products(reps: int, probe: torch.Tensor) -> None:
     def product(w: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
-    cached = timed(lambda: product(weights[0]), reps * 4)
-    streamed = timed(lambda: [product(w) for w in weights], reps) / len(weights)
+    cached = timed(lambda: product(weights[0]), CPU, reps * 4)
+    streamed = timed(lambda: [product(w) for w in weights], CPU, reps) / len(weights)
     read = k * n * 2 / bandwidth(probe, reps)
     flops = 2 * rows * k * n
     print(f"products, {rows} rows x packed bf16 {n}x{k}:")
@@ -66,7 +59,7 @@ def attention(reps: int) -> None:
     print(f"decoding attention, one layer, {KV_HEADS} KV heads x {GROUP} queries, bf16:")
     for n in (128, POSITIONS):
         t = timed(lambda n=n: [F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n]) for k, v in caches],
-                  reps) / LAYERS
+                  CPU, reps) / LAYERS
         nbytes = 2 * KV_HEADS * n * HEAD_DIM * 2
         print(f"  {n:5} positions    {t * 1e6:7.0f} us  (reads the cache at {nbytes / t / 1e9:.1f} GB/s)")
 
