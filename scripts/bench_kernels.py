@@ -20,22 +20,20 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import timed  # noqa: E402
+from benchmark import read_rate, timed  # noqa: E402
+
+from llama.model import PACK_ROWS, can_pack  # noqa: E402
 
 LAYERS, KV_HEADS, GROUP, HEAD_DIM, POSITIONS = 22, 4, 8, 64, 4096
 CPU = torch.device("cpu")
 
 
-def bandwidth(x: torch.Tensor, reps: int) -> float:
-    return x.nbytes / timed(x.sum, CPU, reps)
-
-
 def products(reps: int, probe: torch.Tensor) -> None:
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if not can_pack():
         print("products: oneDNN can't pack bf16 weights on this CPU; skipped")
         return
     rows, k, n = 16, 2048, 5632
-    weights = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k).bfloat16(), rows) for _ in range(24)]
+    weights = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k).bfloat16(), PACK_ROWS) for _ in range(24)]
     x = torch.randn(rows, k).bfloat16()
 
     def product(w: torch.Tensor) -> torch.Tensor:
@@ -43,7 +41,7 @@ def products(reps: int, probe: torch.Tensor) -> None:
 
     cached = timed(lambda: product(weights[0]), CPU, reps * 4)
     streamed = timed(lambda: [product(w) for w in weights], CPU, reps) / len(weights)
-    read = k * n * 2 / bandwidth(probe, reps)
+    read = k * n * 2 / read_rate(probe, CPU, reps)
     flops = 2 * rows * k * n
     print(f"products, {rows} rows x packed bf16 {n}x{k}:")
     print(f"  weight in cache    {cached * 1e6:7.0f} us  ({flops / cached / 1e9:.0f} GFLOP/s)")
@@ -73,7 +71,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     probe = torch.ones(128 << 20)  # 512 MiB
     print(f"CPU {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
-          f"read bandwidth {bandwidth(probe, args.reps) / 1e9:.1f} GB/s")
+          f"read bandwidth {read_rate(probe, CPU, args.reps) / 1e9:.1f} GB/s")
     products(args.reps, probe)
     attention(args.reps)
 

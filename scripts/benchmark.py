@@ -63,6 +63,11 @@ def timed_in_turns(fns: Dict[int, Callable], device: torch.device, reps: int) ->
     return {key: statistics.median(t) for key, t in times.items()}
 
 
+def read_rate(x: torch.Tensor, device: torch.device, reps: int) -> float:
+    """Bytes/s of a reduction over x (the read bandwidth, for an x far larger than any cache)."""
+    return x.nbytes / timed(x.sum, device, reps)
+
+
 class Ceilings:
     """The machine's read bandwidth (bytes/s of a reduction over a tensor far larger than any cache) and matrix
     throughput (FLOP/s of a square matmul in the fastest dtype and size it has), measured again next to each figure:
@@ -86,16 +91,16 @@ class Ceilings:
         dtype (it is slow)."""
         emulated = self.device.type == "cpu" and dtype != torch.float32 and \
             not (dtype == torch.bfloat16 and cpu_has_native_bf16())
-        rates = [(self._rate(a), a) for n in ((512, 1024) if emulated else (2048, 4096))
-                 for a in [torch.randn(n, n, device=self.device).to(dtype)]]
-        return max(rates, key=lambda r: r[0])
+        sizes = (512, 1024) if emulated else (2048, 4096)
+        matrices = [torch.randn(n, n, device=self.device).to(dtype) for n in sizes]
+        return max(((self._rate(a), a) for a in matrices), key=lambda r: r[0])
 
     def _rate(self, a: torch.Tensor) -> float:
         """FLOP/s of a @ a."""
         return 2 * a.shape[0] ** 3 / timed(lambda: a @ a, self.device, self.reps)
 
     def bandwidth(self) -> float:
-        return self.x.nbytes / timed(self.x.sum, self.device, self.reps)
+        return read_rate(self.x, self.device, self.reps)
 
     def matmul(self) -> float:
         return self._rate(self.a)
