@@ -10,7 +10,7 @@ import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -205,25 +205,57 @@ class RowParallelLinear(_Packable, fs_layers.RowParallelLinear):
         return mappings.reduce_from_model_parallel_region(self.product(x))
 
 
+class Fused:
+    """Column-parallel layers fed the same input (wq, wk, wv; w1, w3), their weights made views of one
+    concatenated tensor: one product for all of them. On a GPU that is fewer kernels, each closer to the
+    bandwidth (one decoding step of the 7b shape on an H100: about 0.5 ms less out of 7). The layers keep
+    their own weights, names and state_dict entries. Where any layer's weight is no longer the view made here
+    (replaced, or moved with ``.to``), or with autograd, each layer computes alone."""
+
+    def __init__(self, *layers: ColumnParallelLinear):
+        self.layers = layers
+        self.weight = torch.cat([layer.weight.detach() for layer in layers])
+        self.sizes = [layer.weight.shape[0] for layer in layers]
+        for layer, part in zip(layers, self.weight.split(self.sizes)):
+            layer.weight = nn.Parameter(part, requires_grad=layer.weight.requires_grad)
+        self.views = [layer.weight.data_ptr() for layer in layers]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers' outputs, concatenated on the last dimension."""
+        if torch.is_grad_enabled() or [layer.weight.data_ptr() for layer in self.layers] != self.views:
+            return torch.cat([layer(x) for layer in self.layers], dim=-1)
+        return linear(x, self.weight)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """One fused call, which sums the squares in float32 whatever x's dtype (bf16 sums lose too much) and rounds
+    once, after the weight; Meta's rounds to x's dtype before it, which costs three more kernels on a GPU."""
+    return torch.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.norm = rms_norm  # or its compiled form (Transformer.compiled_elementwise)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the model's dtype (bf16 sums of squares lose too much), in one fused call.
-        return torch.rms_norm(x.float(), (x.shape[-1],), None, self.eps).type_as(x) * self.weight
+        return self.norm(x, self.weight, self.eps)
 
 
-def rope_tables(args: ModelArgs, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, (end, head_dim // 2), in float32."""
+def rope_tables(args: ModelArgs, end: int, device: torch.device) -> torch.Tensor:
+    """The rotary rotations cos + i sin of each position's angles, (end, head_dim // 2), complex64."""
     d = args.head_dim
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
     if args.use_scaled_rope:
         freqs = scale_rope_freqs(freqs)
     angles = torch.outer(torch.arange(end, device=device, dtype=torch.float32), freqs)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
 def scale_rope_freqs(freqs: torch.Tensor, factor: float = 8.0, low_freq_factor: float = 1.0,
@@ -238,24 +270,26 @@ def scale_rope_freqs(freqs: torch.Tensor, factor: float = 8.0, low_freq_factor: 
     return torch.where(wavelen > original_context / low_freq_factor, freqs / factor, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as Meta's complex-number code does.
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... in float32, multiplying them as complex numbers, as
+    Meta's code does: three kernels on a GPU, where the same in real arithmetic takes ten.
 
-    x: (batch, seq, heads, head_dim); cos, sin: (batch, seq, 1, head_dim // 2).
+    x: (batch, seq, heads, head_dim); rotations: (batch, seq, 1, head_dim // 2), complex.
     """
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+    z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(z * rotations).flatten(-2).type_as(x)
 
 
 @dataclass
 class Window:
-    """Where one forward pass sits: cache positions from start (None: training, no cache), cache rows, and the
-    rotary tables and attention mask for its tokens."""
-    start: Optional[int]
+    """Where one forward pass sits: the cache positions of its tokens (None: training, no cache), how many cache
+    positions from the first its attention reads, the cache rows, and the rotary rotations and additive attention
+    mask for its tokens. Positions are a tensor on the device, so that a step's kernels don't depend on where it
+    is (``Transformer.decode``)."""
+    positions: Optional[torch.Tensor]
+    keys: int
     rows: slice
-    cos: torch.Tensor
-    sin: torch.Tensor
+    rotations: torch.Tensor
     mask: Optional[torch.Tensor]
 
 
@@ -275,6 +309,8 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True, **kw)
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
+        self.wqkv: Optional[Fused] = None  # Transformer.fuse_weights
+        self.rope = apply_rope  # or its compiled form (Transformer.compiled_elementwise)
 
     def allocate_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
         # (batch, kv_heads, seq, head_dim): the layout attention reads, so no per-step transpose of the cache.
@@ -284,24 +320,25 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, w: Window) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim), w.cos, w.sin)
-        k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim), w.cos, w.sin)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        gqa = self.n_local_heads != self.n_local_kv_heads
-        if w.start is None:  # training: whole sequences at once, no cache
+        heads, kv_heads = self.n_local_heads, self.n_local_kv_heads
+        qkv = self.wqkv(x) if self.wqkv is not None else torch.cat((self.wq(x), self.wk(x), self.wv(x)), dim=-1)
+        qkv = qkv.view(bsz, seqlen, heads + 2 * kv_heads, self.head_dim)
+        qk = self.rope(qkv[:, :, :heads + kv_heads], w.rotations)  # queries and keys in one rotation
+        q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads:]
+        gqa = heads != kv_heads
+        if w.positions is None:  # training: whole sequences at once, no cache
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  is_causal=True, enable_gqa=gqa)
         else:
-            end = w.start + seqlen
-            self.cache_k[w.rows, :, w.start:end] = k.transpose(1, 2)
-            self.cache_v[w.rows, :, w.start:end] = v.transpose(1, 2)
-            keys, values = self.cache_k[w.rows, :, :end], self.cache_v[w.rows, :, :end]
+            self.cache_k[w.rows].index_copy_(2, w.positions, k.transpose(1, 2))
+            self.cache_v[w.rows].index_copy_(2, w.positions, v.transpose(1, 2))
+            keys, values = self.cache_k[w.rows, :, :w.keys], self.cache_v[w.rows, :, :w.keys]
             if seqlen == 1:
                 # Decoding: the query heads that share a KV head go in as the queries of one head (the mask,
                 # (bsz, 1, 1, keys), broadcasts over them). enable_gqa's CPU kernel is 10-20x slower here.
-                group = q.view(bsz, self.n_local_kv_heads, -1, self.head_dim)
+                group = q.reshape(bsz, kv_heads, -1, self.head_dim)
                 out = F.scaled_dot_product_attention(group, keys, values, attn_mask=w.mask)
-                out = out.view(bsz, self.n_local_heads, 1, self.head_dim)
+                out = out.reshape(bsz, heads, 1, self.head_dim)  # CUDA's kernels return it strided
             else:
                 out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=w.mask,
                                                      enable_gqa=gqa)
@@ -315,9 +352,12 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(dim, hidden_dim, gather_output=False, **kw)
         self.w2 = RowParallelLinear(hidden_dim, dim, input_is_parallel=True, **kw)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, gather_output=False, **kw)
+        self.w13: Optional[Fused] = None  # Transformer.fuse_weights
+        self.swiglu = swiglu  # or its compiled form (Transformer.compiled_elementwise)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1) if self.w13 is not None else (self.w1(x), self.w3(x))
+        return self.w2(self.swiglu(gate, up))
 
 
 class TransformerBlock(nn.Module):
@@ -352,8 +392,9 @@ class Transformer(nn.Module):
             self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False,
                                                          init_method=lambda w: w)
         self.norm = RMSNorm(params.dim, params.norm_eps)
-        self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._rope: Optional[torch.Tensor] = None
         self.compute_dtype: Optional[torch.dtype] = None  # set with the KV cache
+        self._compiled: Optional[tuple[Callable, ...]] = None  # compiled_elementwise
 
     def setup_cache(self, max_batch_size: Optional[int] = None, max_seq_len: Optional[int] = None,
                     compute_dtype: Optional[torch.dtype] = None) -> None:
@@ -387,6 +428,40 @@ class Transformer(nn.Module):
                 count += 1
         return count
 
+    def fuse_weights(self) -> None:
+        """Make each layer's wq, wk, wv one product, and its w1, w3 another (``Fused``). Each fused tensor is
+        allocated before its parts are let go of, so drop other references to the weights first (the loaded
+        state dict), or they stay allocated beside it."""
+        for layer in self.layers:
+            a, f = layer.attention, layer.feed_forward
+            a.wqkv, f.w13 = Fused(a.wq, a.wk, a.wv), Fused(f.w1, f.w3)
+
+    @contextmanager
+    def compiled_elementwise(self) -> Iterator[None]:
+        """Within it, RMSNorm, the rotary rotation and SwiGLU's gate run compiled by torch.compile (one kernel
+        each, where eager PyTorch launches up to three), the products and attention left to cuBLAS and cuDNN.
+        For capturing CUDA graphs (``llama.graphs``): a replayed step runs the compiled kernels without the
+        host-side cost of calling them, which makes eager calls such as a prefill slower (7b shape on an H100,
+        a 128-token prefill: 12 ms eager, 48 ms compiled). Compiled once per model, for any batch size."""
+        if self._compiled is None:
+            self._compiled = tuple(torch.compile(f, dynamic=True) for f in (rms_norm, apply_rope, swiglu))
+        self._use_elementwise(*self._compiled)
+        try:
+            with warnings.catch_warnings():  # the rotation is complex: Inductor says it keeps those ops as they are
+                warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
+                yield
+        finally:
+            self._use_elementwise(rms_norm, apply_rope, swiglu)
+
+    def _use_elementwise(self, norm: Callable, rope: Callable, gate: Callable) -> None:
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.norm = norm
+            elif isinstance(m, Attention):
+                m.rope = rope
+            elif isinstance(m, FeedForward):
+                m.swiglu = gate
+
     def packed_weights(self) -> int:
         """How many weights have a packed copy now (``pack_weights``; edits and replacements drop theirs)."""
         return sum(isinstance(m, _Packable) and m.blocked is not None for m in self.modules())
@@ -402,27 +477,47 @@ class Transformer(nn.Module):
         last_only: return the logits of the last position only, (batch, 1, vocab): all that sampling needs.
         """
         bsz, seqlen = tokens.shape
-        weight = self.output.weight
+        self._check_cache(first_row + bsz, start_pos + seqlen)
+        positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
+        return self._run(tokens, positions, start_pos + seqlen, first_row, left_pad,
+                         masked=seqlen > 1 or left_pad is not None, last_only=last_only)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, left_pad: torch.Tensor, keys: int) -> torch.Tensor:
+        """Logits (batch, 1, vocab) of one decoding step, like ``forward(tokens, pos, left_pad=left_pad,
+        last_only=True)``, but with nothing in it that depends on the position's value: pos is a 0-dim tensor on
+        the device, and attention reads the first ``keys`` cache positions with those after pos masked. So one
+        capture of its kernels (a CUDA graph, ``llama.graphs``) serves every position below keys. The caller
+        keeps pos < keys (checking it here would wait for the device)."""
+        self._check_cache(tokens.shape[0], keys)
+        return self._run(tokens, pos.view(1), keys, 0, left_pad, masked=True, last_only=True)
+
+    def _check_cache(self, rows: int, positions: int) -> None:
+        """Allocate the cache on first use (or after ``.to(device)``); fail clearly if it is too small."""
         cache = self.layers[0].attention.cache_k
-        if cache is None or cache.device != weight.device:
-            self.setup_cache()  # first use, or after .to(device)
+        if cache is None or cache.device != self.output.weight.device:
+            self.setup_cache()
             cache = self.layers[0].attention.cache_k
-        if first_row + bsz > cache.shape[0] or start_pos + seqlen > cache.shape[2]:
-            raise ValueError(f"batch {first_row + bsz} x positions up to {start_pos + seqlen} exceed the KV cache "
+        if rows > cache.shape[0] or positions > cache.shape[2]:
+            raise ValueError(f"batch {rows} x positions up to {positions} exceed the KV cache "
                              f"({cache.shape[0]} x {cache.shape[2]}): raise max_batch_size / max_seq_len")
-        device = tokens.device
-        q_pos = torch.arange(start_pos, start_pos + seqlen, device=device)
-        pad = left_pad if left_pad is not None else torch.zeros(bsz, dtype=torch.long, device=device)
-        rope_pos = (q_pos[None, :] - pad[:, None]).clamp(min=0)  # (bsz, seqlen)
-        cos, sin = (t[rope_pos].unsqueeze(2) for t in self._rope)
+
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, keys: int, first_row: int,
+             left_pad: Optional[torch.Tensor], masked: bool, last_only: bool) -> torch.Tensor:
+        """The forward pass of tokens at cache positions (a tensor), attention reading cache positions 0..keys."""
+        bsz = tokens.shape[0]
+        pad = left_pad if left_pad is not None else torch.zeros(bsz, dtype=torch.long, device=tokens.device)
+        rope_pos = (positions[None, :] - pad[:, None]).clamp(min=0)  # (bsz, seqlen)
         mask = None
-        if seqlen > 1 or left_pad is not None:
-            k_pos = torch.arange(start_pos + seqlen, device=device)
+        if masked:
+            k_pos = torch.arange(keys, device=tokens.device)[None, None, :]
+            q_pos = positions[None, :, None]
             # Causal, and no key in a row's padding, except a padding query's own slot (avoids all-masked rows).
-            mask = (k_pos[None, None, :] <= q_pos[None, :, None]) & (
-                (k_pos[None, None, :] >= pad[:, None, None]) | (k_pos[None, None, :] == q_pos[None, :, None]))
-            mask = mask.unsqueeze(1)  # (bsz, 1, seqlen, keys)
-        w = Window(start_pos, slice(first_row, first_row + bsz), cos, sin, mask)
+            allowed = ((k_pos <= q_pos) & ((k_pos >= pad[:, None, None]) | (k_pos == q_pos))).unsqueeze(1)
+            # Additive, made once here: given as booleans, attention would convert them in every layer.
+            mask = torch.zeros(allowed.shape, dtype=self.compute_dtype, device=tokens.device)
+            mask.masked_fill_(allowed.logical_not(), float("-inf"))
+        w = Window(positions, keys, slice(first_row, first_row + bsz), self._rope[rope_pos].unsqueeze(2), mask)
         h = self.tok_embeddings(tokens).to(self.compute_dtype)
         for layer in self.layers:
             h = layer(h, w)
@@ -433,11 +528,10 @@ class Transformer(nn.Module):
     def forward_train(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (batch, seqlen, vocab) of whole sequences from position 0, with autograd and without the KV
         cache: for training (scripts/train_demo.py), where forward's inference mode and cache don't belong."""
-        if self._rope is None or self._rope[0].shape[0] < tokens.shape[1]:
+        if self._rope is None or self._rope.shape[0] < tokens.shape[1]:
             self._rope = rope_tables(self.params, max(tokens.shape[1], self.params.max_seq_len), tokens.device)
-        cos, sin = (t[: tokens.shape[1]][None, :, None, :] for t in self._rope)
         h = self.tok_embeddings(tokens)
-        w = Window(None, slice(None), cos, sin, None)
+        w = Window(None, tokens.shape[1], slice(None), self._rope[: tokens.shape[1]][None, :, None, :], None)
         for layer in self.layers:
             h = layer(h, w)
         return self.output(self.norm(h)).float()

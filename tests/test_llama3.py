@@ -56,8 +56,9 @@ def test_scaled_rope_frequencies_follow_llama31():
     want = torch.tensor([scaled_freq(float(f)) for f in base], dtype=torch.float64)
     torch.testing.assert_close(scale_rope_freqs(base.float()).double(), want, rtol=1e-6, atol=0)
     assert (want == base).any() and (want == base / 8).any() and ((want != base) & (want != base / 8)).any()
-    cos, sin = rope_tables(args, 10000, torch.device("cpu"))
-    torch.testing.assert_close(cos[9999].double(), torch.cos(9999 * want), rtol=0, atol=2e-3)
+    rotations = rope_tables(args, 10000, torch.device("cpu"))
+    torch.testing.assert_close(rotations[9999].real.double(), torch.cos(9999 * want), rtol=0, atol=2e-3)
+    torch.testing.assert_close(rotations[9999].imag.double(), torch.sin(9999 * want), rtol=0, atol=2e-3)
 
 
 @pytest.mark.parametrize("params", [LLAMA3, LLAMA31, CODE_LLAMA], ids=["llama3", "llama3.1", "code-llama"])

@@ -98,6 +98,34 @@ def test_left_padded_rows_equal_unpadded(make_ckpt):
     torch.testing.assert_close(step[0, 0].double(), want, rtol=1e-4, atol=1e-4)
 
 
+def test_fused_weights_match_reference_and_follow_edits(make_ckpt):
+    """wq/wk/wv and w1/w3 as one product each (as on a GPU): the same logits, the same state_dict, and weights
+    edited in place or replaced afterwards are the ones used."""
+    ckpt, state = make_ckpt(GQA)
+    model = build_model(ckpt, state)
+    model.fuse_weights()
+    weights = {k: v for k, v in state.items() if k != "rope.freqs"}
+    assert model.state_dict().keys() == weights.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    attention = model.layers[0].attention
+    assert attention.wk.weight.data_ptr() == attention.wqkv.weight.data_ptr() + attention.wq.weight.nbytes
+    tokens = prompt(16)
+
+    def check(state):
+        got = model.forward(torch.tensor([tokens]), 0)[0]
+        torch.testing.assert_close(got.double(), reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens),
+                                   rtol=1e-4, atol=1e-4)
+    check(state)
+    edited = {**weights, "layers.0.attention.wk.weight": -weights["layers.0.attention.wk.weight"],
+              "layers.1.feed_forward.w3.weight": 2 * weights["layers.1.feed_forward.w3.weight"]}
+    model.load_state_dict(edited)  # in place: into the fused tensors
+    assert attention.wk.weight.data_ptr() == attention.wqkv.weight.data_ptr() + attention.wq.weight.nbytes
+    check(edited)
+    replaced = {**edited, "layers.1.feed_forward.w1.weight": weights["layers.1.feed_forward.w1.weight"] / 2}
+    model.load_state_dict({k: v.clone() for k, v in replaced.items()}, assign=True)  # new tensors: computed alone
+    check(replaced)
+
+
 def test_cache_overflow_is_a_clear_error(make_ckpt):
     ckpt, state = make_ckpt(MHA)
     model = build_model(ckpt, state, max_batch_size=2, max_seq_len=16)
