@@ -30,12 +30,13 @@ DIALOGS: List[Dialog] = [
 
 def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, temperature: float = 0.6,
          top_p: float = 0.9, max_seq_len: int = 512, max_gen_len: Optional[int] = None, max_batch_size: int = 4,
-         device: Optional[str] = None, dtype: Optional[str] = None):
+         device: Optional[str] = None, dtype: Optional[str] = None, compile_elementwise: bool = False):
     ckpt_dir, tokenizer_path, demo = checkpoint_or_demo(ckpt_dir, tokenizer_path)
     if demo and max_gen_len is None:
         max_gen_len = DEMO_MAX_GEN_LEN
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
-                            max_batch_size=max_batch_size, device=device, dtype=dtype)
+                            max_batch_size=max_batch_size, device=device, dtype=dtype,
+                            compile_elementwise=compile_elementwise)
     results = generator.chat_completion(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
     for dialog, result in zip(DIALOGS, results):
         for message in dialog:

@@ -10,6 +10,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_
 
 from . import checkpoint, distributed
 from .chat import UNSAFE_ERROR, Dialog, Message, chat_format
+from .graphs import GraphedDecoder
 from .model import ModelArgs, Transformer, can_pack
 from .sampling import sample
 from .tokenizer import Tokenizer
@@ -105,7 +106,8 @@ class Llama:
     def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int,
               model_parallel_size: Optional[int] = None, seed: int = 1, *,
               device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,
-              pack_weights: Optional[bool] = None) -> "Llama":
+              pack_weights: Optional[bool] = None, cuda_graphs: Optional[bool] = None,
+              compile_elementwise: bool = False) -> "Llama":
         """Load a checkpoint saved in Meta's format, with or without torchrun, on CPU or GPU.
 
         model_parallel_size defaults to the world size (1 without a launcher). Any error is raised on
@@ -113,6 +115,11 @@ class Llama:
         pack_weights: keep the weights in oneDNN's blocked layout (``Transformer.pack_weights``): decoding a
         batch and prefilling get faster, loading slower by about a second per 2 GB. By default, wherever the
         weights are bf16 and computed in bf16 on the CPU (a CPU with native bf16).
+        cuda_graphs: decode from CUDA graphs (``llama.graphs``), which removes the cost of launching each step's
+        hundreds of kernels from Python. By default, on a GPU with one process.
+        compile_elementwise: capture the CUDA graphs with the small element-wise kernels compiled by
+        torch.compile (``Transformer.compiled_elementwise``): the fastest decoding, after a compilation of some
+        seconds on first use. Prefill stays eager.
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or value < 1:
@@ -136,6 +143,9 @@ class Llama:
             del ckpt  # unmaps what the model doesn't use
             model = Transformer(args)
             model.load_state_dict(state, strict=True, assign=True)
+            del state
+            if device.type == "cuda":  # on a CPU the weights stay mapped from the files, or packed one by one
+                model.fuse_weights()
             model.setup_cache(compute_dtype=compute)
             packable = device.type == "cpu" and dtype == compute == torch.bfloat16 and can_pack()
             if pack_weights and not packable:
@@ -143,25 +153,43 @@ class Llama:
                                  f"packs bf16; here the weights are {dtype} on {device}, computed in {compute}"
                                  f"{'' if can_pack() else ', and oneDNN cannot'}: leave pack_weights unset")
             packed = model.pack_weights() if packable and pack_weights is not False else 0
+            graphable = device.type == "cuda" and world == 1
+            if cuda_graphs and not graphable:
+                raise ValueError(f"cuda_graphs=True needs a CUDA device and one process; here the device is {device} "
+                                 f"with {world} process(es): leave cuda_graphs unset")
+            graphs = graphable if cuda_graphs is None else cuda_graphs
+            if compile_elementwise and not graphs:
+                raise ValueError("compile_elementwise=True compiles the kernels of the CUDA graphs, which need a CUDA "
+                                 f"device and one process (here {device}, {world} process(es)) and cuda_graphs not "
+                                 "False: leave compile_elementwise unset")
         except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, not leave them waiting
             error = e
         if not distributed.all_ok(error is None, device):
             raise error or RuntimeError("another rank failed to load the checkpoint: see its error")
         if distributed.rank() == 0:
-            log.info("loaded %s on %d process(es) in %.2f s: %s, weights in %s%s, computing in %s%s", ckpt_dir,
+            log.info("loaded %s on %d process(es) in %.2f s: %s, weights in %s%s, computing in %s%s%s", ckpt_dir,
                      world, time.perf_counter() - start, device, str(dtype).removeprefix("torch."),
                      f" ({packed} packed for oneDNN)" if packed else "",
-                     str(model.compute_dtype).removeprefix("torch."),
+                     str(model.compute_dtype).removeprefix("torch."), ", decoding from CUDA graphs" if graphs else "",
                      "" if requested else f" (picked for this machine: {_cpu_name(device)})")
-        return Llama(model, tokenizer, seed)
+        return Llama(model, tokenizer, seed, cuda_graphs=graphs, compile_elementwise=compile_elementwise)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, cuda_graphs: bool = False,
+                 compile_elementwise: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = chat_format(tokenizer)
         self.device = model.output.weight.device
         # A generator of our own: sampling is reproducible without touching torch's global RNG.
         self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.decoder = GraphedDecoder(model, compile_elementwise) if cuda_graphs else None
+
+    def decode_step(self, tokens: torch.Tensor, pos: int, left_pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (batch, 1, vocab) of tokens (batch, 1) at cache position pos in cache rows 0..batch: the model's
+        forward, or the replay of a CUDA graph of it when built with cuda_graphs."""
+        if self.decoder is not None:
+            return self.decoder(tokens, pos, left_pad)
+        return self.model.forward(tokens, pos, left_pad=left_pad, last_only=True)
 
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False,
@@ -207,7 +235,7 @@ class Llama:
             if pos + 1 == total_len or bool(done.all()):
                 total_len = pos + 1
                 break
-            logits = self.model.forward(tokens[:, pos:pos + 1], pos, left_pad=pad, last_only=True)[:, -1]
+            logits = self.decode_step(tokens[:, pos:pos + 1], pos, left_pad=pad)[:, -1]
 
         out_tokens: List[List[int]] = [[] for _ in range(bsz)]
         out_logprobs: List[List[float]] = [[] for _ in range(bsz)]

@@ -30,7 +30,7 @@ def test_build_does_not_change_torch_defaults(make_ckpt, tokenizer_path):
 def test_default_dtype_is_picked_for_the_machine(make_ckpt, tokenizer_path):
     from llama.generation import cpu_has_native_bf16
     ckpt, _ = make_ckpt(MHA)
-    g = Llama.build(ckpt, tokenizer_path, max_seq_len=32, max_batch_size=2)
+    g = Llama.build(ckpt, tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu")
     x86 = torch.backends.cpu.get_cpu_capability().startswith("AVX")
     assert g.model.output.weight.dtype == (torch.bfloat16 if x86 else torch.float32)
     # Without native bf16, products and the KV cache are float32 (bf16 matrix products are emulated there).
@@ -43,7 +43,7 @@ def test_bf16_weights_with_float32_compute_match_reference(make_ckpt, tokenizer_
     import llama.model
     monkeypatch.setattr(llama.model, "CONVERT_BYTES", convert_bytes)  # a weight converted in one block or many
     ckpt, state = make_ckpt(GQA)
-    g = Llama.build(ckpt, tokenizer_path, 64, 4, dtype="bfloat16")
+    g = Llama.build(ckpt, tokenizer_path, 64, 4, device="cpu", dtype="bfloat16")
     g.model.setup_cache(compute_dtype=torch.float32)  # the CPU-without-native-bf16 path, on any machine
     prompt = g.tokenizer.encode("The quick brown fox jumps over", bos=True, eos=False)
     # Wide products (the prompt) convert the bf16 weights; narrow ones (one token) run in bf16.

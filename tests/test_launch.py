@@ -53,6 +53,15 @@ def test_bad_checkpoint_exits_1_on_every_rank_without_hanging(tmp_path, tokenize
     assert "error: checkpoint directory" in launched.stderr and "ValueError" not in launched.stderr
 
 
+def test_compile_elementwise_without_cuda_graphs_exits_1_on_every_rank(make_ckpt, tokenizer_path):
+    ckpt, _ = make_ckpt(GQA, mp=2)
+    result = torchrun(2, "example_text_completion.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
+                      "--device", "cpu", "--compile_elementwise", timeout=120)
+    assert result.returncode == 1
+    assert "error: compile_elementwise=True compiles the kernels of the CUDA graphs" in result.stderr
+    assert "ValueError" not in result.stderr  # one line per rank, not a traceback (torchrun adds its own)
+
+
 def test_build_twice_in_one_python_session_without_launcher(make_ckpt, tokenizer_path):
     ckpt, _ = make_ckpt(GQA)
     code = f"""

@@ -1,0 +1,84 @@
+"""Decoding steps replayed from CUDA graphs.
+
+A decoding step of a 7B model launches about 700 small kernels; launched one by one from Python, on an H100,
+the launches take longer than the kernels, whose work (reading 13.5 GB of weights) is about 4.5 ms. A CUDA
+graph records a step's kernels once and replays them with one launch. A graph fixes every shape and address,
+so a step is captured through ``Transformer.decode``, whose kernels don't depend on the position, once per
+batch size and per bucket of ``BUCKET`` cache positions (attention reads up to the bucket's end, the rest
+masked): a few dozen captures over a long generation, each one step's time.
+"""
+
+from contextlib import nullcontext
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .model import Transformer
+
+BUCKET = 256  # cache positions per captured graph: at most this many more read per step than needed
+
+
+class GraphedDecoder:
+    """``decoder(tokens, pos, left_pad)`` returns what ``model.forward(tokens, pos, left_pad=left_pad,
+    last_only=True)`` does, for one token per row in cache rows 0..batch, from a replayed CUDA graph.
+
+    The graphs hold the addresses of the model's weights and KV cache: a cache allocated anew (``setup_cache``)
+    is noticed and the graphs captured again; weights replaced by other tensors after the first step are not
+    (edit them in place, or make a new decoder).
+    """
+
+    def __init__(self, model: Transformer, compile_elementwise: bool = False):
+        self.model = model
+        self.compile_elementwise = compile_elementwise  # capture with Transformer.compiled_elementwise
+        self.pool = None  # one memory pool for all the graphs: steps never run at the same time
+        self.inputs: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # batch -> tokens, pos, pad
+        self.graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (batch, keys) -> ...
+        self.cache: Optional[torch.Tensor] = None
+
+    def __call__(self, tokens: torch.Tensor, pos: int, left_pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        cache = self.model.layers[0].attention.cache_k
+        if cache is None or cache is not self.cache:
+            self.model._check_cache(1, 1)  # allocates it on first use
+            self.graphs.clear()
+            # A pool whose graphs are all gone is released and can't be captured into again: start a new one.
+            self.pool = torch.cuda.graph_pool_handle()
+            self.cache = self.model.layers[0].attention.cache_k
+        bsz, max_seq_len = tokens.shape[0], self.cache.shape[2]
+        if tokens.shape[1] != 1 or pos + 1 > max_seq_len or bsz > self.cache.shape[0]:
+            raise ValueError(f"a decoding step takes one token per row at a position below max_seq_len "
+                             f"{max_seq_len}, in at most {self.cache.shape[0]} rows; got {tuple(tokens.shape)} "
+                             f"at position {pos}")
+        if bsz not in self.inputs:
+            self.inputs[bsz] = (torch.empty_like(tokens), torch.empty((), dtype=torch.long, device=tokens.device),
+                                torch.empty(bsz, dtype=torch.long, device=tokens.device))
+        static_tokens, static_pos, static_pad = self.inputs[bsz]
+        static_tokens.copy_(tokens)
+        static_pos.fill_(pos)
+        if left_pad is None:
+            static_pad.zero_()
+        else:
+            static_pad.copy_(left_pad)
+        keys = min(max_seq_len, (pos // BUCKET + 1) * BUCKET)
+        if (bsz, keys) not in self.graphs:
+            self.graphs[(bsz, keys)] = self._capture(bsz, keys)
+        graph, logits = self.graphs[(bsz, keys)]
+        graph.replay()
+        return logits.clone()  # the next replay of any graph in the pool may overwrite it
+
+    def _capture(self, bsz: int, keys: int) -> Tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Record one step of bsz rows reading keys cache positions. It is run twice first, on a side stream as
+        capture wants (the first runs of some kernels allocate workspaces); those runs write this step's own
+        keys and values into the cache, as its replay is about to do anyway."""
+        tokens, pos, pad = self.inputs[bsz]
+        step = lambda: self.model.decode(tokens, pos, pad, keys)  # noqa: E731
+        with self.model.compiled_elementwise() if self.compile_elementwise else nullcontext():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = step()
+        return graph, logits

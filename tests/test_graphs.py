@@ -1,0 +1,89 @@
+"""Decoding with shapes that don't depend on the position (Transformer.decode) and its CUDA graphs
+(llama.graphs), against the float64 reference. The CUDA tests run only where torch sees a GPU."""
+
+import pytest
+import torch
+
+import llama.graphs
+from llama import Llama
+
+from conftest import GQA, MHA, VOCAB
+from reference import logits as reference_logits
+from test_model import build_model, prompt
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def fill_cache_with_noise(model) -> None:
+    """Large values everywhere in the cache, as a longer earlier generation would leave: whatever lies past a
+    step's position must be masked out, not merely zero."""
+    for layer in model.layers:
+        for cache in (layer.attention.cache_k, layer.attention.cache_v):
+            cache.normal_(0, 100)
+
+
+@pytest.mark.parametrize("params", [MHA, GQA], ids=["mha", "gqa"])
+def test_decode_reading_a_fixed_key_count_matches_reference(make_ckpt, params):
+    ckpt, state = make_ckpt(params)
+    model = build_model(ckpt, state, max_seq_len=48)
+    fill_cache_with_noise(model)
+    rows = [prompt(5, 3), prompt(12, 4)]
+    pad = torch.tensor([7, 0])
+    model.forward(torch.tensor([[0] * 7 + rows[0], rows[1]]), 0, left_pad=pad)
+    for pos in range(12, 20):
+        nxt = [pos * 7 % VOCAB, pos * 13 % VOCAB]
+        got = model.decode(torch.tensor([[t] for t in nxt]), torch.tensor(pos), pad, keys=48)
+        for row, t, logits in zip(rows, nxt, got):
+            row.append(t)
+            want = reference_logits(state, {**params, "vocab_size": VOCAB}, row)[-1]
+            torch.testing.assert_close(logits[0].double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_graphs_and_compiling_need_a_gpu(make_ckpt, tokenizer_path):
+    ckpt, _ = make_ckpt(MHA)
+    assert Llama.build(ckpt, tokenizer_path, 32, 2, device="cpu").decoder is None
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
+        Llama.build(ckpt, tokenizer_path, 32, 2, device="cpu", cuda_graphs=True)
+    with pytest.raises(ValueError, match="compile_elementwise=True compiles the kernels of the CUDA graphs"):
+        Llama.build(ckpt, tokenizer_path, 32, 2, device="cpu", compile_elementwise=True)
+
+
+@cuda
+@pytest.mark.parametrize("params", [MHA, GQA], ids=["mha", "gqa"])
+def test_graphed_steps_match_reference_across_buckets(make_ckpt, tokenizer_path, monkeypatch, params):
+    monkeypatch.setattr(llama.graphs, "BUCKET", 8)  # steps 12..29 cross three buckets
+    ckpt, state = make_ckpt(params)
+    g = Llama.build(ckpt, tokenizer_path, max_seq_len=40, max_batch_size=2, device="cuda", dtype="float32")
+    assert g.decoder is not None  # on by default on a GPU
+    fill_cache_with_noise(g.model)
+    rows = [prompt(5, 3), prompt(12, 4)]
+    pad = torch.tensor([7, 0], device="cuda")
+    g.model.forward(torch.tensor([[0] * 7 + rows[0], rows[1]], device="cuda"), 0, left_pad=pad)
+    for pos in range(12, 30):
+        if pos == 21:  # a cache allocated anew: the graphs are captured again, on the new addresses
+            old = [(layer.attention.cache_k, layer.attention.cache_v) for layer in g.model.layers]
+            g.model.setup_cache(2, 40)
+            for layer, (k, v) in zip(g.model.layers, old):
+                layer.attention.cache_k.copy_(k)
+                layer.attention.cache_v.copy_(v)
+        nxt = [pos * 7 % VOCAB, pos * 13 % VOCAB]
+        got = g.decode_step(torch.tensor([[t] for t in nxt], device="cuda"), pos, pad)
+        for row, t, logits in zip(rows, nxt, got.cpu()):
+            row.append(t)
+            want = reference_logits(state, {**params, "vocab_size": VOCAB}, row)[-1]
+            torch.testing.assert_close(logits[0].double(), want, rtol=1e-3, atol=1e-3)
+    assert {keys for _, keys in g.decoder.graphs} == {24, 32}  # captured again after the new cache
+
+
+@cuda
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager_kernels", "compiled_kernels"])
+def test_graphed_generation_equals_eager(make_ckpt, tokenizer_path, compiled):
+    ckpt, _ = make_ckpt(GQA)
+    runs = [Llama.build(ckpt, tokenizer_path, 64, 3, device="cuda", dtype="float32", cuda_graphs=graphs,
+                        compile_elementwise=compiled and graphs) for graphs in (True, False)]
+    prompts = [prompt(3, 5), prompt(17, 6), prompt(9, 7)]
+    (graphed, graphed_logprobs), (eager, eager_logprobs) = (g.generate(prompts, 40, temperature=0, logprobs=True)
+                                                            for g in runs)
+    assert graphed == eager and sum(map(len, graphed)) > 60
+    for a, b in zip(graphed_logprobs, eager_logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-4)
