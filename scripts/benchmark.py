@@ -88,10 +88,10 @@ class Ceilings:
     def _fastest(self, dtype: torch.dtype) -> Tuple[float, torch.Tensor]:
         """The best rate over square sizes, and the matrix that gave it: which size runs fastest depends on the
         machine (here 2048² ran 10-15 % faster than 4096²). Smaller sizes where the CPU only emulates the
-        dtype (it is slow)."""
+        dtype (it is slow), larger ones on a GPU (it needs them to be busy)."""
         emulated = self.device.type == "cpu" and dtype != torch.float32 and \
             not (dtype == torch.bfloat16 and cpu_has_native_bf16())
-        sizes = (512, 1024) if emulated else (2048, 4096)
+        sizes = (512, 1024) if emulated else (2048, 4096) if self.device.type == "cpu" else (4096, 8192)
         matrices = [torch.randn(n, n, device=self.device).to(dtype) for n in sizes]
         return max(((self._rate(a), a) for a in matrices), key=lambda r: r[0])
 
@@ -110,7 +110,7 @@ def decode_steps(g: Llama, batch: int, cached: Tuple[int, ...], reps: int) -> Di
     """Seconds for one decode step of `batch` rows with each count of positions cached before it, measured in
     turns. Attention reads the cache whatever it holds, so it is not filled first."""
     tokens = torch.ones(batch, 1, dtype=torch.long, device=g.device)
-    return timed_in_turns({n: lambda n=n: g.model.forward(tokens, n, last_only=True) for n in cached}, g.device, reps)
+    return timed_in_turns({n: lambda n=n: g.decode_step(tokens, n) for n in cached}, g.device, reps)
 
 
 def prefill(g: Llama, batch: int, length: int, reps: int) -> float:
@@ -141,7 +141,7 @@ def mixed_token_by_token(g: Llama) -> float:
     for pos in range(min(MIXED), total):
         tokens[:, pos] = torch.where(known[:, pos], tokens[:, pos], logits[:, -1].argmax(-1))
         if pos + 1 < total:
-            logits = g.model.forward(tokens[:, pos:pos + 1], pos, last_only=True)
+            logits = g.decode_step(tokens[:, pos:pos + 1], pos)
     sync(g.device)
     return time.perf_counter() - start
 
@@ -238,6 +238,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="default: what the engine picks for the machine")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--no-pack", action="store_true", help="Llama.build(pack_weights=False)")
+    parser.add_argument("--no-graphs", action="store_true", help="Llama.build(cuda_graphs=False)")
+    parser.add_argument("--compile", action="store_true", help="Llama.build(compile_elementwise=True)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--token-by-token", action="store_true", help="also time the reference's way")
     parser.add_argument("--vs-hf", action="store_true", help="also run Hugging Face transformers")
@@ -251,7 +253,8 @@ def main() -> None:
     ceil = Ceilings(device, args.reps)
     start = time.perf_counter()
     g = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=4160, max_batch_size=16,
-                    device=device, dtype=args.dtype, pack_weights=False if args.no_pack else None)
+                    device=device, dtype=args.dtype, pack_weights=False if args.no_pack else None,
+                    cuda_graphs=False if args.no_graphs else None, compile_elementwise=args.compile)
     load_s = time.perf_counter() - start
     p = g.model.params
     n_params = sum(t.numel() for t in g.model.parameters())
@@ -261,7 +264,9 @@ def main() -> None:
         f"CPU {torch.backends.cpu.get_cpu_capability()} (native bf16: {cpu_has_native_bf16()})"
     packed = g.model.packed_weights() > 0
     print(f"machine: {machine}, {torch.get_num_threads()} threads; weights {g.model.output.weight.dtype}"
-          f"{' (packed for oneDNN)' if packed else ''}, compute {g.model.compute_dtype}; "
+          f"{' (packed for oneDNN)' if packed else ''}, compute {g.model.compute_dtype}"
+          f"{', decoding from CUDA graphs' if g.decoder else ''}"
+          f"{', element-wise kernels compiled' if args.compile else ''}; "
           f"{n_params / 1e9:.2f} B parameters, {weight_bytes / 1e9:.2f} GB")
     first = {"bandwidth": ceil.bandwidth(), "matmul": ceil.matmul()}
     print(f"ceilings at the start: read {first['bandwidth'] / 1e9:.1f} GB/s, matmul {first['matmul'] / 1e9:.0f} "
@@ -291,13 +296,17 @@ def main() -> None:
         t_ref = mixed_token_by_token(g)
         rows.append(("  same, token by token", t_ref, "s", None, ""))
         rows.append(("  speed-up", t_ref / t, "x", None, ""))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - ceil.nbytes
+    # On a GPU, the weights and cache live in its memory: its peak is the figure that matters there.
+    memory = "peak GPU memory" if device.type == "cuda" else "peak RSS"
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    used = peak - ceil.nbytes
     ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.pth"))
     kv_bytes = sum(t.numel() * t.element_size() for layer in g.model.layers
                    for t in (layer.attention.cache_k, layer.attention.cache_v))
-    rows.append(("peak RSS / checkpoint", rss / ckpt_bytes, "x", None, ""))
+    rows.append((f"{memory} / checkpoint", used / ckpt_bytes, "x", None, ""))
     # The KV cache (16 rows x 4160 positions here) is the other large allocation, sized by the caller.
-    rows.append(("  same, less the KV cache", (rss - kv_bytes) / ckpt_bytes, "x", None, ""))
+    rows.append(("  same, less the KV cache", (used - kv_bytes) / ckpt_bytes, "x", None, ""))
     rows.append(("decode 4096 / 128 cached", steps[4096] / steps[128], "x", None, ""))
     rows.insert(0, ("load", load_s, "s", None, ""))
 
