@@ -208,7 +208,7 @@ class RowParallelLinear(_Packable, fs_layers.RowParallelLinear):
 class Fused:
     """Column-parallel layers fed the same input (wq, wk, wv; w1, w3), their weights made views of one
     concatenated tensor: one product for all of them. On a GPU that is fewer kernels, each closer to the
-    bandwidth (one decoding step of the 7b shape on an H100: about 0.5 ms less out of 7). The layers keep
+    bandwidth (a graphed decoding step of the 7b shape on an H100: 8.08 ms unfused, 6.79 ms fused). The layers keep
     their own weights, names and state_dict entries. Where any layer's weight is no longer the view made here
     (replaced, or moved with ``.to``), or with autograd, each layer computes alone."""
 
