@@ -36,18 +36,16 @@ class GraphedDecoder:
         self.cache: Optional[torch.Tensor] = None
 
     def __call__(self, tokens: torch.Tensor, pos: int, left_pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if tokens.shape[1] != 1:
+            raise ValueError(f"a decoding step takes one token per row; got tokens of shape {tuple(tokens.shape)}")
+        bsz = tokens.shape[0]
+        self.model._check_cache(bsz, pos + 1)  # allocates the cache on first use; a clear error if too small
         cache = self.model.layers[0].attention.cache_k
-        if cache is None or cache is not self.cache:
-            self.model._check_cache(1, 1)  # allocates it on first use
+        if cache is not self.cache:
             self.graphs.clear()
             # A pool whose graphs are all gone is released and can't be captured into again: start a new one.
             self.pool = torch.cuda.graph_pool_handle()
-            self.cache = self.model.layers[0].attention.cache_k
-        bsz, max_seq_len = tokens.shape[0], self.cache.shape[2]
-        if tokens.shape[1] != 1 or pos + 1 > max_seq_len or bsz > self.cache.shape[0]:
-            raise ValueError(f"a decoding step takes one token per row at a position below max_seq_len "
-                             f"{max_seq_len}, in at most {self.cache.shape[0]} rows; got {tuple(tokens.shape)} "
-                             f"at position {pos}")
+            self.cache = cache
         if bsz not in self.inputs:
             self.inputs[bsz] = (torch.empty_like(tokens), torch.empty((), dtype=torch.long, device=tokens.device),
                                 torch.empty(bsz, dtype=torch.long, device=tokens.device))
@@ -58,7 +56,7 @@ class GraphedDecoder:
             static_pad.zero_()
         else:
             static_pad.copy_(left_pad)
-        keys = min(max_seq_len, (pos // BUCKET + 1) * BUCKET)
+        keys = min(cache.shape[2], (pos // BUCKET + 1) * BUCKET)
         if (bsz, keys) not in self.graphs:
             self.graphs[(bsz, keys)] = self._capture(bsz, keys)
         graph, logits = self.graphs[(bsz, keys)]
