@@ -10,6 +10,7 @@ setup(
     version="0.1.0",
     description="A from-scratch Llama inference engine that loads Meta's checkpoints as they are",
     packages=find_packages(include=["llama", "llama.*"]),
+    package_data={"llama": ["kernels.c"]},  # compiled on first use (llama/kernels.py)
     python_requires=">=3.9",
     install_requires=requirements,
     extras_require={"test": ["pytest"]},

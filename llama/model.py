@@ -19,7 +19,7 @@ from fairscale.nn.model_parallel import mappings
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 
-from . import pages
+from . import kernels, pages
 
 
 @dataclass
@@ -79,9 +79,11 @@ def _skip_fairscale_init() -> Iterator[None]:
 
 
 # Products with at least this many rows run in the activations' dtype, the narrower stored weight converted for
-# the call; fewer rows (decoding) run in the weight's dtype, reading half the bytes. This is for bf16 weights on
-# a CPU without native bf16, whose bf16 matrix products are 5-100x slower than its float32 ones while its bf16
-# matrix-vector products are as fast as float32's on half the bytes.
+# the call; fewer rows (decoding) read the weight as it is stored, half the bytes: 2 to 7 rows through
+# kernels.linear_bf16 (which converts each weight element once for all of them), one row (or all, without the
+# kernels) in the weight's dtype. This is for bf16 weights on a CPU without native bf16, whose bf16 matrix
+# products are 5-100x slower than its float32 ones while its bf16 matrix-vector products are as fast as
+# float32's on half the bytes.
 WIDE_ROWS = 8
 # The weight is converted this many bytes at a time into one reused buffer, each block used while it is still in
 # the CPU's cache. Converting it whole allocates a fresh tensor per call, and faulting in its pages costs 5-20x
@@ -96,7 +98,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _product(x, weight)
     if x.numel() >= WIDE_ROWS * x.shape[-1]:
         return _converted_product(x, weight)
-    return _product(x.to(weight.dtype), weight).to(x.dtype)
+    out = kernels.linear_bf16(x, weight)  # 2 to 7 rows, on a CPU
+    return out if out is not None else _product(x.to(weight.dtype), weight).to(x.dtype)
 
 
 def _converted_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -337,7 +340,9 @@ class Attention(nn.Module):
                 # Decoding: the query heads that share a KV head go in as the queries of one head (the mask,
                 # (bsz, 1, 1, keys), broadcasts over them). enable_gqa's CPU kernel is 10-20x slower here.
                 group = q.reshape(bsz, kv_heads, -1, self.head_dim)
-                out = F.scaled_dot_product_attention(group, keys, values, attn_mask=w.mask)
+                out = kernels.decode_attention(group, keys, values, w.mask)  # on a CPU; None elsewhere
+                if out is None:
+                    out = F.scaled_dot_product_attention(group, keys, values, attn_mask=w.mask)
                 out = out.reshape(bsz, heads, 1, self.head_dim)  # CUDA's kernels return it strided
             else:
                 out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=w.mask,

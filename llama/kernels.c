@@ -1,0 +1,379 @@
+/* CPU kernels for what torch lacks there (see llama/kernels.py, which compiles this file on first use with the
+ * machine's own C compiler, -march=native, and calls it through ctypes). Written with GCC's generic vectors,
+ * which GCC lowers to AVX-512, AVX2 or NEON as the machine has.
+ *
+ * decode_attention_*: one query token per row. The G query heads that share a KV head attend together, so each
+ * cached key and value is read from memory once for all G of them. torch's scaled_dot_product_attention reads
+ * a 4096-position cache at about 8 GB/s here. This reads it in one pass, BLOCK positions at a time with a
+ * running (online) softmax, accumulating in float32 whatever the cache's dtype. (AVX-512 BF16's dot-product
+ * instructions, tried for a bf16 cache, were only 11 % faster on the 1b shape: not worth a second code path.)
+ *
+ * linear_bf16: float32 rows times bf16 weights, for decoding on a CPU without native bf16 products.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 64 /* cached positions per block, a multiple of W: its scores and values stay in L1 */
+#define MAX_D 256
+#define MAX_G 16
+
+#if defined(__AVX512F__)
+#define W 16 /* floats per vector */
+#else
+#define W 8
+#endif
+
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
+typedef uint16_t vh __attribute__((vector_size(2 * W)));
+typedef float vf_half __attribute__((vector_size(2 * W)));
+typedef uint16_t vh_half __attribute__((vector_size(W)));
+
+/* Shuffle masks, as literals (GCC emulates a shuffle whose mask it can't see as a constant, slowly). LANES: all of
+ * a vector's, in order. SWAPn: lane i swapped with lane i ^ n. FIRSTn: of two vectors whose items take 2n lanes each, the first n lanes of each
+ * item, item by item; the second n lanes are the same plus n. */
+#if W == 16
+#define LANES 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
+#define SWAP8 {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}
+#define SWAP4 {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}
+#define SWAP2 {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}
+#define SWAP1 {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}
+#define FIRST4 {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}
+#define FIRST2 {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}
+#define FIRST1 {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}
+#else
+#define LANES 0, 1, 2, 3, 4, 5, 6, 7
+#define SWAP4 {4, 5, 6, 7, 0, 1, 2, 3}
+#define SWAP2 {2, 3, 0, 1, 6, 7, 4, 5}
+#define SWAP1 {1, 0, 3, 2, 5, 4, 7, 6}
+#define FIRST2 {0, 1, 4, 5, 8, 9, 12, 13}
+#define FIRST1 {0, 2, 4, 6, 8, 10, 12, 14}
+#endif
+#define SWAP(x, n) __builtin_shuffle(x, (vi)SWAP##n)
+#define HALVES(a, b, n) (__builtin_shuffle(a, b, (vi)FIRST##n) + __builtin_shuffle(a, b, (vi)FIRST##n + n))
+
+static const uint16_t zeros[MAX_D] __attribute__((aligned(64)));
+
+static inline vf load(const void *p, int64_t i, int bf16) {
+    if (bf16) { /* bf16 is the top half of a float32 */
+        vh h;
+        memcpy(&h, (const uint16_t *)p + i, sizeof h);
+        return (vf)(__builtin_convertvector(h, vu) << 16);
+    }
+    vf x;
+    memcpy(&x, (const float *)p + i, sizeof x);
+    return x;
+}
+
+/* Elements i..i+W/2-1 of a, then of b, as floats. (Joined by a shuffle: through memory, as a union of two
+ * halves, GCC stores them and loads the whole, which stalls.) */
+static inline vf load_halves(const void *a, const void *b, int64_t i, int bf16) {
+    if (bf16) {
+        vh_half ha, hb;
+        memcpy(&ha, (const uint16_t *)a + i, sizeof ha);
+        memcpy(&hb, (const uint16_t *)b + i, sizeof hb);
+        return (vf)(__builtin_convertvector(__builtin_shufflevector(ha, hb, LANES), vu) << 16);
+    }
+    vf_half fa, fb;
+    memcpy(&fa, (const float *)a + i, sizeof fa);
+    memcpy(&fb, (const float *)b + i, sizeof fb);
+    return __builtin_shufflevector(fa, fb, LANES);
+}
+
+static inline void store(void *p, int64_t i, vf x, int bf16) {
+    if (bf16) { /* round to nearest even, as torch does */
+        vu u = (vu)x;
+        u += 0x7fffu + ((u >> 16) & 1u);
+        vh h = __builtin_convertvector(u >> 16, vh);
+        memcpy((uint16_t *)p + i, &h, sizeof h);
+    } else {
+        memcpy((float *)p + i, &x, sizeof x);
+    }
+}
+
+static inline float scalar(const void *p, int64_t i, int bf16) {
+    if (bf16) {
+        uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+        float f;
+        memcpy(&f, &u, sizeof f);
+        return f;
+    }
+    return ((const float *)p)[i];
+}
+
+static inline vf broadcast(float x) { return (vf){0} + x; }
+
+static inline vf vmax(vf a, vf b) {
+    vi a_wins = a > b;
+    return (vf)(((vi)a & a_wins) | ((vi)b & ~a_wins));
+}
+
+/* The largest and the sum of x's lanes, in log2(W) rounds of halving rather than W - 1 dependent steps. */
+static inline float hmax(vf x) {
+#if W == 16
+    x = vmax(x, SWAP(x, 8));
+#endif
+    x = vmax(x, SWAP(x, 4));
+    x = vmax(x, SWAP(x, 2));
+    return vmax(x, SWAP(x, 1))[0];
+}
+
+static inline float hsum(vf x) {
+#if W == 16
+    x += SWAP(x, 8);
+#endif
+    x += SWAP(x, 4);
+    x += SWAP(x, 2);
+    return (x + SWAP(x, 1))[0];
+}
+
+/* exp(x) for x <= 0, to about 2e-7 relative; 0 below -87 (and for -inf). x = n ln2 + r, |r| <= ln2 / 2. */
+static inline vf vexp(vf x) {
+    const vf magic = broadcast(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer in the low bits */
+    vf t = x * 1.44269504f + magic;
+    vf n = t - magic;
+    vf r = x - n * 0.693145752f - n * 1.42860677e-6f;
+    vf p = broadcast(1.0f / 720);
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    vi scale = ((vi)t - (vi)magic + 127) << 23;
+    return (vf)((vi)(p * (vf)scale) & (vi)(x > -87.0f));
+}
+
+/* x: W/2 vectors, x[i]'s low half partial sums of item 2i and its high half of item 2i + 1. Lane j of the result
+ * is item j's sum: rounds of pairing vectors and adding the halves of each item's lanes. */
+static inline vf sum_halves(const vf *x) {
+#if W == 16
+    vf y[4] = {HALVES(x[0], x[1], 4), HALVES(x[2], x[3], 4), HALVES(x[4], x[5], 4), HALVES(x[6], x[7], 4)};
+#else
+    const vf *y = x;
+#endif
+    return HALVES(HALVES(y[0], y[1], 2), HALVES(y[2], y[3], 2), 1);
+}
+
+/* The queries, laid out for scores(): query g's elements i..i+W/2-1 twice over in each vector. */
+static inline __attribute__((always_inline)) void prepare(const void *q, int64_t G, int64_t D, vf *qp, int bf16) {
+    for (int64_t i = 0; i < G * D; i += W / 2)
+        qp[i / (W / 2)] = load_halves(q, q, i, bf16);
+}
+
+/* Scores s (G x BLOCK, query-major) of G prepared queries qp against nb keys, times scale. Two positions at a
+ * time share a vector (one in each half), and each query's partial sums are summed W/2 pairs at a time. */
+static inline __attribute__((always_inline)) void scores(const vf *qp, const void *k, int64_t nb, int64_t G, int64_t D, float scale, float *s,
+                          int bf16) {
+    const int64_t size = bf16 ? 2 : 4, C = 2 * D / W; /* vectors per pair of keys */
+    vf kc[2 * MAX_D / W], part[MAX_G * W / 2];
+    for (int64_t t = 0; t < nb; t += 2) {
+        const char *a = (const char *)k + t * D * size, *b = t + 1 < nb ? a + D * size : (const char *)zeros;
+        const int64_t step = t / 2 % (W / 2);
+        for (int64_t c = 0; c < C; c++)
+            kc[c] = load_halves(a, b, c * (W / 2), bf16);
+        for (int64_t i = 0; i < 2 * D * size; i += 64) /* the next block's keys, a block ahead */
+            __builtin_prefetch(a + BLOCK * D * size + i);
+        for (int64_t g = 0; g < G; g++) {
+            vf acc = qp[g * C] * kc[0];
+            for (int64_t c = 1; c < C; c++)
+                acc += qp[g * C + c] * kc[c];
+            part[g * (W / 2) + step] = acc;
+        }
+        if (step == W / 2 - 1 || t + 2 >= nb) {
+            for (int64_t g = 0; g < G; g++) {
+                for (int64_t i = step + 1; i < W / 2; i++)
+                    part[g * (W / 2) + i] = (vf){0};
+                store(s, g * BLOCK + t / W * W, sum_halves(part + g * (W / 2)) * scale, 0);
+            }
+        }
+    }
+    for (int64_t t = (nb + W - 1) / W * W; t < BLOCK; t += W) /* blocks past nb: defined, and masked later */
+        for (int64_t g = 0; g < G; g++)
+            store(s, g * BLOCK + t, (vf){0}, 0);
+}
+
+/* acc (G x D float32) += p (G x BLOCK, query-major) times nb values v (nb x D). */
+static inline __attribute__((always_inline)) void weigh(float *acc, const float *p, const void *v, int64_t nb, int64_t G, int64_t D, int bf16) {
+    float vb[bf16 ? BLOCK * D : 1]; /* bf16 values converted once, not once per query */
+    for (int64_t i = 0; i < nb * D; i += W) {
+        if (bf16)
+            store(vb, i, load(v, i, 1), 0);
+        __builtin_prefetch((const char *)v + (BLOCK * D + i) * (bf16 ? 2 : 4)); /* the next block's values */
+    }
+    if (bf16)
+        v = vb;
+    const float *x = v;
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t c = 0; c < D; c += 4 * W) { /* as above: eight sums at once */
+            vf a[4], b[4];                           /* that eight sums run at once */
+            for (int j = 0; j < 4; j++)
+                a[j] = load(acc, g * D + c + j * W, 0), b[j] = (vf){0};
+            const float *w = p + g * BLOCK;
+            int64_t t = 0;
+            for (; t + 2 <= nb; t += 2)
+                for (int j = 0; j < 4; j++) {
+                    a[j] += broadcast(w[t]) * load(x, t * D + c + j * W, 0);
+                    b[j] += broadcast(w[t + 1]) * load(x, (t + 1) * D + c + j * W, 0);
+                }
+            for (; t < nb; t++)
+                for (int j = 0; j < 4; j++)
+                    a[j] += broadcast(w[t]) * load(x, t * D + c + j * W, 0);
+            for (int j = 0; j < 4; j++)
+                store(acc, g * D + c + j * W, a[j] + b[j], 0);
+        }
+}
+
+/* One (row, KV head): G queries q (G x D) against n cached keys and values (n x D each, rows D apart), mask
+ * (n, additive, or NULL), into out (G x D). */
+static inline __attribute__((always_inline)) void head(const void *q, const void *k, const void *v, const void *mask,
+                                                       void *out, int64_t G, int64_t D, int64_t n, float scale,
+                                                       int bf16) {
+    const int64_t size = bf16 ? 2 : 4;
+    vf qp[2 * MAX_G * MAX_D / W];
+    float acc[G * D], s[G * BLOCK], bias[BLOCK], m[G], l[G];
+    prepare(q, G, D, qp, bf16);
+    for (int64_t i = 0; i < G * D; i += W)
+        store(acc, i, (vf){0}, 0);
+    for (int64_t g = 0; g < G; g++)
+        m[g] = -INFINITY, l[g] = 0;
+    for (int64_t t0 = 0; t0 < n; t0 += BLOCK) {
+        const int64_t nb = n - t0 < BLOCK ? n - t0 : BLOCK;
+        scores(qp, (const char *)k + t0 * D * size, nb, G, D, scale, s, bf16);
+        for (int64_t t = 0; t < BLOCK; t++) /* padding past nb: -inf, to weigh nothing */
+            bias[t] = t >= nb ? -INFINITY : mask ? scalar(mask, t0 + t, bf16) : 0.0f;
+        for (int64_t g = 0; g < G; g++) {
+            float *sg = s + g * BLOCK;
+            vf top = broadcast(m[g]);
+            for (int64_t t = 0; t < BLOCK; t += W) {
+                vf x = load(sg, t, 0) + load(bias, t, 0);
+                store(sg, t, x, 0);
+                top = vmax(x, top);
+            }
+            float peak = hmax(top);
+            if (peak == -INFINITY) /* all masked so far: exp(-inf - 0) = 0 below */
+                peak = 0;
+            else if (peak > m[g]) { /* rescale what came before to the new maximum */
+                const float shrink = expf(m[g] - peak);
+                l[g] *= shrink;
+                for (int64_t i = g * D; i < (g + 1) * D; i += W)
+                    store(acc, i, load(acc, i, 0) * shrink, 0);
+                m[g] = peak;
+            }
+            vf sum = {0};
+            for (int64_t t = 0; t < BLOCK; t += W) {
+                vf p = vexp(load(sg, t, 0) - peak);
+                store(sg, t, p, 0);
+                sum += p;
+            }
+            l[g] += hsum(sum);
+        }
+        weigh(acc, s, (const char *)v + t0 * D * size, nb, G, D, bf16);
+    }
+    for (int64_t g = 0; g < G; g++) {
+        const float inv = l[g] > 0 ? 1.0f / l[g] : 0.0f;
+        for (int64_t i = g * D; i < (g + 1) * D; i += W)
+            store(out, i, load(acc, i, 0) * inv, bf16);
+    }
+}
+
+/* q, out: (B, H, G, D) contiguous. k, v: the cache, key (b, h, t, d) at b * kv_b + h * kv_h + t * D + d.
+ * mask: (B, n) with rows mask_b apart, or NULL. D a multiple of 64, at most MAX_D; G at most MAX_G. */
+static inline __attribute__((always_inline)) void attend(const void *q, const void *k, const void *v,
+                                                         const void *mask, void *out, int64_t B, int64_t H,
+                                                         int64_t G, int64_t D, int64_t n, int64_t kv_b, int64_t kv_h,
+                                                         int64_t mask_b, float scale, int threads, int bf16) {
+    const int64_t size = bf16 ? 2 : 4;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t at = (b * H + h) * G * D, kv = b * kv_b + h * kv_h;
+            const void *qh = (const char *)q + at * size, *kh = (const char *)k + kv * size;
+            const void *vh = (const char *)v + kv * size, *mh = mask ? (const char *)mask + b * mask_b * size : NULL;
+            void *oh = (char *)out + at * size;
+            if (D == 64) /* Llama's head sizes as constants, for the compiler to unroll the loops over them */
+                head(qh, kh, vh, mh, oh, G, 64, n, scale, bf16);
+            else if (D == 128)
+                head(qh, kh, vh, mh, oh, G, 128, n, scale, bf16);
+            else
+                head(qh, kh, vh, mh, oh, G, D, n, scale, bf16);
+        }
+}
+
+void decode_attention_f32(const float *q, const float *k, const float *v, const float *mask, float *out, int64_t B,
+                          int64_t H, int64_t G, int64_t D, int64_t n, int64_t kv_b, int64_t kv_h, int64_t mask_b,
+                          float scale, int threads) {
+    attend(q, k, v, mask, out, B, H, G, D, n, kv_b, kv_h, mask_b, scale, threads, 0);
+}
+
+void decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *mask,
+                           uint16_t *out, int64_t B, int64_t H, int64_t G, int64_t D, int64_t n, int64_t kv_b,
+                           int64_t kv_h, int64_t mask_b, float scale, int threads) {
+    attend(q, k, v, mask, out, B, H, G, D, n, kv_b, kv_h, mask_b, scale, threads, 1);
+}
+
+#define PREFETCH 1024 /* weight elements ahead: the hardware alone keeps too few rows in flight */
+
+/* y[r, n0..n1) for R rows (a constant, once inlined), NB weight rows at a time: each weight element is loaded
+ * and converted once for all R rows, and the R x NB sums stay in registers. */
+static inline __attribute__((always_inline)) void rows_times(const float *x, const uint16_t *w, float *y, int64_t N,
+                                                             int64_t K, int64_t n0, int64_t n1, const int R,
+                                                             const int NB) {
+    for (int64_t n = n0; n < n1; n += NB) {
+        vf acc[7][4]; /* R x NB of them used: a constant size, for GCC to keep them in registers */
+        memset(acc, 0, sizeof acc);
+        for (int64_t k = 0; k < K; k += W) {
+            vf wk[4];
+            for (int j = 0; j < NB; j++) {
+                vh h;
+                __builtin_prefetch(w + (n + j) * K + k + PREFETCH);
+                memcpy(&h, w + (n + j) * K + k, sizeof h);
+                wk[j] = (vf)(__builtin_convertvector(h, vu) << 16);
+            }
+            for (int r = 0; r < R; r++) {
+                vf xk;
+                memcpy(&xk, x + r * K + k, sizeof xk);
+                for (int j = 0; j < NB; j++)
+                    acc[r][j] += xk * wk[j];
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < NB; j++) {
+                float sum = 0;
+                for (int i = 0; i < W; i++)
+                    sum += acc[r][j][i];
+                y[r * N + n + j] = sum;
+            }
+    }
+}
+
+/* The weight rows [n0, n1) for R rows: as many at a time as keep R x NB sums and NB weights within AVX2's 16
+ * registers (x is read from memory by the multiply-adds); one at a time for the last few. */
+static inline __attribute__((always_inline)) void rows_span(const float *x, const uint16_t *w, float *y, int64_t N,
+                                                            int64_t K, int64_t n0, int64_t n1, const int R) {
+    const int NB = R <= 3 ? 4 : R <= 5 ? 3 : 2;
+    const int64_t whole = n0 + (n1 - n0) / NB * NB;
+    rows_times(x, w, y, N, K, n0, whole, R, NB);
+    rows_times(x, w, y, N, K, whole, n1, R, 1);
+}
+
+/* y (R x N) = x (R x K, float32) times w (N x K, bf16) transposed; R from 1 to 7, K a multiple of 16. The
+ * threads take contiguous spans of 64 weight rows. */
+void linear_bf16(const float *x, const uint16_t *w, float *y, int64_t R, int64_t N, int64_t K, int threads) {
+    const int64_t span = 64;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n0 = 0; n0 < N; n0 += span) {
+        const int64_t n1 = n0 + span < N ? n0 + span : N;
+        switch (R) {
+        case 1: rows_span(x, w, y, N, K, n0, n1, 1); break;
+        case 2: rows_span(x, w, y, N, K, n0, n1, 2); break;
+        case 3: rows_span(x, w, y, N, K, n0, n1, 3); break;
+        case 4: rows_span(x, w, y, N, K, n0, n1, 4); break;
+        case 5: rows_span(x, w, y, N, K, n0, n1, 5); break;
+        case 6: rows_span(x, w, y, N, K, n0, n1, 6); break;
+        default: rows_span(x, w, y, N, K, n0, n1, 7); break;
+        }
+    }
+}

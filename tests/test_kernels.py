@@ -1,0 +1,164 @@
+"""The C decoding-attention kernel (llama/kernels.c) against attention computed naively in float64, on its own and
+inside the model; and its fallback to torch's attention where it can't be built."""
+
+import logging
+import platform
+
+import pytest
+import torch
+
+from llama import kernels
+
+from conftest import VOCAB
+from reference import logits as reference_logits
+from test_graphs import fill_cache_with_noise
+from test_model import build_model, prompt
+
+# head_dim 64, two query heads per KV head: the smallest shape the kernel takes.
+WIDE = {"dim": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 64, "norm_eps": 1e-5,
+        "vocab_size": -1}
+# Each compiled form of the kernel: the machine's own, and on x86 also AVX2's (what machines without AVX-512 run).
+BUILDS = [kernels.FLAGS] + ([tuple("-march=x86-64-v3" if f == "-march=native" else f for f in kernels.FLAGS)]
+                            if platform.machine() == "x86_64" else [])
+
+
+def naive(q, keys, values, mask):
+    """float64 softmax(q k^T / sqrt(d) + mask) v, one query head at a time."""
+    scores = q.double() @ keys.double().transpose(-1, -2) / q.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores + mask.double()
+    return scores.softmax(-1) @ values.double()
+
+
+@pytest.fixture
+def built(request, monkeypatch, tmp_path):
+    """kernels.library() returning the kernels compiled with request.param's flags."""
+    lib = kernels.build(request.param)
+    monkeypatch.setattr(kernels, "library", lambda: lib)
+    return request.param
+
+
+def cache_views(bsz, kv_heads, n, dim, dtype, seed):
+    """Keys and values as the model passes them: views of the first n positions of rows 1.. of a larger cache,
+    full of large values past n that must not be read."""
+    g = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(bsz + 1, kv_heads, n + 40, dim, generator=g).to(dtype) for _ in range(2))
+    k[:, :, n:], v[:, :, n:] = 1e4, 1e4
+    return k[1:, :, :n], v[1:, :, :n]
+
+
+@pytest.mark.parametrize("built", BUILDS, ids=lambda f: next(x for x in f if x.startswith("-march")), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bsz,kv_heads,group,dim,n", [
+    (1, 4, 8, 64, 200),   # the 1b shape's heads, several blocks of positions
+    (3, 2, 1, 128, 65),   # multi-head (one query per KV head), one block and one position
+    (2, 1, 3, 64, 1),     # a group that doesn't divide a vector; a single position
+    (1, 2, 16, 256, 97),  # the largest group and head the kernel takes
+])
+def test_matches_naive_attention(built, dtype, bsz, kv_heads, group, dim, n):
+    keys, values = cache_views(bsz, kv_heads, n, dim, dtype, seed=n)
+    # Large queries: scores far apart, so that a block's maximum rising past an earlier one's must rescale; and
+    # larger, so that some probabilities underflow float32's exp.
+    q = torch.randn(bsz, kv_heads, group, dim, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(bsz, 1, 1, n, dtype=dtype)
+    mask[0, ..., : n - 1 - n // 3] = float("-inf")  # a left-padded row: its first blocks wholly masked
+    mask[-1, ..., n // 2] = float("-inf") if n > 1 else 0  # and a hole (not the only position: none left)
+    for m, scale in ((None, 4), (mask, 4), (mask, 40)):
+        got = kernels.decode_attention((q * scale).to(dtype), keys, values, m)
+        assert got is not None and got.dtype == dtype and got.shape == q.shape
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=1e-4)
+        torch.testing.assert_close(got.double(), naive((q * scale).to(dtype), keys, values, m), **tol)
+
+
+def test_declines_what_it_does_not_take():
+    q, keys, values = torch.randn(1, 2, 4, 64), *cache_views(1, 2, 10, 64, torch.float32, seed=0)
+    assert kernels.decode_attention(q[..., :48], keys[..., :48], values[..., :48], None) is None  # head_dim
+    assert kernels.decode_attention(q.half(), keys.half(), values.half(), None) is None  # dtype
+    assert kernels.decode_attention(q, keys.transpose(2, 3), values, None) is None  # layout
+    with torch.enable_grad():
+        assert kernels.decode_attention(q.requires_grad_(), keys, values, None) is None  # autograd
+
+
+def test_model_decodes_through_the_kernel(make_ckpt, monkeypatch):
+    """A left-padded batch decoding past several blocks of positions over a cache full of noise, against the
+    float64 reference; the kernel, not torch's attention, computing every step."""
+    computed = []  # per call: whether the kernel computed it
+    decode_attention = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: computed.append(decode_attention(*a)) or computed[-1])
+    ckpt, state = make_ckpt(WIDE)
+    model = build_model(ckpt, state, max_batch_size=2, max_seq_len=160)
+    fill_cache_with_noise(model)
+    rows = [prompt(20, 3), prompt(90, 4)]
+    pad = torch.tensor([70, 0])
+    model.forward(torch.tensor([[0] * 70 + rows[0], rows[1]]), 0, left_pad=pad)
+    computed.clear()
+    for pos in range(90, 140):  # past 128 cached positions: three of the kernel's blocks
+        nxt = [pos * 7 % VOCAB, pos * 13 % VOCAB]
+        got = model.forward(torch.tensor([[t] for t in nxt]), pos, left_pad=pad)
+        for row, t, logits in zip(rows, nxt, got):
+            row.append(t)
+            if pos % 10 == 9:
+                want = reference_logits(state, {**WIDE, "vocab_size": VOCAB}, row)[-1]
+                torch.testing.assert_close(logits[0].double(), want, rtol=1e-4, atol=1e-4)
+    assert len(computed) == 50 * WIDE["n_layers"] and all(out is not None for out in computed)
+
+
+def test_falls_back_to_torch_when_it_cannot_be_built(monkeypatch, tmp_path, caplog):
+    q, keys, values = torch.randn(1, 2, 4, 64), *cache_views(1, 2, 10, 64, torch.float32, seed=0)
+    monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    kernels.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="llama.kernels"):
+            assert kernels.decode_attention(q, keys, values, None) is None
+        assert "CPU kernels unavailable, using torch's attention instead" in caplog.text
+        assert "no-such-compiler" in caplog.text
+        monkeypatch.delenv("CC")
+        kernels.library.cache_clear()
+        monkeypatch.setenv("LLAMA_KERNELS", "0")  # off
+        assert kernels.decode_attention(q, keys, values, None) is None
+    finally:
+        kernels.library.cache_clear()
+
+
+@pytest.mark.parametrize("built", BUILDS, ids=lambda f: next(x for x in f if x.startswith("-march")), indirect=True)
+def test_linear_bf16_matches_float64(built):
+    g = torch.Generator().manual_seed(0)
+    for rows in range(2, 8):
+        for n, k in ((64, 2048), (67, 48), (5, 256)):  # 67 and 5: weight rows left over after the groups
+            weight = torch.randn(n, k, generator=g).bfloat16()
+            x = torch.randn(rows, k, generator=g)
+            got = kernels.linear_bf16(x.view(1, rows, k), weight)
+            assert got is not None and got.shape == (1, rows, n) and got.dtype == torch.float32
+            torch.testing.assert_close(got[0].double(), x.double() @ weight.double().T, rtol=1e-5, atol=1e-4)
+    weight, x = torch.randn(8, 64).bfloat16(), torch.randn(3, 64)
+    assert kernels.linear_bf16(x[:1], weight) is None  # one row: torch's
+    assert kernels.linear_bf16(torch.randn(8, 64), weight) is None  # eight: converted, float32 products
+    assert kernels.linear_bf16(x[:, :48], weight[:, :48].contiguous()) is not None
+    assert kernels.linear_bf16(x[:, :40], weight[:, :40].contiguous()) is None  # not a multiple of 16
+    assert kernels.linear_bf16(x, weight.t().contiguous().t()) is None  # layout
+    assert kernels.linear_bf16(x.bfloat16(), weight) is None  # dtype
+
+
+def test_bf16_weights_decode_a_batch_in_float32_through_the_kernel(make_ckpt, monkeypatch):
+    """bf16 weights computed in float32 (a CPU without native bf16): a batch of three decodes through
+    linear_bf16, every product of the step, and keeps float32's accuracy against the float64 reference on the
+    same bf16 weights (the activations are no longer rounded to bf16 for these products)."""
+    computed = []
+    linear_bf16 = kernels.linear_bf16
+    monkeypatch.setattr(kernels, "linear_bf16", lambda *a: computed.append(linear_bf16(*a)) or computed[-1])
+    ckpt, state = make_ckpt(WIDE)
+    model = build_model(ckpt, state, max_batch_size=3, dtype=torch.bfloat16)
+    model.setup_cache(compute_dtype=torch.float32)
+    bf16_state = {k: v.bfloat16().double() for k, v in state.items()}
+    rows = [prompt(9, seed) for seed in range(3)]
+    model.forward(torch.tensor(rows), 0)
+    computed.clear()
+    for pos in range(9, 12):
+        nxt = [pos * 7 % VOCAB, pos * 13 % VOCAB, pos * 17 % VOCAB]
+        got = model.forward(torch.tensor([[t] for t in nxt]), pos)
+        for row, t, logits in zip(rows, nxt, got):
+            row.append(t)
+            want = reference_logits(bf16_state, {**WIDE, "vocab_size": VOCAB}, row)[-1]
+            torch.testing.assert_close(logits[0].double(), want, rtol=1e-4, atol=1e-4)
+    assert len(computed) == 3 * (7 * WIDE["n_layers"] + 1) and all(out is not None for out in computed)
