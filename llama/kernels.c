@@ -54,7 +54,7 @@ typedef uint16_t vh_half __attribute__((vector_size(W)));
 #define SWAP(x, n) __builtin_shuffle(x, (vi)SWAP##n)
 #define HALVES(a, b, n) (__builtin_shuffle(a, b, (vi)FIRST##n) + __builtin_shuffle(a, b, (vi)FIRST##n + n))
 
-static const uint16_t zeros[MAX_D] __attribute__((aligned(64)));
+static const float zeros[MAX_D]; /* a row of keys past the last, in either dtype */
 
 static inline vf load(const void *p, int64_t i, int bf16) {
     if (bf16) { /* bf16 is the top half of a float32 */

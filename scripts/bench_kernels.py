@@ -8,8 +8,9 @@
    bytes at the bandwidth measured next to it. A kernel that overlaps reading and computing takes the larger of
    the two when streaming; one that doesn't, their sum.
 2. Decoding attention for one layer of the 1b shape: 8 grouped queries per KV head (4 KV heads, head_dim 64)
-   against 128 and 4096 cached positions in bf16, as the engine calls it, with 22 layers' caches in turn so
-   they come from memory: its time and the rate it reads the cache at.
+   against 128 and 4096 cached positions in bf16, with 22 layers' caches in turn so they come from memory: the
+   time and the rate it reads the cache at, of torch's scaled_dot_product_attention and of llama/kernels.c's
+   kernel (which the engine uses where it can be built).
 """
 
 import argparse
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import read_rate, timed  # noqa: E402
 
+from llama import kernels  # noqa: E402
 from llama.model import PACK_ROWS, can_pack  # noqa: E402
 
 LAYERS, KV_HEADS, GROUP, HEAD_DIM, POSITIONS = 22, 4, 8, 64, 4096
@@ -55,11 +57,14 @@ def attention(reps: int) -> None:
     caches = [(torch.randn(shape).bfloat16(), torch.randn(shape).bfloat16()) for _ in range(LAYERS)]
     q = torch.randn(1, KV_HEADS, GROUP, HEAD_DIM).bfloat16()
     print(f"decoding attention, one layer, {KV_HEADS} KV heads x {GROUP} queries, bf16:")
+    ways = {"torch": F.scaled_dot_product_attention}
+    if kernels.library():
+        ways["kernels.c"] = lambda q, k, v: kernels.decode_attention(q, k, v, None)
     for n in (128, POSITIONS):
-        t = timed(lambda n=n: [F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n]) for k, v in caches],
-                  CPU, reps) / LAYERS
-        nbytes = 2 * KV_HEADS * n * HEAD_DIM * 2
-        print(f"  {n:5} positions    {t * 1e6:7.0f} us  (reads the cache at {nbytes / t / 1e9:.1f} GB/s)")
+        for name, attend in ways.items():
+            t = timed(lambda n=n, f=attend: [f(q, k[:, :, :n], v[:, :, :n]) for k, v in caches], CPU, reps) / LAYERS
+            nbytes = 2 * KV_HEADS * n * HEAD_DIM * 2
+            print(f"  {n:5} positions, {name:9} {t * 1e6:7.0f} us  (reads the cache at {nbytes / t / 1e9:.1f} GB/s)")
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """The engine's speed against the machine's own ceilings, measured in one run.
 
     python scripts/benchmark.py [--shape tiny|1b|7b | --ckpt_dir DIR] [--threads N] [--reps 3]
-        [--token-by-token] [--vs-hf] [--no-pack] [--json FILE]
+        [--token-by-token] [--vs-hf] [--no-pack] [--no-kernels] [--json FILE]
 
 Ceilings: memory read bandwidth (a large reduction) and matrix throughput (the better of two large square
 matmuls in the fastest dtype the machine has), at the start and again right after each figure. Engine: load
@@ -19,6 +19,7 @@ greedy tokens equal ours in float32) and gives our figures as ratios to its.
 import argparse
 import inspect
 import json
+import os
 import resource
 import statistics
 import sys
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_checkpoint import cached  # noqa: E402
 
-from llama import Llama  # noqa: E402
+from llama import Llama, kernels  # noqa: E402
 from llama.distributed import pick_device  # noqa: E402
 from llama.generation import cpu_has_native_bf16  # noqa: E402
 
@@ -239,6 +240,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--no-pack", action="store_true", help="Llama.build(pack_weights=False)")
     parser.add_argument("--no-graphs", action="store_true", help="Llama.build(cuda_graphs=False)")
+    parser.add_argument("--no-kernels", action="store_true", help="torch's attention where llama/kernels.c's "
+                        "would run (LLAMA_KERNELS=0)")
     parser.add_argument("--compile", action="store_true", help="Llama.build(compile_elementwise=True)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--token-by-token", action="store_true", help="also time the reference's way")
@@ -247,6 +250,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_kernels:
+        os.environ["LLAMA_KERNELS"] = "0"
     ckpt = Path(args.ckpt_dir) if args.ckpt_dir else cached(Path(args.cache_dir), args.shape)
 
     device = pick_device(args.device)
@@ -266,6 +271,7 @@ def main() -> None:
     print(f"machine: {machine}, {torch.get_num_threads()} threads; weights {g.model.output.weight.dtype}"
           f"{' (packed for oneDNN)' if packed else ''}, compute {g.model.compute_dtype}"
           f"{', decoding from CUDA graphs' if g.decoder else ''}"
+          f"{', decoding attention by llama/kernels.c' if device.type == 'cpu' and kernels.library() else ''}"
           f"{', element-wise kernels compiled' if args.compile else ''}; "
           f"{n_params / 1e9:.2f} B parameters, {weight_bytes / 1e9:.2f} GB")
     first = {"bandwidth": ceil.bandwidth(), "matmul": ceil.matmul()}
