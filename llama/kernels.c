@@ -1,6 +1,7 @@
 /* CPU kernels for what torch lacks there (see llama/kernels.py, which compiles this file on first use with the
- * machine's own C compiler, -march=native, and calls it through ctypes). Written with GCC's generic vectors,
- * which GCC lowers to AVX-512, AVX2 or NEON as the machine has.
+ * machine's own C compiler, -march=native, and calls it through ctypes). Written with GCC's generic vectors of
+ * the machine's width, W floats: 16 with AVX-512, 8 elsewhere (AVX2, NEON). Wider ones, which GCC splits in
+ * two on AVX2, made it emulate their shuffles lane by lane, and attention 4x slower than torch's.
  *
  * decode_attention_*: one query token per row. The G query heads that share a KV head attend together, so each
  * cached key and value is read from memory once for all G of them. torch's scaled_dot_product_attention reads
@@ -31,9 +32,9 @@ typedef uint16_t vh __attribute__((vector_size(2 * W)));
 typedef float vf_half __attribute__((vector_size(2 * W)));
 typedef uint16_t vh_half __attribute__((vector_size(W)));
 
-/* Shuffle masks, as literals (GCC emulates a shuffle whose mask it can't see as a constant, slowly). LANES: all of
- * a vector's, in order. SWAPn: lane i swapped with lane i ^ n. FIRSTn: of two vectors whose items take 2n lanes each, the first n lanes of each
- * item, item by item; the second n lanes are the same plus n. */
+/* Shuffle masks, as literals (GCC emulates a shuffle whose mask it can't see as a constant, slowly). LANES: all
+ * of a vector's, in order. SWAPn: lane i swapped with lane i ^ n. FIRSTn: of two vectors whose items take 2n
+ * lanes each, the first n lanes of each item, item by item; the second n lanes are the same plus n. */
 #if W == 16
 #define LANES 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
 #define SWAP8 {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}
@@ -165,8 +166,8 @@ static inline __attribute__((always_inline)) void prepare(const void *q, int64_t
 
 /* Scores s (G x BLOCK, query-major) of G prepared queries qp against nb keys, times scale. Two positions at a
  * time share a vector (one in each half), and each query's partial sums are summed W/2 pairs at a time. */
-static inline __attribute__((always_inline)) void scores(const vf *qp, const void *k, int64_t nb, int64_t G, int64_t D, float scale, float *s,
-                          int bf16) {
+static inline __attribute__((always_inline)) void scores(const vf *qp, const void *k, int64_t nb, int64_t G,
+                                                         int64_t D, float scale, float *s, int bf16) {
     const int64_t size = bf16 ? 2 : 4, C = 2 * D / W; /* vectors per pair of keys */
     vf kc[2 * MAX_D / W], part[MAX_G * W / 2];
     for (int64_t t = 0; t < nb; t += 2) {
@@ -196,7 +197,8 @@ static inline __attribute__((always_inline)) void scores(const vf *qp, const voi
 }
 
 /* acc (G x D float32) += p (G x BLOCK, query-major) times nb values v (nb x D). */
-static inline __attribute__((always_inline)) void weigh(float *acc, const float *p, const void *v, int64_t nb, int64_t G, int64_t D, int bf16) {
+static inline __attribute__((always_inline)) void weigh(float *acc, const float *p, const void *v, int64_t nb,
+                                                        int64_t G, int64_t D, int bf16) {
     float vb[bf16 ? BLOCK * D : 1]; /* bf16 values converted once, not once per query */
     for (int64_t i = 0; i < nb * D; i += W) {
         if (bf16)
@@ -207,8 +209,8 @@ static inline __attribute__((always_inline)) void weigh(float *acc, const float 
         v = vb;
     const float *x = v;
     for (int64_t g = 0; g < G; g++)
-        for (int64_t c = 0; c < D; c += 4 * W) { /* as above: eight sums at once */
-            vf a[4], b[4];                           /* that eight sums run at once */
+        for (int64_t c = 0; c < D; c += 4 * W) { /* D a multiple of 64. b: the odd positions' sums, so that */
+            vf a[4], b[4];                           /* eight chains of multiply-adds run at once */
             for (int j = 0; j < 4; j++)
                 a[j] = load(acc, g * D + c + j * W, 0), b[j] = (vf){0};
             const float *w = p + g * BLOCK;
@@ -359,7 +361,7 @@ static inline __attribute__((always_inline)) void rows_span(const float *x, cons
     rows_times(x, w, y, N, K, whole, n1, R, 1);
 }
 
-/* y (R x N) = x (R x K, float32) times w (N x K, bf16) transposed; R from 1 to 7, K a multiple of 16. The
+/* y (R x N) = x (R x K, float32) times w (N x K, bf16) transposed; R from 1 to 7, K a multiple of W. The
  * threads take contiguous spans of 64 weight rows. */
 void linear_bf16(const float *x, const uint16_t *w, float *y, int64_t R, int64_t N, int64_t K, int threads) {
     const int64_t span = 64;

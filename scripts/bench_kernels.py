@@ -1,4 +1,4 @@
-"""Where batch-16 decoding and the 4096-position step lose their time on a CPU, kernel by kernel.
+"""Where decoding a batch and decoding over a long cache spend their time on a CPU, kernel by kernel.
 
     python scripts/bench_kernels.py [--threads 2] [--reps 7]
 
@@ -11,6 +11,10 @@
    against 128 and 4096 cached positions in bf16, with 22 layers' caches in turn so they come from memory: the
    time and the rate it reads the cache at, of torch's scaled_dot_product_attention and of llama/kernels.c's
    kernel (which the engine uses where it can be built).
+3. The products of decoding a small batch where the CPU has no native bf16 (float32 activations, bf16
+   weights): 2, 4 and 7 rows against 24 bf16 weights of 2048 x 5632 in turn, as torch computes them (rows
+   rounded to bf16, a bf16 product) and as llama/kernels.c's linear_bf16 does (which the engine uses there).
+   On a CPU with native bf16 torch's side is native too, and the engine doesn't use the kernel.
 """
 
 import argparse
@@ -67,6 +71,20 @@ def attention(reps: int) -> None:
             print(f"  {n:5} positions, {name:9} {t * 1e6:7.0f} us  (reads the cache at {nbytes / t / 1e9:.1f} GB/s)")
 
 
+def few_rows(reps: int) -> None:
+    k, n = 2048, 5632
+    weights = [torch.randn(n, k).bfloat16() for _ in range(24)]
+    print(f"products of float32 rows and bf16 weights, {n}x{k}, 24 in turn:")
+    ways = {"torch": lambda x, w: F.linear(x.bfloat16(), w).float()}
+    if kernels.library():
+        ways["kernels.c"] = kernels.linear_bf16
+    for rows in (2, 4, 7):
+        x = torch.randn(rows, k)
+        for name, product in ways.items():
+            t = timed(lambda f=product, x=x: [f(x, w) for w in weights], CPU, reps) / len(weights)
+            print(f"  {rows} rows, {name:9} {t * 1e6:7.0f} us  (reads the weight at {n * k * 2 / t / 1e9:.1f} GB/s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -79,6 +97,7 @@ def main() -> None:
           f"read bandwidth {read_rate(probe, CPU, args.reps) / 1e9:.1f} GB/s")
     products(args.reps, probe)
     attention(args.reps)
+    few_rows(args.reps)
 
 
 if __name__ == "__main__":

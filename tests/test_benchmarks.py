@@ -50,11 +50,13 @@ def test_bench_load_reports_each_process_count_from_disk_and_warm(cache_dir):
     assert all(float(v) >= 0 for r in rows for v in r[3:]) and all(float(r[7]) > 0 for r in rows), rows  # RSS
 
 
-def test_bench_kernels_times_the_products_and_the_attention():
+def test_bench_kernels_times_the_products_and_the_attention_both_ways():
     result = run_cmd([sys.executable, "scripts/bench_kernels.py", "--reps", "1", "--threads", "2"], timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert all(re.search(rf"^\s+{n} positions, {way}\s+\d+ us", out, re.M)
                for n in (128, 4096) for way in ("torch", r"kernels\.c")), out
+    assert all(re.search(rf"^\s+{n} rows, {way}\s+\d+ us", out, re.M)
+               for n in (2, 4, 7) for way in ("torch", r"kernels\.c")), out
     assert re.search(r"in cache\s+\d+ us.*\n.*read its bytes\s+\d+ us.*\n.*streamed\s+\d+ us", out) or \
         "can't pack" in out, out
