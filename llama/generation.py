@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple, TypedDict, Union
 import torch
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, kernels
 from .chat import UNSAFE_ERROR, Dialog, Message, chat_format
 from .graphs import GraphedDecoder
 from .model import ModelArgs, Transformer, can_pack
@@ -153,6 +153,7 @@ class Llama:
                                  f"packs bf16; here the weights are {dtype} on {device}, computed in {compute}"
                                  f"{'' if can_pack() else ', and oneDNN cannot'}: leave pack_weights unset")
             packed = model.pack_weights() if packable and pack_weights is not False else 0
+            native = device.type == "cpu" and kernels.library() is not None  # compiled now, not at the first step
             graphable = device.type == "cuda" and world == 1
             if cuda_graphs and not graphable:
                 raise ValueError(f"cuda_graphs=True needs a CUDA device and one process; here the device is {device} "
@@ -167,10 +168,11 @@ class Llama:
         if not distributed.all_ok(error is None, device):
             raise error or RuntimeError("another rank failed to load the checkpoint: see its error")
         if distributed.rank() == 0:
-            log.info("loaded %s on %d process(es) in %.2f s: %s, weights in %s%s, computing in %s%s%s", ckpt_dir,
+            log.info("loaded %s on %d process(es) in %.2f s: %s, weights in %s%s, computing in %s%s%s%s", ckpt_dir,
                      world, time.perf_counter() - start, device, str(dtype).removeprefix("torch."),
                      f" ({packed} packed for oneDNN)" if packed else "",
                      str(model.compute_dtype).removeprefix("torch."), ", decoding from CUDA graphs" if graphs else "",
+                     ", with the C kernels of llama/kernels.c" if native else "",
                      "" if requested else f" (picked for this machine: {_cpu_name(device)})")
         return Llama(model, tokenizer, seed, cuda_graphs=graphs, compile_elementwise=compile_elementwise)
 

@@ -8,8 +8,9 @@
   for 1, 2, 4 and 7 rows); this converts each weight element once for all the rows.
 
 The source is compiled with the machine's C compiler (``$CC``, else ``cc``; GCC, for its generic vectors) with
-``-march=native``, into ``$LLAMA_KERNEL_CACHE`` (default ``~/.cache/llama``), once per source, flags and CPU
-capability; a compiler error or a missing compiler is logged once, and torch's operations are used instead.
+``-march=native``, into ``$LLAMA_KERNEL_CACHE`` (default ``~/.cache/llama``), once per source, flags and
+CPU (its model and instruction-set flags); a compiler error or a missing compiler is logged once, and torch's
+operations are used instead.
 ``LLAMA_KERNELS=0`` turns the kernels off (``scripts/benchmark.py --no-kernels``), for comparing.
 """
 
@@ -18,6 +19,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import subprocess
 import tempfile
 from pathlib import Path
@@ -43,8 +45,7 @@ def build(flags: Optional[tuple[str, ...]] = None) -> ctypes.CDLL:
     flags = flags or FLAGS
     cc = os.environ.get("CC", "cc")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), *map(str.encode, flags),
-                                     torch.backends.cpu.get_cpu_capability().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), *map(str.encode, flags), _cpu().encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("LLAMA_KERNEL_CACHE") or Path.home() / ".cache" / "llama")
     target = cache / f"kernels-{key}.so"
     if not target.exists():
@@ -69,6 +70,16 @@ def build(flags: Optional[tuple[str, ...]] = None) -> ctypes.CDLL:
     return lib
 
 
+def _cpu() -> str:
+    """What -march=native compiles for: the CPU's model and instruction-set flags, so that a cache directory
+    shared by different machines (a home directory on a cluster) never hands one a library built for another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(sorted({line for line in f if line.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()} {torch.backends.cpu.get_cpu_capability()}"
+
+
 @functools.lru_cache(maxsize=None)
 def library() -> Optional[ctypes.CDLL]:
     """The compiled kernels, or None (off, or they could not be built: logged once)."""
@@ -77,7 +88,7 @@ def library() -> Optional[ctypes.CDLL]:
     try:
         return build()
     except (OSError, RuntimeError) as e:
-        log.warning("CPU kernels unavailable, using torch's attention instead: %s", e)
+        log.warning("CPU kernels unavailable, using torch's operations instead: %s", e)
         return None
 
 

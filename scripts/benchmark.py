@@ -240,7 +240,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--no-pack", action="store_true", help="Llama.build(pack_weights=False)")
     parser.add_argument("--no-graphs", action="store_true", help="Llama.build(cuda_graphs=False)")
-    parser.add_argument("--no-kernels", action="store_true", help="torch's attention where llama/kernels.c's "
+    parser.add_argument("--no-kernels", action="store_true", help="torch's operations where llama/kernels.c's "
                         "would run (LLAMA_KERNELS=0)")
     parser.add_argument("--compile", action="store_true", help="Llama.build(compile_elementwise=True)")
     parser.add_argument("--reps", type=int, default=3)
@@ -271,7 +271,7 @@ def main() -> None:
     print(f"machine: {machine}, {torch.get_num_threads()} threads; weights {g.model.output.weight.dtype}"
           f"{' (packed for oneDNN)' if packed else ''}, compute {g.model.compute_dtype}"
           f"{', decoding from CUDA graphs' if g.decoder else ''}"
-          f"{', decoding attention by llama/kernels.c' if device.type == 'cpu' and kernels.library() else ''}"
+          f"{', C kernels of llama/kernels.c' if device.type == 'cpu' and kernels.library() else ''}"
           f"{', element-wise kernels compiled' if args.compile else ''}; "
           f"{n_params / 1e9:.2f} B parameters, {weight_bytes / 1e9:.2f} GB")
     first = {"bandwidth": ceil.bandwidth(), "matmul": ceil.matmul()}

@@ -111,7 +111,7 @@ def test_falls_back_to_torch_when_it_cannot_be_built(monkeypatch, tmp_path, capl
     try:
         with caplog.at_level(logging.WARNING, logger="llama.kernels"):
             assert kernels.decode_attention(q, keys, values, None) is None
-        assert "CPU kernels unavailable, using torch's attention instead" in caplog.text
+        assert "CPU kernels unavailable, using torch's operations instead" in caplog.text
         assert "no-such-compiler" in caplog.text
         monkeypatch.delenv("CC")
         kernels.library.cache_clear()
@@ -162,3 +162,16 @@ def test_bf16_weights_decode_a_batch_in_float32_through_the_kernel(make_ckpt, mo
             want = reference_logits(bf16_state, {**WIDE, "vocab_size": VOCAB}, row)[-1]
             torch.testing.assert_close(logits[0].double(), want, rtol=1e-4, atol=1e-4)
     assert len(computed) == 3 * (7 * WIDE["n_layers"] + 1) and all(out is not None for out in computed)
+
+
+def test_a_shared_cache_keeps_one_library_per_cpu(monkeypatch, tmp_path):
+    """-march=native code for one CPU can crash another: a cache directory two machines share (a home directory
+    on a cluster) must give each its own build."""
+    monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))
+    kernels.build()
+    kernels.build()  # reused
+    assert len(list(tmp_path.glob("kernels-*.so"))) == 1
+    monkeypatch.setattr(kernels, "_cpu", lambda: "model name: another CPU\nflags: avx2\n")
+    kernels.build()
+    assert len(list(tmp_path.glob("kernels-*.so"))) == 2
+    assert not [p for p in tmp_path.iterdir() if not p.name.startswith("kernels-")]  # no temporary files left
