@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama import distributed
+from llama import distributed, kernels
 from llama.checkpoint import random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +20,15 @@ GQA = {"dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 2, "multiple_of": 4
        "norm_eps": 1e-6, "vocab_size": -1}
 CODE = {**GQA, "rope_theta": 1e6}
 VOCAB = 32000
+
+
+def kernels_expected() -> bool:
+    """Whether llama/kernels.c should be in use: on, and a C compiler to build it. Where one is found, a failed
+    build fails the tests that need the kernels rather than skipping them."""
+    return kernels.enabled() and shutil.which(os.environ.get("CC", "cc")) is not None
+
+
+needs_kernels = pytest.mark.skipif(not kernels_expected(), reason="C kernels off (LLAMA_KERNELS=0) or no C compiler")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import run_cmd
+from conftest import kernels_expected, run_cmd
 
 FIGURES = [
     "load", "bandwidth", "matmul", "prefill 128 tokens, batch 1", "prefill 128 tokens, batch 4",
@@ -54,9 +54,8 @@ def test_bench_kernels_times_the_products_and_the_attention_both_ways():
     result = run_cmd([sys.executable, "scripts/bench_kernels.py", "--reps", "1", "--threads", "2"], timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert all(re.search(rf"^\s+{n} positions, {way}\s+\d+ us", out, re.M)
-               for n in (128, 4096) for way in ("torch", r"kernels\.c")), out
-    assert all(re.search(rf"^\s+{n} rows, {way}\s+\d+ us", out, re.M)
-               for n in (2, 4, 7) for way in ("torch", r"kernels\.c")), out
+    ways = ("torch", r"kernels\.c") if kernels_expected() else ("torch",)
+    assert all(re.search(rf"^\s+{n} positions, {way}\s+\d+ us", out, re.M) for n in (128, 4096) for way in ways), out
+    assert all(re.search(rf"^\s+{n} rows, {way}\s+\d+ us", out, re.M) for n in (2, 4, 7) for way in ways), out
     assert re.search(r"in cache\s+\d+ us.*\n.*read its bytes\s+\d+ us.*\n.*streamed\s+\d+ us", out) or \
         "can't pack" in out, out

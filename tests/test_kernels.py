@@ -1,5 +1,6 @@
-"""The C decoding-attention kernel (llama/kernels.c) against attention computed naively in float64, on its own and
-inside the model; and its fallback to torch's attention where it can't be built."""
+"""The C kernels (llama/kernels.c) against float64: decoding attention computed naively, products of a few rows, on
+their own and inside the model; and their fallback to torch's operations where they can't be built. Skipped
+where they are turned off (LLAMA_KERNELS=0) or there is no C compiler; with one, a build that fails fails them."""
 
 import logging
 import platform
@@ -9,7 +10,7 @@ import torch
 
 from llama import kernels
 
-from conftest import VOCAB
+from conftest import VOCAB, needs_kernels
 from reference import logits as reference_logits
 from test_graphs import fill_cache_with_noise
 from test_model import build_model, prompt
@@ -47,6 +48,7 @@ def cache_views(bsz, kv_heads, n, dim, dtype, seed):
     return k[1:, :, :n], v[1:, :, :n]
 
 
+@needs_kernels
 @pytest.mark.parametrize("built", BUILDS, ids=lambda f: next(x for x in f if x.startswith("-march")), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bsz,kv_heads,group,dim,n", [
@@ -70,6 +72,7 @@ def test_matches_naive_attention(built, dtype, bsz, kv_heads, group, dim, n):
         torch.testing.assert_close(got.double(), naive((q * scale).to(dtype), keys, values, m), **tol)
 
 
+@needs_kernels
 def test_declines_what_it_does_not_take():
     q, keys, values = torch.randn(1, 2, 4, 64), *cache_views(1, 2, 10, 64, torch.float32, seed=0)
     assert kernels.decode_attention(q[..., :48], keys[..., :48], values[..., :48], None) is None  # head_dim
@@ -79,6 +82,7 @@ def test_declines_what_it_does_not_take():
         assert kernels.decode_attention(q.requires_grad_(), keys, values, None) is None  # autograd
 
 
+@needs_kernels
 def test_model_decodes_through_the_kernel(make_ckpt, monkeypatch):
     """A left-padded batch decoding past several blocks of positions over a cache full of noise, against the
     float64 reference; the kernel, not torch's attention, computing every step."""
@@ -105,6 +109,7 @@ def test_model_decodes_through_the_kernel(make_ckpt, monkeypatch):
 
 def test_falls_back_to_torch_when_it_cannot_be_built(monkeypatch, tmp_path, caplog):
     q, keys, values = torch.randn(1, 2, 4, 64), *cache_views(1, 2, 10, 64, torch.float32, seed=0)
+    monkeypatch.delenv("LLAMA_KERNELS", raising=False)
     monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     kernels.library.cache_clear()
@@ -121,6 +126,7 @@ def test_falls_back_to_torch_when_it_cannot_be_built(monkeypatch, tmp_path, capl
         kernels.library.cache_clear()
 
 
+@needs_kernels
 @pytest.mark.parametrize("built", BUILDS, ids=lambda f: next(x for x in f if x.startswith("-march")), indirect=True)
 def test_linear_bf16_matches_float64(built):
     g = torch.Generator().manual_seed(0)
@@ -140,6 +146,7 @@ def test_linear_bf16_matches_float64(built):
     assert kernels.linear_bf16(x.bfloat16(), weight) is None  # dtype
 
 
+@needs_kernels
 def test_bf16_weights_decode_a_batch_in_float32_through_the_kernel(make_ckpt, monkeypatch):
     """bf16 weights computed in float32 (a CPU without native bf16): a batch of three decodes through
     linear_bf16, every product of the step, and keeps float32's accuracy against the float64 reference on the
@@ -164,6 +171,7 @@ def test_bf16_weights_decode_a_batch_in_float32_through_the_kernel(make_ckpt, mo
     assert len(computed) == 3 * (7 * WIDE["n_layers"] + 1) and all(out is not None for out in computed)
 
 
+@needs_kernels
 def test_a_shared_cache_keeps_one_library_per_cpu(monkeypatch, tmp_path):
     """-march=native code for one CPU can crash another: a cache directory two machines share (a home directory
     on a cluster) must give each its own build."""
