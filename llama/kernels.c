@@ -68,19 +68,26 @@ static inline vf load(const void *p, int64_t i, int bf16) {
     return x;
 }
 
-/* Elements i..i+W/2-1 of a, then of b, as floats. (Joined by a shuffle: through memory, as a union of two
- * halves, GCC stores them and loads the whole, which stalls.) */
+/* Two half vectors joined: a shuffle, where the compiler has __builtin_shufflevector (GCC 12 on). Older GCC
+ * (Ubuntu 22.04's 11) joins them through memory, which stalls on store forwarding: slower, the same result. */
+#if __GNUC__ >= 12 || defined(__clang__)
+#define JOIN(type, a, b) __builtin_shufflevector(a, b, LANES)
+#else
+#define JOIN(type, a, b) ({ union { __typeof__(a) half[2]; type whole; } j_ = {.half = {a, b}}; j_.whole; })
+#endif
+
+/* Elements i..i+W/2-1 of a, then of b, as floats. */
 static inline vf load_halves(const void *a, const void *b, int64_t i, int bf16) {
     if (bf16) {
         vh_half ha, hb;
         memcpy(&ha, (const uint16_t *)a + i, sizeof ha);
         memcpy(&hb, (const uint16_t *)b + i, sizeof hb);
-        return (vf)(__builtin_convertvector(__builtin_shufflevector(ha, hb, LANES), vu) << 16);
+        return (vf)(__builtin_convertvector(JOIN(vh, ha, hb), vu) << 16);
     }
     vf_half fa, fb;
     memcpy(&fa, (const float *)a + i, sizeof fa);
     memcpy(&fb, (const float *)b + i, sizeof fb);
-    return __builtin_shufflevector(fa, fb, LANES);
+    return JOIN(vf, fa, fb);
 }
 
 static inline void store(void *p, int64_t i, vf x, int bf16) {
