@@ -55,7 +55,8 @@ def build(flags: Optional[tuple[str, ...]] = None) -> ctypes.CDLL:
         try:
             done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
             if done.returncode:
-                raise RuntimeError(f"compiling {SOURCE.name} with {cc} failed:\n{done.stderr.strip()}")
+                errors = "\n".join(done.stderr.strip().splitlines()[:10])  # the first of them say why
+                raise RuntimeError(f"compiling {SOURCE.name} with {cc} failed:\n{errors}")
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):

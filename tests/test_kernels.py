@@ -119,6 +119,16 @@ def test_falls_back_to_torch_when_it_cannot_be_built(monkeypatch, tmp_path, capl
             assert kernels.decode_attention(q, keys, values, None) is None
         assert "CPU kernels unavailable, using torch's operations instead" in caplog.text
         assert "no-such-compiler" in caplog.text
+        failing = tmp_path / "failing-cc"  # a compiler that runs and fails, as clang does on GCC's builtins
+        failing.write_text("#!/bin/sh\necho 'error: unknown builtin' >&2\nexit 1\n")
+        failing.chmod(0o755)
+        monkeypatch.setenv("CC", str(failing))
+        kernels.library.cache_clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="llama.kernels"):
+            assert kernels.linear_bf16(torch.randn(2, 64), torch.randn(8, 64).bfloat16()) is None
+        assert "compiling kernels.c with" in caplog.text and "error: unknown builtin" in caplog.text
+        assert [p.name for p in tmp_path.iterdir()] == ["failing-cc"]  # no half-built library left behind
         monkeypatch.delenv("CC")
         kernels.library.cache_clear()
         monkeypatch.setenv("LLAMA_KERNELS", "0")  # off
