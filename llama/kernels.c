@@ -349,12 +349,8 @@ static inline __attribute__((always_inline)) void rows_times(const float *x, con
             }
         }
         for (int r = 0; r < R; r++)
-            for (int j = 0; j < NB; j++) {
-                float sum = 0;
-                for (int i = 0; i < W; i++)
-                    sum += acc[r][j][i];
-                y[r * N + n + j] = sum;
-            }
+            for (int j = 0; j < NB; j++)
+                y[r * N + n + j] = hsum(acc[r][j]);
     }
 }
 
