@@ -36,11 +36,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
 
 def cpu_has_native_bf16() -> bool:
     """AVX-512 BF16 or AMX: without them torch's bf16 matrix products are emulated and 5-100x slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
+    flags = kernels.cpu_id().split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -45,7 +45,7 @@ def build(flags: Optional[tuple[str, ...]] = None) -> ctypes.CDLL:
     flags = flags or FLAGS
     cc = os.environ.get("CC", "cc")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), *map(str.encode, flags), _cpu().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), *map(str.encode, flags), cpu_id().encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("LLAMA_KERNEL_CACHE") or Path.home() / ".cache" / "llama")
     target = cache / f"kernels-{key}.so"
     if not target.exists():
@@ -71,7 +71,7 @@ def build(flags: Optional[tuple[str, ...]] = None) -> ctypes.CDLL:
     return lib
 
 
-def _cpu() -> str:
+def cpu_id() -> str:
     """What -march=native compiles for: the CPU's model and instruction-set flags, so that a cache directory
     shared by different machines (a home directory on a cluster) never hands one a library built for another."""
     try:

@@ -21,7 +21,7 @@ WIDE = {"dim": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of":
 # Each compiled form of the kernel: the machine's own, and on x86 with AVX2 also AVX2's (what machines without
 # AVX-512 run: other vector widths, other shuffles).
 BUILDS = [kernels.FLAGS] + ([tuple("-march=x86-64-v3" if f == "-march=native" else f for f in kernels.FLAGS)]
-                            if platform.machine() == "x86_64" and "avx2" in kernels._cpu().split() else [])
+                            if platform.machine() == "x86_64" and "avx2" in kernels.cpu_id().split() else [])
 
 
 def naive(q, keys, values, mask):
@@ -190,7 +190,7 @@ def test_a_shared_cache_keeps_one_library_per_cpu(monkeypatch, tmp_path):
     kernels.build()
     kernels.build()  # reused
     assert len(list(tmp_path.glob("kernels-*.so"))) == 1
-    monkeypatch.setattr(kernels, "_cpu", lambda: "model name: another CPU\nflags: avx2\n")
+    monkeypatch.setattr(kernels, "cpu_id", lambda: "model name: another CPU\nflags: avx2\n")
     kernels.build()
     assert len(list(tmp_path.glob("kernels-*.so"))) == 2
     assert not [p for p in tmp_path.iterdir() if not p.name.startswith("kernels-")]  # no temporary files left
