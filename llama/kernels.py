@@ -3,9 +3,10 @@
 - ``decode_attention``: torch's ``scaled_dot_product_attention`` reads a long KV cache at about a tenth of the
   memory bandwidth when one query token attends to it, which made a step at 4096 cached positions 30 % slower
   than one at 128 on the 1b shape. This reads it in one blocked pass.
-- ``linear_bf16``: float32 rows times bf16 weights, for decoding a few rows on a CPU without native bf16
-  products. torch converts the weight once per row there (a 2048 x 5632 weight read at 51, 28, 14 and 7 GB/s
-  for 1, 2, 4 and 7 rows); this converts each weight element once for all the rows.
+- ``linear_bf16``: float32 rows times bf16 weights, for decoding a batch (2 to 16 rows) on a CPU without
+  native bf16 products. torch converts the weight once per row there (a 2048 x 5632 weight read at 51, 28, 14
+  and 7 GB/s for 1, 2, 4 and 7 rows), or, in float32, converts the whole weight per call; this converts each
+  weight element once for all the rows, in registers.
 
 The source is compiled with the machine's C compiler (``$CC``, else ``cc``; GCC, for its generic vectors) with
 ``-march=native``, into ``$LLAMA_KERNEL_CACHE`` (default ``~/.cache/llama``), once per source, flags and
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 MAX_HEAD_DIM, MAX_GROUP = 256, 16  # as kernels.c's MAX_D, MAX_G
+LINEAR_ROWS = range(2, 17)  # where linear_bf16 beats torch's ways (scripts/bench_kernels.py)
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -121,14 +123,15 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """x @ weight.T for x float32 with 2 to 7 rows (its last dimension the weight's second) and weight bf16
+    """x @ weight.T for x float32 with 2 to 16 rows (its last dimension the weight's second) and weight bf16
     (out, in), in float32: x is not rounded to bf16. None where the kernel doesn't apply (device, dtypes,
-    layout, rows, autograd, or no kernels). One row is left to torch, whose matrix-vector product is as fast."""
+    layout, rows, autograd, or no kernels). One row is left to torch, whose matrix-vector product is as fast,
+    and more rows to float32 matrix products, which match this kernel from about 32 rows on."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     applies = (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.bfloat16
                and weight.dim() == 2 and weight.shape[1] == k and weight.is_contiguous() and k % 16 == 0
-               and 2 <= rows <= 7 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+               and rows in LINEAR_ROWS and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
     lib = library() if applies else None
     if lib is None:
         return None

@@ -78,12 +78,11 @@ def _skip_fairscale_init() -> Iterator[None]:
         fs_layers._initialize_affine_weight = original
 
 
-# Products with at least this many rows run in the activations' dtype, the narrower stored weight converted for
-# the call; fewer rows (decoding) read the weight as it is stored, half the bytes: 2 to 7 rows through
-# kernels.linear_bf16 (which converts each weight element once for all of them), one row (or all, without the
-# kernels) in the weight's dtype. This is for bf16 weights on a CPU without native bf16, whose bf16 matrix
-# products are 5-100x slower than its float32 ones while its bf16 matrix-vector products are as fast as
-# float32's on half the bytes.
+# For bf16 weights on a CPU without native bf16, whose bf16 matrix products are 5-100x slower than its float32
+# ones while its bf16 matrix-vector products are as fast as float32's on half the bytes: products of 2 to 16 rows
+# (decoding a batch) go to kernels.linear_bf16, which reads the weight as it is stored (half the bytes) and
+# converts each element once for all the rows, in registers. Otherwise, products with at least this many rows run
+# in the activations' dtype, the weight converted for the call; fewer rows in the weight's dtype.
 WIDE_ROWS = 8
 # The weight is converted this many bytes at a time into one reused buffer, each block used while it is still in
 # the CPU's cache. Converting it whole allocates a fresh tensor per call, and faulting in its pages costs 5-20x
@@ -96,10 +95,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T in x's dtype, whatever the weight is stored in."""
     if x.dtype == weight.dtype:
         return _product(x, weight)
+    out = kernels.linear_bf16(x, weight)  # 2 to 16 rows, on a CPU
+    if out is not None:
+        return out
     if x.numel() >= WIDE_ROWS * x.shape[-1]:
         return _converted_product(x, weight)
-    out = kernels.linear_bf16(x, weight)  # 2 to 7 rows, on a CPU
-    return out if out is not None else _product(x.to(weight.dtype), weight).to(x.dtype)
+    return _product(x.to(weight.dtype), weight).to(x.dtype)
 
 
 def _converted_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,11 @@
    against 128 and 4096 cached positions in bf16, with 22 layers' caches in turn so they come from memory: the
    time and the rate it reads the cache at, of torch's scaled_dot_product_attention and of llama/kernels.c's
    kernel (which the engine uses where it can be built).
-3. The products of decoding a small batch where the CPU has no native bf16 (float32 activations, bf16
-   weights): 2, 4 and 7 rows against 24 bf16 weights of 2048 x 5632 in turn, as torch computes them (rows
-   rounded to bf16, a bf16 product) and as llama/kernels.c's linear_bf16 does (which the engine uses there).
-   On a CPU with native bf16 torch's side is native too, and the engine doesn't use the kernel.
+3. The products of decoding a batch where the CPU has no native bf16 (float32 activations, bf16 weights): 2, 4,
+   8 and 16 rows against 24 bf16 weights of 2048 x 5632 in turn, as torch computes them (below 8 rows, rows
+   rounded to bf16 and a bf16 product; from 8, a float32 product of the weight converted a block at a time) and
+   as llama/kernels.c's linear_bf16 does (which the engine uses there). On a CPU with native bf16 torch's side
+   is native too, and the engine doesn't use the kernel.
 """
 
 import argparse
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import read_rate, timed  # noqa: E402
 
 from llama import kernels  # noqa: E402
-from llama.model import PACK_ROWS, can_pack  # noqa: E402
+from llama.model import PACK_ROWS, WIDE_ROWS, _converted_product, can_pack  # noqa: E402
 
 LAYERS, KV_HEADS, GROUP, HEAD_DIM, POSITIONS = 22, 4, 8, 64, 4096
 CPU = torch.device("cpu")
@@ -75,10 +76,11 @@ def few_rows(reps: int) -> None:
     k, n = 2048, 5632
     weights = [torch.randn(n, k).bfloat16() for _ in range(24)]
     print(f"products of float32 rows and bf16 weights, {n}x{k}, 24 in turn:")
-    ways = {"torch": lambda x, w: F.linear(x.bfloat16(), w).float()}
+    ways = {"torch": lambda x, w: (_converted_product(x, w) if x.shape[0] >= WIDE_ROWS
+                                   else F.linear(x.bfloat16(), w).float())}
     if kernels.library():
         ways["kernels.c"] = kernels.linear_bf16
-    for rows in (2, 4, 7):
+    for rows in (2, 4, 8, 16):
         x = torch.randn(rows, k)
         for name, product in ways.items():
             t = timed(lambda f=product, x=x: [f(x, w) for w in weights], CPU, reps) / len(weights)

@@ -141,7 +141,7 @@ def test_falls_back_to_torch_when_it_cannot_be_built(monkeypatch, tmp_path, capl
 @pytest.mark.parametrize("built", BUILDS, ids=lambda f: next(x for x in f if x.startswith("-march")), indirect=True)
 def test_linear_bf16_matches_float64(built):
     g = torch.Generator().manual_seed(0)
-    for rows in range(2, 8):
+    for rows in range(2, 17):  # 8 and more: groups of up to 7 rows in turn, and what is left
         for n, k in ((64, 2048), (67, 48), (5, 256)):  # 67 and 5: weight rows left over after the groups
             weight = torch.randn(n, k, generator=g).bfloat16()
             x = torch.randn(rows, k, generator=g)
@@ -150,7 +150,7 @@ def test_linear_bf16_matches_float64(built):
             torch.testing.assert_close(got[0].double(), x.double() @ weight.double().T, rtol=1e-5, atol=1e-4)
     weight, x = torch.randn(8, 64).bfloat16(), torch.randn(3, 64)
     assert kernels.linear_bf16(x[:1], weight) is None  # one row: torch's
-    assert kernels.linear_bf16(torch.randn(8, 64), weight) is None  # eight: converted, float32 products
+    assert kernels.linear_bf16(torch.randn(17, 64), weight) is None  # 17: converted, float32 products
     assert kernels.linear_bf16(x[:, :48], weight[:, :48].contiguous()) is not None
     assert kernels.linear_bf16(x[:, :40], weight[:, :40].contiguous()) is None  # not a multiple of 16
     assert kernels.linear_bf16(x, weight.t().contiguous().t()) is None  # layout
@@ -158,22 +158,24 @@ def test_linear_bf16_matches_float64(built):
 
 
 @needs_kernels
-def test_bf16_weights_decode_a_batch_in_float32_through_the_kernel(make_ckpt, monkeypatch):
-    """bf16 weights computed in float32 (a CPU without native bf16): a batch of three decodes through
+@pytest.mark.parametrize("batch", [3, 16])
+def test_bf16_weights_decode_a_batch_in_float32_through_the_kernel(make_ckpt, monkeypatch, batch):
+    """bf16 weights computed in float32 (a CPU without native bf16): a batch of 3 or 16 decodes through
     linear_bf16, every product of the step, and keeps float32's accuracy against the float64 reference on the
-    same bf16 weights (the activations are no longer rounded to bf16 for these products)."""
+    same bf16 weights (the activations are no longer rounded to bf16 for these products). 16 rows go through in
+    groups of 7, 7 and 2."""
     computed = []
     linear_bf16 = kernels.linear_bf16
     monkeypatch.setattr(kernels, "linear_bf16", lambda *a: computed.append(linear_bf16(*a)) or computed[-1])
     ckpt, state = make_ckpt(WIDE)
-    model = build_model(ckpt, state, max_batch_size=3, dtype=torch.bfloat16)
+    model = build_model(ckpt, state, max_batch_size=batch, dtype=torch.bfloat16)
     model.setup_cache(compute_dtype=torch.float32)
     bf16_state = {k: v.bfloat16().double() for k, v in state.items()}
-    rows = [prompt(9, seed) for seed in range(3)]
+    rows = [prompt(9, seed) for seed in range(batch)]
     model.forward(torch.tensor(rows), 0)
     computed.clear()
     for pos in range(9, 12):
-        nxt = [pos * 7 % VOCAB, pos * 13 % VOCAB, pos * 17 % VOCAB]
+        nxt = [pos * (7 + 2 * i) % VOCAB for i in range(batch)]
         got = model.forward(torch.tensor([[t] for t in nxt]), pos)
         for row, t, logits in zip(rows, nxt, got):
             row.append(t)
