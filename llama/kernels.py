@@ -5,8 +5,8 @@
   than one at 128 on the 1b shape. This reads it in one blocked pass.
 - ``linear_bf16``: float32 rows times bf16 weights, for decoding a batch (2 to 16 rows) on a CPU without
   native bf16 products. torch converts the weight once per row there (a 2048 x 5632 weight read at 51, 28, 14
-  and 7 GB/s for 1, 2, 4 and 7 rows), or, in float32, converts the whole weight per call; this converts each
-  weight element once for all the rows, in registers.
+  and 7 GB/s for 1, 2, 4 and 7 rows), or from 8 rows converts it to float32 a block at a time for a float32
+  product; this converts each weight element once for all the rows, in registers.
 
 The source is compiled with the machine's C compiler (``$CC``, else ``cc``; GCC, for its generic vectors) with
 ``-march=native``, into ``$LLAMA_KERNEL_CACHE`` (default ``~/.cache/llama``), once per source, flags and
