@@ -96,8 +96,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.dtype == weight.dtype:
         return _product(x, weight)
     out = kernels.linear_bf16(x, weight)  # 2 to 16 rows, on a CPU
-    if out is not None:
-        return out
+    return out if out is not None else torch_linear(x, weight)
+
+
+def torch_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T in x's dtype for a weight stored in another, by torch's operations alone: where
+    kernels.linear_bf16 doesn't apply (and scripts/bench_kernels.py's baseline)."""
     if x.numel() >= WIDE_ROWS * x.shape[-1]:
         return _converted_product(x, weight)
     return _product(x.to(weight.dtype), weight).to(x.dtype)

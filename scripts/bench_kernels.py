@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import read_rate, timed  # noqa: E402
 
 from llama import kernels  # noqa: E402
-from llama.model import PACK_ROWS, WIDE_ROWS, _converted_product, can_pack  # noqa: E402
+from llama.model import PACK_ROWS, can_pack, torch_linear  # noqa: E402
 
 LAYERS, KV_HEADS, GROUP, HEAD_DIM, POSITIONS = 22, 4, 8, 64, 4096
 CPU = torch.device("cpu")
@@ -76,8 +76,7 @@ def few_rows(reps: int) -> None:
     k, n = 2048, 5632
     weights = [torch.randn(n, k).bfloat16() for _ in range(24)]
     print(f"products of float32 rows and bf16 weights, {n}x{k}, 24 in turn:")
-    ways = {"torch": lambda x, w: (_converted_product(x, w) if x.shape[0] >= WIDE_ROWS
-                                   else F.linear(x.bfloat16(), w).float())}
+    ways = {"torch": torch_linear}
     if kernels.library():
         ways["kernels.c"] = kernels.linear_bf16
     for rows in (2, 4, 8, 16):
