@@ -55,7 +55,7 @@ def cache_views(bsz, kv_heads, n, dim, dtype, seed):
 @pytest.mark.parametrize("bsz,kv_heads,group,dim,n", [
     (1, 4, 8, 64, 200),   # the 1b shape's heads, several blocks of positions
     (3, 2, 1, 128, 65),   # multi-head (one query per KV head), one block and one position
-    (2, 1, 3, 64, 1),     # a group that doesn't divide a vector; a single position
+    (2, 1, 7, 64, 1),     # a group taken as 4 + 2 + 1 queries, not dividing a vector; a single position
     (1, 2, 16, 256, 97),  # the largest group and head the kernel takes
 ])
 def test_matches_naive_attention(built, dtype, bsz, kv_heads, group, dim, n):
