@@ -140,7 +140,7 @@ class Llama:
             model = Transformer(args)
             model.load_state_dict(state, strict=True, assign=True)
             del state
-            if device.type == "cuda":  # on a CPU the weights stay mapped from the files, or packed one by one
+            if device.type == "cuda":  # on a CPU the weights stay mapped from the files, or are packed (pack_weights)
                 model.fuse_weights()
             model.setup_cache(compute_dtype=compute)
             packable = device.type == "cpu" and dtype == compute == torch.bfloat16 and can_pack()

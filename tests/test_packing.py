@@ -9,7 +9,7 @@ from torch import nn
 
 from llama import Llama, Transformer
 from llama.checkpoint import Checkpoint
-from llama.model import _Packable, can_pack
+from llama.model import PackedFused, _Packable, can_pack
 
 from conftest import GQA, VOCAB
 from reference import logits as reference_logits
@@ -30,6 +30,13 @@ def packables(model: Transformer) -> list:
     return [m for m in model.modules() if isinstance(m, _Packable)]
 
 
+def packed(model: Transformer) -> list:
+    """The layers whose products use a blocked copy now: their own, or their group's (wq, wk, wv; w1, w3)."""
+    groups = [g for layer in model.layers for g in (layer.attention.wqkv, layer.feed_forward.w13)]
+    shared = {m for g in groups if isinstance(g, PackedFused) and g.valid() for m in g.layers}
+    return [m for m in packables(model) if m.blocked is not None or m in shared]
+
+
 def assert_close_bf16(got: torch.Tensor, want: torch.Tensor) -> None:
     """bf16 keeps 8 bits of mantissa: compare at that precision."""
     assert (got.double() - want).abs().max() < 0.05 * want.abs().max()
@@ -43,7 +50,11 @@ def test_packed_model_close_to_reference(make_ckpt):
     ckpt, state = make_ckpt(GQA)
     model = mapped_model(ckpt)
     assert model.pack_weights() == 7 * GQA["n_layers"] + 1 == len(packables(model)) == model.packed_weights()
-    assert all(m.blocked is not None for m in packables(model))
+    assert len(packed(model)) == len(packables(model))
+    for layer in model.layers:  # wq, wk, wv one product, w1, w3 another: copies shared, none of their own
+        a, f = layer.attention, layer.feed_forward
+        assert isinstance(a.wqkv, PackedFused) and isinstance(f.w13, PackedFused)
+        assert all(m.blocked is None for m in (a.wq, a.wk, a.wv, f.w1, f.w3))
     rows = [prompt(12, seed) for seed in (5, 6)]
     tokens = torch.tensor(rows)
     logits = [model.forward(tokens[:, :8], 0)]  # a prompt's products: 16 rows
@@ -55,7 +66,7 @@ def test_packed_model_close_to_reference(make_ckpt):
         assert_close_bf16(row, want)
         if g is not None:
             assert_close_bf16(g, want[8:])
-    assert all(m.blocked is not None for m in packables(model))  # the packed copies stayed valid throughout
+    assert len(packed(model)) == len(packables(model))  # the packed copies stayed valid throughout
 
 
 @needs_packing
@@ -73,19 +84,22 @@ def test_edited_or_replaced_weight_is_used_not_its_stale_copy(make_ckpt):
     ckpt, state = make_ckpt(GQA)
     model = mapped_model(ckpt)
     model.pack_weights()
-    w2 = model.layers[1].feed_forward.w2
+    w2, wk = model.layers[1].feed_forward.w2, model.layers[0].attention.wk
     with torch.no_grad():
         w2.weight.mul_(-3)  # in place
+        wk.weight.mul_(-2)  # in place, one of a group sharing a copy
     new_output = torch.randn(model.output.weight.shape, generator=torch.Generator().manual_seed(3)) * 0.05
     model.output.weight = nn.Parameter(new_output.bfloat16())  # replaced
     edited = {**state, "layers.1.feed_forward.w2.weight": state["layers.1.feed_forward.w2.weight"] * -3,
+              "layers.0.attention.wk.weight": state["layers.0.attention.wk.weight"] * -2,
               "output.weight": new_output.bfloat16().float()}
     tokens = prompt(10, 7)
     got = model.forward(torch.tensor([tokens]), 0)[0]
     assert_close_bf16(got, reference_logits(edited, {**GQA, "vocab_size": VOCAB}, tokens))
     assert w2.blocked is None and model.output.blocked is None  # stale copies freed
-    assert model.packed_weights() == len(packables(model)) - 2
-    assert model.layers[1].feed_forward.w1.blocked is not None
+    assert model.layers[0].attention.wqkv.blocked is None  # the group's too: wq, wv compute alone
+    assert model.packed_weights() == len(packables(model)) - 2 - 3 == len(packed(model))
+    assert model.layers[1].attention.wqkv.valid() and model.layers[0].feed_forward.w13.valid()
 
 
 @needs_packing
@@ -98,7 +112,7 @@ def test_model_loaded_in_inference_mode_packs(make_ckpt):
     tokens = prompt(10, 8)
     assert_close_bf16(model.forward(torch.tensor([tokens]), 0)[0],
                       reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens))
-    assert all(m.blocked is not None for m in packables(model))
+    assert len(packed(model)) == len(packables(model))
 
 
 @needs_packing
@@ -109,9 +123,10 @@ def test_packed_model_can_be_deep_copied_and_saved(make_ckpt, tmp_path):
     tokens = torch.tensor([prompt(6, 9)])
     clone = copy.deepcopy(model)
     torch.save(model, tmp_path / "model.pt")
-    assert all(m.blocked is None for m in packables(clone))  # computes from its own weights
+    assert packed(clone) == [] and clone.packed_weights() == 0  # computes from its own weights
+    assert clone.layers[0].attention.wqkv.layers[1] is clone.layers[0].attention.wk  # the clone's, not the model's
     assert_close_bf16(clone.forward(tokens, 0), model.forward(tokens, 0).double())
-    assert all(m.blocked is not None for m in packables(model))
+    assert len(packed(model)) == len(packables(model))
 
 
 @needs_packing
@@ -123,7 +138,8 @@ def test_weight_edited_before_packing_keeps_its_edit(make_ckpt):
     with torch.no_grad():
         model.layers[0].attention.wq.weight[:8].mul_(-2)
     assert model.pack_weights() < len(packables(model))
-    assert model.layers[0].attention.wq.blocked is None
+    assert model.layers[0].attention.wq.blocked is None and model.layers[0].attention.wqkv is None
+    assert model.layers[0].attention.wk.blocked is not None  # packed alone
     edited = {**state, "layers.0.attention.wq.weight": state["layers.0.attention.wq.weight"].clone()}
     edited["layers.0.attention.wq.weight"][:8] *= -2
     for name, w in model.state_dict().items():
@@ -156,7 +172,7 @@ def test_build_packs_on_request_only_where_it_can(make_ckpt, tokenizer_path):
     with pytest.raises(ValueError, match="pack_weights=True needs bf16 weights"):
         Llama.build(ckpt, tokenizer_path, 32, 1, dtype="float32", pack_weights=True)
     unpacked = Llama.build(ckpt, tokenizer_path, 32, 1, dtype="bfloat16", pack_weights=False)
-    assert all(m.blocked is None for m in packables(unpacked.model))
+    assert packed(unpacked.model) == []
 
 
 @needs_packing
@@ -164,5 +180,4 @@ def test_build_packs_by_default_where_it_computes_in_bf16(make_ckpt, tokenizer_p
     """Where the CPU has native bf16 (else bf16 weights are computed in float32, and a packed copy is of no use)."""
     ckpt, _ = make_ckpt(GQA)
     g = Llama.build(ckpt, tokenizer_path, 32, 2, dtype="bfloat16")
-    packed = sum(m.blocked is not None for m in packables(g.model))
-    assert packed == (7 * GQA["n_layers"] + 1 if g.model.compute_dtype == torch.bfloat16 else 0)
+    assert len(packed(g.model)) == (7 * GQA["n_layers"] + 1 if g.model.compute_dtype == torch.bfloat16 else 0)
