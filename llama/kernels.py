@@ -3,10 +3,10 @@
 - ``decode_attention``: torch's ``scaled_dot_product_attention`` reads a long KV cache at about a tenth of the
   memory bandwidth when one query token attends to it, which made a step at 4096 cached positions 30 % slower
   than one at 128 on the 1b shape. This reads it in one blocked pass.
-- ``linear_bf16``: float32 rows times bf16 weights, for decoding a batch (2 to 16 rows) on a CPU without
-  native bf16 products. torch converts the weight once per row there (a 2048 x 5632 weight read at 51, 28, 14
-  and 7 GB/s for 1, 2, 4 and 7 rows), or from 8 rows converts it to float32 a block at a time for a float32
-  product; this converts each weight element once for all the rows, in registers.
+- ``linear_bf16``: float32 rows times bf16 weights, for decoding (1 to 16 rows) on a CPU without native bf16
+  products. torch converts the weight once per row there (a 2048 x 5632 weight read at 51, 28, 14 and 7 GB/s
+  for 1, 2, 4 and 7 rows), or from 8 rows converts it to float32 a block at a time for a float32 product; this
+  converts each weight element once for all the rows, in registers, and reads one row's weight in order.
 
 The source is compiled with the machine's C compiler (``$CC``, else ``cc``; GCC, for its generic vectors) with
 ``-march=native``, into ``$LLAMA_KERNEL_CACHE`` (default ``~/.cache/llama``), once per source, flags and
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 MAX_HEAD_DIM, MAX_GROUP = 256, 16  # as kernels.c's MAX_D, MAX_G
-LINEAR_ROWS = range(2, 17)  # where linear_bf16 beats torch's ways (scripts/bench_kernels.py)
+LINEAR_ROWS = range(1, 17)  # where linear_bf16 beats torch's ways (scripts/bench_kernels.py)
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -123,10 +123,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """x @ weight.T for x float32 with 2 to 16 rows (its last dimension the weight's second) and weight bf16
+    """x @ weight.T for x float32 with 1 to 16 rows (its last dimension the weight's second) and weight bf16
     (out, in), in float32: x is not rounded to bf16. None where the kernel doesn't apply (device, dtypes,
-    layout, rows, autograd, or no kernels). One row is left to torch, whose matrix-vector product is as fast,
-    and more rows to float32 matrix products, which match this kernel from about 32 rows on."""
+    layout, rows, autograd, or no kernels). More rows are left to float32 matrix products, which match this
+    kernel from about 32 rows on."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     applies = (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.bfloat16

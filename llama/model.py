@@ -79,8 +79,8 @@ def _skip_fairscale_init() -> Iterator[None]:
 
 
 # For bf16 weights on a CPU without native bf16, whose bf16 matrix products are 5-100x slower than its float32
-# ones while its bf16 matrix-vector products are as fast as float32's on half the bytes: products of 2 to 16 rows
-# (decoding a batch) go to kernels.linear_bf16, which reads the weight as it is stored (half the bytes) and
+# ones while its bf16 matrix-vector products are as fast as float32's on half the bytes: products of 1 to 16 rows
+# (decoding) go to kernels.linear_bf16, which reads the weight as it is stored (half the bytes) and
 # converts each element once for all the rows, in registers. Otherwise, products with at least this many rows run
 # in the activations' dtype, the weight converted for the call; fewer rows in the weight's dtype.
 WIDE_ROWS = 8
@@ -95,7 +95,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T in x's dtype, whatever the weight is stored in."""
     if x.dtype == weight.dtype:
         return _product(x, weight)
-    out = kernels.linear_bf16(x, weight)  # 2 to 16 rows, on a CPU
+    out = kernels.linear_bf16(x, weight)  # 1 to 16 rows, on a CPU
     return out if out is not None else torch_linear(x, weight)
 
 

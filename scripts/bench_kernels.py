@@ -11,8 +11,8 @@
    against 128 and 4096 cached positions in bf16, with 22 layers' caches in turn so they come from memory: the
    time and the rate it reads the cache at, of torch's scaled_dot_product_attention and of llama/kernels.c's
    kernel (which the engine uses where it can be built).
-3. The products of decoding a batch where the CPU has no native bf16 (float32 activations, bf16 weights): 2, 4,
-   8 and 16 rows against 24 bf16 weights of 2048 x 5632 in turn, as torch computes them (below 8 rows, rows
+3. The products of decoding where the CPU has no native bf16 (float32 activations, bf16 weights): 1, 2, 4, 8
+   and 16 rows against 24 bf16 weights of 2048 x 5632 in turn, as torch computes them (below 8 rows, rows
    rounded to bf16 and a bf16 product; from 8, a float32 product of the weight converted a block at a time) and
    as llama/kernels.c's linear_bf16 does (which the engine uses there). On a CPU with native bf16 torch's side
    is native too, and the engine doesn't use the kernel.
@@ -79,7 +79,7 @@ def few_rows(reps: int) -> None:
     ways = {"torch": torch_linear}
     if kernels.library():
         ways["kernels.c"] = kernels.linear_bf16
-    for rows in (2, 4, 8, 16):
+    for rows in (1, 2, 4, 8, 16):
         x = torch.randn(rows, k)
         for name, product in ways.items():
             t = timed(lambda f=product, x=x: [f(x, w) for w in weights], CPU, reps) / len(weights)
