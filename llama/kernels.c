@@ -9,7 +9,7 @@
  * running (online) softmax, accumulating in float32 whatever the cache's dtype. (AVX-512 BF16's dot-product
  * instructions, tried for a bf16 cache, were only 11 % faster on the 1b shape: not worth a second code path.)
  *
- * linear_bf16: float32 rows times bf16 weights, for decoding a batch on a CPU without native bf16 products.
+ * linear_bf16: float32 rows times bf16 weights, for decoding (one row or a batch) on a CPU without native bf16.
  */
 #include <math.h>
 #include <stdint.h>
