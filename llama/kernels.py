@@ -70,6 +70,9 @@ def build(flags: Optional[tuple[str, ...]] = None) -> ctypes.CDLL:
         fn.restype = None
     lib.linear_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.linear_bf16.restype = None
+    if lib.has_linear_packed_bf16():
+        lib.linear_packed_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        lib.linear_packed_bf16.restype = None
     return lib
 
 
@@ -139,4 +142,36 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
     lib.linear_bf16(x2.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, weight.shape[0], k,
                     torch.get_num_threads())
+    return out
+
+
+def packs_bf16() -> bool:
+    """Whether ``pack_bf16`` and ``linear_packed_bf16`` work here: the kernels built for a CPU with AVX-512 BF16."""
+    lib = library()
+    return lib is not None and bool(lib.has_linear_packed_bf16())
+
+
+def pack_bf16(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """A copy of a bf16 weight (out, in) in ``linear_packed_bf16``'s order, (out / 16, in / 2, 16, 2): each pair
+    of inputs of 16 outputs side by side. None where it doesn't apply (no such kernel, device, dtype, or sizes:
+    out a multiple of 16 and in of 2)."""
+    applies = (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
+               and weight.shape[0] % 16 == 0 and weight.shape[1] % 2 == 0 and packs_bf16())
+    if not applies:
+        return None
+    n, k = weight.shape
+    return weight.detach().view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def linear_packed_bf16(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T for bf16 x (..., in) and a weight packed by ``pack_bf16``, in bf16 (float32 sums)."""
+    blocks, pairs, _, _ = packed.shape
+    n, k = blocks * 16, pairs * 2
+    if x.dtype != torch.bfloat16 or x.shape[-1] != k or x.device.type != "cpu":
+        raise ValueError(f"linear_packed_bf16 takes bf16 rows of {k} on the CPU, not {x.dtype} {tuple(x.shape)} "
+                         f"on {x.device}")
+    x2 = x.reshape(-1, k).contiguous()
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    library().linear_packed_bf16(x2.data_ptr(), packed.data_ptr(), out.data_ptr(), x2.shape[0], n, k,
+                                 torch.get_num_threads())
     return out

@@ -149,14 +149,31 @@ def _product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 # oneDNN's bf16 products (on CPUs with native bf16) reorder the weight into a blocked layout on every call. With
 # a few rows, as in decoding a batch, that costs more than the product: 4-16 rows read the weights at 35-45 % of the
-# memory bandwidth, against 60-100 % from a copy kept in the blocked layout (scripts/benchmark.py's 1b shape).
-# oneDNN picks that layout for products of PACK_ROWS rows; it serves one row and whole prompts as well.
+# memory bandwidth, against 60-100 % from a copy kept in the blocked layout (scripts/benchmark.py's 1b shape). So
+# the weights are kept packed: in the order of kernels.c's linear_packed_bf16 where the CPU has AVX-512 BF16 (its
+# products of 8-16 rows stream 17-21 % faster than oneDNN's, and 1 to 512 rows are as fast or faster), else in
+# the blocked layout oneDNN picks for products of PACK_ROWS rows, which serves one row and whole prompts as well.
 PACK_ROWS = 16
 
 
 def can_pack() -> bool:
-    """Whether oneDNN can keep bf16 weights blocked on this CPU (it needs AVX-512 or AVX-NE-CONVERT)."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Whether bf16 weights can be kept packed on this CPU: for kernels.c's product (AVX-512 BF16), or for
+    oneDNN's (AVX-512 or AVX-NE-CONVERT)."""
+    return kernels.packs_bf16() or (torch.backends.mkldnn.is_available()
+                                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """A packed copy of a bf16 weight: for kernels.c's product where it applies, else oneDNN's blocked layout."""
+    packed = kernels.pack_bf16(weight)
+    return packed if packed is not None else torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
+
+
+def packed_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T for bf16 x and a copy of the weight made by ``pack``."""
+    if packed.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return kernels.linear_packed_bf16(x, packed)
 
 
 def _version(t: torch.Tensor) -> Optional[int]:
@@ -166,19 +183,19 @@ def _version(t: torch.Tensor) -> Optional[int]:
 
 
 class _Packable:
-    """The product of the parallel linear layers below: ``linear``, or oneDNN's on a blocked copy of the weight
-    (made by ``pack``) while the weight is the very tensor it was made from, unedited. Any other weight, an
+    """The product of the parallel linear layers below: ``linear``, or ``packed_product`` on a packed copy of the
+    weight (made by ``pack``) while the weight is the very tensor it was made from, unedited. Any other weight, an
     in-place edit, or autograd falls back to ``linear``; a stale copy is freed."""
     weight: nn.Parameter
     blocked: Optional[tuple[torch.Tensor, int, Optional[int]]] = None  # (copy, weight's data_ptr, _version)
 
     def pack(self) -> None:
         w = self.weight
-        self.blocked = (torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS), w.data_ptr(), _version(w))
+        self.blocked = (pack(w), w.data_ptr(), _version(w))
 
     def __getstate__(self) -> dict:
-        """Copies and pickles leave the blocked copy out (oneDNN's opaque tensors can be neither): they compute
-        from the weight."""
+        """Copies and pickles leave the packed copy out (oneDNN's opaque tensors can be neither, and a copy would
+        be a second one of the weights): they compute from the weight."""
         return {k: v for k, v in self.__dict__.items() if k != "blocked"}
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,7 +205,7 @@ class _Packable:
             if ptr != w.data_ptr() or version != _version(w):
                 self.blocked = None
             elif x.dtype == w.dtype and not torch.is_grad_enabled():
-                return torch.ops.mkldnn._linear_pointwise(x, copy, None, "none", [], "")
+                return packed_product(x, copy)
         return linear(x, w)
 
 
@@ -209,7 +226,7 @@ class PackedFused:
         for part, w in zip(whole.split([w.shape[0] for w in weights]), weights):
             part.copy_(w.detach())
             pages.drop(w)
-        self.blocked: Optional[torch.Tensor] = torch.ops.mkldnn._reorder_linear_weight(whole, PACK_ROWS)
+        self.blocked: Optional[torch.Tensor] = pack(whole)
         self.stamps = [(w.data_ptr(), _version(w)) for w in weights]
 
     def __getstate__(self) -> dict:
@@ -225,7 +242,7 @@ class PackedFused:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The layers' outputs, concatenated on the last dimension."""
         if self.valid() and x.dtype == self.layers[0].weight.dtype and not torch.is_grad_enabled():
-            return torch.ops.mkldnn._linear_pointwise(x, self.blocked, None, "none", [], "")
+            return packed_product(x, self.blocked)
         return torch.cat([layer(x) for layer in self.layers], dim=-1)
 
 
@@ -459,11 +476,11 @@ class Transformer(nn.Module):
         self._rope = rope_tables(p, max_seq_len, weight.device)
 
     def pack_weights(self) -> int:
-        """Give each bf16 weight mapped from a checkpoint file a blocked copy for oneDNN (see PACK_ROWS), and let
+        """Give each bf16 weight mapped from a checkpoint file a packed copy (see PACK_ROWS, ``pack``), and let
         go of its mapped pages: the process keeps one copy of the weights, and the weight tensors read back
         from the page cache or file if anything uses them. Worth it where the CPU has native bf16 products.
         Each layer's wq, wk, wv share one copy, and its w1, w3 another (``PackedFused``), where all of them can
-        be packed. Returns how many weights were packed: none where oneDNN can't (``can_pack``); other weights
+        be packed. Returns how many weights were packed: none where neither way can (``can_pack``); other weights
         (copied, converted, on a GPU, or edited since they were mapped) are left as they are."""
         if not can_pack():
             return 0

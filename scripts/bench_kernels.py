@@ -3,10 +3,11 @@
     python scripts/bench_kernels.py [--threads 2] [--reps 7]
 
 1. The product decoding a batch of 16 runs most: 16 rows against a packed bf16 weight of the 1b shape's feed-forward
-   (2048 x 5632), as ``Llama.build`` packs it where oneDNN can. Timed with the weight in the cache (compute
-   alone) and streamed from memory (24 weights in turn, as the layers come), beside the time to read the weight's
-   bytes at the bandwidth measured next to it. A kernel that overlaps reading and computing takes the larger of
-   the two when streaming; one that doesn't, their sum.
+   (2048 x 5632), packed for oneDNN's product and for llama/kernels.c's (which ``Llama.build`` uses where the CPU
+   has AVX-512 BF16). Timed with the weight in the cache (compute alone) and streamed from memory (24 weights in
+   turn, as the layers come), beside the time to read the weight's bytes at the bandwidth measured next to it. A
+   kernel that overlaps reading and computing takes the larger of the two when streaming; one that doesn't, their
+   sum.
 2. Decoding attention for one layer of the 1b shape: 8 grouped queries per KV head (4 KV heads, head_dim 64)
    against 128 and 4096 cached positions in bf16, with 22 layers' caches in turn so they come from memory: the
    time and the rate it reads the cache at, of torch's scaled_dot_product_attention and of llama/kernels.c's
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import read_rate, timed  # noqa: E402
 
 from llama import kernels  # noqa: E402
-from llama.model import PACK_ROWS, can_pack, torch_linear  # noqa: E402
+from llama.model import PACK_ROWS, can_pack, packed_product, torch_linear  # noqa: E402
 
 LAYERS, KV_HEADS, GROUP, HEAD_DIM, POSITIONS = 22, 4, 8, 64, 4096
 CPU = torch.device("cpu")
@@ -37,24 +38,24 @@ CPU = torch.device("cpu")
 
 def products(reps: int, probe: torch.Tensor) -> None:
     if not can_pack():
-        print("products: oneDNN can't pack bf16 weights on this CPU; skipped")
+        print("products: bf16 weights can't be packed on this CPU; skipped")
         return
     rows, k, n = 16, 2048, 5632
-    weights = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k).bfloat16(), PACK_ROWS) for _ in range(24)]
+    weights = [torch.randn(n, k).bfloat16() for _ in range(24)]
     x = torch.randn(rows, k).bfloat16()
-
-    def product(w: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-
-    cached = timed(lambda: product(weights[0]), CPU, reps * 4)
-    streamed = timed(lambda: [product(w) for w in weights], CPU, reps) / len(weights)
+    ways = {"oneDNN": [torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS) for w in weights]}
+    if kernels.packs_bf16():
+        ways["kernels.c"] = [kernels.pack_bf16(w) for w in weights]
+    del weights
     read = k * n * 2 / read_rate(probe, CPU, reps)
     flops = 2 * rows * k * n
     print(f"products, {rows} rows x packed bf16 {n}x{k}:")
-    print(f"  weight in cache    {cached * 1e6:7.0f} us  ({flops / cached / 1e9:.0f} GFLOP/s)")
-    print(f"  read its bytes     {read * 1e6:7.0f} us  (at the bandwidth measured now)")
-    print(f"  streamed           {streamed * 1e6:7.0f} us  (larger of the two {max(cached, read) * 1e6:.0f}, "
-          f"sum {(cached + read) * 1e6:.0f})")
+    print(f"  read its bytes        {read * 1e6:7.0f} us  (at the bandwidth measured now)")
+    for name, packed in ways.items():
+        cached = timed(lambda p=packed: packed_product(x, p[0]), CPU, reps * 4)
+        streamed = timed(lambda p=packed: [packed_product(x, w) for w in p], CPU, reps) / len(packed)
+        print(f"  {name:9} in cache  {cached * 1e6:7.0f} us  ({flops / cached / 1e9:.0f} GFLOP/s), streamed "
+              f"{streamed * 1e6:.0f} us (larger of the two {max(cached, read) * 1e6:.0f}, sum {(cached + read) * 1e6:.0f})")
 
 
 def attention(reps: int) -> None:

@@ -157,6 +157,28 @@ def test_linear_bf16_matches_float64(built):
 
 
 @needs_kernels
+@pytest.mark.skipif(not kernels.packs_bf16(), reason="the packed bf16 product needs AVX-512 BF16")
+def test_linear_packed_bf16_matches_float64():
+    """1 row (its own way), 2-8 rows (one tile), 9-17 and 130 (several passes over each tile, a remainder); 1, 2, 3
+    and 7 blocks of 16 columns (tiles of 3 and what is left); K pairs not a multiple of 4 (one row's tail)."""
+    g = torch.Generator().manual_seed(0)
+    for rows in (*range(1, 18), 130):
+        for n, k in ((16, 2), (32, 66), (48, 64), (112, 2048), (16, 5632)):
+            weight = torch.randn(n, k, generator=g).bfloat16()
+            x = torch.randn(1, rows, k, generator=g).bfloat16()
+            got = kernels.linear_packed_bf16(x, kernels.pack_bf16(weight))
+            assert got.shape == (1, rows, n) and got.dtype == torch.bfloat16
+            want = x.double() @ weight.double().T
+            # float32 sums rounded once to bf16: within 2 bf16 steps of the exact result
+            assert ((got.double() - want).abs() <= 2 ** -7 * want.abs() + 1e-5 * k).all(), (rows, n, k)
+    assert kernels.pack_bf16(torch.randn(24, 64).bfloat16()) is None  # outputs not a multiple of 16
+    assert kernels.pack_bf16(torch.randn(16, 63).bfloat16()) is None  # inputs not a multiple of 2
+    assert kernels.pack_bf16(torch.randn(16, 64)) is None  # float32
+    with pytest.raises(ValueError, match="bf16 rows of 64"):
+        kernels.linear_packed_bf16(torch.randn(2, 64), kernels.pack_bf16(torch.randn(16, 64).bfloat16()))
+
+
+@needs_kernels
 @pytest.mark.parametrize("batch", [1, 3, 16])
 def test_bf16_weights_decode_a_batch_in_float32_through_the_kernel(make_ckpt, monkeypatch, batch):
     """bf16 weights computed in float32 (a CPU without native bf16): a batch of 1, 3 or 16 decodes through

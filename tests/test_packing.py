@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from llama import Llama, Transformer
+from llama import Llama, Transformer, kernels
 from llama.checkpoint import Checkpoint
 from llama.model import PackedFused, _Packable, can_pack
 
@@ -43,13 +43,25 @@ def assert_close_bf16(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 needs_packing = pytest.mark.skipif(not can_pack(), reason="this CPU's oneDNN can't pack bf16 (needs AVX-512)")
+OWN_WAY = kernels.packs_bf16()  # kernels.c's packed product (AVX-512 BF16)
+
+
+@pytest.fixture(autouse=True, params=["kernels.c", "oneDNN"])
+def packed_for(request, monkeypatch):
+    """Each test twice: the weights packed for kernels.c's product where it can be (AVX-512 BF16), and for
+    oneDNN's, as where kernels.c can't be built."""
+    if request.param == "oneDNN":
+        monkeypatch.setattr(kernels, "packs_bf16", lambda: False)
+    return request.param
 
 
 @needs_packing
-def test_packed_model_close_to_reference(make_ckpt):
+def test_packed_model_close_to_reference(make_ckpt, packed_for):
     ckpt, state = make_ckpt(GQA)
     model = mapped_model(ckpt)
     assert model.pack_weights() == 7 * GQA["n_layers"] + 1 == len(packables(model)) == model.packed_weights()
+    copies = [m.blocked[0] for m in packables(model) if m.blocked] + [model.layers[0].attention.wqkv.blocked]
+    assert all(c.is_mkldnn != (packed_for == "kernels.c" and OWN_WAY) for c in copies)  # the way under test
     assert len(packed(model)) == len(packables(model))
     for layer in model.layers:  # wq, wk, wv one product, w1, w3 another: copies shared, none of their own
         a, f = layer.attention, layer.feed_forward
