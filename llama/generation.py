@@ -11,7 +11,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_
 from . import checkpoint, distributed, kernels
 from .chat import UNSAFE_ERROR, Dialog, Message, chat_format
 from .graphs import GraphedDecoder
-from .model import ModelArgs, Transformer, can_pack
+from .model import ModelArgs, Transformer, can_pack, packed_for
 from .sampling import sample
 from .tokenizer import Tokenizer
 
@@ -166,7 +166,7 @@ class Llama:
         if distributed.rank() == 0:
             log.info("loaded %s on %d process(es) in %.2f s: %s, weights in %s%s, computing in %s%s%s%s", ckpt_dir,
                      world, time.perf_counter() - start, device, str(dtype).removeprefix("torch."),
-                     f" ({packed} packed for oneDNN)" if packed else "",
+                     f" ({packed} packed for {packed_for()})" if packed else "",
                      str(model.compute_dtype).removeprefix("torch."), ", decoding from CUDA graphs" if graphs else "",
                      ", with the C kernels of llama/kernels.c" if native else "",
                      "" if requested else f" (picked for this machine: {_cpu_name(device)})")

@@ -7,6 +7,9 @@
   products. torch converts the weight once per row there (a 2048 x 5632 weight read at 51, 28, 14 and 7 GB/s
   for 1, 2, 4 and 7 rows), or from 8 rows converts it to float32 a block at a time for a float32 product; this
   converts each weight element once for all the rows, in registers, and reads one row's weight in order.
+- ``linear_packed_bf16``: bf16 rows times a bf16 weight kept in an order of its own (``pack_bf16``), with AVX-512
+  BF16's dot-product instruction, for CPUs that have it: what ``Transformer.pack_weights`` packs for there. Its
+  products of 8-16 rows (decoding a batch) streamed 10-25 % faster than oneDNN's on its own packed weights.
 
 The source is compiled with the machine's C compiler (``$CC``, else ``cc``; GCC, for its generic vectors) with
 ``-march=native``, into ``$LLAMA_KERNEL_CACHE`` (default ``~/.cache/llama``), once per source, flags and

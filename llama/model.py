@@ -163,6 +163,11 @@ def can_pack() -> bool:
                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def packed_for() -> str:
+    """Whose product the packed weights are for, in words."""
+    return "kernels.c" if kernels.packs_bf16() else "oneDNN"
+
+
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """A packed copy of a bf16 weight: for kernels.c's product where it applies, else oneDNN's blocked layout."""
     packed = kernels.pack_bf16(weight)

@@ -37,6 +37,7 @@ from make_checkpoint import cached  # noqa: E402
 from llama import Llama, kernels  # noqa: E402
 from llama.distributed import pick_device  # noqa: E402
 from llama.generation import cpu_has_native_bf16  # noqa: E402
+from llama.model import packed_for  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -269,7 +270,7 @@ def main() -> None:
         f"CPU {torch.backends.cpu.get_cpu_capability()} (native bf16: {cpu_has_native_bf16()})"
     packed = g.model.packed_weights() > 0
     print(f"machine: {machine}, {torch.get_num_threads()} threads; weights {g.model.output.weight.dtype}"
-          f"{' (packed for oneDNN)' if packed else ''}, compute {g.model.compute_dtype}"
+          f"{f' (packed for {packed_for()})' if packed else ''}, compute {g.model.compute_dtype}"
           f"{', decoding from CUDA graphs' if g.decoder else ''}"
           f"{', C kernels of llama/kernels.c' if device.type == 'cpu' and kernels.library() else ''}"
           f"{', element-wise kernels compiled' if args.compile else ''}; "
