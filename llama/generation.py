@@ -145,9 +145,10 @@ class Llama:
             model.setup_cache(compute_dtype=compute)
             packable = device.type == "cpu" and dtype == compute == torch.bfloat16 and can_pack()
             if pack_weights and not packable:
-                raise ValueError(f"pack_weights=True needs bf16 weights computed in bf16 on a CPU whose oneDNN "
-                                 f"packs bf16; here the weights are {dtype} on {device}, computed in {compute}"
-                                 f"{'' if can_pack() else ', and oneDNN cannot'}: leave pack_weights unset")
+                raise ValueError(f"pack_weights=True needs bf16 weights computed in bf16 on a CPU that can pack "
+                                 f"bf16 (kernels.c with AVX-512 BF16, or oneDNN); here the weights are {dtype} on "
+                                 f"{device}, computed in {compute}{'' if can_pack() else ', and this CPU cannot'}: "
+                                 "leave pack_weights unset")
             packed = model.pack_weights() if packable and pack_weights is not False else 0
             native = device.type == "cpu" and kernels.library() is not None  # compiled now, not at the first step
             graphable = device.type == "cuda" and world == 1

@@ -494,18 +494,15 @@ class Transformer(nn.Module):
         def packs(m: _Packable) -> bool:
             return m.weight.dtype == torch.bfloat16 and droppable(m.weight)
 
-        groups = [(a.wq, a.wk, a.wv) for a in (layer.attention for layer in self.layers)]
-        groups += [(f.w1, f.w3) for f in (layer.feed_forward for layer in self.layers)]
-        buffer = torch.empty(max((sum(m.weight.numel() for m in g) for g in groups), default=0), dtype=torch.bfloat16)
-        for layer in self.layers:  # a group that can't be packed keeps what it had (Fused, or nothing)
-            a, f = layer.attention, layer.feed_forward
-            if all(map(packs, (a.wq, a.wk, a.wv))):
-                a.wqkv = PackedFused(a.wq, a.wk, a.wv, buffer=buffer)
-            if all(map(packs, (f.w1, f.w3))):
-                f.w13 = PackedFused(f.w1, f.w3, buffer=buffer)
+        groups = list(self._fusable())
+        sizes = [sum(m.weight.numel() for m in members) for _, _, members in groups]
+        buffer = torch.empty(max(sizes, default=0), dtype=torch.bfloat16)
+        grouped: set[_Packable] = set()
+        for owner, name, members in groups:  # a group that can't be packed keeps what it had (Fused, or nothing)
+            if all(map(packs, members)):
+                setattr(owner, name, PackedFused(*members, buffer=buffer))
+                grouped.update(members)
         del buffer
-        grouped = {m for layer in self.layers for g in (layer.attention.wqkv, layer.feed_forward.w13)
-                   if isinstance(g, PackedFused) for m in g.layers}
         for m in self.modules():
             if isinstance(m, _Packable) and m not in grouped and packs(m):
                 m.pack()
@@ -516,9 +513,16 @@ class Transformer(nn.Module):
         """Make each layer's wq, wk, wv one product, and its w1, w3 another (``Fused``). Each fused tensor is
         allocated before its parts are let go of, so drop other references to the weights first (the loaded
         state dict), or they stay allocated beside it."""
+        for owner, name, members in self._fusable():
+            setattr(owner, name, Fused(*members))
+
+    def _fusable(self) -> Iterator[tuple[nn.Module, str, tuple["ColumnParallelLinear", ...]]]:
+        """Each layer's column-parallel layers fed the same input, and the attribute their one product goes in:
+        wq, wk, wv (``Attention.wqkv``); w1, w3 (``FeedForward.w13``)."""
         for layer in self.layers:
             a, f = layer.attention, layer.feed_forward
-            a.wqkv, f.w13 = Fused(a.wq, a.wk, a.wv), Fused(f.w1, f.w3)
+            yield a, "wqkv", (a.wq, a.wk, a.wv)
+            yield f, "w13", (f.w1, f.w3)
 
     @contextmanager
     def compiled_elementwise(self) -> Iterator[None]:
@@ -550,7 +554,7 @@ class Transformer(nn.Module):
         """How many weights have a packed copy now, of their own or shared (``pack_weights``; edits and
         replacements drop them)."""
         alone = sum(isinstance(m, _Packable) and m.blocked is not None for m in self.modules())
-        groups = [g for layer in self.layers for g in (layer.attention.wqkv, layer.feed_forward.w13)]
+        groups = [getattr(owner, name) for owner, name, _ in self._fusable()]
         return alone + sum(len(g.layers) for g in groups if isinstance(g, PackedFused) and g.valid())
 
     @torch.inference_mode()

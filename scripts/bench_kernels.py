@@ -55,7 +55,8 @@ def products(reps: int, probe: torch.Tensor) -> None:
         cached = timed(lambda p=packed: packed_product(x, p[0]), CPU, reps * 4)
         streamed = timed(lambda p=packed: [packed_product(x, w) for w in p], CPU, reps) / len(packed)
         print(f"  {name:9} in cache  {cached * 1e6:7.0f} us  ({flops / cached / 1e9:.0f} GFLOP/s), streamed "
-              f"{streamed * 1e6:.0f} us (larger of the two {max(cached, read) * 1e6:.0f}, sum {(cached + read) * 1e6:.0f})")
+              f"{streamed * 1e6:.0f} us (larger of the two {max(cached, read) * 1e6:.0f}, "
+              f"sum {(cached + read) * 1e6:.0f})")
 
 
 def attention(reps: int) -> None:
