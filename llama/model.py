@@ -165,7 +165,7 @@ def can_pack() -> bool:
 
 def packed_for() -> str:
     """Whose product the packed weights are for, in words."""
-    return "kernels.c" if kernels.packs_bf16() else "oneDNN"
+    return ("kernels.c, AMX" if kernels.uses_amx() else "kernels.c") if kernels.packs_bf16() else "oneDNN"
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -295,8 +295,15 @@ class Fused:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """One fused call, which sums the squares in float32 whatever x's dtype (bf16 sums lose too much) and rounds
-    once, after the weight; Meta's rounds to x's dtype before it, which costs three more kernels on a GPU."""
+    """One call, which sums the squares in float32 whatever x's dtype (bf16 sums lose too much) and rounds once,
+    after the weight; Meta's rounds to x's dtype before it, which costs three more kernels on a GPU. On a CPU,
+    kernels.rms_norm's (torch's is seven small operations there)."""
+    out = kernels.rms_norm(x, weight, eps)
+    return out if out is not None else torch_rms_norm(x, weight, eps)
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm by torch's fused operation (one kernel on a GPU, compiled by ``Transformer.compiled_elementwise``)."""
     return torch.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
 
 
@@ -532,7 +539,7 @@ class Transformer(nn.Module):
         host-side cost of calling them, which makes eager calls such as a prefill slower (7b shape on an H100,
         a 128-token prefill: 12 ms eager, 48 ms compiled). Compiled once per model, for any batch size."""
         if self._compiled is None:
-            self._compiled = tuple(torch.compile(f, dynamic=True) for f in (rms_norm, apply_rope, swiglu))
+            self._compiled = tuple(torch.compile(f, dynamic=True) for f in (torch_rms_norm, apply_rope, swiglu))
         self._use_elementwise(*self._compiled)
         try:
             with warnings.catch_warnings():  # the rotation is complex: Inductor says it keeps those ops as they are

@@ -157,12 +157,36 @@ def test_linear_bf16_matches_float64(built):
 
 
 @needs_kernels
+def test_rms_norm_matches_float64():
+    """x and weight each float32 or bf16; one row, and enough rows for the threads to share them; the result
+    within its dtype's rounding of the float64 norm."""
+    g = torch.Generator().manual_seed(0)
+    for xdt in (torch.float32, torch.bfloat16):
+        for wdt in (torch.float32, torch.bfloat16):
+            for shape in ((1, 1, 64), (2, 40, 2048)):
+                x, w = torch.randn(shape, generator=g).to(xdt), (torch.rand(shape[-1], generator=g) + 0.5).to(wdt)
+                got = kernels.rms_norm(x, w, 1e-5)
+                assert got.dtype == xdt and got.shape == x.shape
+                x64 = x.double()
+                want = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+                tol = 2 ** -8 if xdt == torch.bfloat16 else 1e-6
+                assert ((got.double() - want).abs() <= tol * want.abs() + 1e-6).all(), (xdt, wdt, shape)
+    x, w = torch.randn(4, 64), torch.ones(64)
+    assert kernels.rms_norm(x[:, :40].contiguous(), w[:40], 1e-5) is None  # not a multiple of 16
+    assert kernels.rms_norm(x.t().contiguous().t(), w, 1e-5) is None  # layout
+    assert kernels.rms_norm(x.double(), w, 1e-5) is None  # dtype
+
+
+@needs_kernels
 @pytest.mark.skipif(not kernels.packs_bf16(), reason="the packed bf16 product needs AVX-512 BF16")
 def test_linear_packed_bf16_matches_float64():
     """1 row (its own way), 2-8 rows (one tile), 9-17 and 130 (several passes over each tile, a remainder); 1, 2, 3
-    and 7 blocks of 16 columns (tiles of 3 and what is left); K pairs not a multiple of 4 (one row's tail)."""
+    and 7 blocks of 16 columns (tiles of 3 and what is left); K pairs not a multiple of 4 (one row's tail). Where
+    the CPU has AMX, K a multiple of 32 runs on it: 1 to 16 rows (one row group, padded), 17 (two), 130 and 300
+    (row pairs, K taken in chunks, and 300: two row blocks), odd numbers of column blocks; K = 2 and 66 run on
+    AVX-512 BF16 there."""
     g = torch.Generator().manual_seed(0)
-    for rows in (*range(1, 18), 130):
+    for rows in (*range(1, 18), 130, 300):
         for n, k in ((16, 2), (32, 66), (48, 64), (112, 2048), (16, 5632)):
             weight = torch.randn(n, k, generator=g).bfloat16()
             x = torch.randn(1, rows, k, generator=g).bfloat16()
