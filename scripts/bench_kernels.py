@@ -4,10 +4,10 @@
 
 1. The product decoding a batch of 16 runs most: 16 rows against a packed bf16 weight of the 1b shape's feed-forward
    (2048 x 5632), packed for oneDNN's product and for llama/kernels.c's (which ``Llama.build`` uses where the CPU
-   has AVX-512 BF16). Timed with the weight in the cache (compute alone) and streamed from memory (24 weights in
-   turn, as the layers come), beside the time to read the weight's bytes at the bandwidth measured next to it. A
-   kernel that overlaps reading and computing takes the larger of the two when streaming; one that doesn't, their
-   sum.
+   has AVX-512 BF16; on AMX's tile registers where it has those too). Timed with the weight in the cache (compute
+   alone) and streamed from memory (24 weights in turn, as the layers come), beside the time to read the weight's
+   bytes at the bandwidth measured next to it. A kernel that overlaps reading and computing takes the larger of
+   the two when streaming; one that doesn't, their sum.
 2. Decoding attention for one layer of the 1b shape: 8 grouped queries per KV head (4 KV heads, head_dim 64)
    against 128 and 4096 cached positions in bf16, with 22 layers' caches in turn so they come from memory: the
    time and the rate it reads the cache at, of torch's scaled_dot_product_attention and of llama/kernels.c's
@@ -49,7 +49,8 @@ def products(reps: int, probe: torch.Tensor) -> None:
     del weights
     read = k * n * 2 / read_rate(probe, CPU, reps)
     flops = 2 * rows * k * n
-    print(f"products, {rows} rows x packed bf16 {n}x{k}:")
+    amx = " (kernels.c's on AMX tiles)" if kernels.uses_amx() else ""
+    print(f"products, {rows} rows x packed bf16 {n}x{k}{amx}:")
     print(f"  read its bytes        {read * 1e6:7.0f} us  (at the bandwidth measured now)")
     for name, packed in ways.items():
         cached = timed(lambda p=packed: packed_product(x, p[0]), CPU, reps * 4)
