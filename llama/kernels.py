@@ -3,8 +3,9 @@
 - ``decode_attention``: torch's ``scaled_dot_product_attention`` reads a long KV cache at about a tenth of the
   memory bandwidth when one query token attends to it, which made a step at 4096 cached positions 30 % slower
   than one at 128 on the 1b shape. This reads it in one blocked pass.
-- ``rms_norm``: torch's is a chain of seven small operations on the CPU, 45 calls a decoding step of the 1b shape,
-  which cost 4 ms of a 107 ms step on an Intel Xeon; this is one.
+- ``rms_norm``, ``swiglu``, ``rope``: torch's are chains of small operations on the CPU (seven for RMSNorm, three
+  for the gate, seven for the rotation, each 5-70 us there), 4 and 6 calls a layer of each decoding step; each of
+  these is one. torch's RMSNorm alone cost 4 ms of a 107 ms step of the 1b shape on an Intel Xeon.
 - ``linear_bf16``: float32 rows times bf16 weights, for decoding (1 to 16 rows) on a CPU without native bf16
   products. torch converts the weight once per row there (a 2048 x 5632 weight read at 51, 28, 14 and 7 GB/s
   for 1, 2, 4 and 7 rows), or from 8 rows converts it to float32 a block at a time for a float32 product; this
@@ -77,6 +78,10 @@ def build(flags: Optional[tuple[str, ...]] = None) -> ctypes.CDLL:
         fn.restype = None
     lib.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float] + [ctypes.c_int] * 3
     lib.rms_norm.restype = None
+    lib.swiglu.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+    lib.swiglu.restype = None
+    lib.rope.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
+    lib.rope.restype = None
     lib.linear_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.linear_bf16.restype = None
     if lib.has_linear_packed_bf16():
@@ -148,6 +153,61 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torc
     out = torch.empty_like(x)
     lib.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // dim if dim else 0, dim, eps,
                  torch.get_num_threads(), x.dtype == torch.bfloat16, weight.dtype == torch.bfloat16)
+    return out
+
+
+def _row_stride(t: torch.Tensor, dims: int) -> Optional[int]:
+    """The stride between consecutive rows of t's leading dimensions, all but the last ``dims`` (each row's own
+    dimensions, the last of them contiguous), where those rows are evenly spaced; else None."""
+    if t.dim() <= dims or t.stride(-1) != 1:
+        return None
+    row = t.stride(-dims - 1)
+    expected = row
+    for size, stride in zip(reversed(t.shape[:-dims]), reversed(t.stride()[:-dims])):
+        if size != 1 and stride != expected:
+            return None
+        expected *= size
+    return row
+
+
+def _elementwise_applies(*tensors: torch.Tensor) -> bool:
+    return (tensors[0].device.type == "cpu" and tensors[0].dtype in _DTYPES
+            and all(t.dtype == tensors[0].dtype for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> Optional[torch.Tensor]:
+    """``silu(gate) * up`` (same shapes and dtype, float32 or bf16), contiguous, for gate and up rows evenly spaced
+    (as the halves of one product's output are). None where the kernel doesn't apply (device, dtype, layout, a
+    last dimension not a multiple of 16, autograd, or no kernels)."""
+    hidden, stride = gate.shape[-1], _row_stride(gate, 1)
+    applies = (_elementwise_applies(gate, up) and gate.shape == up.shape and hidden % 16 == 0
+               and stride is not None and up.stride() == gate.stride())
+    lib = library() if applies else None
+    if lib is None:
+        return None
+    out = torch.empty(gate.shape, dtype=gate.dtype)
+    lib.swiglu(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel() // hidden, hidden, stride,
+               torch.get_num_threads(), gate.dtype == torch.bfloat16)
+    return out
+
+
+def rope(x: torch.Tensor, rotations: torch.Tensor) -> Optional[torch.Tensor]:
+    """x (batch, seq, heads, head_dim) with each interleaved pair rotated by its token's rotation, rotations
+    (batch or 1, seq, 1, head_dim // 2) complex64: what ``model.apply_rope`` computes, contiguous. x's tokens
+    evenly spaced, its heads contiguous. None where the kernel doesn't apply (device, dtypes, layout, a head_dim
+    not a multiple of 16, autograd, or no kernels)."""
+    bsz, seqlen, heads, dim = x.shape
+    stride = _row_stride(x, 2)
+    applies = (_elementwise_applies(x) and rotations.dtype == torch.complex64 and rotations.is_contiguous()
+               and rotations.shape == (bsz, seqlen, 1, dim // 2) and dim % 16 == 0 and stride is not None
+               and x.stride(2) == dim)
+    lib = library() if applies else None
+    if lib is None:
+        return None
+    out = torch.empty(x.shape, dtype=x.dtype)
+    lib.rope(x.data_ptr(), rotations.data_ptr(), out.data_ptr(), bsz * seqlen, heads, dim, stride,
+             torch.get_num_threads(), x.dtype == torch.bfloat16)
     return out
 
 

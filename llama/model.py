@@ -309,6 +309,12 @@ def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: on a CPU, kernels.swiglu's one call (torch's is three there)."""
+    out = kernels.swiglu(gate, up)
+    return out if out is not None else torch_swiglu(gate, up)
+
+
+def torch_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
@@ -349,8 +355,14 @@ def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x0, x1), (x2, x3), ... in float32, multiplying them as complex numbers, as
     Meta's code does: three kernels on a GPU, where the same in real arithmetic takes ten.
 
-    x: (batch, seq, heads, head_dim); rotations: (batch, seq, 1, head_dim // 2), complex.
+    x: (batch, seq, heads, head_dim); rotations: (batch, seq, 1, head_dim // 2), complex. On a CPU, kernels.rope's
+    one call (the same in real arithmetic, float32).
     """
+    out = kernels.rope(x, rotations)
+    return out if out is not None else torch_rope(x, rotations)
+
+
+def torch_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(z * rotations).flatten(-2).type_as(x)
 
@@ -540,7 +552,7 @@ class Transformer(nn.Module):
         host-side cost of calling them, which makes eager calls such as a prefill slower (7b shape on an H100,
         a 128-token prefill: 12 ms eager, 48 ms compiled). Compiled once per model, for any batch size."""
         if self._compiled is None:
-            self._compiled = tuple(torch.compile(f, dynamic=True) for f in (torch_rms_norm, apply_rope, swiglu))
+            self._compiled = tuple(torch.compile(f, dynamic=True) for f in (torch_rms_norm, torch_rope, torch_swiglu))
         self._use_elementwise(*self._compiled)
         try:
             with warnings.catch_warnings():  # the rotation is complex: Inductor says it keeps those ops as they are

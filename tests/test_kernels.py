@@ -7,8 +7,10 @@ import platform
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llama import kernels
+from llama.model import ModelArgs, rope_tables
 
 from conftest import VOCAB, needs_kernels
 from reference import logits as reference_logits
@@ -175,6 +177,37 @@ def test_rms_norm_matches_float64():
     assert kernels.rms_norm(x[:, :40].contiguous(), w[:40], 1e-5) is None  # not a multiple of 16
     assert kernels.rms_norm(x.t().contiguous().t(), w, 1e-5) is None  # layout
     assert kernels.rms_norm(x.double(), w, 1e-5) is None  # dtype
+
+
+@needs_kernels
+def test_swiglu_and_rope_match_float64():
+    """The gate on the two halves of one product's output, and the rotation of the query and key heads of a
+    fused qkv (a view, its tokens strided), in float32 and bf16, for one token and enough for the threads to
+    share them, against float64."""
+    g = torch.Generator().manual_seed(0)
+    tables = rope_tables(ModelArgs(dim=512, n_heads=8, n_kv_heads=2), 64, torch.device("cpu"))
+    for dt in (torch.float32, torch.bfloat16):
+        tol = 2 ** -8 if dt == torch.bfloat16 else 1e-6
+        for rows in (1, 24):
+            gate, up = (torch.randn(2, rows, 2 * 1408, generator=g) * 4).to(dt).chunk(2, dim=-1)
+            got = kernels.swiglu(gate, up)
+            want = F.silu(gate.double()) * up.double()
+            assert got.dtype == dt and got.shape == gate.shape
+            assert ((got.double() - want).abs() <= tol * want.abs() + 1e-6).all(), (dt, rows)
+
+            qkv = torch.randn(2, rows, 12, 64, generator=g).to(dt)
+            rotations = tables[torch.randint(0, 64, (2, rows), generator=g)].unsqueeze(2)
+            x = qkv[:, :, :10]  # queries and keys, not values
+            got = kernels.rope(x, rotations)
+            z = torch.view_as_complex(x.double().unflatten(-1, (-1, 2))) * rotations.to(torch.complex128)
+            want = torch.view_as_real(z).flatten(-2)
+            assert got.dtype == dt and got.shape == x.shape
+            assert ((got.double() - want).abs() <= tol * want.abs() + 1e-6).all(), (dt, rows)
+    gate = torch.randn(3, 64)
+    assert kernels.swiglu(gate, gate.t().contiguous().t()) is None  # strides differ
+    assert kernels.swiglu(gate[:, :40], gate[:, :40]) is None  # not a multiple of 16
+    assert kernels.rope(torch.randn(1, 2, 2, 64).transpose(1, 2), tables[:2][None, :, None]) is None  # heads strided
+    assert kernels.rope(torch.randn(1, 2, 2, 64), tables[:2][None, :, None].to(torch.complex128)) is None  # dtype
 
 
 @needs_kernels
