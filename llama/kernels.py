@@ -170,10 +170,11 @@ def _row_stride(t: torch.Tensor, dims: int) -> Optional[int]:
     return row
 
 
-def _elementwise_applies(*tensors: torch.Tensor) -> bool:
-    return (tensors[0].device.type == "cpu" and tensors[0].dtype in _DTYPES
-            and all(t.dtype == tensors[0].dtype for t in tensors)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+def _elementwise_applies(x: torch.Tensor, other: torch.Tensor) -> bool:
+    """x and other on the CPU, of one dtype the kernels take, and no gradient to record. (Checks written out:
+    these run several times a layer, where a decoding step's Python costs as much as its small operations.)"""
+    return (x.dtype in _DTYPES and other.dtype == x.dtype and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or other.requires_grad)))
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> Optional[torch.Tensor]:
@@ -186,7 +187,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> Optional[torch.Tensor]:
     lib = library() if applies else None
     if lib is None:
         return None
-    out = torch.empty(gate.shape, dtype=gate.dtype)
+    out = torch.empty_like(gate, memory_format=torch.contiguous_format)
     lib.swiglu(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel() // hidden, hidden, stride,
                torch.get_num_threads(), gate.dtype == torch.bfloat16)
     return out
@@ -199,13 +200,13 @@ def rope(x: torch.Tensor, rotations: torch.Tensor) -> Optional[torch.Tensor]:
     not a multiple of 16, autograd, or no kernels)."""
     bsz, seqlen, heads, dim = x.shape
     stride = _row_stride(x, 2)
-    applies = (_elementwise_applies(x) and rotations.dtype == torch.complex64 and rotations.is_contiguous()
+    applies = (_elementwise_applies(x, x) and rotations.dtype == torch.complex64 and rotations.is_contiguous()
                and rotations.shape == (bsz, seqlen, 1, dim // 2) and dim % 16 == 0 and stride is not None
                and x.stride(2) == dim)
     lib = library() if applies else None
     if lib is None:
         return None
-    out = torch.empty(x.shape, dtype=x.dtype)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
     lib.rope(x.data_ptr(), rotations.data_ptr(), out.data_ptr(), bsz * seqlen, heads, dim, stride,
              torch.get_num_threads(), x.dtype == torch.bfloat16)
     return out
