@@ -735,10 +735,13 @@ static void amx_columns(const uint16_t *xt, const uint16_t *p, uint16_t *y, floa
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(a + r * 32 + c * 16)));
 }
 
-static void linear_packed_amx(const uint16_t *x, const uint16_t *p, uint16_t *y, int64_t M, int64_t N, int64_t K,
-                              int threads) {
+/* Returns 0, having done nothing, where it can't allocate x's copy. */
+static int linear_packed_amx(const uint16_t *x, const uint16_t *p, uint16_t *y, int64_t M, int64_t N, int64_t K,
+                             int threads) {
     const int64_t Mp = (M + 15) / 16 * 16, blocks = N / 16, mblock = Mp < MBLOCK ? Mp : MBLOCK;
     uint16_t *xt = aligned_alloc(64, Mp * K * 2);
+    if (!xt)
+        return 0;
     for (int64_t g = 0; g < Mp / 16; g++)
         for (int64_t kc = 0; kc < K / 32; kc++)
             for (int r = 0; r < 16; r++) {
@@ -753,17 +756,17 @@ static void linear_packed_amx(const uint16_t *x, const uint16_t *p, uint16_t *y,
         const struct { uint8_t palette, start_row, reserved[14]; uint16_t bytes[16]; uint8_t rows[16]; } config = {
             .palette = 1, .bytes = {64, 64, 64, 64, 64, 64, 64, 64}, .rows = {16, 16, 16, 16, 16, 16, 16, 16}};
         _tile_loadconfig(&config); /* each thread's own; every tile 16 rows of 64 bytes */
-        float *acc = aligned_alloc(64, mblock * 32 * sizeof(float));
+        float acc[MBLOCK * 32] __attribute__((aligned(64)));
         for (int64_t m0 = 0; m0 < Mp; m0 += mblock) {
             const int64_t m1 = m0 + mblock < Mp ? m0 + mblock : Mp;
 #pragma omp for schedule(static)
             for (int64_t nb = 0; nb < blocks; nb += 2)
                 amx_columns(xt, p, y, acc, M, N, K, m0, m1, nb, nb + 1 < blocks);
         }
-        free(acc);
         _tile_release();
     }
     free(xt);
+    return 1;
 }
 #endif
 
@@ -771,10 +774,8 @@ void linear_packed_bf16(const uint16_t *x, const uint16_t *p, uint16_t *y, int64
                         int threads) {
     const int64_t blocks = N / 16, tiles = (blocks + CB - 1) / CB, block = K / 2 * 32;
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (K % 32 == 0 && amx_permitted()) {
-        linear_packed_amx(x, p, y, M, N, K, threads);
+    if (K % 32 == 0 && amx_permitted() && linear_packed_amx(x, p, y, M, N, K, threads))
         return;
-    }
 #endif
     if (M == 1) {
 #pragma omp parallel for schedule(static) num_threads(threads)
