@@ -14,7 +14,7 @@
   BF16's dot-product instruction, for CPUs that have it: what ``Transformer.pack_weights`` packs for there. Its
   products of 8-16 rows (decoding a batch) streamed 10-25 % faster than oneDNN's on its own packed weights.
   Where the CPU also has AMX's tile registers (``uses_amx``) the same packed weights go through them: 16 rows
-  streamed 20-35 % faster than oneDNN's (which uses AMX too), and prompts as fast.
+  streamed 7-42 % faster than oneDNN's (which uses AMX too), and prompts as fast.
 
 The source is compiled with the machine's C compiler (``$CC``, else ``cc``; GCC, for its generic vectors) with
 ``-march=native``, into ``$LLAMA_KERNEL_CACHE`` (default ``~/.cache/llama``), once per source, flags and
@@ -195,9 +195,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> Optional[torch.Tensor]:
 
 def rope(x: torch.Tensor, rotations: torch.Tensor) -> Optional[torch.Tensor]:
     """x (batch, seq, heads, head_dim) with each interleaved pair rotated by its token's rotation, rotations
-    (batch or 1, seq, 1, head_dim // 2) complex64: what ``model.apply_rope`` computes, contiguous. x's tokens
-    evenly spaced, its heads contiguous. None where the kernel doesn't apply (device, dtypes, layout, a head_dim
+    (batch, seq, 1, head_dim // 2) complex64: what ``model.apply_rope`` computes, contiguous. x's tokens evenly
+    spaced, its heads contiguous. None where the kernel doesn't apply (shapes, device, dtypes, layout, a head_dim
     not a multiple of 16, autograd, or no kernels)."""
+    if x.dim() != 4:
+        return None
     bsz, seqlen, heads, dim = x.shape
     stride = _row_stride(x, 2)
     applies = (_elementwise_applies(x, x) and rotations.dtype == torch.complex64 and rotations.is_contiguous()
