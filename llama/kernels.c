@@ -137,10 +137,10 @@ static inline float scalar(const void *p, int64_t i, int bf16) {
 
 static inline vf broadcast(float x) { return x - (vf){0}; } /* x - 0 is x, even -0: folded away, unlike x + 0 */
 
-static inline vf vmax(vf a, vf b) {
-    vi a_wins = a > b;
-    return (vf)(((vi)a & a_wins) | ((vi)b & ~a_wins));
-}
+/* a's lanes where mask is set (all ones), b's elsewhere. */
+static inline vf choose(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+static inline vf vmax(vf a, vf b) { return choose(a > b, a, b); }
 
 /* The largest and the sum of x's lanes, in log2(W) rounds of halving rather than W - 1 dependent steps. */
 static inline float hmax(vf x) {
@@ -432,10 +432,9 @@ static inline __attribute__((always_inline)) void gate_rows(const void *gate, co
     for (int64_t r = 0; r < R; r++)
         for (int64_t i = 0; i < H; i += W) {
             const vf g = load(gate, r * stride + i, bf16);
-            const vi negative = g < 0;
             const vf e = vexp((vf)((vi)g | (vi)broadcast(-0.0f))); /* exp(-|g|) */
-            const vf top = (vf)(((vi)e & negative) | ((vi)broadcast(1.0f) & ~negative));
-            store(y, r * H + i, g * top / (1 + e) * load(up, r * stride + i, bf16), bf16);
+            store(y, r * H + i, g * choose(g < 0, e, broadcast(1.0f)) / (1 + e) * load(up, r * stride + i, bf16),
+                  bf16);
         }
 }
 

@@ -204,7 +204,8 @@ def test_swiglu_and_rope_match_float64():
             assert got.dtype == dt and got.shape == x.shape
             assert ((got.double() - want).abs() <= tol * want.abs() + 1e-6).all(), (dt, rows)
     gate = torch.randn(3, 64)
-    assert kernels.swiglu(gate, gate.t().contiguous().t()) is None  # strides differ
+    assert kernels.swiglu(gate, torch.randn(3, 128)[:, :64]) is None  # strides differ
+    assert kernels.swiglu(gate.t().contiguous().t(), gate.t().contiguous().t()) is None  # columns strided
     assert kernels.swiglu(gate[:, :40], gate[:, :40]) is None  # not a multiple of 16
     assert kernels.rope(torch.randn(1, 2, 2, 64).transpose(1, 2), tables[:2][None, :, None]) is None  # heads strided
     assert kernels.rope(torch.randn(1, 2, 2, 64), tables[:2][None, :, None].to(torch.complex128)) is None  # dtype
