@@ -108,9 +108,10 @@ class Llama:
 
         model_parallel_size defaults to the world size (1 without a launcher). Any error is raised on
         every rank, so a distributed run never hangs on a rank that failed.
-        pack_weights: keep the weights in oneDNN's blocked layout (``Transformer.pack_weights``): decoding a
-        batch and prefilling get faster, loading slower by about a second per 2 GB. By default, wherever the
-        weights are bf16 and computed in bf16 on the CPU (a CPU with native bf16).
+        pack_weights: keep the weights in the order of the product that uses them (``Transformer.pack_weights``):
+        decoding a batch and prefilling get faster, loading slower by about a second per 2 GB. By default,
+        wherever the weights are bf16 on the CPU and a product can take them packed: kernels.c's (in bf16 with
+        AVX-512 BF16, in float32 without native bf16), or oneDNN's.
         cuda_graphs: decode from CUDA graphs (``llama.graphs``), which removes the cost of launching each step's
         hundreds of kernels from Python. By default, on a GPU with one process.
         compile_elementwise: capture the CUDA graphs with the small element-wise kernels compiled by
@@ -143,12 +144,12 @@ class Llama:
             if device.type == "cuda":  # on a CPU the weights stay mapped from the files, or are packed (pack_weights)
                 model.fuse_weights()
             model.setup_cache(compute_dtype=compute)
-            packable = device.type == "cpu" and dtype == compute == torch.bfloat16 and can_pack()
+            packable = device.type == "cpu" and dtype == torch.bfloat16 and can_pack(compute)
             if pack_weights and not packable:
-                raise ValueError(f"pack_weights=True needs bf16 weights computed in bf16 on a CPU that can pack "
-                                 f"bf16 (kernels.c with AVX-512 BF16, or oneDNN); here the weights are {dtype} on "
-                                 f"{device}, computed in {compute}{'' if can_pack() else ', and this CPU cannot'}: "
-                                 "leave pack_weights unset")
+                raise ValueError(f"pack_weights=True needs bf16 weights on a CPU that can pack them for their "
+                                 f"products (kernels.c, or oneDNN for bf16 ones); here the weights are {dtype} on "
+                                 f"{device}, computed in {compute}"
+                                 f"{'' if can_pack(compute) else ', and this CPU cannot'}: leave pack_weights unset")
             packed = model.pack_weights() if packable and pack_weights is not False else 0
             native = device.type == "cpu" and kernels.library() is not None  # compiled now, not at the first step
             graphable = device.type == "cuda" and world == 1
@@ -167,7 +168,7 @@ class Llama:
         if distributed.rank() == 0:
             log.info("loaded %s on %d process(es) in %.2f s: %s, weights in %s%s, computing in %s%s%s%s", ckpt_dir,
                      world, time.perf_counter() - start, device, str(dtype).removeprefix("torch."),
-                     f" ({packed} packed for {packed_for()})" if packed else "",
+                     f" ({packed} packed for {packed_for(model.compute_dtype)})" if packed else "",
                      str(model.compute_dtype).removeprefix("torch."), ", decoding from CUDA graphs" if graphs else "",
                      ", with the C kernels of llama/kernels.c" if native else "",
                      "" if requested else f" (picked for this machine: {_cpu_name(device)})")

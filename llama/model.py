@@ -154,31 +154,49 @@ def _product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # products of 8-16 rows stream 17-21 % faster than oneDNN's, and 1 to 512 rows are as fast or faster; it runs on
 # AMX's tiles where the CPU has them, faster than oneDNN's there too), else in
 # the blocked layout oneDNN picks for products of PACK_ROWS rows, which serves one row and whole prompts as well.
+# Where the CPU has no native bf16 (products in float32), they are kept in the order of kernels.c's
+# linear_packed_f32, which widens them in registers: 16 rows 1.35-1.65x faster than linear_bf16 on the weights as
+# stored, and prompts as fast as float32 products of the weights converted, with no float32 copy of them.
 PACK_ROWS = 16
 
 
-def can_pack() -> bool:
-    """Whether bf16 weights can be kept packed on this CPU: for kernels.c's product (AVX-512 BF16), or for
-    oneDNN's (AVX-512 or AVX-NE-CONVERT)."""
+def can_pack(compute: torch.dtype = torch.bfloat16) -> bool:
+    """Whether bf16 weights can be kept packed on this CPU for products in ``compute``: float32 by kernels.c's
+    linear_packed_f32; bf16 by its linear_packed_bf16 (AVX-512 BF16), or by oneDNN (AVX-512 or AVX-NE-CONVERT)."""
+    if compute == torch.float32:
+        return kernels.packed_f32_columns() > 0
     return kernels.packs_bf16() or (torch.backends.mkldnn.is_available()
                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def packed_for() -> str:
+def packed_for(compute: torch.dtype = torch.bfloat16) -> str:
     """Whose product the packed weights are for, in words."""
+    if compute == torch.float32:
+        return "kernels.c, widened to float32"
     return ("kernels.c, AMX" if kernels.uses_amx() else "kernels.c") if kernels.packs_bf16() else "oneDNN"
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """A packed copy of a bf16 weight: for kernels.c's product where it applies, else oneDNN's blocked layout."""
+def packs_rows(rows: int, compute: torch.dtype) -> bool:
+    """Whether a weight of this many output rows can be packed for products in ``compute`` (given can_pack):
+    linear_packed_f32 takes whole blocks of columns; oneDNN takes any."""
+    return compute != torch.float32 or rows % kernels.packed_f32_columns() == 0
+
+
+def pack(weight: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """A packed copy of a bf16 weight for products in ``compute`` (given can_pack and packs_rows): for
+    kernels.c's products where they apply, else oneDNN's blocked layout."""
+    if compute == torch.float32:
+        return kernels.pack_f32(weight)
     packed = kernels.pack_bf16(weight)
     return packed if packed is not None else torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
 
 
 def packed_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T for bf16 x and a copy of the weight made by ``pack``."""
+    """x @ weight.T for x and a copy of the weight made by ``pack`` for x's dtype."""
     if packed.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    if x.dtype == torch.float32:
+        return kernels.linear_packed_f32(x, packed)
     return kernels.linear_packed_bf16(x, packed)
 
 
@@ -193,11 +211,12 @@ class _Packable:
     weight (made by ``pack``) while the weight is the very tensor it was made from, unedited. Any other weight, an
     in-place edit, or autograd falls back to ``linear``; a stale copy is freed."""
     weight: nn.Parameter
-    blocked: Optional[tuple[torch.Tensor, int, Optional[int]]] = None  # (copy, weight's data_ptr, _version)
+    # (copy, the dtype of products it serves, the weight's data_ptr and _version)
+    blocked: Optional[tuple[torch.Tensor, torch.dtype, int, Optional[int]]] = None
 
-    def pack(self) -> None:
+    def pack(self, compute: torch.dtype) -> None:
         w = self.weight
-        self.blocked = (pack(w), w.data_ptr(), _version(w))
+        self.blocked = (pack(w, compute), compute, w.data_ptr(), _version(w))
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the packed copy out (oneDNN's opaque tensors can be neither, and a copy would
@@ -207,10 +226,10 @@ class _Packable:
     def product(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if self.blocked is not None:
-            copy, ptr, version = self.blocked
+            copy, compute, ptr, version = self.blocked
             if ptr != w.data_ptr() or version != _version(w):
                 self.blocked = None
-            elif x.dtype == w.dtype and not torch.is_grad_enabled():
+            elif x.dtype == compute and not torch.is_grad_enabled():
                 return packed_product(x, copy)
         return linear(x, w)
 
@@ -222,17 +241,19 @@ class PackedFused:
     faster at batch 1 and 1-4 % at batch 16 (7 products a layer become 4). Where any layer's weight is no longer
     the tensor packed, unedited, the copy is freed and the layers compute alone, as they do under autograd."""
 
-    def __init__(self, *layers: "ColumnParallelLinear", buffer: torch.Tensor):
-        """Packs the layers' weights, concatenated in buffer (at least as large, their dtype), and lets go of
-        their mapped pages. One buffer for all the groups: a temporary concatenation per group left the
-        allocator's freed blocks interleaved with the packed copies, and a load's peak memory 5 % higher."""
+    def __init__(self, *layers: "ColumnParallelLinear", buffer: torch.Tensor, compute: torch.dtype):
+        """Packs the layers' weights for products in ``compute``, concatenated in buffer (at least as large,
+        their dtype), and lets go of their mapped pages. One buffer for all the groups: a temporary concatenation
+        per group left the allocator's freed blocks interleaved with the packed copies, and a load's peak memory
+        5 % higher."""
         self.layers = layers
         weights = [layer.weight for layer in layers]
         whole = buffer[:sum(w.numel() for w in weights)].view(-1, weights[0].shape[1])
         for part, w in zip(whole.split([w.shape[0] for w in weights]), weights):
             part.copy_(w.detach())
             pages.drop(w)
-        self.blocked: Optional[torch.Tensor] = pack(whole)
+        self.blocked: Optional[torch.Tensor] = pack(whole, compute)
+        self.compute = compute
         self.stamps = [(w.data_ptr(), _version(w)) for w in weights]
 
     def __getstate__(self) -> dict:
@@ -247,7 +268,7 @@ class PackedFused:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The layers' outputs, concatenated on the last dimension."""
-        if self.valid() and x.dtype == self.layers[0].weight.dtype and not torch.is_grad_enabled():
+        if self.valid() and x.dtype == self.compute and not torch.is_grad_enabled():
             return packed_product(x, self.blocked)
         return torch.cat([layer(x) for layer in self.layers], dim=-1)
 
@@ -501,18 +522,21 @@ class Transformer(nn.Module):
         self._rope = rope_tables(p, max_seq_len, weight.device)
 
     def pack_weights(self) -> int:
-        """Give each bf16 weight mapped from a checkpoint file a packed copy (see PACK_ROWS, ``pack``), and let
-        go of its mapped pages: the process keeps one copy of the weights, and the weight tensors read back
-        from the page cache or file if anything uses them. Worth it where the CPU has native bf16 products.
-        Each layer's wq, wk, wv share one copy, and its w1, w3 another (``PackedFused``), where all of them can
-        be packed. Returns how many weights were packed: none where neither way can (``can_pack``); other weights
-        (copied, converted, on a GPU, or edited since they were mapped) are left as they are."""
-        if not can_pack():
+        """Give each bf16 weight mapped from a checkpoint file a packed copy for products in the compute dtype
+        (``setup_cache``'s, else the weights'; see PACK_ROWS, ``pack``), and let go of its mapped pages: the
+        process keeps one copy of the weights, and the weight tensors read back from the page cache or file if
+        anything uses them. Each layer's wq, wk, wv share one copy, and its w1, w3 another (``PackedFused``),
+        where all of them can be packed. Returns how many weights were packed: none where no way can
+        (``can_pack``); other weights (copied, converted, on a GPU, edited since they were mapped, or of a shape
+        the product can't take) are left as they are."""
+        compute = self.compute_dtype or self.output.weight.dtype
+        if not can_pack(compute):
             return 0
         droppable = pages.droppable()
 
         def packs(m: _Packable) -> bool:
-            return m.weight.dtype == torch.bfloat16 and droppable(m.weight)
+            w = m.weight
+            return w.dtype == torch.bfloat16 and packs_rows(w.shape[0], compute) and droppable(w)
 
         groups = list(self._fusable())
         sizes = [sum(m.weight.numel() for m in members) for _, _, members in groups]
@@ -520,12 +544,12 @@ class Transformer(nn.Module):
         grouped: set[_Packable] = set()
         for owner, name, members in groups:  # a group that can't be packed keeps what it had (Fused, or nothing)
             if all(map(packs, members)):
-                setattr(owner, name, PackedFused(*members, buffer=buffer))
+                setattr(owner, name, PackedFused(*members, buffer=buffer, compute=compute))
                 grouped.update(members)
         del buffer
         for m in self.modules():
             if isinstance(m, _Packable) and m not in grouped and packs(m):
-                m.pack()
+                m.pack(compute)
                 pages.drop(m.weight)
         return self.packed_weights()
 

@@ -12,11 +12,12 @@
    against 128 and 4096 cached positions in bf16, with 22 layers' caches in turn so they come from memory: the
    time and the rate it reads the cache at, of torch's scaled_dot_product_attention and of llama/kernels.c's
    kernel (which the engine uses where it can be built).
-3. The products of decoding where the CPU has no native bf16 (float32 activations, bf16 weights): 1, 2, 4, 8
-   and 16 rows against 24 bf16 weights of 2048 x 5632 in turn, as torch computes them (below 8 rows, rows
-   rounded to bf16 and a bf16 product; from 8, a float32 product of the weight converted a block at a time) and
-   as llama/kernels.c's linear_bf16 does (which the engine uses there). On a CPU with native bf16 torch's side
-   is native too, and the engine doesn't use the kernel.
+3. The products where the CPU has no native bf16 (float32 activations, bf16 weights): 1, 2, 4, 8, 16 and 128
+   rows against 24 bf16 weights of 2048 x 5632 in turn, as torch computes them (below 8 rows, rows rounded to
+   bf16 and a bf16 product; from 8, a float32 product of the weight converted a block at a time), as
+   llama/kernels.c's linear_bf16 does on the weights as stored (up to 16 rows), and as its linear_packed_f32
+   does on weights packed for it (which ``Llama.build`` uses there). On a CPU with native bf16 torch's side is
+   native too, and the engine uses neither kernel.
 """
 
 import argparse
@@ -75,18 +76,23 @@ def attention(reps: int) -> None:
             print(f"  {n:5} positions, {name:9} {t * 1e6:7.0f} us  (reads the cache at {nbytes / t / 1e9:.1f} GB/s)")
 
 
-def few_rows(reps: int) -> None:
+def float32_rows(reps: int) -> None:
+    """torch's ways, linear_bf16 on the weights as stored (up to 16 rows), and linear_packed_f32 on packed ones."""
     k, n = 2048, 5632
     weights = [torch.randn(n, k).bfloat16() for _ in range(24)]
     print(f"products of float32 rows and bf16 weights, {n}x{k}, 24 in turn:")
-    ways = {"torch": torch_linear}
+    ways = {"torch": (torch_linear, weights)}
     if kernels.library():
-        ways["kernels.c"] = kernels.linear_bf16
-    for rows in (1, 2, 4, 8, 16):
+        ways["linear_bf16"] = (kernels.linear_bf16, weights)
+        ways["packed"] = (kernels.linear_packed_f32, [kernels.pack_f32(w) for w in weights])
+    for rows in (1, 2, 4, 8, 16, 128):
         x = torch.randn(rows, k)
-        for name, product in ways.items():
-            t = timed(lambda f=product, x=x: [f(x, w) for w in weights], CPU, reps) / len(weights)
-            print(f"  {rows} rows, {name:9} {t * 1e6:7.0f} us  (reads the weight at {n * k * 2 / t / 1e9:.1f} GB/s)")
+        for name, (product, ws) in ways.items():
+            if name == "linear_bf16" and rows not in kernels.LINEAR_ROWS:
+                continue
+            t = timed(lambda f=product, x=x, ws=ws: [f(x, w) for w in ws], CPU, reps) / len(ws)
+            print(f"  {rows:3} rows, {name:11} {t * 1e6:7.0f} us  (weight read at {n * k * 2 / t / 1e9:5.1f} GB/s, "
+                  f"{2 * rows * n * k / t / 1e9:5.1f} GFLOP/s)")
 
 
 def main() -> None:
@@ -101,7 +107,7 @@ def main() -> None:
           f"read bandwidth {read_rate(probe, CPU, args.reps) / 1e9:.1f} GB/s")
     products(args.reps, probe)
     attention(args.reps)
-    few_rows(args.reps)
+    float32_rows(args.reps)
 
 
 if __name__ == "__main__":

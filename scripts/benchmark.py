@@ -270,7 +270,7 @@ def main() -> None:
         f"CPU {torch.backends.cpu.get_cpu_capability()} (native bf16: {cpu_has_native_bf16()})"
     packed = g.model.packed_weights() > 0
     print(f"machine: {machine}, {torch.get_num_threads()} threads; weights {g.model.output.weight.dtype}"
-          f"{f' (packed for {packed_for()})' if packed else ''}, compute {g.model.compute_dtype}"
+          f"{f' (packed for {packed_for(g.model.compute_dtype)})' if packed else ''}, compute {g.model.compute_dtype}"
           f"{', decoding from CUDA graphs' if g.decoder else ''}"
           f"{', C kernels of llama/kernels.c' if device.type == 'cpu' and kernels.library() else ''}"
           f"{', element-wise kernels compiled' if args.compile else ''}; "

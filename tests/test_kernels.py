@@ -237,6 +237,27 @@ def test_linear_packed_bf16_matches_float64():
 
 
 @needs_kernels
+@pytest.mark.parametrize("built", BUILDS, ids=lambda f: next(x for x in f if x.startswith("-march")), indirect=True)
+def test_linear_packed_f32_matches_float64(built):
+    """1-3 rows (two blocks of columns at a time, the last alone where their number is odd), 4-6 (one tile),
+    7-17 (two or three tiles, the first two prefetching), 96 (one block of rows), 97 (a second block of one row),
+    200; 1, 2, 3 and 5 blocks of columns; K from 1 to 5632."""
+    c = kernels.packed_f32_columns()
+    g = torch.Generator().manual_seed(0)
+    for rows in (*range(1, 18), 96, 97, 200):
+        for blocks, k in ((1, 1), (2, 3), (3, 48), (5, 256), (2, 2048), (1, 5632)):
+            weight = torch.randn(blocks * c, k, generator=g).bfloat16()
+            x = torch.randn(1, rows, k, generator=g)
+            got = kernels.linear_packed_f32(x, kernels.pack_f32(weight))
+            assert got.shape == (1, rows, blocks * c) and got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), x.double() @ weight.double().T, rtol=1e-5, atol=1e-5 * k ** 0.5)
+    assert kernels.pack_f32(torch.randn(c + 8, 64).bfloat16()) is None  # not whole blocks of columns
+    assert kernels.pack_f32(torch.randn(c, 64)) is None  # float32
+    with pytest.raises(ValueError, match="float32 rows of 64"):
+        kernels.linear_packed_f32(torch.randn(2, 64).bfloat16(), kernels.pack_f32(torch.randn(c, 64).bfloat16()))
+
+
+@needs_kernels
 @pytest.mark.parametrize("batch", [1, 3, 16])
 def test_bf16_weights_decode_a_batch_in_float32_through_the_kernel(make_ckpt, monkeypatch, batch):
     """bf16 weights computed in float32 (a CPU without native bf16): a batch of 1, 3 or 16 decodes through

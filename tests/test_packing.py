@@ -1,5 +1,6 @@
-"""Weights packed into oneDNN's blocked layout (Transformer.pack_weights): same function as the reference, one
-copy of the weights, and never a stale copy used after the weight changed."""
+"""Weights packed for their products (Transformer.pack_weights): kernels.c's order for bf16 products, oneDNN's
+blocked layout, or kernels.c's order for float32 products. The same function as the reference, one copy of the
+weights, and never a stale copy used after the weight changed."""
 
 import copy
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from llama import Llama, Transformer, kernels
+from llama import Llama, Transformer, generation, kernels
 from llama.checkpoint import Checkpoint
 from llama.model import PackedFused, _Packable, can_pack
 
@@ -16,13 +17,20 @@ from reference import logits as reference_logits
 from test_model import build_model, prompt
 
 
+# Every weight's rows a multiple of the float32 product's blocks (32 columns under AVX-512), so that all are packed.
+CONFIG = {**GQA, "n_kv_heads": 4, "multiple_of": 64}
+WAYS = {"kernels.c": torch.bfloat16, "oneDNN": torch.bfloat16, "float32": torch.float32}
+compute = torch.bfloat16  # the way under test's, set by the fixture below
+
+
 def mapped_model(ckpt_dir: str) -> Transformer:
-    """The model as Llama.build loads a bf16 checkpoint: its weights memory-mapped from the shard, bf16 compute."""
+    """The model as Llama.build loads a bf16 checkpoint: its weights memory-mapped from the shard, computed in
+    the dtype of the way under test."""
     ckpt = Checkpoint(ckpt_dir)
     args = ckpt.model_args(max_batch_size=4, max_seq_len=64)
     model = Transformer(args)
     model.load_state_dict(ckpt.load_rank(args, 0, 1, torch.bfloat16, torch.device("cpu")), strict=True, assign=True)
-    model.setup_cache(compute_dtype=torch.bfloat16)
+    model.setup_cache(compute_dtype=compute)
     return model
 
 
@@ -42,26 +50,31 @@ def assert_close_bf16(got: torch.Tensor, want: torch.Tensor) -> None:
     assert (got.double() - want).abs().max() < 0.05 * want.abs().max()
 
 
-needs_packing = pytest.mark.skipif(not can_pack(), reason="this CPU's oneDNN can't pack bf16 (needs AVX-512)")
+needs_packing = pytest.mark.needs_packing  # skipped where the way under test can't pack here
 OWN_WAY = kernels.packs_bf16()  # kernels.c's packed product (AVX-512 BF16)
 
 
-@pytest.fixture(autouse=True, params=["kernels.c", "oneDNN"])
+@pytest.fixture(autouse=True, params=list(WAYS))
 def packed_for(request, monkeypatch):
-    """Each test twice: the weights packed for kernels.c's product where it can be (AVX-512 BF16), and for
-    oneDNN's, as where kernels.c can't be built."""
+    """Each test three times: the weights packed for bf16 products, by kernels.c's where it can be (AVX-512
+    BF16) and by oneDNN's, as where kernels.c can't be built; and for kernels.c's float32 products, as on a CPU
+    without native bf16."""
     if request.param == "oneDNN":
         monkeypatch.setattr(kernels, "packs_bf16", lambda: False)
+    monkeypatch.setitem(globals(), "compute", WAYS[request.param])
+    if request.node.get_closest_marker("needs_packing") and not can_pack(compute):
+        pytest.skip(f"this CPU can't pack bf16 weights for {request.param} products")
     return request.param
 
 
 @needs_packing
 def test_packed_model_close_to_reference(make_ckpt, packed_for):
-    ckpt, state = make_ckpt(GQA)
+    ckpt, state = make_ckpt(CONFIG)
     model = mapped_model(ckpt)
-    assert model.pack_weights() == 7 * GQA["n_layers"] + 1 == len(packables(model)) == model.packed_weights()
+    assert model.pack_weights() == 7 * CONFIG["n_layers"] + 1 == len(packables(model)) == model.packed_weights()
     copies = [m.blocked[0] for m in packables(model) if m.blocked] + [model.layers[0].attention.wqkv.blocked]
-    assert all(c.is_mkldnn != (packed_for == "kernels.c" and OWN_WAY) for c in copies)  # the way under test
+    own = packed_for == "float32" or (packed_for == "kernels.c" and OWN_WAY)
+    assert all(c.is_mkldnn != own for c in copies)  # the way under test
     assert len(packed(model)) == len(packables(model))
     for layer in model.layers:  # wq, wk, wv one product, w1, w3 another: copies shared, none of their own
         a, f = layer.attention, layer.feed_forward
@@ -73,18 +86,24 @@ def test_packed_model_close_to_reference(make_ckpt, packed_for):
     logits += [model.forward(tokens[:, i:i + 1], i) for i in range(8, 12)]  # decoding a batch: 2 rows
     got = torch.cat(logits, dim=1)
     one = torch.cat([model.forward(tokens[:1, i:i + 1], i) for i in range(8, 12)], dim=1)  # one row
+    bf16_state = {k: v.bfloat16().double() for k, v in state.items()}
     for row, toks, g in zip(got, rows, (one[0], None)):
-        want = reference_logits(state, {**GQA, "vocab_size": VOCAB}, toks)
+        want = reference_logits(state, {**CONFIG, "vocab_size": VOCAB}, toks)
         assert_close_bf16(row, want)
         if g is not None:
             assert_close_bf16(g, want[8:])
+        if compute == torch.float32:  # the weights widened exactly, x never rounded: float32's accuracy
+            exact = reference_logits(bf16_state, {**CONFIG, "vocab_size": VOCAB}, toks)
+            torch.testing.assert_close(row.double(), exact, rtol=1e-4, atol=1e-4)
+            if g is not None:
+                torch.testing.assert_close(g.double(), exact[8:], rtol=1e-4, atol=1e-4)
     assert len(packed(model)) == len(packables(model))  # the packed copies stayed valid throughout
 
 
 @needs_packing
 def test_packed_weights_still_read_as_saved(make_ckpt):
     """Their mapped pages were let go of: reading a weight reads the file again, not zeros."""
-    ckpt, state = make_ckpt(GQA)
+    ckpt, state = make_ckpt(CONFIG)
     model = mapped_model(ckpt)
     model.pack_weights()
     for name, w in model.state_dict().items():
@@ -93,7 +112,7 @@ def test_packed_weights_still_read_as_saved(make_ckpt):
 
 @needs_packing
 def test_edited_or_replaced_weight_is_used_not_its_stale_copy(make_ckpt):
-    ckpt, state = make_ckpt(GQA)
+    ckpt, state = make_ckpt(CONFIG)
     model = mapped_model(ckpt)
     model.pack_weights()
     w2, wk = model.layers[1].feed_forward.w2, model.layers[0].attention.wk
@@ -107,7 +126,7 @@ def test_edited_or_replaced_weight_is_used_not_its_stale_copy(make_ckpt):
               "output.weight": new_output.bfloat16().float()}
     tokens = prompt(10, 7)
     got = model.forward(torch.tensor([tokens]), 0)[0]
-    assert_close_bf16(got, reference_logits(edited, {**GQA, "vocab_size": VOCAB}, tokens))
+    assert_close_bf16(got, reference_logits(edited, {**CONFIG, "vocab_size": VOCAB}, tokens))
     assert w2.blocked is None and model.output.blocked is None  # stale copies freed
     assert model.layers[0].attention.wqkv.blocked is None  # the group's too: wq, wv compute alone
     assert model.packed_weights() == len(packables(model)) - 2 - 3 == len(packed(model))
@@ -117,19 +136,19 @@ def test_edited_or_replaced_weight_is_used_not_its_stale_copy(make_ckpt):
 @needs_packing
 def test_model_loaded_in_inference_mode_packs(make_ckpt):
     """Its weights are inference tensors, which keep no count of in-place edits."""
-    ckpt, state = make_ckpt(GQA)
+    ckpt, state = make_ckpt(CONFIG)
     with torch.inference_mode():
         model = mapped_model(ckpt)
         assert model.pack_weights() == len(packables(model))
     tokens = prompt(10, 8)
     assert_close_bf16(model.forward(torch.tensor([tokens]), 0)[0],
-                      reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens))
+                      reference_logits(state, {**CONFIG, "vocab_size": VOCAB}, tokens))
     assert len(packed(model)) == len(packables(model))
 
 
 @needs_packing
 def test_packed_model_can_be_deep_copied_and_saved(make_ckpt, tmp_path):
-    ckpt, _ = make_ckpt(GQA)
+    ckpt, _ = make_ckpt(CONFIG)
     model = mapped_model(ckpt)
     model.pack_weights()
     tokens = torch.tensor([prompt(6, 9)])
@@ -145,7 +164,7 @@ def test_packed_model_can_be_deep_copied_and_saved(make_ckpt, tmp_path):
 def test_weight_edited_before_packing_keeps_its_edit(make_ckpt):
     """Its edited pages are the process's own now: dropping them would bring back the file's values. (So are
     those of a small neighbour sharing a page with it.)"""
-    ckpt, state = make_ckpt(GQA)
+    ckpt, state = make_ckpt(CONFIG)
     model = mapped_model(ckpt)
     with torch.no_grad():
         model.layers[0].attention.wq.weight[:8].mul_(-2)
@@ -158,12 +177,12 @@ def test_weight_edited_before_packing_keeps_its_edit(make_ckpt):
         torch.testing.assert_close(w.float(), edited[name], rtol=0, atol=0)
     tokens = prompt(10, 4)
     assert_close_bf16(model.forward(torch.tensor([tokens]), 0)[0],
-                      reference_logits(edited, {**GQA, "vocab_size": VOCAB}, tokens))
+                      reference_logits(edited, {**CONFIG, "vocab_size": VOCAB}, tokens))
 
 
 @needs_packing
 def test_gradients_flow_past_packed_copies(make_ckpt):
-    ckpt, _ = make_ckpt(GQA)
+    ckpt, _ = make_ckpt(CONFIG)
     model = mapped_model(ckpt)
     model.pack_weights()
     model.forward_train(torch.tensor([prompt(6)])).float().logsumexp(-1).mean().backward()
@@ -172,7 +191,7 @@ def test_gradients_flow_past_packed_copies(make_ckpt):
 
 def test_copied_weights_are_not_packed(make_ckpt):
     """Packing a copy in memory would keep two copies of it (and dropping its pages would zero it)."""
-    ckpt, state = make_ckpt(GQA)
+    ckpt, state = make_ckpt(CONFIG)
     model = build_model(ckpt, state, dtype=torch.bfloat16)
     assert model.pack_weights() == 0
     torch.testing.assert_close(model.layers[0].attention.wq.weight.float(),
@@ -180,16 +199,32 @@ def test_copied_weights_are_not_packed(make_ckpt):
 
 
 def test_build_packs_on_request_only_where_it_can(make_ckpt, tokenizer_path):
-    ckpt, _ = make_ckpt(GQA)
+    ckpt, _ = make_ckpt(CONFIG)
     with pytest.raises(ValueError, match="pack_weights=True needs bf16 weights"):
         Llama.build(ckpt, tokenizer_path, 32, 1, dtype="float32", pack_weights=True)
     unpacked = Llama.build(ckpt, tokenizer_path, 32, 1, dtype="bfloat16", pack_weights=False)
     assert packed(unpacked.model) == []
 
 
-@needs_packing
-def test_build_packs_by_default_where_it_computes_in_bf16(make_ckpt, tokenizer_path):
-    """Where the CPU has native bf16 (else bf16 weights are computed in float32, and a packed copy is of no use)."""
-    ckpt, _ = make_ckpt(GQA)
+def test_build_packs_by_default_where_it_can(make_ckpt, tokenizer_path):
+    """For products in bf16 where the CPU has native bf16, in float32 where it hasn't (and the kernels built)."""
+    ckpt, _ = make_ckpt(CONFIG)
     g = Llama.build(ckpt, tokenizer_path, 32, 2, dtype="bfloat16")
-    assert len(packed(g.model)) == (7 * GQA["n_layers"] + 1 if g.model.compute_dtype == torch.bfloat16 else 0)
+    assert len(packed(g.model)) == (7 * CONFIG["n_layers"] + 1 if can_pack(g.model.compute_dtype) else 0)
+
+
+def test_build_packs_for_float32_products_without_native_bf16(make_ckpt, tokenizer_path, monkeypatch):
+    """bf16 weights on a CPU without native bf16 are computed in float32: packed for kernels.c's float32 product,
+    whose logits match the weights as stored (linear_bf16 and float32 products of the weights converted)."""
+    monkeypatch.setattr(generation, "cpu_has_native_bf16", lambda: False)
+    ckpt, _ = make_ckpt(CONFIG)
+    g = Llama.build(ckpt, tokenizer_path, 32, 2, dtype="bfloat16")
+    unpacked = Llama.build(ckpt, tokenizer_path, 32, 2, dtype="bfloat16", pack_weights=False)
+    assert g.model.compute_dtype == unpacked.model.compute_dtype == torch.float32
+    assert len(packed(g.model)) == (7 * CONFIG["n_layers"] + 1 if can_pack(torch.float32) else 0)
+    assert packed(unpacked.model) == []
+    tokens = torch.tensor([prompt(12, 3), prompt(12, 4)])
+    prompts = [model.forward(tokens[:, :10], 0) for model in (g.model, unpacked.model)]  # 20 rows, then 2
+    torch.testing.assert_close(prompts[0], prompts[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g.model.forward(tokens[:, 10:11], 10), unpacked.model.forward(tokens[:, 10:11], 10),
+                               rtol=1e-4, atol=1e-4)
