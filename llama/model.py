@@ -162,11 +162,12 @@ PACK_ROWS = 16
 
 def can_pack(compute: torch.dtype = torch.bfloat16) -> bool:
     """Whether bf16 weights can be kept packed on this CPU for products in ``compute``: float32 by kernels.c's
-    linear_packed_f32; bf16 by its linear_packed_bf16 (AVX-512 BF16), or by oneDNN (AVX-512 or AVX-NE-CONVERT)."""
+    linear_packed_f32; bf16 by its linear_packed_bf16 (AVX-512 BF16), or by oneDNN (AVX-512 or AVX-NE-CONVERT);
+    no other dtype."""
     if compute == torch.float32:
         return kernels.packed_f32_columns() > 0
-    return kernels.packs_bf16() or (torch.backends.mkldnn.is_available()
-                                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return compute == torch.bfloat16 and (kernels.packs_bf16() or (torch.backends.mkldnn.is_available()
+                                                                  and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
 def packed_for(compute: torch.dtype = torch.bfloat16) -> str:

@@ -228,3 +228,14 @@ def test_build_packs_for_float32_products_without_native_bf16(make_ckpt, tokeniz
     torch.testing.assert_close(prompts[0], prompts[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(g.model.forward(tokens[:, 10:11], 10), unpacked.model.forward(tokens[:, 10:11], 10),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_no_packing_for_products_in_another_dtype(make_ckpt):
+    """bf16 weights computed in float16 (research code may ask for it): no product takes them packed."""
+    ckpt, state = make_ckpt(CONFIG)
+    model = mapped_model(ckpt)
+    model.setup_cache(compute_dtype=torch.float16)
+    assert model.pack_weights() == 0 and packed(model) == []
+    tokens = prompt(6, 2)
+    assert_close_bf16(model.forward(torch.tensor([tokens]), 0)[0],
+                      reference_logits(state, {**CONFIG, "vocab_size": VOCAB}, tokens))
