@@ -684,11 +684,14 @@ int packed_f32_columns(void) { return 2 * W; }
  * columns at a time, each K pair of theirs adjacent, [N/16][K/2][16][2], so that one 64-byte load holds a pair of
  * K for 16 columns and AVX-512 BF16's dot-product instruction (vdpbf16ps) adds both into 16 float32 sums with no
  * shuffle. Each step of a tile loads CB such vectors and uses each for RT rows: 8 rows x 3 column blocks is 24
- * sums in registers. The first 8 rows prefetch the next tile's weights at the same place as they read (as
- * linear_bf16 does) where a tile is at most 256 KB; a larger one (K over about 2700) would be evicted from L2
- * before it is read, so there each block is prefetched 2 KB ahead of itself (which alone was 5-10 % slower for 16
- * rows at K = 2048, and the next tile's place 15-40 % slower for 4-16 rows at K = 5632 and 11008). Further rows
- * find the tile in the cache. One row reads each block in order (packed_row). Against oneDNN's packed layout,
+ * sums in registers. Where a tile is at most 256 KB, the first pass of 8 rows prefetches the next tile's weights
+ * at the same place as it reads (as linear_bf16 does), or with more than 8 rows the first two passes a half each,
+ * so that the next tile streams in while both compute (as linear_packed_f32's tiles do, where that made 16 rows
+ * 1.2-1.35x faster; here neutral on an Intel Xeon, whose AVX-512 BF16 products of 16 rows are compute-bound, and
+ * not yet measured where they are not). A larger tile (K over about 2700) would be evicted from L2 before it is
+ * read, so there each block is prefetched 2 KB ahead of itself (which alone was 5-10 % slower for 16 rows at
+ * K = 2048, and the next tile's place 15-40 % slower for 4-16 rows at K = 5632 and 11008). Further rows find the
+ * tile in the cache. One row reads each block in order (packed_row). Against oneDNN's packed layout,
  * products of 16 rows and a 5632 x 2048 weight streamed 10-25 % faster here (scripts/bench_kernels.py), and 1 to
  * 512 rows were about as fast or faster. */
 #if defined(__AVX512BF16__)
@@ -696,7 +699,7 @@ int packed_f32_columns(void) { return 2 * W; }
 
 static inline __attribute__((always_inline)) void packed_tile(const uint16_t *x, const uint16_t *p, uint16_t *y,
                                                               int64_t N, int64_t K, int64_t nb0, int cb, int64_t r0,
-                                                              const uint16_t *ahead, const int RT) {
+                                                              const uint16_t *ahead, int shift, const int RT) {
     const int64_t block = K / 2 * 32; /* elements per 16 columns */
     const uint16_t *w = p + nb0 * block;
     __m512 acc[8][CB];
@@ -707,9 +710,9 @@ static inline __attribute__((always_inline)) void packed_tile(const uint16_t *x,
         __m512bh wv[CB];
         for (int c = 0; c < CB; c++) { /* to CB, not cb: loops of a constant length keep wv and acc in registers */
             wv[c] = c < cb ? (__m512bh)_mm512_loadu_si512(w + c * block + kp * 32) : (__m512bh)_mm512_setzero_si512();
-            if (c < cb) /* the next tile's same place, or 2 KB ahead in this block (see linear_packed_bf16) */
-                _mm_prefetch((const char *)(ahead ? ahead + c * block + kp * 32 : w + c * block + (kp + 32) * 32),
-                             _MM_HINT_T0);
+            if (c < cb) /* this pass's share of the next tile, or 2 KB ahead in this block (see linear_packed_bf16) */
+                _mm_prefetch((const char *)(ahead ? ahead + c * block + (kp >> shift) * 32
+                                                  : w + c * block + (kp + 32) * 32), _MM_HINT_T0);
         }
         for (int r = 0; r < RT; r++) {
             int32_t pair;
@@ -877,6 +880,7 @@ static int linear_packed_amx(const uint16_t *x, const uint16_t *p, uint16_t *y, 
 void linear_packed_bf16(const uint16_t *x, const uint16_t *p, uint16_t *y, int64_t M, int64_t N, int64_t K,
                         int threads) {
     const int64_t blocks = N / 16, tiles = (blocks + CB - 1) / CB, block = K / 2 * 32;
+    const int spread = M > 8 ? 2 : 1; /* passes of 8 rows that share the next tile's prefetch */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if (K % 32 == 0 && amx_permitted() && linear_packed_amx(x, p, y, M, N, K, threads))
         return;
@@ -894,16 +898,18 @@ void linear_packed_bf16(const uint16_t *x, const uint16_t *p, uint16_t *y, int64
         const int near = CB * block * 2 <= (256 << 10); /* a tile of at most 256 KB: the next is prefetched */
         const uint16_t *ahead = near && nb0 + 2 * CB <= blocks ? p + (nb0 + CB) * block : NULL;
         for (int64_t r0 = 0; r0 < M; r0 += 8) {
-            const uint16_t *a = r0 ? NULL : ahead;
+            const int64_t pass = r0 / 8; /* the first `spread` passes prefetch a share of the next tile each */
+            const uint16_t *a = ahead && pass < spread ? ahead + pass * (K / 2 / spread) * 32 : NULL;
+            const int sh = spread - 1;
             switch (M - r0 < 8 ? M - r0 : 8) { /* the rows as a constant, for the sums to stay in registers */
-            case 1: packed_tile(x, p, y, N, K, nb0, cb, r0, a, 1); break;
-            case 2: packed_tile(x, p, y, N, K, nb0, cb, r0, a, 2); break;
-            case 3: packed_tile(x, p, y, N, K, nb0, cb, r0, a, 3); break;
-            case 4: packed_tile(x, p, y, N, K, nb0, cb, r0, a, 4); break;
-            case 5: packed_tile(x, p, y, N, K, nb0, cb, r0, a, 5); break;
-            case 6: packed_tile(x, p, y, N, K, nb0, cb, r0, a, 6); break;
-            case 7: packed_tile(x, p, y, N, K, nb0, cb, r0, a, 7); break;
-            default: packed_tile(x, p, y, N, K, nb0, cb, r0, a, 8); break;
+            case 1: packed_tile(x, p, y, N, K, nb0, cb, r0, a, sh, 1); break;
+            case 2: packed_tile(x, p, y, N, K, nb0, cb, r0, a, sh, 2); break;
+            case 3: packed_tile(x, p, y, N, K, nb0, cb, r0, a, sh, 3); break;
+            case 4: packed_tile(x, p, y, N, K, nb0, cb, r0, a, sh, 4); break;
+            case 5: packed_tile(x, p, y, N, K, nb0, cb, r0, a, sh, 5); break;
+            case 6: packed_tile(x, p, y, N, K, nb0, cb, r0, a, sh, 6); break;
+            case 7: packed_tile(x, p, y, N, K, nb0, cb, r0, a, sh, 7); break;
+            default: packed_tile(x, p, y, N, K, nb0, cb, r0, a, sh, 8); break;
             }
         }
     }
