@@ -263,14 +263,7 @@ def linear_packed_f32(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """x @ weight.T for float32 x (..., in) and a bf16 weight packed by ``pack_f32``, in float32: the weight is
     widened in registers and x is not rounded."""
     blocks, k, columns = packed.shape
-    if x.dtype != torch.float32 or x.shape[-1] != k or x.device.type != "cpu":
-        raise ValueError(f"linear_packed_f32 takes float32 rows of {k} on the CPU, not {x.dtype} {tuple(x.shape)} "
-                         f"on {x.device}")
-    x2 = x.reshape(-1, k).contiguous()
-    out = torch.empty(*x.shape[:-1], blocks * columns, dtype=torch.float32)
-    library().linear_packed_f32(x2.data_ptr(), packed.data_ptr(), out.data_ptr(), x2.shape[0], blocks * columns, k,
-                                torch.get_num_threads())
-    return out
+    return _packed_product("linear_packed_f32", x, packed, torch.float32, blocks * columns, k)
 
 
 def packs_bf16() -> bool:
@@ -300,12 +293,18 @@ def pack_bf16(weight: torch.Tensor) -> Optional[torch.Tensor]:
 def linear_packed_bf16(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """x @ weight.T for bf16 x (..., in) and a weight packed by ``pack_bf16``, in bf16 (float32 sums)."""
     blocks, pairs, _, _ = packed.shape
-    n, k = blocks * 16, pairs * 2
-    if x.dtype != torch.bfloat16 or x.shape[-1] != k or x.device.type != "cpu":
-        raise ValueError(f"linear_packed_bf16 takes bf16 rows of {k} on the CPU, not {x.dtype} {tuple(x.shape)} "
-                         f"on {x.device}")
+    return _packed_product("linear_packed_bf16", x, packed, torch.bfloat16, blocks * 16, pairs * 2)
+
+
+def _packed_product(name: str, x: torch.Tensor, packed: torch.Tensor, dtype: torch.dtype, n: int,
+                    k: int) -> torch.Tensor:
+    """kernels.c's product ``name`` of x (..., k), which must be dtype on the CPU, and a weight (n, k) packed for
+    it; the result in dtype."""
+    if x.dtype != dtype or x.shape[-1] != k or x.device.type != "cpu":
+        kind = "bf16" if dtype == torch.bfloat16 else "float32"
+        raise ValueError(f"{name} takes {kind} rows of {k} on the CPU, not {x.dtype} {tuple(x.shape)} on {x.device}")
     x2 = x.reshape(-1, k).contiguous()
-    out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
-    library().linear_packed_bf16(x2.data_ptr(), packed.data_ptr(), out.data_ptr(), x2.shape[0], n, k,
-                                 torch.get_num_threads())
+    out = torch.empty(*x.shape[:-1], n, dtype=dtype)
+    getattr(library(), name)(x2.data_ptr(), packed.data_ptr(), out.data_ptr(), x2.shape[0], n, k,
+                             torch.get_num_threads())
     return out
