@@ -98,6 +98,23 @@ def test_left_padded_rows_equal_unpadded(make_ckpt):
     torch.testing.assert_close(step[0, 0].double(), want, rtol=1e-4, atol=1e-4)
 
 
+def test_prompt_prefilled_after_its_padding_equals_unpadded(make_ckpt):
+    """A row prefilled from start_pos with left_pad == start_pos (how Llama.generate prefills the shorter
+    prompts of a ragged batch) is a prompt of its own: its attention must read its own keys only, causally, not
+    the padding's cache positions, which hold another prompt's keys here, as a reused cache does."""
+    ckpt, state = make_ckpt(GQA)
+    model = build_model(ckpt, state)
+    short, long, stale = prompt(5, 3), prompt(12, 4), prompt(12, 5)
+    model.forward(torch.tensor([stale, long]), 0)
+    got = model.forward(torch.tensor([short]), 7, left_pad=torch.tensor([7]), first_row=0)
+    want_short = reference_logits(state, {**GQA, "vocab_size": VOCAB}, short)
+    torch.testing.assert_close(got[0].double(), want_short, rtol=1e-4, atol=1e-4)
+    step = model.forward(torch.tensor([[11], [13]]), 12, left_pad=torch.tensor([7, 0]))
+    for row, tokens in zip(step, (short + [11], long + [13])):
+        want = reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens)[-1]
+        torch.testing.assert_close(row[0].double(), want, rtol=1e-4, atol=1e-4)
+
+
 def test_fused_weights_match_reference_and_follow_edits(make_ckpt):
     """wq/wk/wv and w1/w3 as one product each (as on a GPU): the same logits, the same state_dict, and weights
     edited in place or replaced afterwards are the ones used."""
