@@ -3,6 +3,7 @@ project's targets name, or the kernel timings that explain the ones missed. Thei
 machine, so only their presence and sanity are checked here; the numbers that matter come from the 1b shape on a
 quiet machine (README, Performance)."""
 
+import importlib.util
 import json
 import math
 import re
@@ -21,6 +22,7 @@ FIGURES = [
     "mixed batch 16/64/256/1000 +64", "  same, token by token", "  speed-up", "peak RSS / checkpoint",
     "decode 4096 / 128 cached",
 ]
+VS_HF = ["prefill 128 tokens, batch 1", "decode batch 1 (128 cached)", "mixed batch 16/64/256/1000 +64"]
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +32,21 @@ def cache_dir(tmp_path_factory):
 
 
 def test_benchmark_reports_every_figure_against_its_roofline(cache_dir, tmp_path):
+    """With --vs-hf too where transformers (a dev-only dependency) is installed."""
     out = tmp_path / "figures.json"
+    vs_hf = importlib.util.find_spec("transformers") is not None
     result = run_cmd([sys.executable, "scripts/benchmark.py", "--shape", "tiny", "--reps", "1", "--threads", "2",
-                      "--token-by-token", "--cache_dir", str(cache_dir), "--json", str(out)], timeout=300)
+                      "--token-by-token", "--cache_dir", str(cache_dir), "--json", str(out)]
+                     + ["--vs-hf"] * vs_hf, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     fig = json.loads(out.read_text())
-    for name in FIGURES:
+    for name in FIGURES + [f"vs HF: {name}" for name in VS_HF] * vs_hf:
         assert math.isfinite(fig[name]) and fig[name] > 0, (name, fig.get(name))
     fractions = {k: v for k, v in fig.items() if k.endswith("(fraction of roofline)")}
     assert len(fractions) == 8 and all(0 < v < 10 for v in fractions.values()), fractions
-    assert result.stdout.rstrip().splitlines()[-1].startswith("decode 4096 / 128 cached")  # the table comes last
+    table = result.stdout.rstrip().splitlines()
+    last = VS_HF[-1] if vs_hf else "decode 4096 / 128 cached"
+    assert table[-1].startswith(last)  # the table comes last
 
 
 def test_bench_load_reports_each_process_count_from_disk_and_warm(cache_dir):
