@@ -4,11 +4,11 @@
         [--token-by-token] [--vs-hf] [--no-pack] [--no-kernels] [--json FILE]
 
 Ceilings: memory read bandwidth (a large reduction) and matrix throughput (the better of two large square
-matmuls in the fastest dtype the machine has), at the start and again right after each figure. Engine: load
+matmuls in the fastest dtype the machine has), at the start and again in turns with each figure. Engine: load
 time; prefill tokens/s (128-token prompt, batch 1 and 4); decode tokens/s (batch 1, 4, 16); decode step time
 with 128, 1024 and 4096 tokens in the cache; a mixed-length batch (prompts of 16, 64, 256 and 1000 tokens,
 64 new tokens each) end to end; peak RSS. Each figure is the median of --reps runs after a warm-up, and is
-also given as a fraction of its roofline, from the ceilings measured right after it:
+also given as a fraction of its roofline, from the ceilings timed in turns with it:
 decode: (bytes of weights and KV cache read per step / bandwidth) / step time;
 prefill: (2 x parameters x tokens / matmul rate) / time.
 --token-by-token also times the mixed batch fed one token at a time from the shortest prompt (the reference's
@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Hashable, Tuple
 
 import torch
 
@@ -50,7 +50,7 @@ def timed(fn: Callable, device: torch.device, reps: int) -> float:
     return timed_in_turns({0: fn}, device, reps)[0]
 
 
-def timed_in_turns(fns: Dict[int, Callable], device: torch.device, reps: int) -> Dict[int, float]:
+def timed_in_turns(fns: Dict[Hashable, Callable], device: torch.device, reps: int) -> Dict[Hashable, float]:
     """Median seconds of reps calls of each function, called in turns (after a warm-up call of each): a
     drift of the machine's speed during the run (a shared host) then affects all alike and their ratios hold."""
     times: Dict[int, list] = {key: [] for key in fns}
@@ -72,8 +72,8 @@ def read_rate(x: torch.Tensor, device: torch.device, reps: int) -> float:
 
 class Ceilings:
     """The machine's read bandwidth (bytes/s of a reduction over a tensor far larger than any cache) and matrix
-    throughput (FLOP/s of a square matmul in the fastest dtype and size it has), measured again next to each figure:
-    on a shared host both drift with the other tenants' load (the bandwidth by up to 2x within minutes), and a
+    throughput (FLOP/s of a square matmul in the fastest dtype and size it has), timed again in turns with each
+    figure: on a shared host both drift with the other tenants' load (the bandwidth by up to 2x within minutes), and a
     figure is compared with what the machine could do at the time. The probe tensors stay allocated through
     the run; ``nbytes`` is taken off the peak RSS."""
 
@@ -107,17 +107,26 @@ class Ceilings:
     def matmul(self) -> float:
         return self._rate(self.a)
 
+    def in_turns_with(self, fns: Dict[int, Callable], reps: int) -> Tuple[Dict[int, float], float, float]:
+        """Median seconds of each of fns, and the bandwidth and matmul rate, all timed in turns: a drift of the
+        host's speed during the measurement then moves figure and ceilings alike. (Measured after the figure,
+        the ceilings could catch the host at another speed: on (c) a prompt ran at 698 GFLOP/s, and the probe
+        after it at 996.)"""
+        t = timed_in_turns({**fns, "read": self.x.sum, "matmul": lambda: self.a @ self.a}, self.device, reps)
+        return ({k: v for k, v in t.items() if k in fns}, self.x.nbytes / t["read"],
+                2 * self.a.shape[0] ** 3 / t["matmul"])
 
-def decode_steps(g: Llama, batch: int, cached: Tuple[int, ...], reps: int) -> Dict[int, float]:
-    """Seconds for one decode step of `batch` rows with each count of positions cached before it, measured in
-    turns. Attention reads the cache whatever it holds, so it is not filled first."""
+
+def decode_steps(g: Llama, batch: int, cached: Tuple[int, ...]) -> Dict[int, Callable]:
+    """One decode step of `batch` rows with each count of positions cached before it. Attention reads the cache
+    whatever it holds, so it is not filled first."""
     tokens = torch.ones(batch, 1, dtype=torch.long, device=g.device)
-    return timed_in_turns({n: lambda n=n: g.decode_step(tokens, n) for n in cached}, g.device, reps)
+    return {n: lambda n=n: g.decode_step(tokens, n) for n in cached}
 
 
-def prefill(g: Llama, batch: int, length: int, reps: int) -> float:
+def prefill(g: Llama, batch: int, length: int) -> Callable:
     tokens = torch.randint(3, g.model.params.vocab_size, (batch, length), device=g.device)
-    return timed(lambda: g.model.forward(tokens, 0, last_only=True), g.device, reps)
+    return lambda: g.model.forward(tokens, 0, last_only=True)
 
 
 MIXED = (16, 64, 256, 1000)
@@ -290,25 +299,27 @@ def main() -> None:
     first = {"bandwidth": ceil.bandwidth(), "matmul": ceil.matmul()}
     print(f"ceilings at the start: read {first['bandwidth'] / 1e9:.1f} GB/s, matmul {first['matmul'] / 1e9:.0f} "
           f"GFLOP/s ({ceil.dtype}; " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in ceil.rates.items()) + ")")
-    rows = []  # (name, value, unit, fraction of roofline, the ceilings measured next to it)
+    rows = []  # (name, value, unit, fraction of roofline, the ceilings timed in turns with it)
 
-    def against(name: str, seconds: float, value: float, unit: str, nbytes: float, flops: float) -> None:
-        """A row for a figure just measured, as a fraction of its roofline: max(bytes read / bandwidth, FLOPs /
-        matmul rate), with the ceilings measured now."""
-        bw, rate = ceil.bandwidth(), ceil.matmul()
+    def against(name: str, seconds: float, value: float, unit: str, nbytes: float, flops: float, bw: float,
+                rate: float) -> None:
+        """A row for a figure, as a fraction of its roofline: max(bytes read / bandwidth, FLOPs / matmul rate),
+        with the ceilings timed in turns with it."""
         rows.append((name, value, unit, max(nbytes / bw, flops / rate) / seconds,
                      f"{bw / 1e9:.1f} GB/s, {rate / 1e9:.0f} GFLOP/s"))
 
     for b in (1, 4):
-        t = prefill(g, b, 128, args.reps)
-        against(f"prefill 128 tokens, batch {b}", t, b * 128 / t, "tok/s", 0, 2 * n_params * b * 128)
+        times, bw, rate = ceil.in_turns_with({0: prefill(g, b, 128)}, args.reps)
+        against(f"prefill 128 tokens, batch {b}", times[0], b * 128 / times[0], "tok/s", 0, 2 * n_params * b * 128,
+                bw, rate)
     for b in (1, 4, 16):
-        t = decode_steps(g, b, (128,), args.reps)[128]
-        against(f"decode batch {b} (128 cached)", t, b / t, "tok/s", weight_bytes + b * 128 * kv_per_pos,
-                2 * n_params * b)
-    steps = decode_steps(g, 1, (128, 1024, 4096), max(5, args.reps))  # in turns: their ratio is a target
+        times, bw, rate = ceil.in_turns_with(decode_steps(g, b, (128,)), args.reps)
+        against(f"decode batch {b} (128 cached)", times[128], b / times[128], "tok/s",
+                weight_bytes + b * 128 * kv_per_pos, 2 * n_params * b, bw, rate)
+    # The three cache lengths in turns too: their ratio is a target.
+    steps, bw, rate = ceil.in_turns_with(decode_steps(g, 1, (128, 1024, 4096)), max(5, args.reps))
     for n, t in steps.items():
-        against(f"decode step, {n} cached", t, t * 1e3, "ms", weight_bytes + n * kv_per_pos, 0)
+        against(f"decode step, {n} cached", t, t * 1e3, "ms", weight_bytes + n * kv_per_pos, 0, bw, rate)
     t = mixed_batch(g, max(1, args.reps // 2))
     rows.append(("mixed batch 16/64/256/1000 +64", t, "s", None, ""))
     if args.token_by_token:
@@ -330,7 +341,7 @@ def main() -> None:
     rows.insert(0, ("load", load_s, "s", None, ""))
 
     fig: Dict[str, float] = {}
-    print(f"\n{'':36} {'value':>10} {'unit':<6} {'of roofline':>11}   ceilings measured next to it")
+    print(f"\n{'':36} {'value':>10} {'unit':<6} {'of roofline':>11}   ceilings in turns with it")
     for name, value, unit, frac, ceilings in rows:
         print(f"{name:36} {value:>10.2f} {unit:<6} {'' if frac is None else f'{frac:.0%}':>11}   {ceilings}")
         fig[name] = value
