@@ -53,7 +53,7 @@ def timed(fn: Callable, device: torch.device, reps: int) -> float:
 def timed_in_turns(fns: Dict[Hashable, Callable], device: torch.device, reps: int) -> Dict[Hashable, float]:
     """Median seconds of reps calls of each function, called in turns (after a warm-up call of each): a
     drift of the machine's speed during the run (a shared host) then affects all alike and their ratios hold."""
-    times: Dict[int, list] = {key: [] for key in fns}
+    times: Dict[Hashable, list] = {key: [] for key in fns}
     for rep in range(reps + 1):
         for key, fn in fns.items():
             sync(device)
