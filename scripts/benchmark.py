@@ -101,12 +101,6 @@ class Ceilings:
         """FLOP/s of a @ a."""
         return 2 * a.shape[0] ** 3 / timed(lambda: a @ a, self.device, self.reps)
 
-    def bandwidth(self) -> float:
-        return read_rate(self.x, self.device, self.reps)
-
-    def matmul(self) -> float:
-        return self._rate(self.a)
-
     def in_turns_with(self, fns: Dict[int, Callable], reps: int) -> Tuple[Dict[int, float], float, float]:
         """Median seconds of each of fns, and the bandwidth and matmul rate, all timed in turns: a drift of the
         host's speed during the measurement then moves figure and ceilings alike. (Measured after the figure,
@@ -296,7 +290,8 @@ def main() -> None:
           f"{', C kernels of llama/kernels.c' if device.type == 'cpu' and kernels.library() else ''}"
           f"{', element-wise kernels compiled' if args.compile else ''}; "
           f"{n_params / 1e9:.2f} B parameters, {weight_bytes / 1e9:.2f} GB")
-    first = {"bandwidth": ceil.bandwidth(), "matmul": ceil.matmul()}
+    _, bandwidth, matmul = ceil.in_turns_with({}, args.reps)
+    first = {"bandwidth": bandwidth, "matmul": matmul}
     print(f"ceilings at the start: read {first['bandwidth'] / 1e9:.1f} GB/s, matmul {first['matmul'] / 1e9:.0f} "
           f"GFLOP/s ({ceil.dtype}; " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in ceil.rates.items()) + ")")
     rows = []  # (name, value, unit, fraction of roofline, the ceilings timed in turns with it)
