@@ -48,6 +48,23 @@ def test_cuda_graphs_and_compiling_need_a_gpu(make_ckpt, tokenizer_path):
         Llama.build(ckpt, tokenizer_path, 32, 2, device="cpu", compile_elementwise=True)
 
 
+def test_compiled_elementwise_kernels_match_reference(make_ckpt):
+    """Transformer.compiled_elementwise's forms of RMSNorm, the residual sum with the norm after it, the rotation
+    (in real arithmetic there) and SwiGLU's gate, compiled by Inductor for the CPU here (its code for a GPU is
+    checked by test_graphed_generation_equals_eager): a prompt and a decoding step against the reference."""
+    ckpt, state = make_ckpt(GQA)
+    model = build_model(ckpt, state)
+    rows, nxt = [prompt(9, 1), prompt(9, 2)], [5, 7]
+    with model.compiled_elementwise():
+        got = model.forward(torch.tensor(rows), 0)
+        step = model.forward(torch.tensor([[t] for t in nxt]), 9)
+    assert all(layer.ffn_norm.add_norm is None for layer in model.layers)  # eager again after it
+    for row, tokens, t, logits in zip(got, rows, nxt, step):
+        want = reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens + [t])
+        torch.testing.assert_close(row.double(), want[:-1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[0].double(), want[-1], rtol=1e-4, atol=1e-4)
+
+
 @cuda
 @pytest.mark.parametrize("params", [MHA, GQA], ids=["mha", "gqa"])
 def test_graphed_steps_match_reference_across_buckets(make_ckpt, tokenizer_path, monkeypatch, params):
@@ -87,3 +104,21 @@ def test_graphed_generation_equals_eager(make_ckpt, tokenizer_path, compiled):
     assert graphed == eager and sum(map(len, graphed)) > 60
     for a, b in zip(graphed_logprobs, eager_logprobs):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-4)
+
+
+@cuda
+def test_ragged_generation_on_a_gpu_matches_reference(make_ckpt, tokenizer_path):
+    """A ragged batch on the GPU, over a cache full of noise: each group of shorter prompts prefilled after its
+    padding (attention over its own keys, causal), then graphed steps. Every returned token's log-probability
+    must be the float64 reference's for that row alone, and the greedy token its argmax."""
+    ckpt, state = make_ckpt(GQA)
+    g = Llama.build(ckpt, tokenizer_path, 48, 3, device="cuda", dtype="float32")
+    fill_cache_with_noise(g.model)
+    prompts = [prompt(4, 8), prompt(15, 9), prompt(9, 10)]
+    tokens, logprobs = g.generate(prompts, 10, temperature=0, logprobs=True)
+    for p, new, lp in zip(prompts, tokens, logprobs):
+        assert len(new) == 10
+        want = torch.log_softmax(reference_logits(state, {**GQA, "vocab_size": VOCAB}, p + new)[len(p) - 1:-1], -1)
+        assert new == want.argmax(-1).tolist()
+        torch.testing.assert_close(torch.tensor(lp, dtype=torch.float64), want[torch.arange(10), new],
+                                   rtol=1e-3, atol=1e-3)
