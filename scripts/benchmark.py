@@ -268,9 +268,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.no_kernels:
         os.environ["LLAMA_KERNELS"] = "0"
-    ckpt = Path(args.ckpt_dir) if args.ckpt_dir else cached(Path(args.cache_dir), args.shape)
-
     device = pick_device(args.device)
+    ckpt = Path(args.ckpt_dir) if args.ckpt_dir else cached(Path(args.cache_dir), args.shape, str(device))
     ceil = Ceilings(device, args.reps)
     start = time.perf_counter()
     g = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=4160, max_batch_size=16,

@@ -48,8 +48,10 @@ def train_tokenizer(path: Path, vocab_size: int) -> None:
     path.write_bytes(model.getvalue())
 
 
-def make(out: Path, shape: str, mp: int = 1, tokenizer_path: Optional[str] = None, seed: int = 0) -> None:
-    """Write a random checkpoint of the named shape, and its tokenizer.model, into the folder out."""
+def make(out: Path, shape: str, mp: int = 1, tokenizer_path: Optional[str] = None, seed: int = 0,
+         device: str = "cpu") -> None:
+    """Write a random checkpoint of the named shape, and its tokenizer.model, into the folder out; its random
+    numbers drawn on device."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = out / "tokenizer.model"
     if tokenizer_path:
@@ -57,15 +59,17 @@ def make(out: Path, shape: str, mp: int = 1, tokenizer_path: Optional[str] = Non
     else:
         train_tokenizer(tokenizer, SHAPES[shape]["vocab_size"])
     params = {**SHAPES[shape], "norm_eps": 1e-5, "vocab_size": -1}  # -1, as Meta writes it: the tokenizer says
-    random_checkpoint(str(out), params, mp=mp, seed=seed, vocab_size=Tokenizer(str(tokenizer)).n_words)
+    random_checkpoint(str(out), params, mp=mp, seed=seed, vocab_size=Tokenizer(str(tokenizer)).n_words,
+                      device=device)
 
 
-def cached(cache_dir: Path, shape: str) -> Path:
-    """A random checkpoint of the named shape for benchmarks, written once and reused after."""
+def cached(cache_dir: Path, shape: str, device: str = "cpu") -> Path:
+    """A random checkpoint of the named shape for benchmarks, written once (its numbers drawn on device: a GPU
+    draws them at once where a CPU takes half a minute for the 7b shape) and reused after."""
     ckpt = cache_dir / f"bench-{shape}"
     if not (ckpt / "checklist.chk").is_file():  # written last: its presence means the checkpoint is whole
         print(f"writing a random {shape} checkpoint to {ckpt} (once) ...", flush=True)
-        make(ckpt, shape)
+        make(ckpt, shape, device=device)
     return ckpt
 
 
