@@ -71,3 +71,18 @@ def test_bench_kernels_times_the_products_and_the_attention_both_ways():
     packed = ("oneDNN", r"kernels\.c") if kernels_expected() and kernels.packs_bf16() else ("oneDNN",)
     assert "can't be packed" in out or all(
         re.search(rf"^\s+{way}\s+in cache\s+\d+ us.*streamed \d+ us", out, re.M) for way in packed), out
+
+
+@pytest.mark.parametrize("what", [[], ["--prefill", "--cached", "16"]], ids=["decoding_step", "prefill"])
+def test_profile_step_names_where_the_time_goes(cache_dir, what):
+    result = run_cmd([sys.executable, "scripts/profile_step.py", "--shape", "tiny", "--steps", "2", "--threads", "2",
+                      "--cache_dir", str(cache_dir), *what], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()  # after the checkpoint's line, where it was written
+    at = next(i for i, line in enumerate(lines) if " ms a step (wall)" in line)
+    head, rows = lines[at], lines[at + 2:]
+    wall, ops = map(float, re.search(r"([\d.]+) ms a step \(wall\), ([\d.]+) ms of operations", head).groups())
+    assert 0 < ops <= wall * 1.05, head
+    names = [row.split()[-1] for row in rows]
+    assert len(rows) >= 10 and all(float(row.split()[0]) >= 0 for row in rows), rows
+    assert any(n.startswith("kernels.") for n in names) == kernels_expected(), names  # kernels.c's calls, named
