@@ -340,9 +340,16 @@ def torch_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x + y (a residual sum), and rms_norm of it."""
+    h = x + y
+    return h, rms_norm(h, weight, eps)
+
+
 def torch_add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x + y and torch_rms_norm of it, for ``Transformer.compiled_elementwise`` to make one kernel of the two."""
+    """add_rms_norm by torch's operations, for ``Transformer.compiled_elementwise`` to make one kernel of them."""
     h = x + y
     return h, torch_rms_norm(h, weight, eps)
 
@@ -353,17 +360,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.norm = rms_norm  # or its compiled form (Transformer.compiled_elementwise)
-        self.add_norm: Optional[Callable] = None  # torch_add_rms_norm compiled (Transformer.compiled_elementwise)
+        self.add_norm = add_rms_norm  # or its compiled form (Transformer.compiled_elementwise)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x, self.weight, self.eps)
 
     def after_add(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x + y (a residual sum), and it normalised: one kernel within ``Transformer.compiled_elementwise``."""
-        if self.add_norm is not None:
-            return self.add_norm(x, y, self.weight, self.eps)
-        h = x + y
-        return h, self(h)
+        return self.add_norm(x, y, self.weight, self.eps)
 
 
 def rope_tables(args: ModelArgs, end: int, device: torch.device) -> torch.Tensor:
@@ -615,9 +619,9 @@ class Transformer(nn.Module):
                 warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
                 yield
         finally:
-            self._use_elementwise(rms_norm, apply_rope, swiglu, None)
+            self._use_elementwise(rms_norm, apply_rope, swiglu, add_rms_norm)
 
-    def _use_elementwise(self, norm: Callable, rope: Callable, gate: Callable, add_norm: Optional[Callable]) -> None:
+    def _use_elementwise(self, norm: Callable, rope: Callable, gate: Callable, add_norm: Callable) -> None:
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.norm, m.add_norm = norm, add_norm
