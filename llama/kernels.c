@@ -394,33 +394,39 @@ void decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t 
 /* rms_norm: each row of x times 1 / sqrt(mean of its squares + eps), times the weight, summed in float32 and rounded
  * once to x's dtype; x and the weight each float32 or bf16 (constants here, once inlined). torch's rms_norm on the
  * CPU is a chain of seven small operations, 90-100 us a call for one row of 2048 on an Intel Xeon: 45 calls, 4 ms,
- * of each decoding step of the 1b shape there. Rows are shared among threads only where there are many. */
-static inline __attribute__((always_inline)) void norm_rows(const void *x, const void *w, void *y, int64_t R,
-                                                            int64_t D, float eps, int threads, const int xbf16,
-                                                            const int wbf16) {
+ * of each decoding step of the 1b shape there. Rows are shared among threads only where there are many.
+ * With `add` (else NULL), x + add is written to `sum`, rounded to x's dtype as torch's sum would be, and normalised
+ * instead of x: a residual sum and the norm after it, in one call. */
+static inline __attribute__((always_inline)) void norm_rows(const void *x, const void *add, void *sum, const void *w,
+                                                            void *y, int64_t R, int64_t D, float eps, int threads,
+                                                            const int xbf16, const int wbf16) {
+    const void *src = add ? sum : x;
 #pragma omp parallel for schedule(static) num_threads(threads) if (R * D >= (1 << 16))
     for (int64_t r = 0; r < R; r++) {
+        if (add)
+            for (int64_t i = 0; i < D; i += W)
+                store(sum, r * D + i, load(x, r * D + i, xbf16) + load(add, r * D + i, xbf16), xbf16);
         vf sq = {0};
         for (int64_t i = 0; i < D; i += W) {
-            const vf v = load(x, r * D + i, xbf16);
+            const vf v = load(src, r * D + i, xbf16);
             sq += v * v;
         }
         const vf scale = broadcast(1.0f / sqrtf(hsum(sq) / D + eps));
         for (int64_t i = 0; i < D; i += W)
-            store(y, r * D + i, load(x, r * D + i, xbf16) * scale * load(w, i, wbf16), xbf16);
+            store(y, r * D + i, load(src, r * D + i, xbf16) * scale * load(w, i, wbf16), xbf16);
     }
 }
 
-void rms_norm(const void *x, const void *w, void *y, int64_t R, int64_t D, float eps, int threads, int xbf16,
-              int wbf16) {
+void rms_norm(const void *x, const void *add, void *sum, const void *w, void *y, int64_t R, int64_t D, float eps,
+              int threads, int xbf16, int wbf16) {
     if (xbf16 && wbf16)
-        norm_rows(x, w, y, R, D, eps, threads, 1, 1);
+        norm_rows(x, add, sum, w, y, R, D, eps, threads, 1, 1);
     else if (xbf16)
-        norm_rows(x, w, y, R, D, eps, threads, 1, 0);
+        norm_rows(x, add, sum, w, y, R, D, eps, threads, 1, 0);
     else if (wbf16)
-        norm_rows(x, w, y, R, D, eps, threads, 0, 1);
+        norm_rows(x, add, sum, w, y, R, D, eps, threads, 0, 1);
     else
-        norm_rows(x, w, y, R, D, eps, threads, 0, 0);
+        norm_rows(x, add, sum, w, y, R, D, eps, threads, 0, 0);
 }
 
 /* swiglu: silu(gate) * up, row by row, gate and up rows of H at a stride (the halves of one product's output, as

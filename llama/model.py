@@ -5,6 +5,7 @@ each rank's ``consolidated.NN.pth`` slice loads into it as it is.
 """
 
 import dataclasses
+import functools
 import math
 import threading
 import warnings
@@ -342,7 +343,10 @@ def torch_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x + y (a residual sum), and rms_norm of it."""
+    """x + y (a residual sum), and rms_norm of it: on a CPU, kernels.add_rms_norm's one call."""
+    out = kernels.add_rms_norm(x, y, weight, eps)
+    if out is not None:
+        return out
     h = x + y
     return h, rms_norm(h, weight, eps)
 
@@ -365,9 +369,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x, self.weight, self.eps)
 
-    def after_add(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x + y (a residual sum), and it normalised: one kernel within ``Transformer.compiled_elementwise``."""
-        return self.add_norm(x, y, self.weight, self.eps)
+    def after_add(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x + y (a residual sum; x where y is None), and it normalised: one kernel within
+        ``Transformer.compiled_elementwise``, one call on a CPU."""
+        return self.add_norm(x, y, self.weight, self.eps) if y is not None else (x, self.norm(x, self.weight, self.eps))
 
 
 def rope_tables(args: ModelArgs, end: int, device: torch.device) -> torch.Tensor:
@@ -418,6 +423,19 @@ def real_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
+def rotate_and_cache(qkv: torch.Tensor, rotations: torch.Tensor, cache: torch.Tensor, positions: torch.Tensor,
+                     heads: int, rope: Callable = apply_rope) -> torch.Tensor:
+    """Rotate the queries and keys of qkv, (batch, seq, heads + 2 * kv_heads, head_dim), in one call; write the
+    keys and values into cache, (2, batch, kv_heads, cache positions, head_dim), at positions, in one write; return
+    the queries. Compiled (``Transformer.compiled_elementwise``, rope=real_rope), the write and the rotation of
+    the keys it reads are one kernel on a GPU, where eager they are a rotation and two cache writes."""
+    kv_heads = (qkv.shape[2] - heads) // 2
+    qk = rope(qkv[:, :, :heads + kv_heads], rotations)
+    kv = torch.stack((qk[:, :, heads:], qkv[:, :, heads + kv_heads:]))  # (2, batch, seq, kv_heads, head_dim)
+    cache.index_copy_(3, positions, kv.transpose(2, 3))
+    return qk[:, :, :heads]
+
+
 @dataclass
 class Window:
     """Where one forward pass sits: the cache positions of its tokens (None: training, no cache), the cache
@@ -447,31 +465,32 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(args.dim, kv_dim, gather_output=False, **kw)
         self.wv = ColumnParallelLinear(args.dim, kv_dim, gather_output=False, **kw)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True, **kw)
+        self.cache_kv: Optional[torch.Tensor] = None  # keys and values; cache_k and cache_v are views of it
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
         self.wqkv: Optional[Union[Fused, PackedFused]] = None  # Transformer.fuse_weights, pack_weights
-        self.rope = apply_rope  # or its compiled form (Transformer.compiled_elementwise)
+        self.rotate_and_cache = rotate_and_cache  # or its compiled form (Transformer.compiled_elementwise)
 
     def allocate_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        # (batch, kv_heads, seq, head_dim): the layout attention reads, so no per-step transpose of the cache.
-        shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
-        self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
-        self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+        # (batch, kv_heads, seq, head_dim) each: the layout attention reads, so no per-step transpose of the cache.
+        # Keys and values in one tensor, so that one write stores both (rotate_and_cache).
+        shape = (2, max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
+        self.cache_kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.cache_k, self.cache_v = self.cache_kv
 
     def forward(self, x: torch.Tensor, w: Window) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         heads, kv_heads = self.n_local_heads, self.n_local_kv_heads
         qkv = self.wqkv(x) if self.wqkv is not None else torch.cat((self.wq(x), self.wk(x), self.wv(x)), dim=-1)
         qkv = qkv.view(bsz, seqlen, heads + 2 * kv_heads, self.head_dim)
-        qk = self.rope(qkv[:, :, :heads + kv_heads], w.rotations)  # queries and keys in one rotation
-        q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads:]
         gqa = heads != kv_heads
         if w.positions is None:  # training: whole sequences at once, no cache
+            qk = apply_rope(qkv[:, :, :heads + kv_heads], w.rotations)
+            q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads:]
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  is_causal=True, enable_gqa=gqa)
         else:
-            self.cache_k[w.rows].index_copy_(2, w.positions, k.transpose(1, 2))
-            self.cache_v[w.rows].index_copy_(2, w.positions, v.transpose(1, 2))
+            q = self.rotate_and_cache(qkv, w.rotations, self.cache_kv[:, w.rows], w.positions, heads)
             keys, values = self.cache_k[w.rows, :, w.first_key:w.keys], self.cache_v[w.rows, :, w.first_key:w.keys]
             if seqlen == 1:
                 # Decoding: the query heads that share a KV head go in as the queries of one head (the mask,
@@ -511,8 +530,16 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x: torch.Tensor, w: Window) -> torch.Tensor:
-        h, normed = self.ffn_norm.after_add(x, self.attention(self.attention_norm(x), w))
-        return h + self.feed_forward(normed)
+        h, out = self.residuals(x, None, w)
+        return h + out
+
+    def residuals(self, x: torch.Tensor, carry: Optional[torch.Tensor], w: Window) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The block on x + carry (carry: the previous block's last output; None: x alone), as (h, out) whose sum
+        is its output, that sum left to the next norm (``Transformer._run``): each residual sum is done by the
+        norm after it, one kernel within ``Transformer.compiled_elementwise`` and one call on a CPU."""
+        x, normed = self.attention_norm.after_add(x, carry)
+        h, normed = self.ffn_norm.after_add(x, self.attention(normed, w))
+        return h, self.feed_forward(normed)
 
 
 class Transformer(nn.Module):
@@ -602,31 +629,33 @@ class Transformer(nn.Module):
 
     @contextmanager
     def compiled_elementwise(self) -> Iterator[None]:
-        """Within it, RMSNorm (with the residual sum before it, in each layer's second), the rotary rotation and
-        SwiGLU's gate run compiled by torch.compile (one kernel each, where eager PyTorch launches up to three),
-        the products and attention left to cuBLAS and cuDNN.
+        """Within it, RMSNorm with the residual sum before it, the rotary rotation with the cache write after it
+        (``rotate_and_cache``) and SwiGLU's gate run compiled by torch.compile (one kernel each, or two for the
+        rotation and write, where eager PyTorch launches up to three), the products and attention left to cuBLAS
+        and cuDNN.
         For capturing CUDA graphs (``llama.graphs``): a replayed step runs the compiled kernels without the
         host-side cost of calling them, which makes eager calls such as a prefill slower (7b shape on an H100,
         a 128-token prefill: 12 ms eager, 48 ms compiled). Compiled once per model, for any batch size. The sum
-        and the norm as one kernel, and the rotation as one instead of three: a graphed 7b step on an H200
-        4.93-4.98 -> 4.66-4.80 ms."""
+        and the norm as one kernel (in each layer's second), and the rotation as one instead of three: a graphed
+        7b step on an H200 4.93-4.98 -> 4.66-4.80 ms. Since then also the first norm with the sum before it
+        (``TransformerBlock.residuals``), and both cache writes with the rotation, not yet timed on a GPU."""
         if self._compiled is None:
-            self._compiled = tuple(torch.compile(f, dynamic=True)
-                                   for f in (torch_rms_norm, real_rope, torch_swiglu, torch_add_rms_norm))
+            self._compiled = tuple(torch.compile(f, dynamic=True) for f in (
+                torch_rms_norm, functools.partial(rotate_and_cache, rope=real_rope), torch_swiglu, torch_add_rms_norm))
         self._use_elementwise(*self._compiled)
         try:
             with warnings.catch_warnings():  # the rotations' table is complex: Inductor warns of it, though only viewed
                 warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
                 yield
         finally:
-            self._use_elementwise(rms_norm, apply_rope, swiglu, add_rms_norm)
+            self._use_elementwise(rms_norm, rotate_and_cache, swiglu, add_rms_norm)
 
-    def _use_elementwise(self, norm: Callable, rope: Callable, gate: Callable, add_norm: Callable) -> None:
+    def _use_elementwise(self, norm: Callable, rotate: Callable, gate: Callable, add_norm: Callable) -> None:
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.norm, m.add_norm = norm, add_norm
             elif isinstance(m, Attention):
-                m.rope = rope
+                m.rotate_and_cache = rotate
             elif isinstance(m, FeedForward):
                 m.swiglu = gate
 
@@ -701,12 +730,12 @@ class Transformer(nn.Module):
             mask.masked_fill_(allowed.logical_not(), float("-inf"))
         w = Window(positions, keys, slice(first_row, first_row + bsz), self._rope[rope_pos].unsqueeze(2), mask,
                    first_key)
-        h = self.tok_embeddings(tokens).to(self.compute_dtype)
+        h, carry = self.tok_embeddings(tokens).to(self.compute_dtype), None
         for layer in self.layers:
-            h = layer(h, w)
+            h, carry = layer.residuals(h, carry, w)
         if last_only:
-            h = h[:, -1:]
-        return self.output(self.norm(h)).float()
+            h, carry = h[:, -1:], carry[:, -1:] if carry is not None else None  # (None: a model of no layers)
+        return self.output(self.norm.after_add(h, carry)[1]).float()
 
     def forward_train(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (batch, seqlen, vocab) of whole sequences from position 0, with autograd and without the KV

@@ -161,22 +161,28 @@ def test_linear_bf16_matches_float64(built):
 @needs_kernels
 def test_rms_norm_matches_float64():
     """x and weight each float32 or bf16; one row, and enough rows for the threads to share them; the result
-    within its dtype's rounding of the float64 norm."""
+    within its dtype's rounding of the float64 norm. With a residual added first (add_rms_norm): the sum exactly
+    torch's, rounded to x's dtype, and its norm as above."""
     g = torch.Generator().manual_seed(0)
     for xdt in (torch.float32, torch.bfloat16):
         for wdt in (torch.float32, torch.bfloat16):
             for shape in ((1, 1, 64), (2, 40, 2048)):
-                x, w = torch.randn(shape, generator=g).to(xdt), (torch.rand(shape[-1], generator=g) + 0.5).to(wdt)
-                got = kernels.rms_norm(x, w, 1e-5)
-                assert got.dtype == xdt and got.shape == x.shape
-                x64 = x.double()
-                want = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
-                tol = 2 ** -8 if xdt == torch.bfloat16 else 1e-6
-                assert ((got.double() - want).abs() <= tol * want.abs() + 1e-6).all(), (xdt, wdt, shape)
+                x, y = (torch.randn(shape, generator=g).to(xdt) for _ in range(2))
+                w = (torch.rand(shape[-1], generator=g) + 0.5).to(wdt)
+                total, after_add = kernels.add_rms_norm(x, y, w, 1e-5)
+                assert torch.equal(total, x + y)
+                for source, got in ((x, kernels.rms_norm(x, w, 1e-5)), (total, after_add)):
+                    assert got.dtype == xdt and got.shape == x.shape
+                    x64 = source.double()
+                    want = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+                    tol = 2 ** -8 if xdt == torch.bfloat16 else 1e-6
+                    assert ((got.double() - want).abs() <= tol * want.abs() + 1e-6).all(), (xdt, wdt, shape)
     x, w = torch.randn(4, 64), torch.ones(64)
     assert kernels.rms_norm(x[:, :40].contiguous(), w[:40], 1e-5) is None  # not a multiple of 16
     assert kernels.rms_norm(x.t().contiguous().t(), w, 1e-5) is None  # layout
     assert kernels.rms_norm(x.double(), w, 1e-5) is None  # dtype
+    assert kernels.add_rms_norm(x, x.t().contiguous().t(), w, 1e-5) is None  # the residual's layout
+    assert kernels.add_rms_norm(x, x.bfloat16(), w, 1e-5) is None  # its dtype
 
 
 @needs_kernels
