@@ -424,15 +424,20 @@ def real_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
 
 
 def rotate_and_cache(qkv: torch.Tensor, rotations: torch.Tensor, cache: torch.Tensor, positions: torch.Tensor,
-                     heads: int, rope: Callable = apply_rope) -> torch.Tensor:
+                     heads: int, rope: Callable = apply_rope, one_write: bool = False) -> torch.Tensor:
     """Rotate the queries and keys of qkv, (batch, seq, heads + 2 * kv_heads, head_dim), in one call; write the
-    keys and values into cache, (2, batch, kv_heads, cache positions, head_dim), at positions, in one write; return
-    the queries. Compiled (``Transformer.compiled_elementwise``, rope=real_rope), the write and the rotation of
-    the keys it reads are one kernel on a GPU, where eager they are a rotation and two cache writes."""
+    keys and values into cache, (2, batch, kv_heads, cache positions, head_dim), at positions; return the
+    queries. one_write: keys and values stacked and written by one ``index_copy_``, for Inductor
+    (``Transformer.compiled_elementwise``), which makes one kernel of it; else one write each, as eager is best
+    (a 2 MB stack of a 1000-token prompt's, allocated and freed in each layer, raised a CPU's peak RSS by 50 MB)."""
     kv_heads = (qkv.shape[2] - heads) // 2
     qk = rope(qkv[:, :, :heads + kv_heads], rotations)
-    kv = torch.stack((qk[:, :, heads:], qkv[:, :, heads + kv_heads:]))  # (2, batch, seq, kv_heads, head_dim)
-    cache.index_copy_(3, positions, kv.transpose(2, 3))
+    k, v = qk[:, :, heads:], qkv[:, :, heads + kv_heads:]  # (batch, seq, kv_heads, head_dim)
+    if one_write:
+        cache.index_copy_(3, positions, torch.stack((k, v)).transpose(2, 3))
+    else:
+        cache[0].index_copy_(2, positions, k.transpose(1, 2))
+        cache[1].index_copy_(2, positions, v.transpose(1, 2))
     return qk[:, :, :heads]
 
 
@@ -640,8 +645,9 @@ class Transformer(nn.Module):
         7b step on an H200 4.93-4.98 -> 4.66-4.80 ms. Since then also the first norm with the sum before it
         (``TransformerBlock.residuals``), and both cache writes with the rotation, not yet timed on a GPU."""
         if self._compiled is None:
-            self._compiled = tuple(torch.compile(f, dynamic=True) for f in (
-                torch_rms_norm, functools.partial(rotate_and_cache, rope=real_rope), torch_swiglu, torch_add_rms_norm))
+            rotate = functools.partial(rotate_and_cache, rope=real_rope, one_write=True)
+            self._compiled = tuple(torch.compile(f, dynamic=True)
+                                   for f in (torch_rms_norm, rotate, torch_swiglu, torch_add_rms_norm))
         self._use_elementwise(*self._compiled)
         try:
             with warnings.catch_warnings():  # the rotations' table is complex: Inductor warns of it, though only viewed
