@@ -428,8 +428,8 @@ def rotate_and_cache(qkv: torch.Tensor, rotations: torch.Tensor, cache: torch.Te
     """Rotate the queries and keys of qkv, (batch, seq, heads + 2 * kv_heads, head_dim), in one call; write the
     keys and values into cache, (2, batch, kv_heads, cache positions, head_dim), at positions; return the
     queries. one_write: keys and values stacked and written by one ``index_copy_``, for Inductor
-    (``Transformer.compiled_elementwise``), which makes one kernel of it; else one write each, as eager is best
-    (a 2 MB stack of a 1000-token prompt's, allocated and freed in each layer, raised a CPU's peak RSS by 50 MB)."""
+    (``Transformer.compiled_elementwise``), which makes one kernel of the stack and the write; else one write
+    each, as eager is best: there the stack would be one more copy, and one more allocation in every layer."""
     kv_heads = (qkv.shape[2] - heads) // 2
     qk = rope(qkv[:, :, :heads + kv_heads], rotations)
     k, v = qk[:, :, heads:], qkv[:, :, heads + kv_heads:]  # (batch, seq, kv_heads, head_dim)
@@ -478,7 +478,7 @@ class Attention(nn.Module):
 
     def allocate_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
         # (batch, kv_heads, seq, head_dim) each: the layout attention reads, so no per-step transpose of the cache.
-        # Keys and values in one tensor, so that one write stores both (rotate_and_cache).
+        # Keys and values in one tensor, so that a compiled step writes both in one kernel (rotate_and_cache).
         shape = (2, max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
         self.cache_kv = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_k, self.cache_v = self.cache_kv
