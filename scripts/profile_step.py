@@ -27,7 +27,7 @@ from llama import Llama, kernels  # noqa: E402
 from llama.distributed import pick_device  # noqa: E402
 
 # llama/kernels.c's calls, which the profiler can't see inside: each is recorded under its name.
-KERNELS = ("decode_attention", "rms_norm", "swiglu", "rope", "linear_bf16", "linear_packed_f32",
+KERNELS = ("decode_attention", "rms_norm", "add_rms_norm", "swiglu", "rope", "linear_bf16", "linear_packed_f32",
            "linear_packed_bf16")
 
 
