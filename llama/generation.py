@@ -11,7 +11,8 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_
 from . import checkpoint, distributed, kernels
 from .chat import UNSAFE_ERROR, Dialog, Message, chat_format
 from .graphs import GraphedDecoder
-from .model import ModelArgs, Transformer, can_pack, packed_for
+from .linear import can_pack, packed_for
+from .model import ModelArgs, Transformer
 from .sampling import sample
 from .tokenizer import Tokenizer
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import read_rate, timed  # noqa: E402
 
 from llama import kernels  # noqa: E402
-from llama.model import PACK_ROWS, can_pack, packed_product, torch_linear  # noqa: E402
+from llama.linear import PACK_ROWS, can_pack, packed_product, torch_linear  # noqa: E402
 
 LAYERS, KV_HEADS, GROUP, HEAD_DIM, POSITIONS = 22, 4, 8, 64, 4096
 CPU = torch.device("cpu")

@@ -37,7 +37,7 @@ from make_checkpoint import cached  # noqa: E402
 from llama import Llama, kernels  # noqa: E402
 from llama.distributed import pick_device  # noqa: E402
 from llama.generation import cpu_has_native_bf16  # noqa: E402
-from llama.model import packed_for  # noqa: E402
+from llama.linear import packed_for  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

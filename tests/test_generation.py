@@ -40,8 +40,8 @@ def test_default_dtype_is_picked_for_the_machine(make_ckpt, tokenizer_path):
 
 @pytest.mark.parametrize("convert_bytes", [8 << 20, 1000], ids=["whole_weight", "blocks_of_a_few_rows"])
 def test_bf16_weights_with_float32_compute_match_reference(make_ckpt, tokenizer_path, monkeypatch, convert_bytes):
-    import llama.model
-    monkeypatch.setattr(llama.model, "CONVERT_BYTES", convert_bytes)  # a weight converted in one block or many
+    import llama.linear
+    monkeypatch.setattr(llama.linear, "CONVERT_BYTES", convert_bytes)  # a weight converted in one block or many
     ckpt, state = make_ckpt(GQA)
     g = Llama.build(ckpt, tokenizer_path, 64, 4, device="cpu", dtype="bfloat16")
     g.model.setup_cache(compute_dtype=torch.float32)  # the CPU-without-native-bf16 path, on any machine

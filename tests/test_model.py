@@ -58,9 +58,9 @@ def test_bfloat16_model_close_to_reference(make_ckpt):
 @pytest.mark.parametrize("aten_gemv", [True, False], ids=["aten_gemv", "onednn_gemv"])
 def test_bfloat16_decoding_one_row_close_to_reference(make_ckpt, monkeypatch, aten_gemv):
     """One sequence decoded a token at a time in bf16 runs its products as matrix-vector ones, with or without
-    oneDNN (model.ATEN_BF16_GEMV, by CPU kind): both agree with the reference, and oneDNN is left as it was."""
-    import llama.model
-    monkeypatch.setattr(llama.model, "ATEN_BF16_GEMV", aten_gemv)
+    oneDNN (llama.linear.ATEN_BF16_GEMV, by CPU kind): both agree with the reference, and oneDNN is left as it was."""
+    import llama.linear
+    monkeypatch.setattr(llama.linear, "ATEN_BF16_GEMV", aten_gemv)
     ckpt, state = make_ckpt(GQA)
     model = build_model(ckpt, state, dtype=torch.bfloat16)
     tokens = prompt(12)

@@ -10,7 +10,7 @@ from torch import nn
 
 from llama import Llama, Transformer, generation, kernels
 from llama.checkpoint import Checkpoint
-from llama.model import PackedFused, _Packable, can_pack
+from llama.linear import PackedFused, Packable, can_pack
 
 from conftest import GQA, VOCAB
 from reference import logits as reference_logits
@@ -35,7 +35,7 @@ def mapped_model(ckpt_dir: str) -> Transformer:
 
 
 def packables(model: Transformer) -> list:
-    return [m for m in model.modules() if isinstance(m, _Packable)]
+    return [m for m in model.modules() if isinstance(m, Packable)]
 
 
 def packed(model: Transformer) -> list:
