@@ -1,5 +1,6 @@
-"""Chat formats: how a dialog becomes prompt tokens. The tokenizer's ``kind`` picks the format:
-``Llama2ChatFormat`` for "llama2" (SentencePiece), ``Llama3ChatFormat`` for "llama3" (tiktoken)."""
+"""Prompt formats. Chat: how a dialog becomes prompt tokens, the tokenizer's ``kind`` picking the format
+(``Llama2ChatFormat`` for "llama2", SentencePiece; ``Llama3ChatFormat`` for "llama3", tiktoken). Infilling:
+Code Llama's prompt for the code between a prefix and a suffix (``infilling_prompt``)."""
 
 from typing import List, Literal, TypedDict
 
@@ -113,3 +114,22 @@ FORMATS = {"llama2": Llama2ChatFormat, "llama3": Llama3ChatFormat}
 def chat_format(tokenizer):
     """The chat format that goes with this tokenizer's kind."""
     return FORMATS[tokenizer.kind](tokenizer)
+
+
+def infilling_prompt(tokenizer, prefix: str, suffix: str, suffix_first: bool = False) -> List[int]:
+    """Code Llama's infilling prompt, as Meta's: ``<PRE> prefix <SUF>suffix <MID>``, the model writing the middle
+    after it; with suffix_first, ``<PRE> <SUF>suffix <MID> prefix``, the model continuing the prefix. The suffix is
+    encoded without the space SentencePiece puts before a text (it continues the middle)."""
+    if None in (tokenizer.prefix_id, tokenizer.suffix_id, tokenizer.middle_id, tokenizer.eot_id):
+        raise ValueError("infilling needs a Code Llama tokenizer, with the pieces ▁<PRE>, ▁<SUF>, ▁<MID> and ▁<EOT> "
+                         "(a vocabulary of 32016: Code Llama and Code Llama - Instruct 7B and 13B); this one has "
+                         f"{tokenizer.n_words} tokens and not all of them")
+    if not isinstance(prefix, str) or not isinstance(suffix, str):
+        raise ValueError(f"a prefix and a suffix must be strings, got {type(prefix).__name__} and "
+                         f"{type(suffix).__name__}")
+    pre, suf, mid = tokenizer.prefix_id, tokenizer.suffix_id, tokenizer.middle_id
+    if suffix_first:
+        return ([tokenizer.bos_id, pre, suf] + tokenizer.encode_infilling(suffix) + [mid]
+                + tokenizer.encode(prefix, bos=False, eos=False))
+    return ([tokenizer.bos_id, pre] + tokenizer.encode(prefix, bos=False, eos=False) + [suf]
+            + tokenizer.encode_infilling(suffix) + [mid])

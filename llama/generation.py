@@ -3,13 +3,13 @@
 import logging
 import os
 import time
-from typing import List, Optional, Tuple, TypedDict, Union
+from typing import Collection, List, Optional, Tuple, TypedDict, Union
 
 import torch
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
 
 from . import checkpoint, distributed, kernels
-from .chat import UNSAFE_ERROR, Dialog, Message, chat_format
+from .chat import UNSAFE_ERROR, Dialog, Message, chat_format, infilling_prompt
 from .graphs import GraphedDecoder
 from .linear import can_pack, packed_for
 from .model import ModelArgs, Transformer
@@ -22,6 +22,13 @@ log = logging.getLogger("llama")
 class CompletionPrediction(TypedDict, total=False):
     generation: str
     tokens: List[str]  # with logprobs=True
+    logprobs: List[float]  # with logprobs=True
+
+
+class InfillingPrediction(TypedDict, total=False):
+    generation: str
+    full_text: str  # prefix + generation + suffix
+    tokens: List[int]  # with logprobs=True: the generation's token ids, as Meta's text_infilling gives them
     logprobs: List[float]  # with logprobs=True
 
 
@@ -194,9 +201,10 @@ class Llama:
 
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False,
-                 ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+                 stop_tokens: Optional[Collection[int]] = None) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt; returns the new tokens (with the prompt's when echo), cut at the first stop
-        token, and with logprobs=True the log-probability of each returned token (0.0 for a prompt's first).
+        token (``stop_tokens``, by default the tokenizer's), and with logprobs=True the log-probability of each
+        returned token (0.0 for a prompt's first).
 
         The prompts are left-padded to a common end, so that the batch decodes in step; each group of prompts
         of one length is prefilled in one forward pass over its own tokens only. Each row stops at its own stop
@@ -225,7 +233,8 @@ class Llama:
             last.append(logits[:, -1])
         logits = torch.cat(last)
 
-        stop = torch.tensor(sorted(self.tokenizer.stop_tokens), device=self.device)
+        stop_set = self.tokenizer.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
+        stop = torch.tensor(sorted(stop_set), dtype=torch.long, device=self.device)
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
         for pos in range(prompt_len, total_len):
             next_token = sample(logits, temperature, top_p, self.generator)
@@ -240,7 +249,6 @@ class Llama:
 
         out_tokens: List[List[int]] = [[] for _ in range(bsz)]
         out_logprobs: List[List[float]] = [[] for _ in range(bsz)]
-        stop_set = self.tokenizer.stop_tokens
         for i, row in enumerate(tokens[:, :total_len].tolist()):
             generated = row[prompt_len:]
             end = prompt_len + next((j for j, t in enumerate(generated) if t in stop_set), len(generated))
@@ -283,6 +291,27 @@ class Llama:
                                       top_p, logprobs, echo)
         return [self._prediction(self.tokenizer.decode(t), t, probs[i] if logprobs else None)
                 for i, t in enumerate(tokens)]
+
+    def text_infilling(self, prefixes: List[str], suffixes: List[str], temperature: float = 0.6, top_p: float = 0.9,
+                       max_gen_len: Optional[int] = None, logprobs: bool = False,
+                       suffix_first: bool = False) -> List[InfillingPrediction]:
+        """Code Llama's fill in the middle: the code between each prefix and its suffix, generated until the model
+        ends it (▁<EOT>, or the end-of-sequence token, where Meta's would go on). Needs a Code Llama tokenizer.
+        suffix_first: the prompt in suffix-prefix-middle order (``llama.chat.infilling_prompt``)."""
+        if (not isinstance(prefixes, (list, tuple)) or not isinstance(suffixes, (list, tuple))
+                or len(prefixes) != len(suffixes)):
+            raise ValueError("prefixes and suffixes must be two lists of strings of the same length, one suffix "
+                             "per prefix")
+        prompt_tokens = [infilling_prompt(self.tokenizer, p, s, suffix_first) for p, s in zip(prefixes, suffixes)]
+        tokens, probs = self.generate(prompt_tokens, self._gen_len(prompt_tokens, max_gen_len), temperature, top_p,
+                                      logprobs, stop_tokens={self.tokenizer.eot_id, self.tokenizer.eos_id})
+        results: List[InfillingPrediction] = []
+        for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
+            middle = self.tokenizer.decode_infilling(tokens[i])
+            results.append({"generation": middle, "full_text": prefix + middle + suffix})
+            if logprobs:
+                results[-1].update(tokens=tokens[i], logprobs=probs[i])
+        return results
 
     def chat_completion(self, dialogs: List[Dialog], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False) -> List[ChatPrediction]:

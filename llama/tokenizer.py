@@ -7,7 +7,9 @@
 - a tiktoken BPE file (text lines ``base64-token rank``; Llama 3 / 3.1): a ``TiktokenTokenizer``, kind "llama3".
 
 Both are subclasses of ``Tokenizer``. Text given to ``encode`` never produces a special token, whatever it
-contains: the chat formats ask for those by name with ``special_id``.
+contains: the chat formats ask for those by name with ``special_id``. (Code Llama's infilling pieces are not
+special tokens but ordinary pieces of its vocabulary, which its text can produce as with Meta's tokenizer; the
+infilling prompt places them by id.)
 """
 
 import base64
@@ -15,7 +17,7 @@ import binascii
 import os
 import re
 import unicodedata
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from sentencepiece import SentencePieceProcessor
 
@@ -31,6 +33,11 @@ class Tokenizer:
     bos_id: int
     eos_id: int
     pad_id: int
+    # Code Llama's infilling pieces (``llama.chat.infilling_prompt``); None in tokenizers without them.
+    prefix_id: Optional[int] = None
+    suffix_id: Optional[int] = None
+    middle_id: Optional[int] = None
+    eot_id: Optional[int] = None  # the end of an infill (Code Llama), or of a turn (Llama 3's <|eot_id|>)
 
     def __new__(cls, model_path: str = None, *args, **kwargs):
         if cls is Tokenizer:
@@ -72,6 +79,14 @@ def _not_a_tokenizer(model_path, why: str) -> ValueError:
                       "'base64-token rank' lines (Llama 3)")
 
 
+# Code Llama's infilling pieces, after Llama 2's vocabulary (ids 32007-32010 of its 32016): prefix, suffix, middle,
+# end of the infill.
+INFILLING_PIECES = ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>")
+# One piece of its own in Llama's vocabulary that no other piece starts with, so that it never merges with text
+# after it, as Meta's encode_infilling uses it.
+INFILLING_MARK = "☺"
+
+
 class SentencePieceTokenizer(Tokenizer):
     """Meta's SentencePiece tokenizer (Llama 1/2, Code Llama)."""
 
@@ -90,6 +105,9 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos_id: int = self.sp_model.bos_id()
         self.eos_id: int = self.sp_model.eos_id()
         self.pad_id: int = self.sp_model.pad_id()
+        self.prefix_id, self.suffix_id, self.middle_id, self.eot_id = map(self._piece_id, INFILLING_PIECES)
+        # What encode_infilling puts before the text to stand in for the space SentencePiece adds, and removes.
+        self._mark = self.sp_model.encode(INFILLING_MARK)
 
     @property
     def stop_tokens(self) -> frozenset:
@@ -104,6 +122,25 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp_model.decode(list(ids))
+
+    def encode_infilling(self, s: str) -> List[int]:
+        """s encoded as text that continues other text (an infilling suffix): without the space SentencePiece
+        puts before the start of a text. The ids of Meta's ``encode_infilling``."""
+        if not isinstance(s, str):
+            raise ValueError(f"can only encode a str, got {type(s).__name__}")
+        ids = self.sp_model.encode(INFILLING_MARK + s)
+        if ids[:len(self._mark)] != self._mark:
+            raise ValueError(f"{s[:20]!r}...: its start merges with the marker {INFILLING_MARK!r} in this "
+                             "tokenizer, so it can't be encoded without a leading space")
+        return ids[len(self._mark):]
+
+    def decode_infilling(self, ids: Sequence[int]) -> str:
+        """ids decoded as text that continues other text: a leading space is kept, where ``decode`` drops it."""
+        return self.sp_model.decode(self._mark + list(ids))[len(INFILLING_MARK):]
+
+    def _piece_id(self, piece: str) -> Optional[int]:
+        i = self.sp_model.piece_to_id(piece)
+        return i if self.sp_model.id_to_piece(i) == piece else None  # unknown pieces map to <unk>
 
     def special_id(self, name: str) -> int:
         """The id of a control piece: ``"<s>"``, ``"</s>"`` (or ``"<unk>"``)."""

@@ -1,5 +1,6 @@
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,36 @@ def tokenizer_path() -> str:
     if not LLAMA2_TOKENIZER.is_file():
         pytest.fail(f"missing test fixture {LLAMA2_TOKENIZER} (the real Llama 2 tokenizer, in shared/fixtures)")
     return str(LLAMA2_TOKENIZER)
+
+
+# Code Llama's tokenizer is Llama 2's with 16 pieces after its 32000, the infilling ones at 32007-32010. The others
+# here stand in for its own: steps of BPE merges that reach the infilling pieces from text (so " <PRE>" encodes to
+# one piece), then fillers.
+CODE_LLAMA_PIECES = ["▁<SU", "▁<SUF", "▁<PRE", "▁<M", "▁<MID", "▁<E", "▁<EOT", "▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>",
+                     "▁<FILL_1>", "▁<FILL_2>", "▁<FILL_3>", "▁<FILL_4>", "▁<FILL_5>"]
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while n > 0x7F:
+        out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
+    return out + bytes([n])
+
+
+def _piece_entry(piece: str) -> bytes:
+    """One more entry of a SentencePiece ModelProto's repeated field 1 (pieces): the piece (1), score 0 (2, a
+    float) and type NORMAL (3). Appended to a model file, protobuf adds it after the pieces already there."""
+    text = piece.encode()
+    message = b"\x0a" + _varint(len(text)) + text + b"\x15" + struct.pack("<f", 0.0) + b"\x18\x01"
+    return b"\x0a" + _varint(len(message)) + message
+
+
+@pytest.fixture(scope="session")
+def code_llama_tokenizer_path(tokenizer_path, tmp_path_factory) -> str:
+    """A tokenizer.model laid out as Code Llama's: Llama 2's real one and its 16 extra pieces (vocabulary 32016)."""
+    path = tmp_path_factory.mktemp("codellama") / "tokenizer.model"
+    path.write_bytes(Path(tokenizer_path).read_bytes() + b"".join(map(_piece_entry, CODE_LLAMA_PIECES)))
+    return str(path)
 
 
 @pytest.fixture(scope="session")
