@@ -210,7 +210,7 @@ class Llama:
         of one length is prefilled in one forward pass over its own tokens only. Each row stops at its own stop
         token and the loop ends when all rows have.
         """
-        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
+        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop_tokens)
         order = sorted(range(len(prompt_tokens)), key=lambda i: -len(prompt_tokens[i]))  # equal lengths adjoin
         prompts = [prompt_tokens[i] for i in order]
         bsz, prompt_len = len(prompts), len(prompts[0])
@@ -259,7 +259,7 @@ class Llama:
         return out_tokens, (out_logprobs if logprobs else None)
 
     def _check_generate_args(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float,
-                             top_p: float) -> None:
+                             top_p: float, stop_tokens: Optional[Collection[int]]) -> None:
         params = self.model.params
         if not prompt_tokens:
             raise ValueError("no prompts given: pass at least one")
@@ -280,6 +280,10 @@ class Llama:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
         if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if stop_tokens is not None and not (isinstance(stop_tokens, Collection) and all(
+                isinstance(t, int) and 0 <= t < params.vocab_size for t in stop_tokens)):
+            raise ValueError(f"stop_tokens must be a collection of token ids in [0, {params.vocab_size}), got "
+                             f"{stop_tokens!r}")
 
     def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False,
