@@ -105,6 +105,29 @@ def check_fits(args: ModelArgs, world: int, dtype: torch.dtype, cache_dtype: tor
                          f"at most {fit} here")
 
 
+def _build_flags(device: torch.device, world: int, dtype: torch.dtype, compute: torch.dtype,
+                 pack_weights: Optional[bool], cuda_graphs: Optional[bool],
+                 compile_elementwise: bool) -> Tuple[bool, bool]:
+    """Whether to pack the weights and to decode from CUDA graphs: each flag's default for this machine, or an
+    error for a flag asked for where it can't apply, before anything is loaded."""
+    packable = device.type == "cpu" and dtype == torch.bfloat16 and can_pack(compute)
+    if pack_weights and not packable:
+        cannot = "" if can_pack(compute) else ", and this CPU cannot"
+        raise ValueError(f"pack_weights=True needs bf16 weights on a CPU that can pack them for their products "
+                         f"(kernels.c, or oneDNN for bf16 ones); here the weights are {dtype} on {device}, computed "
+                         f"in {compute}{cannot}: leave pack_weights unset")
+    graphable = device.type == "cuda" and world == 1
+    if cuda_graphs and not graphable:
+        raise ValueError(f"cuda_graphs=True needs a CUDA device and one process; here the device is {device} with "
+                         f"{world} process(es): leave cuda_graphs unset")
+    graphs = graphable if cuda_graphs is None else cuda_graphs
+    if compile_elementwise and not graphs:
+        raise ValueError("compile_elementwise=True compiles the kernels of the CUDA graphs, which need a CUDA device "
+                         f"and one process (here {device}, {world} process(es)) and cuda_graphs not False: leave "
+                         "compile_elementwise unset")
+    return packable and pack_weights is not False, graphs
+
+
 class Llama:
     @staticmethod
     def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int,
@@ -143,6 +166,7 @@ class Llama:
                                  "with this checkpoint")
             requested, dtype = dtype, pick_dtype(dtype, device)
             compute = compute_dtype(dtype, device)
+            pack, graphs = _build_flags(device, world, dtype, compute, pack_weights, cuda_graphs, compile_elementwise)
             check_fits(args, world, dtype, compute, device)
             state = ckpt.load_rank(args, rank, world, dtype, device)
             del ckpt  # unmaps what the model doesn't use
@@ -152,23 +176,8 @@ class Llama:
             if device.type == "cuda":  # on a CPU the weights stay mapped from the files, or are packed (pack_weights)
                 model.fuse_weights()
             model.setup_cache(compute_dtype=compute)
-            packable = device.type == "cpu" and dtype == torch.bfloat16 and can_pack(compute)
-            if pack_weights and not packable:
-                raise ValueError(f"pack_weights=True needs bf16 weights on a CPU that can pack them for their "
-                                 f"products (kernels.c, or oneDNN for bf16 ones); here the weights are {dtype} on "
-                                 f"{device}, computed in {compute}"
-                                 f"{'' if can_pack(compute) else ', and this CPU cannot'}: leave pack_weights unset")
-            packed = model.pack_weights() if packable and pack_weights is not False else 0
+            packed = model.pack_weights() if pack else 0
             native = device.type == "cpu" and kernels.library() is not None  # compiled now, not at the first step
-            graphable = device.type == "cuda" and world == 1
-            if cuda_graphs and not graphable:
-                raise ValueError(f"cuda_graphs=True needs a CUDA device and one process; here the device is {device} "
-                                 f"with {world} process(es): leave cuda_graphs unset")
-            graphs = graphable if cuda_graphs is None else cuda_graphs
-            if compile_elementwise and not graphs:
-                raise ValueError("compile_elementwise=True compiles the kernels of the CUDA graphs, which need a CUDA "
-                                 f"device and one process (here {device}, {world} process(es)) and cuda_graphs not "
-                                 "False: leave compile_elementwise unset")
         except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, not leave them waiting
             error = e
         if not distributed.all_ok(error is None, device):

@@ -6,6 +6,7 @@ import torch
 
 import llama.graphs
 from llama import Llama
+from llama.checkpoint import Checkpoint
 from llama.model import add_rms_norm
 
 from conftest import GQA, MHA, VOCAB
@@ -40,9 +41,11 @@ def test_decode_reading_a_fixed_key_count_matches_reference(make_ckpt, params):
             torch.testing.assert_close(logits[0].double(), want, rtol=1e-4, atol=1e-4)
 
 
-def test_cuda_graphs_and_compiling_need_a_gpu(make_ckpt, tokenizer_path):
+def test_cuda_graphs_and_compiling_need_a_gpu(make_ckpt, tokenizer_path, monkeypatch):
     ckpt, _ = make_ckpt(MHA)
     assert Llama.build(ckpt, tokenizer_path, 32, 2, device="cpu").decoder is None
+    # A flag that can't apply fails before the weights load (a 7B load takes a while to end in an error).
+    monkeypatch.setattr(Checkpoint, "load_rank", lambda *a, **k: pytest.fail("the weights were loaded"))
     with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
         Llama.build(ckpt, tokenizer_path, 32, 2, device="cpu", cuda_graphs=True)
     with pytest.raises(ValueError, match="compile_elementwise=True compiles the kernels of the CUDA graphs"):
