@@ -55,8 +55,8 @@ def test_cuda_graphs_and_compiling_need_a_gpu(make_ckpt, tokenizer_path, monkeyp
 def test_compiled_elementwise_kernels_match_reference(make_ckpt):
     """Transformer.compiled_elementwise's forms of RMSNorm, the residual sum with the norm after it, the rotation
     (in real arithmetic there) with the cache write after it and SwiGLU's gate, compiled by Inductor for the CPU
-    here (its code for a GPU is
-    checked by test_graphed_generation_equals_eager): a prompt and a decoding step against the reference."""
+    here (its code for a GPU is checked by test_graphed_generation_equals_eager): a prompt and a decoding step
+    against the reference."""
     ckpt, state = make_ckpt(GQA)
     model = build_model(ckpt, state)
     rows, nxt = [prompt(9, 1), prompt(9, 2)], [5, 7]
