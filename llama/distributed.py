@@ -10,7 +10,7 @@ import datetime
 import io
 import os
 import socket
-from typing import Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -79,10 +79,22 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
-def all_ok(ok: bool, device: torch.device) -> bool:
-    """True on every rank only if ``ok`` is true on every rank, so one rank's failure stops them all."""
+def raise_if_any_failed(error: Optional[Exception], device: torch.device, doing: str) -> None:
+    """Raise on every rank if any rank failed ``doing`` something: a rank that failed raises its own error, the
+    others the first failed rank's message, naming the rank and its host. So no rank waits for one that gave
+    up, and on several machines each machine's log says what went wrong, and where."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return ok
-    flag = torch.tensor([int(ok)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+        if error is not None:
+            raise error
+        return
+    failed = torch.tensor([int(error is not None)], device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if not failed.item():
+        return
+    reports: List[Optional[Tuple[str, bool, str]]] = [None] * dist.get_world_size()
+    mine = None if error is None else (socket.gethostname(), isinstance(error, ValueError), str(error))
+    dist.all_gather_object(reports, mine)
+    if error is not None:
+        raise error
+    first, (host, bad_input, message) = next((r, report) for r, report in enumerate(reports) if report is not None)
+    raise (ValueError if bad_input else RuntimeError)(f"rank {first} (on {host}) failed {doing}: {message}")

@@ -180,8 +180,7 @@ class Llama:
             native = device.type == "cpu" and kernels.library() is not None  # compiled now, not at the first step
         except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, not leave them waiting
             error = e
-        if not distributed.all_ok(error is None, device):
-            raise error or RuntimeError("another rank failed to load the checkpoint: see its error")
+        distributed.raise_if_any_failed(error, device, "to load the checkpoint")
         if distributed.rank() == 0:
             log.info("loaded %s on %d process(es) in %.2f s: %s, weights in %s%s, computing in %s%s%s%s", ckpt_dir,
                      world, time.perf_counter() - start, device, str(dtype).removeprefix("torch."),

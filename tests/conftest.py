@@ -1,9 +1,12 @@
+import contextlib
 import os
 import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import List
 
 import pytest
 import torch
@@ -102,9 +105,35 @@ def run_cmd(args, timeout=180, env=None, **kwargs) -> subprocess.CompletedProces
                           env={**base, **(env or {})}, **kwargs)
 
 
+def _torchrun_exe() -> str:
+    return shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+
+
 def torchrun(nproc: int, *args, **kwargs) -> subprocess.CompletedProcess:
-    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    return run_cmd([exe, "--standalone", "--nproc_per_node", str(nproc), *args], **kwargs)
+    return run_cmd([_torchrun_exe(), "--standalone", "--nproc_per_node", str(nproc), *args], **kwargs)
+
+
+def torchrun_machines(*args_per_machine, timeout=120) -> List[subprocess.CompletedProcess]:
+    """Launch as on several machines, here on one: a torchrun per machine (--nnodes, its own --node_rank, one
+    process each) meeting at a local address, each with its own arguments. A hang fails the test."""
+    port = distributed._free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                                                            "LOCAL_RANK")}
+    with contextlib.ExitStack() as stack:
+        launched = []
+        for node, args in enumerate(args_per_machine):
+            out, err = (stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))  # no pipe to fill
+            cmd = [_torchrun_exe(), "--nnodes", str(len(args_per_machine)), "--node_rank", str(node),
+                   "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), *args]
+            launched.append((cmd, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True),
+                             out, err))
+            stack.callback(launched[-1][1].kill)
+        done = []
+        for cmd, p, out, err in launched:
+            p.wait(timeout)
+            out.seek(0), err.seek(0)
+            done.append(subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read()))
+        return done
 
 
 @pytest.fixture

@@ -202,7 +202,7 @@ def test_broken_checkpoint_under_torchrun_exits_non_zero_without_hanging(make_ck
         BROKEN[case][0](d)
         message = BROKEN[case][1]
     else:
-        extra, message = ["--fail_on_rank", "1"], "another rank failed to load the checkpoint"
+        extra, message = ["--fail_on_rank", "1"], r"rank 1 \(on [^)]+\) failed to load the checkpoint: injected"
     result = torchrun(2, "tests/generate_driver.py", "--ckpt_dir", str(d), "--tokenizer_path", tokenizer_path,
                       "--prompts", json.dumps(PROMPTS), *extra, timeout=90)
     assert result.returncode != 0

@@ -1,11 +1,12 @@
 """Multi-process runs under torchrun (gloo), the examples end to end, and running with no launcher at all."""
 
 import json
+import re
 import sys
 
 import pytest
 
-from conftest import GQA, VOCAB, run_cmd, torchrun
+from conftest import GQA, VOCAB, run_cmd, torchrun, torchrun_machines
 from reference import greedy
 
 PROMPTS = ["The sea was calm", "A much longer opening line, which makes this batch ragged"]
@@ -30,6 +31,32 @@ def test_two_processes_on_mp2_equal_one_process_and_reference(make_ckpt, tokeniz
     tok = Tokenizer(tokenizer_path)
     for p, got in zip(PROMPTS, two):
         assert got == greedy(state, {**GQA, "vocab_size": VOCAB}, tok.encode(p, True, False), 8, stop=tok.eos_id)
+
+
+def test_two_machines_equal_one_process(make_ckpt, tokenizer_path):
+    """torchrun --nnodes 2, one process a machine, as a run across machines is launched."""
+    mp2, _ = make_ckpt(GQA, mp=2)
+    args = ["tests/generate_driver.py", "--ckpt_dir", mp2, "--tokenizer_path", tokenizer_path,
+            "--prompts", json.dumps(PROMPTS)]
+    first, second = torchrun_machines(args, args)
+    assert second.returncode == 0 and "TOKENS" not in second.stdout, second.stderr[-3000:]  # rank 0 prints
+    assert tokens_of(first) == tokens_of(run_cmd([sys.executable, *args]))
+
+
+def test_a_checkpoint_missing_on_one_machine_fails_on_both_saying_where(make_ckpt, tmp_path, tokenizer_path):
+    """The checkpoint not copied to the second machine: both stop, and the first machine's log says which rank
+    failed, on which host, and why, where the reference left it waiting or with a traceback."""
+    ckpt, _ = make_ckpt(GQA, mp=2)
+    missing = str(tmp_path / "not-copied-here")
+    first, second = torchrun_machines(*(["example_text_completion.py", "--ckpt_dir", d, "--tokenizer_path",
+                                         tokenizer_path] for d in (ckpt, missing)))
+    assert first.returncode == second.returncode == 1
+    said = f"checkpoint directory {missing!r} does not exist"
+    assert f"\nerror: {said}" in "\n" + second.stderr, second.stderr[-3000:]
+    assert re.search(rf"(^|\n)error: rank 1 \(on [^)]+\) failed to load the checkpoint: {re.escape(said)}",
+                     first.stderr), first.stderr[-3000:]
+    for result in (first, second):  # one line each, not a traceback of ours (torchrun adds its own)
+        assert "[rank" not in result.stderr and "Error:" not in result.stderr.split("error: ")[1].splitlines()[0]
 
 
 @pytest.mark.parametrize("example", ["example_text_completion.py", "example_chat_completion.py"])
