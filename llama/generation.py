@@ -1,6 +1,7 @@
 """The ``Llama`` class: build from a checkpoint, then generate, complete text and chat."""
 
 import logging
+import math
 import os
 import time
 from typing import Collection, List, Optional, Tuple, TypedDict, Union
@@ -284,8 +285,8 @@ class Llama:
                 raise ValueError(f"prompt {i} must be a list of token ids in [0, {params.vocab_size})")
         if not isinstance(max_gen_len, int) or max_gen_len < 1:
             raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+        if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:  # NaN fails too
+            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
         if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if stop_tokens is not None and not (isinstance(stop_tokens, Collection) and all(

@@ -174,6 +174,8 @@ def test_chat_logprobs(gqa):
     (lambda g: g.text_completion(["a"] * 5), "max_batch_size 4"),
     (lambda g: g.text_completion(["word " * 80]), "max_seq_len 64"),
     (lambda g: g.text_completion(["a"], temperature=-0.1), "temperature"),
+    (lambda g: g.text_completion(["a"], temperature=float("nan")), "temperature"),
+    (lambda g: g.text_completion(["a"], top_p=float("nan")), "top_p"),
     (lambda g: g.text_completion(["a"], top_p=0), "top_p"),
     (lambda g: g.text_completion(["a"], top_p=1.5), "top_p"),
     (lambda g: g.text_completion(["a"], max_gen_len=0), "max_gen_len"),
