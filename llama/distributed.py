@@ -24,7 +24,15 @@ def pick_device(device: Union[str, torch.device, None]) -> torch.device:
     """The requested device, or CUDA when available, else the CPU; each launched rank gets its own GPU."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: pass 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in ("cpu", "cuda"):
+        backend = getattr(torch, device.type, None)
+        if not getattr(backend, "is_available", lambda: False)():
+            raise ValueError(f"device {str(device)!r} was asked for but torch has no such device here: pass 'cpu' "
+                             "or 'cuda'")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU: pass device='cpu'")

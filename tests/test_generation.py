@@ -202,7 +202,10 @@ def test_bad_input_is_a_value_error(gqa, call, match):
 @pytest.mark.parametrize("kwargs, match", [
     ({"max_seq_len": 0}, "max_seq_len"), ({"max_batch_size": -1}, "max_batch_size"),
     ({"dtype": "float8"}, "unknown dtype"), ({"tokenizer_path": "/nonexistent/tokenizer.model"}, "does not exist"),
-    ({"ckpt_dir": "/nonexistent"}, "does not exist"),
+    ({"ckpt_dir": "/nonexistent"}, "does not exist"), ({"device": "tpu"}, "unknown device 'tpu'"),
+    ({"device": "cuda:x"}, "unknown device"),
+    pytest.param({"device": "mps"}, "torch has no such device", marks=pytest.mark.skipif(
+        torch.backends.mps.is_available(), reason="this machine has MPS")),
 ])
 def test_bad_build_arguments(make_ckpt, tokenizer_path, kwargs, match):
     ckpt, _ = make_ckpt(MHA)
