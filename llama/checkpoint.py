@@ -130,6 +130,9 @@ def check_split(args: ModelArgs, n: int, replicate_kv: bool = True) -> None:
     With replicate_kv, n may exceed n_kv_heads when it is a multiple of it: each rank then holds the one KV head
     its query heads share. A checkpoint written to disk can't hold replicated heads, so resharding passes False.
     """
+    if n < 1:
+        raise ValueError(f"the number of processes or shards must be at least 1, got {n}")
+
     def kv_ok(m: int) -> bool:
         return args.kv_heads % m == 0 or (replicate_kv and m % args.kv_heads == 0)
 
@@ -314,6 +317,7 @@ def random_checkpoint(out_dir: str, params: dict, mp: int = 1, seed: int = 0, vo
         if vocab_size is None:
             raise ValueError("params has vocab_size -1: pass vocab_size (the tokenizer's n_words)")
         args.vocab_size = vocab_size
+    check_split(args, mp, replicate_kv=False)  # shards of unequal slices would be no checkpoint of Meta's
     g = torch.Generator(device).manual_seed(seed)
     state = {}
     for key, shape in full_shapes(args).items():

@@ -1,10 +1,12 @@
 """What the example and script entry points share: fire arguments, logging on rank 0 only, and a bad input
 reported as one line on stderr with exit code 1 (on every rank) instead of a traceback."""
 
+import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import fire
 import torch.distributed as dist
@@ -14,17 +16,33 @@ from . import distributed
 DEMO_DIR = Path(__file__).resolve().parents[1] / "models" / "demo"
 
 
-def run(main: Callable) -> None:
-    logging.basicConfig(level=logging.INFO if distributed.rank() == 0 else logging.WARNING,
-                        format="%(message)s")
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Bad input (a ValueError) ends the program with one line on stderr and exit code 1, not a traceback."""
     try:
-        fire.Fire(main)
+        yield
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run(main: Callable) -> None:
+    """An example's entry point: fire's arguments, INFO logging on rank 0, one_line_errors."""
+    logging.basicConfig(level=logging.INFO if distributed.rank() == 0 else logging.WARNING,
+                        format="%(message)s")
+    with one_line_errors():
+        fire.Fire(main)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def print0(*args, **kwargs) -> None:

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import read_rate, timed  # noqa: E402
 
 from llama import kernels  # noqa: E402
+from llama.cli import one_line_errors, positive_int  # noqa: E402
 from llama.linear import PACK_ROWS, can_pack, packed_product, torch_linear  # noqa: E402
 
 LAYERS, KV_HEADS, GROUP, HEAD_DIM, POSITIONS = 22, 4, 8, 64, 4096
@@ -97,8 +98,8 @@ def float32_rows(reps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--reps", type=positive_int, default=7)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,4 +112,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -23,7 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from make_checkpoint import cached  # noqa: E402
+from make_checkpoint import SHAPES, cached  # noqa: E402
+
+from llama.cli import one_line_errors  # noqa: E402
 
 
 def evict(ckpt: Path) -> None:
@@ -79,7 +81,7 @@ def run(nproc: int, ckpt: Path, dtype: str, no_pack: bool) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="1b", help="tiny, 1b or 7b (see scripts/make_checkpoint.py)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="see scripts/make_checkpoint.py")
     parser.add_argument("--ckpt_dir", help="a checkpoint of your own (with its tokenizer.model) instead")
     parser.add_argument("--nproc", default="1,2", help="comma-separated process counts to load on")
     parser.add_argument("--dtype", default="bfloat16", help="dtype to load into (default: the checkpoint's)")
@@ -114,4 +116,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -32,9 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from make_checkpoint import cached  # noqa: E402
+from make_checkpoint import SHAPES, cached  # noqa: E402
 
 from llama import Llama, kernels  # noqa: E402
+from llama.cli import one_line_errors, positive_int  # noqa: E402
 from llama.distributed import pick_device  # noqa: E402
 from llama.generation import cpu_has_native_bf16  # noqa: E402
 from llama.linear import packed_for  # noqa: E402
@@ -250,18 +251,18 @@ def same_greedy_tokens(ckpt: Path, device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="1b", help="tiny, 1b or 7b (see scripts/make_checkpoint.py)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="see scripts/make_checkpoint.py")
     parser.add_argument("--ckpt_dir", help="a checkpoint of your own, with its tokenizer.model in it")
     parser.add_argument("--cache_dir", default=str(ROOT / "checkpoints"))
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="default: what the engine picks for the machine")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--no-pack", action="store_true", help="Llama.build(pack_weights=False)")
     parser.add_argument("--no-graphs", action="store_true", help="Llama.build(cuda_graphs=False)")
     parser.add_argument("--no-kernels", action="store_true", help="torch's operations where llama/kernels.c's "
                         "would run (LLAMA_KERNELS=0)")
     parser.add_argument("--compile", action="store_true", help="Llama.build(compile_elementwise=True)")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=positive_int, default=3)
     parser.add_argument("--token-by-token", action="store_true", help="also time the reference's way")
     parser.add_argument("--vs-hf", action="store_true", help="also run Hugging Face transformers")
     parser.add_argument("--json", help="write the figures to this file")
@@ -359,4 +360,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

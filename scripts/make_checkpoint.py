@@ -19,6 +19,7 @@ import sentencepiece as spm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llama.checkpoint import random_checkpoint  # noqa: E402
+from llama.cli import one_line_errors, positive_int  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
 SHAPES = {
@@ -52,6 +53,8 @@ def make(out: Path, shape: str, mp: int = 1, tokenizer_path: Optional[str] = Non
          device: str = "cpu") -> None:
     """Write a random checkpoint of the named shape, and its tokenizer.model, into the folder out; its random
     numbers drawn on device."""
+    if tokenizer_path:
+        Tokenizer(tokenizer_path)  # a missing or unreadable file said as such, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = out / "tokenizer.model"
     if tokenizer_path:
@@ -77,19 +80,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--mp", type=int, default=1, help="number of shards (model-parallel size)")
+    parser.add_argument("--mp", type=positive_int, default=1, help="number of shards (model-parallel size)")
     parser.add_argument("--tokenizer_path", help="tokenizer.model to use (default: train a small one)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         sys.exit(f"error: {out} is not empty: choose a new --out_dir")
+    created = not out.exists()
     try:
         make(out, args.shape, args.mp, args.tokenizer_path, args.seed)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except BaseException:  # no half-written folder, which a second try would refuse as not empty
+        for path in out.glob("*"):
+            path.unlink()
+        if created and out.exists():
+            out.rmdir()
+        raise
     print(f"wrote a random {args.shape} checkpoint with {args.mp} shard(s) and its tokenizer to {out}")
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

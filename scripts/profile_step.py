@@ -21,9 +21,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import decode_steps, prefill, sync  # noqa: E402
-from make_checkpoint import cached  # noqa: E402
+from make_checkpoint import SHAPES, cached  # noqa: E402
 
 from llama import Llama, kernels  # noqa: E402
+from llama.cli import one_line_errors, positive_int  # noqa: E402
 from llama.distributed import pick_device  # noqa: E402
 
 # llama/kernels.c's calls, which the profiler can't see inside: each is recorded under its name.
@@ -46,17 +47,17 @@ def name_kernels() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="1b", help="tiny, 1b or 7b (see scripts/make_checkpoint.py)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="see scripts/make_checkpoint.py")
     parser.add_argument("--ckpt_dir", help="a checkpoint of your own, with its tokenizer.model in it")
     parser.add_argument("--cache_dir", default=str(Path(__file__).resolve().parents[1] / "checkpoints"))
     parser.add_argument("--device")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--cached", type=int, default=128, help="positions in the cache before the step")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--cached", type=positive_int, default=128, help="positions in the cache before the step")
+    parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--prefill", action="store_true", help="profile a prompt of --cached tokens instead")
     parser.add_argument("--compile", action="store_true", help="Llama.build(compile_elementwise=True)")
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--threads", type=positive_int)
+    parser.add_argument("--rows", type=positive_int, default=25)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,4 +92,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -15,26 +15,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llama.checkpoint import reshard  # noqa: E402
+from llama.cli import one_line_errors, positive_int  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt_dir", required=True, help="the checkpoint to read")
     parser.add_argument("--out_dir", required=True, help="where to write the resharded checkpoint")
-    parser.add_argument("--mp", type=int, required=True, help="number of shards to write")
+    parser.add_argument("--mp", type=positive_int, required=True, help="number of shards to write")
     parser.add_argument("--force", action="store_true", help="write into OUT even if it is not empty")
     args = parser.parse_args()
     src, out = Path(args.ckpt_dir).resolve(), Path(args.out_dir).resolve()
-    if args.mp < 1:
-        sys.exit("error: --mp must be at least 1")
     if out == src:
         sys.exit("error: --out_dir must differ from --ckpt_dir (the input would be overwritten while read)")
     if out.exists() and any(out.iterdir()) and not args.force:
         sys.exit(f"error: {out} is not empty: choose an empty --out_dir, or pass --force to write into it")
-    try:
-        reshard(str(src), str(out), args.mp)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    reshard(str(src), str(out), args.mp)
     for extra in ("tokenizer.model",):
         if (src / extra).is_file() and not (out / extra).exists():
             shutil.copyfile(src / extra, out / extra)
@@ -42,4 +38,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from llama import checkpoint, distributed  # noqa: E402
+from llama.cli import one_line_errors, positive_int  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 
 DEBIAN_TEXT = "/usr/lib/bible.data"
@@ -251,15 +252,15 @@ def main() -> None:
     parser.add_argument("--out_dir", default=str(ROOT / "models" / "demo"))
     parser.add_argument("--test_data", help="also write the held-out excerpt and word list the tests use here")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--steps", type=positive_int, default=1200)
+    parser.add_argument("--batch_size", type=positive_int, default=16)
+    parser.add_argument("--seq_len", type=positive_int, default=256)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
-    parser.add_argument("--eval_every", type=int, default=100)
-    parser.add_argument("--log_every", type=int, default=10)
+    parser.add_argument("--vocab_size", type=positive_int, default=4096)
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (results depend on it)")
+    parser.add_argument("--eval_every", type=positive_int, default=100)
+    parser.add_argument("--log_every", type=positive_int, default=10)
     args = parser.parse_args()
 
     if not Path(args.text).is_file():
@@ -336,4 +337,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -86,3 +86,14 @@ def test_profile_step_names_where_the_time_goes(cache_dir, what):
     names = [row.split()[-1] for row in rows]
     assert len(rows) >= 10 and all(float(row.split()[0]) >= 0 for row in rows), rows
     assert any(n.startswith("kernels.") for n in names) == kernels_expected(), names  # kernels.c's calls, named
+
+
+@pytest.mark.parametrize("args, code, said", [
+    (["scripts/benchmark.py", "--ckpt_dir", "/nonexistent"], 1, "error: tokenizer file '/nonexistent/tokenizer.model'"),
+    (["scripts/profile_step.py", "--shape", "tiny", "--device", "tpu"], 1, "error: unknown device 'tpu'"),
+    (["scripts/bench_load.py", "--shape", "13b"], 2, "argument --shape: invalid choice: '13b'"),
+    (["scripts/bench_kernels.py", "--reps", "0"], 2, "argument --reps: must be at least 1, got 0"),
+])
+def test_scripts_say_what_is_wrong_in_one_line(args, code, said):
+    result = run_cmd([sys.executable, *args], timeout=60)
+    assert result.returncode == code and said in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -71,6 +71,16 @@ def test_world_size_that_does_not_divide_is_refused_naming_the_largest_that_work
         checkpoint.check_split(args, 16)
     with pytest.raises(ValueError, match="n_kv_heads=2"):
         checkpoint.check_split(args, 4, replicate_kv=False)
+    with pytest.raises(ValueError, match="at least 1, got 0"):
+        checkpoint.check_split(args, 0)
+
+
+@pytest.mark.parametrize("mp", [0, 3, 4])
+def test_a_random_checkpoint_is_not_written_in_shards_the_shapes_cannot_be_cut_into(tmp_path, mp):
+    """3 shards of 8 heads (or 4 of 2 KV heads) would be slices of unequal sizes: no checkpoint of Meta's."""
+    with pytest.raises(ValueError, match="at least 1" if mp == 0 else f"can't be split across {mp}"):
+        checkpoint.random_checkpoint(str(tmp_path / "ckpt"), GQA, mp=mp, vocab_size=VOCAB)
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_model_parallel_size_defaults_to_world_size_not_shard_count(make_ckpt, tokenizer_path):
@@ -114,6 +124,18 @@ def test_reshard_refuses_a_non_empty_out_dir_unless_forced(make_ckpt, tmp_path):
     r = run_cmd([sys.executable, "scripts/reshard.py", "--ckpt_dir", ckpt, "--out_dir", str(tmp_path / "o3"),
                  "--mp", "3"])
     assert r.returncode == 1 and "can't be split across 3" in r.stderr
+
+
+def test_make_checkpoint_leaves_nothing_behind_when_it_fails(tmp_path, tokenizer_path):
+    """A failed run writes no half checkpoint, which the next run would refuse as a folder not empty."""
+    out = tmp_path / "made"
+    r = run_cmd([sys.executable, "scripts/make_checkpoint.py", "--out_dir", str(out), "--mp", "3",
+                 "--tokenizer_path", tokenizer_path])
+    assert r.returncode == 1 and "can't be split across 3" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+    r = run_cmd([sys.executable, "scripts/make_checkpoint.py", "--out_dir", str(out), "--mp", "2",
+                 "--tokenizer_path", tokenizer_path])
+    assert r.returncode == 0 and len(list(out.glob("consolidated.*.pth"))) == 2, r.stderr
 
 
 # ---- broken checkpoints: each gets one clear error naming the file and the problem
