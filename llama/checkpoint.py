@@ -79,7 +79,8 @@ def shard_shape(shape: Tuple[int, ...], dim: Optional[int], n: int) -> Tuple[int
 def read_params(ckpt_dir: str) -> dict:
     path = Path(ckpt_dir) / "params.json"
     if not Path(ckpt_dir).is_dir():
-        raise ValueError(f"checkpoint directory {ckpt_dir!r} does not exist: pass --ckpt_dir, the folder "
+        problem = "is a file, not a folder" if Path(ckpt_dir).exists() else "does not exist"
+        raise ValueError(f"checkpoint directory {ckpt_dir!r} {problem}: pass --ckpt_dir, the folder "
                          "that holds params.json and consolidated.NN.pth")
     if not path.is_file():
         raise ValueError(f"{path}: missing; a checkpoint folder holds params.json and consolidated.NN.pth")

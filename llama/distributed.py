@@ -76,7 +76,8 @@ def setup(model_parallel_size: Optional[int], device: Union[str, torch.device, N
                              f"model_parallel_size={mp} can't be built beside it in the same process")
     else:
         if world % mp:
-            raise ValueError(f"model_parallel_size={mp} must divide the world size {world}")
+            raise ValueError(f"model_parallel_size={mp} must divide the number of processes, here {world}: launch "
+                             f"a multiple of {mp} (torchrun --nproc_per_node {mp}), or leave it unset")
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes on rank 0
             mp_init.initialize_model_parallel(mp)
     return device

@@ -55,12 +55,10 @@ def pick_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> to
     bf16 on x86 CPUs too: decoding reads every weight once per token, so half the bytes is nearly twice the
     speed, and ``compute_dtype`` keeps the products fast where the CPU lacks native bf16.
     """
-    if isinstance(dtype, torch.dtype):
-        return dtype
     if dtype is not None:
-        if dtype not in DTYPES:
+        if dtype not in DTYPES and dtype not in DTYPES.values():
             raise ValueError(f"unknown dtype {dtype!r}: use one of bfloat16, float16, float32")
-        return DTYPES[dtype]
+        return DTYPES.get(dtype, dtype)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if torch.backends.cpu.get_cpu_capability().startswith("AVX") else torch.float32
@@ -150,9 +148,12 @@ class Llama:
         torch.compile (``Transformer.compiled_elementwise``): the fastest decoding, after a compilation of some
         seconds on first use. Prefill stays eager.
         """
-        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size),
+                            ("model_parallel_size", 1 if model_parallel_size is None else model_parallel_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
         start = time.perf_counter()
         device = distributed.setup(model_parallel_size, device)
         rank, world = get_model_parallel_rank(), get_model_parallel_world_size()

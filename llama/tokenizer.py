@@ -63,7 +63,8 @@ class Tokenizer:
 def _class_for(model_path) -> type:
     """Which tokenizer reads this file: decided from its first bytes, not its name."""
     if not isinstance(model_path, (str, os.PathLike)) or not os.path.isfile(model_path):
-        raise ValueError(f"tokenizer file {model_path!r} does not exist: pass the path to Meta's "
+        problem = "is a folder, not a file" if os.path.isdir(model_path) else "does not exist"
+        raise ValueError(f"tokenizer file {model_path!r} {problem}: pass the path to Meta's "
                          "tokenizer.model with --tokenizer_path")
     with open(model_path, "rb") as f:
         head = f.read(4096)

@@ -203,7 +203,10 @@ def test_bad_input_is_a_value_error(gqa, call, match):
     ({"max_seq_len": 0}, "max_seq_len"), ({"max_batch_size": -1}, "max_batch_size"),
     ({"dtype": "float8"}, "unknown dtype"), ({"tokenizer_path": "/nonexistent/tokenizer.model"}, "does not exist"),
     ({"ckpt_dir": "/nonexistent"}, "does not exist"), ({"device": "tpu"}, "unknown device 'tpu'"),
-    ({"device": "cuda:x"}, "unknown device"),
+    ({"device": "cuda:x"}, "unknown device"), ({"dtype": torch.int8}, "unknown dtype"),
+    ({"model_parallel_size": 0}, "model_parallel_size must be a positive integer"),
+    ({"seed": "x"}, "seed must be an integer"), ({"ckpt_dir": __file__}, "is a file, not a folder"),
+    ({"tokenizer_path": "."}, "is a folder, not a file"),
     pytest.param({"device": "mps"}, "torch has no such device", marks=pytest.mark.skipif(
         torch.backends.mps.is_available(), reason="this machine has MPS")),
 ])

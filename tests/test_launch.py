@@ -102,3 +102,12 @@ print("OK")
 """
     result = run_cmd([sys.executable, "-c", code])
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_model_parallel_size_without_the_processes_says_how_to_launch(make_ckpt, tokenizer_path):
+    ckpt, _ = make_ckpt(GQA)
+    code = f"from llama import Llama; Llama.build({ckpt!r}, {tokenizer_path!r}, 32, 1, model_parallel_size=2)"
+    result = run_cmd([sys.executable, "-c", code])
+    assert result.returncode == 1
+    assert "model_parallel_size=2 must divide the number of processes, here 1: launch a multiple of 2 (torchrun " \
+        "--nproc_per_node 2)" in result.stderr, result.stderr[-3000:]
