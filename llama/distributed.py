@@ -10,11 +10,13 @@ import datetime
 import io
 import os
 import socket
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, TypeVar, Union
 
 import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as mp_init
+
+T = TypeVar("T")
 
 # A collective that waits longer than this for a rank that died fails instead of hanging the run.
 TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("LLAMA_DIST_TIMEOUT", "600")))
@@ -88,6 +90,15 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
+def everyones(value: T) -> List[T]:
+    """Every rank's value, by rank: a collective, which all ranks must call."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    values: List[T] = [value] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def raise_if_any_failed(error: Optional[Exception], device: torch.device, doing: str) -> None:
     """Raise on every rank if any rank failed ``doing`` something: a rank that failed raises its own error, the
     others the first failed rank's message, naming the rank and its host. So no rank waits for one that gave
@@ -100,9 +111,7 @@ def raise_if_any_failed(error: Optional[Exception], device: torch.device, doing:
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if not failed.item():
         return
-    reports: List[Optional[Tuple[str, bool, str]]] = [None] * dist.get_world_size()
-    mine = None if error is None else (socket.gethostname(), isinstance(error, ValueError), str(error))
-    dist.all_gather_object(reports, mine)
+    reports = everyones(None if error is None else (socket.gethostname(), isinstance(error, ValueError), str(error)))
     if error is not None:
         raise error
     first, (host, bad_input, message) = next((r, report) for r, report in enumerate(reports) if report is not None)

@@ -72,6 +72,21 @@ def compute_dtype(weights: torch.dtype, device: torch.device) -> torch.dtype:
     return weights
 
 
+def one_compute_dtype(weights: torch.dtype, compute: torch.dtype) -> torch.dtype:
+    """The compute dtype of every rank: ranks add up and gather each other's activations, so they must agree.
+
+    Machines of different kinds pick differently (a CPU with native bf16 computes in bf16, one without in
+    float32); all then compute in float32, which both run at full speed on bf16 weights. Weights picked in
+    different dtypes (bf16 on some GPUs, float16 on others) can only be settled by the user's choice of one.
+    """
+    picks = distributed.everyones((weights, compute))
+    if len({w for w, _ in picks}) > 1:
+        raise ValueError("the processes picked different dtypes for the weights (" + ", ".join(
+            f"rank {r}: {str(w).removeprefix('torch.')}" for r, (w, _) in enumerate(picks)) + "): pass a dtype "
+            "that every machine supports")
+    return compute if len({c for _, c in picks}) == 1 else torch.float32
+
+
 def _cpu_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -157,6 +172,8 @@ class Llama:
         start = time.perf_counter()
         device = distributed.setup(model_parallel_size, device)
         rank, world = get_model_parallel_rank(), get_model_parallel_world_size()
+        requested, dtype = dtype, pick_dtype(dtype, device)  # fails alike on every rank, or on none
+        own, compute = compute_dtype(dtype, device), one_compute_dtype(dtype, compute_dtype(dtype, device))
         error: Optional[Exception] = None
         try:
             tokenizer = Tokenizer(tokenizer_path)
@@ -166,8 +183,6 @@ class Llama:
                 raise ValueError(f"{tokenizer_path}: the tokenizer has {tokenizer.n_words} tokens but the model in "
                                  f"{ckpt_dir} has a vocabulary of {args.vocab_size}: pass the tokenizer that came "
                                  "with this checkpoint")
-            requested, dtype = dtype, pick_dtype(dtype, device)
-            compute = compute_dtype(dtype, device)
             pack, graphs = _build_flags(device, world, dtype, compute, pack_weights, cuda_graphs, compile_elementwise)
             check_fits(args, world, dtype, compute, device)
             state = ckpt.load_rank(args, rank, world, dtype, device)
@@ -184,10 +199,12 @@ class Llama:
             error = e
         distributed.raise_if_any_failed(error, device, "to load the checkpoint")
         if distributed.rank() == 0:
-            log.info("loaded %s on %d process(es) in %.2f s: %s, weights in %s%s, computing in %s%s%s%s", ckpt_dir,
+            log.info("loaded %s on %d process(es) in %.2f s: %s, weights in %s%s, computing in %s%s%s%s%s", ckpt_dir,
                      world, time.perf_counter() - start, device, str(dtype).removeprefix("torch."),
                      f" ({packed} packed for {packed_for(model.compute_dtype)})" if packed else "",
-                     str(model.compute_dtype).removeprefix("torch."), ", decoding from CUDA graphs" if graphs else "",
+                     str(model.compute_dtype).removeprefix("torch."),
+                     " (every process does: not all their CPUs have native bf16)" if compute != own else "",
+                     ", decoding from CUDA graphs" if graphs else "",
                      ", with the C kernels of llama/kernels.c" if native else "",
                      "" if requested else f" (picked for this machine: {_cpu_name(device)})")
         return Llama(model, tokenizer, seed, cuda_graphs=graphs, compile_elementwise=compile_elementwise)

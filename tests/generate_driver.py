@@ -2,6 +2,7 @@
 and with --logits_out saves the logits of a full forward pass over the first prompt there."""
 
 import json
+import os
 
 import torch
 
@@ -10,9 +11,17 @@ from llama.cli import print0, run
 
 
 def main(ckpt_dir: str, tokenizer_path: str, prompts: list, max_gen_len: int = 8, logits_out: str = "",
-         fail_on_rank: int = -1):
+         fail_on_rank: int = -1, dtype: str = "float32", cpu_on_rank: dict = None):
     """prompts: a JSON list of strings (fire parses it). fail_on_rank: make that rank's load fail, to check
-    that the others stop too instead of waiting for it."""
+    that the others stop too instead of waiting for it. dtype: None to let each rank pick. cpu_on_rank: make
+    ranks see a CPU of another kind, {rank: "avx2"} (no native bf16) or {rank: "arm"} (no AVX), as machines of
+    different kinds in one run do."""
+    kind = (cpu_on_rank or {}).get(int(os.environ.get("RANK", 0)))
+    if kind == "avx2":
+        import llama.generation
+        llama.generation.cpu_has_native_bf16 = lambda: False
+    elif kind == "arm":
+        torch.backends.cpu.get_cpu_capability = lambda: "DEFAULT"
     if fail_on_rank >= 0:
         import llama.checkpoint
         from llama import distributed
@@ -23,7 +32,7 @@ def main(ckpt_dir: str, tokenizer_path: str, prompts: list, max_gen_len: int = 8
                 raise ValueError(f"injected failure on rank {fail_on_rank}")
             return original(*args, **kwargs)
         llama.checkpoint.Checkpoint.load_rank = load_rank
-    g = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32")
+    g = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, device="cpu", dtype=dtype)
     prompt_tokens = [g.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
     if logits_out:
         logits = g.model.forward(torch.tensor(prompt_tokens[:1]), 0)[0]

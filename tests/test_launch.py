@@ -43,6 +43,32 @@ def test_two_machines_equal_one_process(make_ckpt, tokenizer_path):
     assert tokens_of(first) == tokens_of(run_cmd([sys.executable, *args]))
 
 
+def test_machines_of_different_kinds_compute_in_one_dtype(make_ckpt, tokenizer_path):
+    """One machine with native bf16 and one without (bf16 on one, float32 on the other, left alone): their
+    activations meet in each layer's sums, so both compute in float32, and decode as the float64 reference does
+    on the bf16 weights. Without the agreement the run died in gloo on unequal message sizes."""
+    mp2, state = make_ckpt(GQA, mp=2)
+    args = ["tests/generate_driver.py", "--ckpt_dir", mp2, "--tokenizer_path", tokenizer_path, "--prompts",
+            json.dumps(PROMPTS), "--dtype", "bfloat16", "--cpu_on_rank", '{1: "avx2"}']
+    first, second = torchrun_machines(args, args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    from llama import Tokenizer
+    tok = Tokenizer(tokenizer_path)
+    for p, got in zip(PROMPTS, tokens_of(first)):
+        assert got == greedy(state, {**GQA, "vocab_size": VOCAB}, tok.encode(p, True, False), 8, stop=tok.eos_id)
+
+
+def test_machines_picking_different_weight_dtypes_are_asked_for_one(make_ckpt, tokenizer_path):
+    """An x86 machine (bf16 weights) with one without AVX (float32 weights): no dtype fits both unasked."""
+    mp2, _ = make_ckpt(GQA, mp=2)
+    args = ["tests/generate_driver.py", "--ckpt_dir", mp2, "--tokenizer_path", tokenizer_path, "--prompts",
+            json.dumps(PROMPTS), "--dtype", "None", "--cpu_on_rank", '{1: "arm"}']
+    for result in torchrun_machines(args, args):
+        assert result.returncode == 1
+        assert "error: the processes picked different dtypes for the weights (rank 0: bfloat16, rank 1: float32): " \
+            "pass a dtype that every machine supports" in result.stderr, result.stderr[-3000:]
+
+
 def test_a_checkpoint_missing_on_one_machine_fails_on_both_saying_where(make_ckpt, tmp_path, tokenizer_path):
     """The checkpoint not copied to the second machine: both stop, and the first machine's log says which rank
     failed, on which host, and why, where the reference left it waiting or with a traceback."""
