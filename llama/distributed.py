@@ -90,6 +90,15 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
+def as_first_rank_has_it(t: torch.Tensor) -> torch.Tensor:
+    """t, in place, as the first rank of this model-parallel group has it: for what each rank computes alone
+    and the others must agree with, such as a sampled token (where the ranks' CPUs differ, a last bit of a
+    softmax can differ, and with it a draw; ranks fed different tokens would compute nonsense together)."""
+    if dist.is_initialized() and mp_init.get_model_parallel_world_size() > 1:
+        dist.broadcast(t, mp_init.get_model_parallel_src_rank(), group=mp_init.get_model_parallel_group())
+    return t
+
+
 def everyones(value: T) -> List[T]:
     """Every rank's value, by rank: a collective, which all ranks must call."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -265,6 +265,8 @@ class Llama:
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
         for pos in range(prompt_len, total_len):
             next_token = sample(logits, temperature, top_p, self.generator)
+            if temperature > 0:  # greedy picks alike on every rank: the gathered logits are the same bits
+                distributed.as_first_rank_has_it(next_token)
             tokens[:, pos] = next_token
             if logprobs:
                 token_logprobs[:, pos] = _logprobs_of(logits, next_token)

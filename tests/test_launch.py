@@ -58,6 +58,19 @@ def test_machines_of_different_kinds_compute_in_one_dtype(make_ckpt, tokenizer_p
         assert got == greedy(state, {**GQA, "vocab_size": VOCAB}, tok.encode(p, True, False), 8, stop=tok.eos_id)
 
 
+def test_sampling_draws_the_same_tokens_on_every_rank(make_ckpt, tokenizer_path):
+    """Each rank samples; where their CPUs differ a last bit of the softmax can differ, and with it a draw. Here
+    the second rank's seed differs, so its draws would: every rank still takes the first rank's tokens, as ranks
+    fed different tokens would compute nonsense together without any error."""
+    mp2, _ = make_ckpt(GQA, mp=2)
+    result = torchrun(2, "tests/generate_driver.py", "--ckpt_dir", mp2, "--tokenizer_path", tokenizer_path,
+                      "--prompts", json.dumps(PROMPTS), "--max_gen_len", "12", "--temperature", "1.0",
+                      "--seed_on_rank", "{1: 12345}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = dict(re.findall(r"RANK (\d) TOKENS (\[\[.*?\]\])", result.stdout))  # lines may interleave
+    assert len(ranks) == 2 and ranks["0"] == ranks["1"], ranks
+
+
 def test_machines_picking_different_weight_dtypes_are_asked_for_one(make_ckpt, tokenizer_path):
     """An x86 machine (bf16 weights) with one without AVX (float32 weights): no dtype fits both unasked."""
     mp2, _ = make_ckpt(GQA, mp=2)
