@@ -61,8 +61,8 @@ def test_a_file_of_neither_kind_is_a_value_error(tmp_path, contents, match):
 
 
 def test_missing_file(tmp_path):
-    for path in (str(tmp_path / "nope.model"), str(tmp_path)):
-        with pytest.raises(ValueError, match="does not exist"):
+    for path, said in ((str(tmp_path / "nope.model"), "does not exist"), (str(tmp_path), "is a folder, not a file")):
+        with pytest.raises(ValueError, match=said):
             Tokenizer(path)
 
 
