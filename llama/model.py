@@ -15,10 +15,10 @@ from typing import Callable, Iterator, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fs_layers
-from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
+from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size, model_parallel_is_initialized
 from torch import nn
 
-from . import kernels, pages
+from . import distributed, kernels, pages
 from .linear import ColumnParallelLinear, Fused, Packable, PackedFused, RowParallelLinear, can_pack, packs_rows
 
 
@@ -308,7 +308,9 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Meta's Llama transformer. Build it inside a model-parallel group (``llama.distributed.setup``).
+    """Meta's Llama transformer, its layers split across the model-parallel group (``llama.distributed.setup``).
+    Built outside one, it sets one up as ``Llama.build`` does: one process without a launcher, where Meta's
+    failed on fairscale's assertion; torchrun's processes under it.
 
     ``Transformer(ModelArgs)`` allocates its weights uninitialised, as they are to be loaded; ``Llama.build``
     loads them and allocates the KV cache with ``setup_cache``. Used on its own, call ``setup_cache`` (or
@@ -317,6 +319,8 @@ class Transformer(nn.Module):
 
     def __init__(self, params: ModelArgs):
         super().__init__()
+        if not model_parallel_is_initialized():
+            distributed.setup(None, None)
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers

@@ -150,3 +150,26 @@ def test_a_model_parallel_size_without_the_processes_says_how_to_launch(make_ckp
     assert result.returncode == 1
     assert "model_parallel_size=2 must divide the number of processes, here 1: launch a multiple of 2 (torchrun " \
         "--nproc_per_node 2)" in result.stderr, result.stderr[-3000:]
+
+
+def test_a_transformer_built_directly_needs_no_setup(make_ckpt, tmp_path):
+    """Transformer(ModelArgs) in a fresh process, as research code builds it, with no process group made first
+    (Meta's stopped at fairscale's assertion): its forward pass against the float64 reference."""
+    ckpt, state = make_ckpt(GQA)
+    code = f"""
+import torch
+from llama import ModelArgs, Transformer
+model = Transformer(ModelArgs.from_params({{**{GQA!r}, "vocab_size": {VOCAB}}}, max_seq_len=16, max_batch_size=1))
+state = torch.load({ckpt + "/consolidated.00.pth"!r}, weights_only=True)
+state.pop("rope.freqs")
+model.load_state_dict({{k: v.float() for k, v in state.items()}}, assign=True)
+torch.save(model.forward(torch.tensor([[1, 5, 9, 200]]), 0)[0], {str(tmp_path / "logits.pt")!r})
+"""
+    result = run_cmd([sys.executable, "-c", code])
+    assert result.returncode == 0, result.stderr[-3000:]
+    import torch
+
+    from reference import logits
+    got = torch.load(tmp_path / "logits.pt", weights_only=True).double()
+    want = logits(state, {**GQA, "vocab_size": VOCAB}, [1, 5, 9, 200])
+    assert got.shape == want.shape == (4, VOCAB) and (got - want).abs().max() < 1e-3 * want.abs().max()
