@@ -173,7 +173,8 @@ class Llama:
         device = distributed.setup(model_parallel_size, device)
         rank, world = get_model_parallel_rank(), get_model_parallel_world_size()
         requested, dtype = dtype, pick_dtype(dtype, device)  # fails alike on every rank, or on none
-        own, compute = compute_dtype(dtype, device), one_compute_dtype(dtype, compute_dtype(dtype, device))
+        own = compute_dtype(dtype, device)
+        compute = one_compute_dtype(dtype, own)
         error: Optional[Exception] = None
         try:
             tokenizer = Tokenizer(tokenizer_path)
