@@ -238,7 +238,7 @@ class Llama:
         of one length is prefilled in one forward pass over its own tokens only. Each row stops at its own stop
         token and the loop ends when all rows have.
         """
-        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop_tokens)
+        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop_tokens, echo)
         order = sorted(range(len(prompt_tokens)), key=lambda i: -len(prompt_tokens[i]))  # equal lengths adjoin
         prompts = [prompt_tokens[i] for i in order]
         bsz, prompt_len = len(prompts), len(prompts[0])
@@ -289,7 +289,7 @@ class Llama:
         return out_tokens, (out_logprobs if logprobs else None)
 
     def _check_generate_args(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float,
-                             top_p: float, stop_tokens: Optional[Collection[int]]) -> None:
+                             top_p: float, stop_tokens: Optional[Collection[int]], echo: bool) -> None:
         params = self.model.params
         if not prompt_tokens:
             raise ValueError("no prompts given: pass at least one")
@@ -299,9 +299,9 @@ class Llama:
         for i, p in enumerate(prompt_tokens):
             if not p:
                 raise ValueError(f"prompt {i} is empty: give it at least one token")
-            if len(p) > params.max_seq_len:
-                raise ValueError(f"prompt {i} has {len(p)} tokens, more than max_seq_len {params.max_seq_len}: "
-                                 "shorten it or build with a larger max_seq_len")
+            if len(p) > params.max_seq_len or (len(p) == params.max_seq_len and not echo):  # echo: scoring it
+                raise ValueError(f"prompt {i} has {len(p)} tokens, which leave no room for a new one within "
+                                 f"max_seq_len {params.max_seq_len}: shorten it or build with a larger max_seq_len")
             if not all(isinstance(t, int) and 0 <= t < params.vocab_size for t in p):
                 raise ValueError(f"prompt {i} must be a list of token ids in [0, {params.vocab_size})")
         if not isinstance(max_gen_len, int) or max_gen_len < 1:

@@ -105,6 +105,19 @@ def test_logprobs_and_echo(gqa):
     assert new_lps[0] == pytest.approx(logprobs[0][len(prompts[0]):], abs=1e-4)
 
 
+def test_a_prompt_that_fills_max_seq_len_is_scored_with_echo_and_refused_without(gqa):
+    """Meta's returned an empty generation for it; with echo and logprobs it is how a whole window is scored."""
+    g, state = gqa
+    full = [1] + [(37 * i) % (VOCAB - 3) + 3 for i in range(g.model.params.max_seq_len - 1)]
+    with pytest.raises(ValueError, match="prompt 0 has 64 tokens, which leave no room for a new one within "
+                                         "max_seq_len 64"):
+        g.generate([full], max_gen_len=4)
+    tokens, logprobs = g.generate([full], max_gen_len=4, logprobs=True, echo=True)
+    want = torch.log_softmax(reference_logits(state, PARAMS, full), dim=-1)
+    assert tokens == [full]
+    assert logprobs[0] == pytest.approx([0.0] + [float(want[i - 1, full[i]]) for i in range(1, len(full))], abs=1e-3)
+
+
 def test_text_completion_shapes(gqa):
     g, _ = gqa
     out = g.text_completion(["Hello", "Goodbye"], max_gen_len=4, temperature=0)
