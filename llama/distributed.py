@@ -10,7 +10,7 @@ import datetime
 import io
 import os
 import socket
-from typing import List, Optional, TypeVar, Union
+from typing import List, Mapping, Optional, TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -62,12 +62,30 @@ def init_process_group(device: torch.device) -> None:
                                 timeout=TIMEOUT)
 
 
+def cpu_threads(env: Mapping[str, str], cpus: int) -> Optional[int]:
+    """The threads a CPU process should take where torchrun's default would leave the machine idle, else None.
+
+    torchrun gives each of several processes on a machine OMP_NUM_THREADS=1 unless it is set: right for GPU
+    processes, but a CPU run then computes on one core per process, however many the machine has (and with it
+    unset, each would take every core). Each process takes its share of the CPUs instead. A number other than 1
+    in OMP_NUM_THREADS is the user's and is kept.
+    """
+    local = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    if env.get("OMP_NUM_THREADS", "1") == "1" and local > 1:
+        return max(1, cpus // local)
+    return None
+
+
 def setup(model_parallel_size: Optional[int], device: Union[str, torch.device, None]) -> torch.device:
     """Process group plus fairscale's model-parallel group; returns this rank's device.
 
     model_parallel_size defaults to the world size: every process holds a slice of every layer.
     """
     device = pick_device(device)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = cpu_threads(os.environ, cpus) if device.type == "cpu" else None
+    if threads:
+        torch.set_num_threads(threads)
     init_process_group(device)
     world = dist.get_world_size()
     mp = model_parallel_size or world

@@ -33,6 +33,18 @@ def test_two_processes_on_mp2_equal_one_process_and_reference(make_ckpt, tokeniz
         assert got == greedy(state, {**GQA, "vocab_size": VOCAB}, tok.encode(p, True, False), 8, stop=tok.eos_id)
 
 
+@pytest.mark.parametrize("env, cpus, threads", [
+    ({"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"}, 16, 8),  # torchrun's default: the machine shared
+    ({"LOCAL_WORLD_SIZE": "4"}, 16, 4),  # another launcher, nothing set: shared, not 16 threads each
+    ({"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "4"}, 2, 1),
+    ({"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "2"}, 16, None),  # the user's number
+    ({}, 16, None), ({"OMP_NUM_THREADS": "1"}, 16, None),  # one process: torch's own default, or the user's 1
+])
+def test_cpu_processes_share_the_machine_where_torchrun_would_give_each_one_core(env, cpus, threads):
+    from llama.distributed import cpu_threads
+    assert cpu_threads(env, cpus) == threads
+
+
 def test_two_machines_equal_one_process(make_ckpt, tokenizer_path):
     """torchrun --nnodes 2, one process a machine, as a run across machines is launched."""
     mp2, _ = make_ckpt(GQA, mp=2)
