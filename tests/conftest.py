@@ -99,10 +99,14 @@ def make_ckpt(tmp_path_factory):
 
 def run_cmd(args, timeout=180, env=None, **kwargs) -> subprocess.CompletedProcess:
     """Run a command from the repository root with no launcher variables inherited; a hang fails the test."""
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**base, **(env or {})}, **kwargs)
+                          env={**_unlaunched_env(), **(env or {})}, **kwargs)
+
+
+def _unlaunched_env() -> dict:
+    """This environment without a launcher's variables: a child starts unlaunched, or under its own torchrun."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
 
 
 def _torchrun_exe() -> str:
@@ -117,8 +121,7 @@ def torchrun_machines(*args_per_machine, timeout=120) -> List[subprocess.Complet
     """Launch as on several machines, here on one: a torchrun per machine (--nnodes, its own --node_rank, one
     process each) meeting at a local address, each with its own arguments. A hang fails the test."""
     port = distributed._free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                                                            "LOCAL_RANK")}
+    env = _unlaunched_env()
     with contextlib.ExitStack() as stack:
         launched = []
         for node, args in enumerate(args_per_machine):
