@@ -55,10 +55,12 @@ def pick_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> to
     bf16 on x86 CPUs too: decoding reads every weight once per token, so half the bytes is nearly twice the
     speed, and ``compute_dtype`` keeps the products fast where the CPU lacks native bf16.
     """
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:  # float64 too, for exact comparisons
+        return dtype
     if dtype is not None:
-        if dtype not in DTYPES and dtype not in DTYPES.values():
+        if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}: use one of bfloat16, float16, float32")
-        return DTYPES.get(dtype, dtype)
+        return DTYPES[dtype]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if torch.backends.cpu.get_cpu_capability().startswith("AVX") else torch.float32

@@ -105,6 +105,17 @@ def test_logprobs_and_echo(gqa):
     assert new_lps[0] == pytest.approx(logprobs[0][len(prompts[0]):], abs=1e-4)
 
 
+def test_float64_weights_compute_the_reference_to_its_precision(make_ckpt, tokenizer_path):
+    """dtype=torch.float64, for research code that compares against exact arithmetic: the logits (float32, as
+    Meta's forward returns them) within their own rounding of the reference; float32 weights miss by 8x that."""
+    ckpt, state = make_ckpt(GQA)
+    g = Llama.build(ckpt, tokenizer_path, 32, 1, dtype=torch.float64)
+    prompt = g.tokenizer.encode("Exact to the last bits", bos=True, eos=False)
+    got = g.model.forward(torch.tensor([prompt]), 0)[0]
+    want = reference_logits(state, PARAMS, prompt)
+    assert g.model.compute_dtype == torch.float64 and (got - want).abs().max() < 2e-7 * want.abs().max()
+
+
 def test_a_prompt_that_fills_max_seq_len_is_scored_with_echo_and_refused_without(gqa):
     """Meta's returned an empty generation for it; with echo and logprobs it is how a whole window is scored."""
     g, state = gqa
