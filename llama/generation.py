@@ -2,6 +2,7 @@
 
 import logging
 import math
+import numbers
 import os
 import time
 from typing import Collection, List, Optional, Tuple, TypedDict, Union
@@ -169,7 +170,7 @@ class Llama:
                             ("model_parallel_size", 1 if model_parallel_size is None else model_parallel_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(seed, int):
+        if not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         start = time.perf_counter()
         device = distributed.setup(model_parallel_size, device)
@@ -219,7 +220,7 @@ class Llama:
         self.formatter = chat_format(tokenizer)
         self.device = model.output.weight.device
         # A generator of our own: sampling is reproducible without touching torch's global RNG.
-        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.generator = torch.Generator(self.device).manual_seed(int(seed))
         self.decoder = GraphedDecoder(model, compile_elementwise) if cuda_graphs else None
 
     def decode_step(self, tokens: torch.Tensor, pos: int, left_pad: Optional[torch.Tensor] = None) -> torch.Tensor:

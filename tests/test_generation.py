@@ -241,6 +241,14 @@ def test_bad_build_arguments(make_ckpt, tokenizer_path, kwargs, match):
         Llama.build(**args)
 
 
+def test_a_numpy_integer_seed_seeds_as_the_int(make_ckpt, tokenizer_path):
+    import numpy as np
+    ckpt, _ = make_ckpt(MHA)
+    outs = [Llama.build(ckpt, tokenizer_path, 32, 1, seed=seed).text_completion(["Hello"], max_gen_len=6)
+            for seed in (np.int64(3), 3)]
+    assert outs[0] == outs[1]
+
+
 def test_code_llama_theta_generates_like_reference(make_ckpt, tokenizer_path):
     ckpt, state = make_ckpt(CODE)
     g = Llama.build(ckpt, tokenizer_path, 64, 2, dtype="float32")
