@@ -126,20 +126,14 @@ def everyones(value: T) -> List[T]:
     return values
 
 
-def raise_if_any_failed(error: Optional[Exception], device: torch.device, doing: str) -> None:
+def raise_if_any_failed(error: Optional[Exception], doing: str) -> None:
     """Raise on every rank if any rank failed ``doing`` something: a rank that failed raises its own error, the
     others the first failed rank's message, naming the rank and its host. So no rank waits for one that gave
     up, and on several machines each machine's log says what went wrong, and where."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        if error is not None:
-            raise error
-        return
-    failed = torch.tensor([int(error is not None)], device=device)
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if not failed.item():
-        return
     reports = everyones(None if error is None else (socket.gethostname(), isinstance(error, ValueError), str(error)))
     if error is not None:
         raise error
-    first, (host, bad_input, message) = next((r, report) for r, report in enumerate(reports) if report is not None)
-    raise (ValueError if bad_input else RuntimeError)(f"rank {first} (on {host}) failed {doing}: {message}")
+    for first, report in enumerate(reports):
+        if report is not None:
+            host, bad_input, message = report
+            raise (ValueError if bad_input else RuntimeError)(f"rank {first} (on {host}) failed {doing}: {message}")

@@ -201,7 +201,7 @@ class Llama:
             native = device.type == "cpu" and kernels.library() is not None  # compiled now, not at the first step
         except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, not leave them waiting
             error = e
-        distributed.raise_if_any_failed(error, device, "to load the checkpoint")
+        distributed.raise_if_any_failed(error, "to load the checkpoint")
         if distributed.rank() == 0:
             log.info("loaded %s on %d process(es) in %.2f s: %s, weights in %s%s, computing in %s%s%s%s%s", ckpt_dir,
                      world, time.perf_counter() - start, device, str(dtype).removeprefix("torch."),
@@ -294,6 +294,10 @@ class Llama:
     def _check_generate_args(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float,
                              top_p: float, stop_tokens: Optional[Collection[int]], echo: bool) -> None:
         params = self.model.params
+
+        def in_vocab(ids) -> bool:
+            return all(isinstance(t, int) and 0 <= t < params.vocab_size for t in ids)
+
         if not prompt_tokens:
             raise ValueError("no prompts given: pass at least one")
         if len(prompt_tokens) > params.max_batch_size:
@@ -305,7 +309,7 @@ class Llama:
             if len(p) > params.max_seq_len or (len(p) == params.max_seq_len and not echo):  # echo: scoring it
                 raise ValueError(f"prompt {i} has {len(p)} tokens, which leave no room for a new one within "
                                  f"max_seq_len {params.max_seq_len}: shorten it or build with a larger max_seq_len")
-            if not all(isinstance(t, int) and 0 <= t < params.vocab_size for t in p):
+            if not in_vocab(p):
                 raise ValueError(f"prompt {i} must be a list of token ids in [0, {params.vocab_size})")
         if not isinstance(max_gen_len, int) or max_gen_len < 1:
             raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
@@ -313,8 +317,7 @@ class Llama:
             raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
         if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        if stop_tokens is not None and not (isinstance(stop_tokens, Collection) and all(
-                isinstance(t, int) and 0 <= t < params.vocab_size for t in stop_tokens)):
+        if stop_tokens is not None and not (isinstance(stop_tokens, Collection) and in_vocab(stop_tokens)):
             raise ValueError(f"stop_tokens must be a collection of token ids in [0, {params.vocab_size}), got "
                              f"{stop_tokens!r}")
 

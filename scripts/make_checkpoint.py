@@ -53,11 +53,10 @@ def make(out: Path, shape: str, mp: int = 1, tokenizer_path: Optional[str] = Non
          device: str = "cpu") -> None:
     """Write a random checkpoint of the named shape, and its tokenizer.model, into the folder out; its random
     numbers drawn on device."""
-    if tokenizer_path:
-        Tokenizer(tokenizer_path)  # a missing or unreadable file said as such, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = out / "tokenizer.model"
     if tokenizer_path:
+        Tokenizer(tokenizer_path)  # a missing or unreadable file said as itself, not as the copy
         shutil.copyfile(tokenizer_path, tokenizer)
     else:
         train_tokenizer(tokenizer, SHAPES[shape]["vocab_size"])
