@@ -18,19 +18,27 @@ def tokens_of(result):
     return json.loads(line[len("TOKENS "):])
 
 
+def driver(ckpt: str, tokenizer_path: str, *extra: str) -> list:
+    """tests/generate_driver.py's arguments for PROMPTS on this checkpoint."""
+    return ["tests/generate_driver.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
+            "--prompts", json.dumps(PROMPTS), *extra]
+
+
+def assert_reference_greedy(tokens: list, state: dict, tokenizer_path: str) -> None:
+    """Each prompt's 8 greedy tokens, as the float64 reference decodes them."""
+    from llama import Tokenizer
+    tok = Tokenizer(tokenizer_path)
+    for p, got in zip(PROMPTS, tokens, strict=True):
+        assert got == greedy(state, {**GQA, "vocab_size": VOCAB}, tok.encode(p, True, False), 8, stop=tok.eos_id)
+
+
 def test_two_processes_on_mp2_equal_one_process_and_reference(make_ckpt, tokenizer_path):
     mp2, state = make_ckpt(GQA, mp=2)
     mp1, state1 = make_ckpt(GQA, mp=1)
     assert all((state[k] == state1[k]).all() for k in state)  # same seed: the same weights, sharded two ways
-    args = ["tests/generate_driver.py", "--ckpt_dir", mp2, "--tokenizer_path", tokenizer_path,
-            "--prompts", json.dumps(PROMPTS)]
-    two = tokens_of(torchrun(2, *args))
-    one = tokens_of(run_cmd([sys.executable, *args[:2], mp1, *args[3:]]))
-    assert two == one
-    from llama import Tokenizer
-    tok = Tokenizer(tokenizer_path)
-    for p, got in zip(PROMPTS, two):
-        assert got == greedy(state, {**GQA, "vocab_size": VOCAB}, tok.encode(p, True, False), 8, stop=tok.eos_id)
+    two = tokens_of(torchrun(2, *driver(mp2, tokenizer_path)))
+    assert two == tokens_of(run_cmd([sys.executable, *driver(mp1, tokenizer_path)]))
+    assert_reference_greedy(two, state, tokenizer_path)
 
 
 @pytest.mark.parametrize("env, cpus, threads", [
@@ -48,8 +56,7 @@ def test_cpu_processes_share_the_machine_where_torchrun_would_give_each_one_core
 def test_two_machines_equal_one_process(make_ckpt, tokenizer_path):
     """torchrun --nnodes 2, one process a machine, as a run across machines is launched."""
     mp2, _ = make_ckpt(GQA, mp=2)
-    args = ["tests/generate_driver.py", "--ckpt_dir", mp2, "--tokenizer_path", tokenizer_path,
-            "--prompts", json.dumps(PROMPTS)]
+    args = driver(mp2, tokenizer_path)
     first, second = torchrun_machines(args, args)
     assert second.returncode == 0 and "TOKENS" not in second.stdout, second.stderr[-3000:]  # rank 0 prints
     assert tokens_of(first) == tokens_of(run_cmd([sys.executable, *args]))
@@ -60,14 +67,10 @@ def test_machines_of_different_kinds_compute_in_one_dtype(make_ckpt, tokenizer_p
     activations meet in each layer's sums, so both compute in float32, and decode as the float64 reference does
     on the bf16 weights. Without the agreement the run died in gloo on unequal message sizes."""
     mp2, state = make_ckpt(GQA, mp=2)
-    args = ["tests/generate_driver.py", "--ckpt_dir", mp2, "--tokenizer_path", tokenizer_path, "--prompts",
-            json.dumps(PROMPTS), "--dtype", "bfloat16", "--cpu_on_rank", '{1: "avx2"}']
+    args = driver(mp2, tokenizer_path, "--dtype", "bfloat16", "--cpu_on_rank", '{1: "avx2"}')
     first, second = torchrun_machines(args, args)
     assert second.returncode == 0, second.stderr[-3000:]
-    from llama import Tokenizer
-    tok = Tokenizer(tokenizer_path)
-    for p, got in zip(PROMPTS, tokens_of(first)):
-        assert got == greedy(state, {**GQA, "vocab_size": VOCAB}, tok.encode(p, True, False), 8, stop=tok.eos_id)
+    assert_reference_greedy(tokens_of(first), state, tokenizer_path)
 
 
 def test_sampling_draws_the_same_tokens_on_every_rank(make_ckpt, tokenizer_path):
@@ -75,9 +78,8 @@ def test_sampling_draws_the_same_tokens_on_every_rank(make_ckpt, tokenizer_path)
     the second rank's seed differs, so its draws would: every rank still takes the first rank's tokens, as ranks
     fed different tokens would compute nonsense together without any error."""
     mp2, _ = make_ckpt(GQA, mp=2)
-    result = torchrun(2, "tests/generate_driver.py", "--ckpt_dir", mp2, "--tokenizer_path", tokenizer_path,
-                      "--prompts", json.dumps(PROMPTS), "--max_gen_len", "12", "--temperature", "1.0",
-                      "--seed_on_rank", "{1: 12345}")
+    result = torchrun(2, *driver(mp2, tokenizer_path, "--max_gen_len", "12", "--temperature", "1.0",
+                                 "--seed_on_rank", "{1: 12345}"))
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = dict(re.findall(r"RANK (\d) TOKENS (\[\[.*?\]\])", result.stdout))  # lines may interleave
     assert len(ranks) == 2 and ranks["0"] == ranks["1"], ranks
@@ -86,8 +88,7 @@ def test_sampling_draws_the_same_tokens_on_every_rank(make_ckpt, tokenizer_path)
 def test_machines_picking_different_weight_dtypes_are_asked_for_one(make_ckpt, tokenizer_path):
     """An x86 machine (bf16 weights) with one without AVX (float32 weights): no dtype fits both unasked."""
     mp2, _ = make_ckpt(GQA, mp=2)
-    args = ["tests/generate_driver.py", "--ckpt_dir", mp2, "--tokenizer_path", tokenizer_path, "--prompts",
-            json.dumps(PROMPTS), "--dtype", "None", "--cpu_on_rank", '{1: "arm"}']
+    args = driver(mp2, tokenizer_path, "--dtype", "None", "--cpu_on_rank", '{1: "arm"}')
     for result in torchrun_machines(args, args):
         assert result.returncode == 1
         assert "error: the processes picked different dtypes for the weights (rank 0: bfloat16, rank 1: float32): " \
