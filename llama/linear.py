@@ -9,13 +9,14 @@ from Meta's shards as they are, with their products made fast where torch's are 
 """
 
 import threading
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fs_layers
 from fairscale.nn.model_parallel import mappings
 from torch import nn
+from torch.nn.modules import module as nn_module
 
 from . import kernels, pages
 
@@ -31,6 +32,16 @@ WIDE_ROWS = 8
 # the product itself (measured on AVX2 kernels, scripts/benchmark.py's 1b shape).
 CONVERT_BYTES = 8 << 20
 _buffers = threading.local()
+
+
+def hooked(modules: Iterable[nn.Module]) -> bool:
+    """Whether a forward hook or pre-hook waits on any of these modules (its own, or one registered for every
+    module). Research code reads and edits activations with them, as on Meta's model; the fused ways skip calling
+    some modules (``Fused``, ``PackedFused``, ``Transformer.forward``'s blocks and norms), so while there are
+    hooks on them they are called as Meta's code calls them."""
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -211,7 +222,7 @@ class PackedFused:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The layers' outputs, concatenated on the last dimension."""
-        if self.valid() and x.dtype == self.compute and not torch.is_grad_enabled():
+        if self.valid() and x.dtype == self.compute and not torch.is_grad_enabled() and not hooked(self.layers):
             return packed_product(x, self.blocked)
         return torch.cat([layer(x) for layer in self.layers], dim=-1)
 
@@ -254,7 +265,8 @@ class Fused:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The layers' outputs, concatenated on the last dimension."""
-        if torch.is_grad_enabled() or [layer.weight.data_ptr() for layer in self.layers] != self.views:
+        if (torch.is_grad_enabled() or [layer.weight.data_ptr() for layer in self.layers] != self.views
+                or hooked(self.layers)):
             return torch.cat([layer(x) for layer in self.layers], dim=-1)
         return linear(x, self.weight)
 

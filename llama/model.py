@@ -19,7 +19,8 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 
 from . import distributed, kernels, pages
-from .linear import ColumnParallelLinear, Fused, Packable, PackedFused, RowParallelLinear, can_pack, packs_rows
+from .linear import (ColumnParallelLinear, Fused, Packable, PackedFused, RowParallelLinear, can_pack, hooked,
+                     packs_rows)
 
 
 @dataclass
@@ -135,11 +136,12 @@ class RMSNorm(nn.Module):
         return self.add_norm(x, y, self.weight, self.eps) if y is not None else (x, self.norm(x, self.weight, self.eps))
 
 
-def rope_tables(args: ModelArgs, end: int, device: torch.device) -> torch.Tensor:
-    """The rotary rotations cos + i sin of each position's angles, (end, head_dim // 2), complex64."""
-    d = args.head_dim
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
-    if args.use_scaled_rope:
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, use_scaled: bool = False,
+                         device: Optional[torch.device] = None) -> torch.Tensor:
+    """The rotary rotations cos + i sin of positions 0..end-1 for heads of dim, (end, dim // 2), complex64, with
+    Llama 3.1's scaling where use_scaled: Meta's name and arguments, so research code importing it runs."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32)[: dim // 2] / dim))
+    if use_scaled:
         freqs = scale_rope_freqs(freqs)
     angles = torch.outer(torch.arange(end, device=device, dtype=torch.float32), freqs)
     return torch.polar(torch.ones_like(angles), angles)
@@ -181,6 +183,19 @@ def real_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Meta's name and arguments, for research code that imports it: xq and xk, (batch, seq, heads, head_dim),
+    rotated by freqs_cis, (seq, head_dim // 2) (``precompute_freqs_cis``)."""
+    rotations = freqs_cis[None, :, None, :]
+    return torch_rope(xq, rotations), torch_rope(xk, rotations)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Meta's, for research code that imports it: each KV head of x, (batch, seq, kv_heads, head_dim), n_rep times
+    in a row. The engine's attention shares the KV heads without copying them (``enable_gqa``, the C kernel)."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=2)
 
 
 def rotate_and_cache(qkv: torch.Tensor, rotations: torch.Tensor, cache: torch.Tensor, positions: torch.Tensor,
@@ -295,8 +310,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x: torch.Tensor, w: Window) -> torch.Tensor:
-        h, out = self.residuals(x, None, w)
-        return h + out
+        """Meta's block, each part called as a module (for their hooks); ``residuals`` is the fused way."""
+        h = x + self.attention(self.attention_norm(x), w)
+        return h + self.feed_forward(self.ffn_norm(h))
 
     def residuals(self, x: torch.Tensor, carry: Optional[torch.Tensor], w: Window) -> Tuple[torch.Tensor, torch.Tensor]:
         """The block on x + carry (carry: the previous block's last output; None: x alone), as (h, out) whose sum
@@ -330,7 +346,7 @@ class Transformer(nn.Module):
             self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False,
                                                          init_method=lambda w: w)
         self.norm = RMSNorm(params.dim, params.norm_eps)
-        self._rope: Optional[torch.Tensor] = None
+        self.freqs_cis: Optional[torch.Tensor] = None  # Meta's name: (max_seq_len, head_dim // 2), by setup_cache
         self.compute_dtype: Optional[torch.dtype] = None  # set with the KV cache
         self._compiled: Optional[tuple[Callable, ...]] = None  # compiled_elementwise
 
@@ -347,7 +363,7 @@ class Transformer(nn.Module):
         self.compute_dtype = compute_dtype or weight.dtype
         for layer in self.layers:
             layer.attention.allocate_cache(max_batch_size, max_seq_len, self.compute_dtype, weight.device)
-        self._rope = rope_tables(p, max_seq_len, weight.device)
+        self.freqs_cis = precompute_freqs_cis(p.head_dim, max_seq_len, p.rope_theta, p.use_scaled_rope, weight.device)
 
     def pack_weights(self) -> int:
         """Give each bf16 weight mapped from a checkpoint file a packed copy for products in the compute dtype
@@ -498,22 +514,34 @@ class Transformer(nn.Module):
             # Additive, made once here: given as booleans, attention would convert them in every layer.
             mask = torch.zeros(allowed.shape, dtype=self.compute_dtype, device=tokens.device)
             mask.masked_fill_(allowed.logical_not(), float("-inf"))
-        w = Window(positions, keys, slice(first_row, first_row + bsz), self._rope[rope_pos].unsqueeze(2), mask,
+        w = Window(positions, keys, slice(first_row, first_row + bsz), self.freqs_cis[rope_pos].unsqueeze(2), mask,
                    first_key)
-        h, carry = self.tok_embeddings(tokens).to(self.compute_dtype), None
+        h = self.tok_embeddings(tokens).to(self.compute_dtype)
+        if hooked(self._called_or_fused()):  # Meta's way, which calls each block and norm
+            for layer in self.layers:
+                h = layer(h, w)
+            return self.output(self.norm(h[:, -1:] if last_only else h)).float()
+        carry = None
         for layer in self.layers:
             h, carry = layer.residuals(h, carry, w)
         if last_only:
             h, carry = h[:, -1:], carry[:, -1:] if carry is not None else None  # (None: a model of no layers)
         return self.output(self.norm.after_add(h, carry)[1]).float()
 
+    def _called_or_fused(self) -> Iterator[nn.Module]:
+        """The modules that Meta's forward calls and the fused one (``TransformerBlock.residuals``) doesn't."""
+        yield self.norm
+        for layer in self.layers:
+            yield from (layer, layer.attention_norm, layer.ffn_norm)
+
     def forward_train(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (batch, seqlen, vocab) of whole sequences from position 0, with autograd and without the KV
         cache: for training (scripts/train_demo.py), where forward's inference mode and cache don't belong."""
-        if self._rope is None or self._rope.shape[0] < tokens.shape[1]:
-            self._rope = rope_tables(self.params, max(tokens.shape[1], self.params.max_seq_len), tokens.device)
+        if self.freqs_cis is None or self.freqs_cis.shape[0] < tokens.shape[1]:
+            p, end = self.params, max(tokens.shape[1], self.params.max_seq_len)
+            self.freqs_cis = precompute_freqs_cis(p.head_dim, end, p.rope_theta, p.use_scaled_rope, tokens.device)
         h = self.tok_embeddings(tokens)
-        w = Window(None, tokens.shape[1], slice(None), self._rope[: tokens.shape[1]][None, :, None, :], None)
+        w = Window(None, tokens.shape[1], slice(None), self.freqs_cis[: tokens.shape[1]][None, :, None, :], None)
         for layer in self.layers:
             h = layer(h, w)
         return self.output(self.norm(h)).float()

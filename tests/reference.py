@@ -41,8 +41,10 @@ def rotate(x, positions, theta, scaled=False):
     return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)[:, None, :]).reshape(x.shape)
 
 
-def logits(state: dict, p: dict, tokens: list) -> torch.Tensor:
-    """float64 logits (seq, vocab) of one sequence of token ids, every position seeing all before it."""
+def logits(state: dict, p: dict, tokens: list, layer_out=None) -> torch.Tensor:
+    """float64 logits (seq, vocab) of one sequence of token ids, every position seeing all before it.
+    layer_out(i, x), where given, sees each layer's output x (seq, dim) and returns what goes on (x, or x
+    edited), as a forward hook on Meta's block does."""
     w = {k: v.double() for k, v in state.items()}
     n_heads, n_kv = p["n_heads"], p.get("n_kv_heads") or p["n_heads"]
     hd, eps, theta = p["dim"] // n_heads, p.get("norm_eps", 1e-5), p.get("rope_theta", 10000.0)
@@ -66,14 +68,16 @@ def logits(state: dict, p: dict, tokens: list) -> torch.Tensor:
         h = rms_norm(x, L("ffn_norm"), eps)
         g = h @ L("feed_forward.w1").T
         x = x + ((g * torch.sigmoid(g)) * (h @ L("feed_forward.w3").T)) @ L("feed_forward.w2").T
+        if layer_out is not None:
+            x = layer_out(i, x)
     return rms_norm(x, w["norm.weight"], eps) @ w["output.weight"].T
 
 
-def greedy(state: dict, p: dict, prompt: list, n: int, stop: int = -1) -> list:
+def greedy(state: dict, p: dict, prompt: list, n: int, stop: int = -1, layer_out=None) -> list:
     """n greedy tokens after prompt (fewer if ``stop`` comes), recomputing everything each step."""
     tokens = list(prompt)
     for _ in range(n):
-        t = int(logits(state, p, tokens)[-1].argmax())
+        t = int(logits(state, p, tokens, layer_out)[-1].argmax())
         if t == stop:
             break
         tokens.append(t)

@@ -1,0 +1,193 @@
+"""What research code written for Meta's model relies on besides generating: forward hooks on its modules (to
+read or edit activations) and its helper functions, against the float64 reference."""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch.nn.modules.module import register_module_forward_hook
+
+from llama import Llama
+from llama.graphs import GraphedDecoder
+from llama.linear import Fused, PackedFused
+from llama.model import TransformerBlock, apply_rotary_emb, precompute_freqs_cis, repeat_kv
+
+from conftest import GQA, VOCAB
+from reference import greedy, rms_norm, rotate
+from reference import logits as reference_logits
+from test_model import build_model, prompt
+from test_packing import CONFIG
+
+PARAMS = {**GQA, "vocab_size": VOCAB}
+EPS = GQA["norm_eps"]
+
+
+@pytest.fixture(scope="module")
+def gqa(make_ckpt, tokenizer_path):
+    ckpt, state = make_ckpt(GQA)
+    return Llama.build(ckpt, tokenizer_path, max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32"), state
+
+
+@contextmanager
+def registered(*handles):
+    """Hooks removed on the way out, so that the module-scoped model is left without them."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def layer_outputs(state: dict, params: dict, tokens: list) -> list:
+    outs = []
+    reference_logits(state, params, tokens, layer_out=lambda i, x: outs.append(x) or x)
+    return outs
+
+
+def test_hooks_on_blocks_and_norms_see_the_activations_of_metas_model(gqa):
+    """The fused way (each residual sum done by the norm after it) calls no block or norm as a module: with hooks
+    on them, the forward pass calls each, and the hooks see the residual stream as on Meta's model."""
+    g, state = gqa
+    model, tokens, seen = g.model, prompt(20), {}
+
+    def keep(name):
+        return lambda module, args, out: seen.setdefault(name, []).append(out[0].double())
+
+    handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(model.layers)]
+    handles += [model.layers[1].attention_norm.register_forward_hook(keep("attention_norm 1")),
+                model.norm.register_forward_hook(keep("norm"))]
+    with registered(*handles):
+        logits = model.forward(torch.tensor([tokens]), 0)
+    outs = layer_outputs(state, PARAMS, tokens)
+    assert sorted(seen, key=str) == sorted([0, 1, "attention_norm 1", "norm"], key=str)
+    assert all(len(v) == 1 for v in seen.values())  # each called once
+    for i, want in enumerate(outs):
+        torch.testing.assert_close(seen[i][0], want, rtol=1e-4, atol=1e-4)
+    norm1 = rms_norm(outs[0], state["layers.1.attention_norm.weight"].double(), EPS)
+    torch.testing.assert_close(seen["attention_norm 1"][0], norm1, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(seen["norm"][0], rms_norm(outs[-1], state["norm.weight"].double(), EPS),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[0].double(), reference_logits(state, PARAMS, tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_a_hook_that_edits_a_blocks_output_steers_generation(gqa):
+    """A steering vector added to the first block's output by a forward hook: generate's tokens are the
+    reference's with the same edit, and after the hook is removed, the reference's without it."""
+    g, state = gqa
+    push = torch.randn(GQA["dim"], generator=torch.Generator().manual_seed(3)) * 4
+    tokens, stop = prompt(8, seed=5), g.tokenizer.eos_id
+    steered = greedy(state, PARAMS, tokens, 12, stop, layer_out=lambda i, x: x + push.double() if i == 0 else x)
+    plain = greedy(state, PARAMS, tokens, 12, stop)
+    assert steered != plain  # the push changes the continuation
+    with registered(g.model.layers[0].register_forward_hook(lambda module, args, out: out + push)):
+        assert g.generate([tokens], 12, temperature=0)[0][0] == steered
+    assert g.generate([tokens], 12, temperature=0)[0][0] == plain
+
+
+def fused_model(make_ckpt, tokenizer_path, way: str):
+    """A model whose wq/wk/wv and w1/w3 are one product each: concatenated as on a GPU (``Fused``), or packed
+    for a CPU's product (``PackedFused``, where this machine can pack), with the state it was made from."""
+    if way == "concatenated":
+        ckpt, state = make_ckpt(GQA)
+        model = build_model(ckpt, state)
+        model.fuse_weights()
+        return model, state, Fused, 1e-4
+    ckpt, state = make_ckpt(CONFIG)
+    model = Llama.build(ckpt, tokenizer_path, max_seq_len=64, max_batch_size=4, device="cpu",
+                        dtype="bfloat16").model
+    if not model.packed_weights():
+        pytest.skip("nothing can be packed on this machine")
+    return model, {k: v.bfloat16().float() for k, v in state.items()}, PackedFused, 0.05
+
+
+@pytest.mark.parametrize("way", ["concatenated", "packed"])
+def test_hooks_on_fused_layers_see_their_own_products(make_ckpt, tokenizer_path, way):
+    """With hooks on wk or w3, their group's one product gives way to each layer's own: each hook sees its
+    layer's input and output; without hooks the group's product runs again, its result unchanged."""
+    model, state, kind, tol = fused_model(make_ckpt, tokenizer_path, way)
+    attention, ff = model.layers[0].attention, model.layers[0].feed_forward
+    assert isinstance(attention.wqkv, kind) and isinstance(ff.w13, kind)
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            seen[name] = (args[0].double(), out.double())
+        return hook
+
+    tokens = torch.tensor([prompt(12)])
+    before = model.forward(tokens, 0)
+    with registered(attention.wk.register_forward_hook(keep("wk")), ff.w3.register_forward_hook(keep("w3"))):
+        hooked = model.forward(tokens, 0)
+    after = model.forward(tokens, 0)
+    x0 = state["tok_embeddings.weight"].double()[tokens[0]]
+    normed = rms_norm(x0, state["layers.0.attention_norm.weight"].double(), model.params.norm_eps)
+    for name, weight in (("wk", "attention.wk"), ("w3", "feed_forward.w3")):
+        x, out = seen[name]
+        w = state[f"layers.0.{weight}.weight"].double()
+        assert (out[0] - x[0] @ w.T).abs().max() <= tol * out.abs().max()
+    assert (seen["wk"][0][0] - normed).abs().max() <= tol * normed.abs().max()
+    assert (hooked - before).abs().max() <= tol * before.abs().max()
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_a_hook_for_every_module_sees_every_block(gqa):
+    """``register_module_forward_hook`` (every module's calls): the blocks are called, as on Meta's model."""
+    g, _ = gqa
+    blocks = []
+    handle = register_module_forward_hook(
+        lambda module, args, out: blocks.append(module) if isinstance(module, TransformerBlock) else None)
+    with registered(handle):
+        g.model.forward(torch.tensor([prompt(6)]), 0)
+    assert blocks == list(g.model.layers)
+
+
+def test_graphed_decoding_steps_eagerly_while_a_module_has_hooks(gqa):
+    """Hooks would not run in a CUDA graph's replay: a graphed decoder steps through the model instead while
+    there are any (here on a CPU, where capturing one would fail)."""
+    g, state = gqa
+    decoder, tokens, shapes = GraphedDecoder(g.model), prompt(9), []
+    g.model.forward(torch.tensor([tokens[:8]]), 0)
+    with registered(g.model.layers[1].register_forward_hook(lambda module, args, out: shapes.append(out.shape))):
+        logits = decoder(torch.tensor([[tokens[8]]]), 8)
+    assert shapes == [(1, 1, GQA["dim"])]
+    torch.testing.assert_close(logits[0, -1].double(), reference_logits(state, PARAMS, tokens)[-1], rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_metas_rotary_helpers_match_float64():
+    """precompute_freqs_cis, apply_rotary_emb and the model's freqs_cis, which research code imports or reads."""
+    d, n, theta = 16, 40, 1e4
+    freqs = precompute_freqs_cis(d, n, theta)
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    assert freqs.shape == (n, d // 2) and freqs.dtype == torch.complex64
+    torch.testing.assert_close(freqs.to(torch.complex128), torch.polar(torch.ones_like(angles), angles),
+                               rtol=0, atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    xq, xk = torch.randn(2, n, 4, d, generator=g), torch.randn(2, n, 2, d, generator=g)
+    q, k = apply_rotary_emb(xq, xk, freqs)
+    for x, got in ((xq, q), (xk, k)):
+        assert got.dtype == x.dtype and got.shape == x.shape
+        for row in range(2):
+            torch.testing.assert_close(got[row].double(), rotate(x[row].double(), torch.arange(n), theta),
+                                       rtol=0, atol=1e-5)
+    q16, _ = apply_rotary_emb(xq.bfloat16(), xk.bfloat16(), freqs)
+    assert q16.dtype == torch.bfloat16
+
+
+def test_the_models_freqs_cis_rotates_by_its_rope_theta(make_ckpt):
+    params = {**GQA, "rope_theta": 1e6}
+    model = build_model(*make_ckpt(params))
+    table = model.freqs_cis
+    assert table.shape == (model.params.max_seq_len, model.params.head_dim // 2)
+    x = torch.randn(1, table.shape[0], 1, model.params.head_dim, generator=torch.Generator().manual_seed(1))
+    rotated, _ = apply_rotary_emb(x, x, table)
+    torch.testing.assert_close(rotated[0].double(), rotate(x[0].double(), torch.arange(table.shape[0]), 1e6),
+                               rtol=0, atol=1e-4)
+
+
+def test_repeat_kv_is_metas():
+    """Each KV head repeated n_rep times in a row, as Meta's expand-and-reshape gives them."""
+    x = torch.randn(2, 5, 3, 4)
+    want = torch.stack([x[:, :, h] for h in range(3) for _ in range(2)], dim=2)
+    assert torch.equal(repeat_kv(x, 2), want)
+    assert torch.equal(repeat_kv(x, 1), x)
