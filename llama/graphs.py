@@ -63,7 +63,7 @@ class GraphedDecoder:
             static_pad.zero_()
         else:
             static_pad.copy_(left_pad)
-        keys = min(cache.shape[2], (pos // BUCKET + 1) * BUCKET)
+        keys = min(cache.shape[1], (pos // BUCKET + 1) * BUCKET)
         if (bsz, keys) not in self.graphs:
             self.graphs[(bsz, keys)] = self._capture(bsz, keys)
         graph, logits = self.graphs[(bsz, keys)]

@@ -246,7 +246,7 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(args.dim, kv_dim, gather_output=False, **kw)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True, **kw)
         self.cache_kv: Optional[torch.Tensor] = None  # keys and values; cache_k and cache_v are views of it
-        self.cache_k: Optional[torch.Tensor] = None
+        self.cache_k: Optional[torch.Tensor] = None  # (batch, positions, kv_heads, head_dim), as Meta's
         self.cache_v: Optional[torch.Tensor] = None
         self.wqkv: Optional[Union[Fused, PackedFused]] = None  # Transformer.fuse_weights, pack_weights
         self.rotate_and_cache = rotate_and_cache  # or its compiled form (Transformer.compiled_elementwise)
@@ -254,9 +254,10 @@ class Attention(nn.Module):
     def allocate_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
         # (batch, kv_heads, seq, head_dim) each: the layout attention reads, so no per-step transpose of the cache.
         # Keys and values in one tensor, so that a compiled step writes both in one kernel (rotate_and_cache).
+        # cache_k and cache_v view them in the order of Meta's, for research code that reads or edits them.
         shape = (2, max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
         self.cache_kv = torch.zeros(shape, dtype=dtype, device=device)
-        self.cache_k, self.cache_v = self.cache_kv
+        self.cache_k, self.cache_v = self.cache_kv.transpose(2, 3)
 
     def forward(self, x: torch.Tensor, w: Window) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
@@ -271,7 +272,7 @@ class Attention(nn.Module):
                                                  is_causal=True, enable_gqa=gqa)
         else:
             q = self.rotate_and_cache(qkv, w.rotations, self.cache_kv[:, w.rows], w.positions, heads)
-            keys, values = self.cache_k[w.rows, :, w.first_key:w.keys], self.cache_v[w.rows, :, w.first_key:w.keys]
+            keys, values = self.cache_kv[:, w.rows, :, w.first_key:w.keys]
             if seqlen == 1:
                 # Decoding: the query heads that share a KV head go in as the queries of one head (the mask,
                 # (bsz, 1, 1, keys), broadcasts over them). enable_gqa's CPU kernel is 10-20x slower here.
@@ -494,9 +495,9 @@ class Transformer(nn.Module):
         if cache is None or cache.device != self.output.weight.device:
             self.setup_cache()
             cache = self.layers[0].attention.cache_k
-        if rows > cache.shape[0] or positions > cache.shape[2]:
+        if rows > cache.shape[0] or positions > cache.shape[1]:
             raise ValueError(f"batch {rows} x positions up to {positions} exceed the KV cache "
-                             f"({cache.shape[0]} x {cache.shape[2]}): raise max_batch_size / max_seq_len")
+                             f"({cache.shape[0]} x {cache.shape[1]}): raise max_batch_size / max_seq_len")
 
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, keys: int, first_row: int,
              left_pad: Optional[torch.Tensor], masked: bool, last_only: bool, first_key: int = 0) -> torch.Tensor:

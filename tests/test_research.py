@@ -154,6 +154,24 @@ def test_graphed_decoding_steps_eagerly_while_a_module_has_hooks(gqa):
                                atol=1e-4)
 
 
+def test_the_kv_cache_reads_as_metas(gqa):
+    """cache_k and cache_v in Meta's order, (batch, positions, kv_heads, head_dim): after a prompt, the first
+    layer's rotated keys and its values at each position."""
+    g, state = gqa
+    tokens = prompt(10, seed=7)
+    g.model.forward(torch.tensor([tokens]), 0)
+    n_kv, hd = GQA["n_kv_heads"], GQA["dim"] // GQA["n_heads"]
+    w = {k: v.double() for k, v in state.items() if k.startswith("layers.0.")}
+    x = rms_norm(state["tok_embeddings.weight"].double()[tokens], w["layers.0.attention_norm.weight"], EPS)
+    keys = rotate((x @ w["layers.0.attention.wk.weight"].T).view(len(tokens), n_kv, hd), torch.arange(len(tokens)),
+                  GQA.get("rope_theta", 1e4))
+    values = (x @ w["layers.0.attention.wv.weight"].T).view(len(tokens), n_kv, hd)
+    attention = g.model.layers[0].attention
+    assert attention.cache_k.shape == (4, 64, n_kv, hd) == attention.cache_v.shape
+    torch.testing.assert_close(attention.cache_k[0, :len(tokens)].double(), keys, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(attention.cache_v[0, :len(tokens)].double(), values, rtol=1e-4, atol=1e-5)
+
+
 def test_metas_rotary_helpers_match_float64():
     """precompute_freqs_cis, apply_rotary_emb and the model's freqs_cis, which research code imports or reads."""
     d, n, theta = 16, 40, 1e4
