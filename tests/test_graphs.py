@@ -127,3 +127,24 @@ def test_ragged_generation_on_a_gpu_matches_reference(make_ckpt, tokenizer_path)
         assert new == want.argmax(-1).tolist()
         torch.testing.assert_close(torch.tensor(lp, dtype=torch.float64), want[torch.arange(10), new],
                                    rtol=1e-3, atol=1e-3)
+
+
+@cuda
+def test_graphed_steps_give_way_to_hooks_and_come_back(make_ckpt, tokenizer_path):
+    """A hook added after graphs were captured runs at each step (the steps eager while it is there), and once
+    removed the graphs replay again, without it; every step's logits the reference's."""
+    ckpt, state = make_ckpt(GQA)
+    g = Llama.build(ckpt, tokenizer_path, 32, 1, device="cuda", dtype="float32")
+    tokens, calls = prompt(8, 11), []
+    g.model.forward(torch.tensor([tokens], device="cuda"), 0)
+    for pos in range(8, 14):
+        t = pos * 5 % VOCAB
+        if pos == 10:
+            handle = g.model.layers[0].register_forward_hook(lambda module, args, out: calls.append(out.shape))
+        if pos == 12:
+            handle.remove()
+        logits = g.decode_step(torch.tensor([[t]], device="cuda"), pos)
+        tokens.append(t)
+        want = reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens)[-1]
+        torch.testing.assert_close(logits[0, -1].double().cpu(), want, rtol=1e-3, atol=1e-3)
+    assert calls == [(1, 1, GQA["dim"])] * 2 and len(g.decoder.graphs) == 1  # steps 10 and 11
