@@ -11,12 +11,17 @@ import torch
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
 
 from . import checkpoint, distributed, kernels
-from .chat import UNSAFE_ERROR, Dialog, Message, chat_format, infilling_prompt
+from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dialog, Message, Role, chat_format,
+                   infilling_prompt)
 from .graphs import GraphedDecoder
 from .linear import can_pack, packed_for
 from .model import ModelArgs, Transformer
-from .sampling import sample
+from .sampling import sample, sample_top_p
 from .tokenizer import Tokenizer
+
+# With Meta's names that research code imports from its generation.py.
+__all__ = ["Llama", "CompletionPrediction", "ChatPrediction", "InfillingPrediction", "Role", "Message", "Dialog",
+           "B_INST", "E_INST", "B_SYS", "E_SYS", "SPECIAL_TAGS", "UNSAFE_ERROR", "sample_top_p"]
 
 log = logging.getLogger("llama")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn.modules.module import register_module_forward_hook
 
-from llama import Llama
+from llama import Llama, Tokenizer
 from llama.graphs import GraphedDecoder
 from llama.linear import Fused, PackedFused
 from llama.model import TransformerBlock, apply_rotary_emb, precompute_freqs_cis, repeat_kv
@@ -209,3 +209,22 @@ def test_repeat_kv_is_metas():
     want = torch.stack([x[:, :, h] for h in range(3) for _ in range(2)], dim=2)
     assert torch.equal(repeat_kv(x, 2), want)
     assert torch.equal(repeat_kv(x, 1), x)
+
+
+def test_metas_chat_names_import_from_generation_and_build_its_prompts(tokenizer_path):
+    """Research code builds Llama 2 chat prompts by hand from the names Meta's generation.py defines: imported
+    from ours, Meta's recipe gives the tokens chat_completion encodes."""
+    from llama.chat import chat_format
+    from llama.generation import B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dialog, sample_top_p
+    from llama.sampling import sample_top_p as ours
+
+    tok = Tokenizer(tokenizer_path)
+    dialog: Dialog = [{"role": "system", "content": "Answer briefly."},
+                      {"role": "user", "content": " Who made the world? "},
+                      {"role": "assistant", "content": "God. "},
+                      {"role": "user", "content": "And then?"}]
+    first = B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]
+    want = tok.encode(f"{B_INST} {first.strip()} {E_INST} {dialog[2]['content'].strip()} ", bos=True, eos=True)
+    want += tok.encode(f"{B_INST} {dialog[3]['content'].strip()} {E_INST}", bos=True, eos=False)
+    assert chat_format(tok).encode_dialog(dialog, 0) == want
+    assert sample_top_p is ours and all(tag in SPECIAL_TAGS for tag in (B_INST, E_INST)) and UNSAFE_ERROR
