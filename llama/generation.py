@@ -15,7 +15,7 @@ from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dia
                    infilling_prompt)
 from .graphs import GraphedDecoder
 from .linear import can_pack, packed_for
-from .model import ModelArgs, Transformer
+from .model import ModelArgs, Transformer, compute_dtype_for, cpu_has_native_bf16
 from .sampling import sample, sample_top_p
 from .tokenizer import Tokenizer
 
@@ -49,17 +49,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: without them torch's bf16 matrix products are emulated and 5-100x slower."""
-    flags = kernels.cpu_id().split()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def pick_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
     """The dtype to keep the weights in: the requested one, or the fastest accurate one for this machine.
 
     bf16 on x86 CPUs too: decoding reads every weight once per token, so half the bytes is nearly twice the
-    speed, and ``compute_dtype`` keeps the products fast where the CPU lacks native bf16.
+    speed, and ``compute_dtype_for`` keeps the products fast where the CPU lacks native bf16.
     """
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:  # float64 too, for exact comparisons
         return dtype
@@ -70,14 +64,6 @@ def pick_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> to
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if torch.backends.cpu.get_cpu_capability().startswith("AVX") else torch.float32
-
-
-def compute_dtype(weights: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype of activations and KV cache: the weights', unless they are 16-bit on a CPU without native
-    instructions for them, where float32 products are the fast ones (weights converted a layer at a time)."""
-    if device.type == "cpu" and weights in (torch.bfloat16, torch.float16):
-        return weights if weights == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
-    return weights
 
 
 def one_compute_dtype(weights: torch.dtype, compute: torch.dtype) -> torch.dtype:
@@ -181,7 +167,7 @@ class Llama:
         device = distributed.setup(model_parallel_size, device)
         rank, world = get_model_parallel_rank(), get_model_parallel_world_size()
         requested, dtype = dtype, pick_dtype(dtype, device)  # fails alike on every rank, or on none
-        own = compute_dtype(dtype, device)
+        own = compute_dtype_for(dtype, device)
         compute = one_compute_dtype(dtype, own)
         error: Optional[Exception] = None
         try:

@@ -79,6 +79,20 @@ def _skip_fairscale_init() -> Iterator[None]:
         fs_layers._initialize_affine_weight = original
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: without them torch's bf16 matrix products are emulated and 5-100x slower."""
+    flags = kernels.cpu_id().split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_dtype_for(weights: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of activations and KV cache: the weights', unless they are 16-bit on a CPU without native
+    instructions for them, where float32 products are the fast ones (weights converted a layer at a time)."""
+    if device.type == "cpu" and weights in (torch.bfloat16, torch.float16):
+        return weights if weights == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
+    return weights
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """One call, which sums the squares in float32 whatever x's dtype (bf16 sums lose too much) and rounds once,
     after the weight; Meta's rounds to x's dtype before it, which costs three more kernels on a GPU. On a CPU,
@@ -331,7 +345,7 @@ class Transformer(nn.Module):
 
     ``Transformer(ModelArgs)`` allocates its weights uninitialised, as they are to be loaded; ``Llama.build``
     loads them and allocates the KV cache with ``setup_cache``. Used on its own, call ``setup_cache`` (or
-    ``.to(device, dtype)`` and forward, which allocates it on first use).
+    ``.to(device, dtype)`` and forward, which allocates it on first use, and again after the weights move).
     """
 
     def __init__(self, params: ModelArgs):
@@ -349,19 +363,22 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(params.dim, params.norm_eps)
         self.freqs_cis: Optional[torch.Tensor] = None  # Meta's name: (max_seq_len, head_dim // 2), by setup_cache
         self.compute_dtype: Optional[torch.dtype] = None  # set with the KV cache
+        self.cache_made_for: Optional[Tuple[torch.device, torch.dtype]] = None  # the weights' device and dtype then
         self._compiled: Optional[tuple[Callable, ...]] = None  # compiled_elementwise
 
     def setup_cache(self, max_batch_size: Optional[int] = None, max_seq_len: Optional[int] = None,
                     compute_dtype: Optional[torch.dtype] = None) -> None:
         """(Re)allocate the KV cache and rotary tables on the weights' device.
 
-        compute_dtype: the dtype of activations and KV cache, by default the weights'. Weights stored narrower
-        (bf16 on a CPU without native bf16, computing in float32) are converted as ``linear`` needs them.
+        compute_dtype: the dtype of activations and KV cache, by default ``compute_dtype_for`` the weights' dtype
+        and device. Weights stored narrower (bf16 on a CPU without native bf16, computing in float32) are
+        converted as ``linear`` needs them.
         """
         p = self.params
         max_batch_size, max_seq_len = max_batch_size or p.max_batch_size, max_seq_len or p.max_seq_len
         weight = self.output.weight
-        self.compute_dtype = compute_dtype or weight.dtype
+        self.compute_dtype = compute_dtype or compute_dtype_for(weight.dtype, weight.device)
+        self.cache_made_for = (weight.device, weight.dtype)
         for layer in self.layers:
             layer.attention.allocate_cache(max_batch_size, max_seq_len, self.compute_dtype, weight.device)
         self.freqs_cis = precompute_freqs_cis(p.head_dim, max_seq_len, p.rope_theta, p.use_scaled_rope, weight.device)
@@ -490,11 +507,17 @@ class Transformer(nn.Module):
         return self._run(tokens, pos.view(1), keys, 0, left_pad, masked=True, last_only=True)
 
     def _check_cache(self, rows: int, positions: int) -> None:
-        """Allocate the cache on first use (or after ``.to(device)``); fail clearly if it is too small."""
+        """Allocate the cache on first use, and again where ``.to()`` has moved or converted the weights since (as
+        Meta's cache follows its activations): on their device, computing in ``compute_dtype_for`` their dtype,
+        holding what it held. Fail clearly if it is too small."""
+        weight = self.output.weight
+        if self.cache_made_for != (weight.device, weight.dtype):
+            held = [layer.attention.cache_kv for layer in self.layers]
+            self.setup_cache(*(held[0].shape[1:4:2] if held[0] is not None else ()))
+            for layer, old in zip(self.layers, held):
+                if old is not None:
+                    layer.attention.cache_kv.copy_(old)
         cache = self.layers[0].attention.cache_k
-        if cache is None or cache.device != self.output.weight.device:
-            self.setup_cache()
-            cache = self.layers[0].attention.cache_k
         if rows > cache.shape[0] or positions > cache.shape[1]:
             raise ValueError(f"batch {rows} x positions up to {positions} exceed the KV cache "
                              f"({cache.shape[0]} x {cache.shape[1]}): raise max_batch_size / max_seq_len")
