@@ -84,6 +84,20 @@ def test_a_hook_that_edits_a_blocks_output_steers_generation(gqa):
     assert g.generate([tokens], 12, temperature=0)[0][0] == plain
 
 
+def test_a_ragged_batch_with_hooks_generates_as_without(gqa):
+    """Meta's way (each block and norm called) and the fused one give the same ragged batch, prompts of three
+    lengths prefilled a group at a time after their padding, then decoded together."""
+    g, _ = gqa
+    prompts = [prompt(3, 1), prompt(11, 2), prompt(7, 3)]
+    fused = g.generate(prompts, 10, temperature=0, logprobs=True)
+    calls = []
+    with registered(g.model.layers[1].register_forward_hook(lambda module, args, out: calls.append(out.shape[:2]))):
+        plain = g.generate(prompts, 10, temperature=0, logprobs=True)
+    assert plain[0] == fused[0] and calls[:3] == [(1, 11), (1, 7), (1, 3)]  # the prefills, longest first
+    for a, b in zip(plain[1], fused[1]):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
+
+
 def fused_model(make_ckpt, tokenizer_path, way: str):
     """A model whose wq/wk/wv and w1/w3 are one product each: concatenated as on a GPU (``Fused``), or packed
     for a CPU's product (``PackedFused``, where this machine can pack), with the state it was made from."""
