@@ -27,3 +27,35 @@ def test_temperature_flattens_the_distribution():
         counts = torch.bincount(sample(logits, t, 1.0, g), minlength=3).double() / 20000
         want = torch.softmax(torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64) / t, 0)
         assert torch.allclose(counts, want, atol=0.02)
+
+
+def nucleus(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """The reference's set, in float64: tokens by falling probability, kept while the mass before them is at
+    most p."""
+    order = probs.double().argsort(descending=True)
+    mass_before = probs.double()[order].cumsum(0) - probs.double()[order]
+    return order[mass_before <= p]
+
+
+def assert_samples_nucleus(probs: torch.Tensor, p: float, rounds: int = 10, rows: int = 1000) -> int:
+    """Draws from rows copies of one distribution: none outside its nucleus, each token of it as often as its
+    share of the nucleus' mass (within 3.5 standard deviations). Returns how many tokens were drawn."""
+    g = torch.Generator().manual_seed(0)
+    picks = torch.cat([sample_top_p(probs.repeat(rows, 1), p, g) for _ in range(rounds)])
+    kept = nucleus(probs, p)
+    counts = torch.bincount(picks, minlength=len(probs)).double()
+    assert counts.sum() == counts[kept].sum()
+    share = probs.double()[kept] / probs.double()[kept].sum()
+    n = len(picks)
+    assert ((counts[kept] - n * share).abs() <= 3.5 * (n * share * (1 - share)).sqrt() + 1).all()
+    return int((counts > 0).sum())
+
+
+def test_top_p_over_a_large_vocabulary():
+    """A peaked distribution over 32000 tokens, as a trained model's, whose nucleus lies among the few most
+    likely; and a flat one, whose nucleus is thousands of tokens: both sampled in proportion within it."""
+    g = torch.Generator().manual_seed(3)
+    peaked = torch.softmax(torch.randn(32000, generator=g) * 5, 0)
+    assert 10 < assert_samples_nucleus(peaked, 0.9) < 256
+    flat = torch.softmax(torch.randn(2000, generator=g) * 0.3, 0)
+    assert assert_samples_nucleus(flat, 0.9, rounds=20) > 1000  # of its 1700-odd tokens
