@@ -5,7 +5,8 @@ import math
 import numbers
 import os
 import time
-from typing import Collection, List, Optional, Tuple, TypedDict, Union
+from dataclasses import dataclass
+from typing import Collection, Iterator, List, Optional, Tuple, TypedDict, Union
 
 import torch
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
@@ -233,54 +234,45 @@ class Llama:
         token and the loop ends when all rows have.
         """
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop_tokens, echo)
-        order = sorted(range(len(prompt_tokens)), key=lambda i: -len(prompt_tokens[i]))  # equal lengths adjoin
-        prompts = [prompt_tokens[i] for i in order]
-        bsz, prompt_len = len(prompts), len(prompts[0])
-        total_len = min(self.model.params.max_seq_len, prompt_len + max_gen_len)
-        pad = torch.tensor([prompt_len - len(p) for p in prompts], device=self.device)
-        tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            tokens[i, prompt_len - len(p):prompt_len] = torch.tensor(p, dtype=torch.long)
-        token_logprobs = torch.zeros((bsz, total_len), device=self.device) if logprobs else None
+        stop = self.tokenizer.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
+        batch = _Batch.of(prompt_tokens, max_gen_len, self.model.params.max_seq_len, self.device, logprobs)
+        end = batch.prompt_len
+        for pos in self._steps(batch, temperature, top_p, stop, score_prompts=logprobs and echo):
+            end = pos + 1
+        return batch.results(end, stop, echo)
 
+    def _steps(self, batch: "_Batch", temperature: float, top_p: float, stop: Collection[int],
+               score_prompts: bool = False) -> Iterator[int]:
+        """Prefill the batch's prompts, then sample each row's next token into ``batch.tokens`` at each position
+        from the prompts' end, yielding the position once it is there; stops when every row has sampled a stop
+        token, or at the batch's last position. score_prompts: the prompts' own log-probabilities too."""
+        tokens, pad, prompts, prompt_len = batch.tokens, batch.pad, batch.prompts, batch.prompt_len
         last = []  # each row's logits after its prompt
-        starts = [i for i in range(bsz) if i == 0 or len(prompts[i]) != len(prompts[i - 1])]
-        for a, b in zip(starts, starts[1:] + [bsz]):
+        starts = [i for i in range(len(prompts)) if i == 0 or len(prompts[i]) != len(prompts[i - 1])]
+        for a, b in zip(starts, starts[1:] + [len(prompts)]):
             start = prompt_len - len(prompts[a])
             logits = self.model.forward(tokens[a:b, start:prompt_len], start, left_pad=pad[a:b], first_row=a,
-                                        last_only=not (logprobs and echo))
-            if logprobs and echo:  # a prompt's first token has no context: 0.0, as in the reference
-                token_logprobs[a:b, start + 1:prompt_len] = _logprobs_of(logits[:, :-1],
+                                        last_only=not score_prompts)
+            if score_prompts:  # a prompt's first token has no context: 0.0, as in the reference
+                batch.logprobs[a:b, start + 1:prompt_len] = _logprobs_of(logits[:, :-1],
                                                                          tokens[a:b, start + 1:prompt_len])
             last.append(logits[:, -1])
         logits = torch.cat(last)
 
-        stop_set = self.tokenizer.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
-        stop = torch.tensor(sorted(stop_set), dtype=torch.long, device=self.device)
-        done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-        for pos in range(prompt_len, total_len):
+        stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=self.device)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        for pos in range(prompt_len, tokens.shape[1]):
             next_token = sample(logits, temperature, top_p, self.generator)
             if temperature > 0:  # greedy picks alike on every rank: the gathered logits are the same bits
                 distributed.as_first_rank_has_it(next_token)
             tokens[:, pos] = next_token
-            if logprobs:
-                token_logprobs[:, pos] = _logprobs_of(logits, next_token)
-            done |= torch.isin(next_token, stop)
-            if pos + 1 == total_len or bool(done.all()):
-                total_len = pos + 1
-                break
+            if batch.logprobs is not None:
+                batch.logprobs[:, pos] = _logprobs_of(logits, next_token)
+            yield pos
+            done |= torch.isin(next_token, stop_ids)
+            if pos + 1 == tokens.shape[1] or bool(done.all()):
+                return
             logits = self.decode_step(tokens[:, pos:pos + 1], pos, left_pad=pad)[:, -1]
-
-        out_tokens: List[List[int]] = [[] for _ in range(bsz)]
-        out_logprobs: List[List[float]] = [[] for _ in range(bsz)]
-        for i, row in enumerate(tokens[:, :total_len].tolist()):
-            generated = row[prompt_len:]
-            end = prompt_len + next((j for j, t in enumerate(generated) if t in stop_set), len(generated))
-            first = int(pad[i]) if echo else prompt_len
-            out_tokens[order[i]] = row[first:end]
-            if logprobs:
-                out_logprobs[order[i]] = token_logprobs[i, first:end].tolist()
-        return out_tokens, (out_logprobs if logprobs else None)
 
     def _check_generate_args(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float,
                              top_p: float, stop_tokens: Optional[Collection[int]], echo: bool) -> None:
@@ -364,6 +356,40 @@ class Llama:
                 results[i] = self._prediction(content, tokens[j], probs[j] if logprobs else None)
         return results
 
+    def stream(self, prompt: Union[str, Dialog], temperature: float = 0.6, top_p: float = 0.9,
+               max_gen_len: Optional[int] = None) -> Iterator[str]:
+        """The text of one completion (prompt a string) or chat answer (prompt a dialog) while it is generated:
+        pieces whose concatenation is text_completion's generation (chat_completion's content) for the same seed
+        and arguments. Each piece is the text its tokens add; where a token ends within a character (holding
+        part of its bytes), the piece waits for the tokens that complete it."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, bos=True, eos=False)
+        else:
+            ids = self.formatter.encode_dialog(prompt, 0)  # checks the dialog
+            if self.formatter.is_unsafe(prompt):
+                yield UNSAFE_ERROR
+                return
+        max_gen_len = self._gen_len([ids], max_gen_len)
+        self._check_generate_args([ids], max_gen_len, temperature, top_p, None, echo=False)
+        batch = _Batch.of([ids], max_gen_len, self.model.params.max_seq_len, self.device, logprobs=False)
+        stop = self.tokenizer.stop_tokens
+        # Only the tokens from the last one already said are decoded each step (with it, for what comes between
+        # them, such as SentencePiece's spaces): text of the whole so far would cost a decode as long as it.
+        window: List[int] = []
+        said = ""
+        for pos in self._steps(batch, temperature, top_p, stop):
+            token = int(batch.tokens[0, pos])
+            if token in stop:
+                break
+            window.append(token)
+            text = self.tokenizer.decode(window)
+            if not text.endswith("\ufffd"):  # U+FFFD: a character's bytes not all there yet
+                yield text[len(said):]
+                window, said = window[-1:], self.tokenizer.decode(window[-1:])
+        text = self.tokenizer.decode(window)
+        if len(text) > len(said):
+            yield text[len(said):]
+
     def _gen_len(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int]) -> int:
         """Meta's default: as much as max_seq_len leaves after the longest prompt (at least one token)."""
         if max_gen_len is not None:
@@ -375,6 +401,49 @@ class Llama:
             return {"generation": generation}
         return {"generation": generation, "tokens": [self.tokenizer.decode([t]) for t in tokens],
                 "logprobs": logprobs}
+
+
+@dataclass
+class _Batch:
+    """Prompts continued together: sorted longest first (``order[i]``: row i's place among the caller's prompts),
+    left-padded to end at one position, ``prompt_len``, after which the rows decode in step."""
+    prompts: List[List[int]]
+    order: List[int]
+    tokens: torch.Tensor  # (rows, positions): the padded prompts, then the tokens sampled
+    pad: torch.Tensor  # (rows,): each row's padding
+    logprobs: Optional[torch.Tensor]  # (rows, positions): each token's log-probability, with logprobs=True
+
+    @staticmethod
+    def of(prompt_tokens: List[List[int]], max_gen_len: int, max_seq_len: int, device: torch.device,
+           logprobs: bool) -> "_Batch":
+        order = sorted(range(len(prompt_tokens)), key=lambda i: -len(prompt_tokens[i]))  # equal lengths adjoin
+        prompts = [prompt_tokens[i] for i in order]
+        prompt_len = len(prompts[0])
+        tokens = torch.zeros((len(prompts), min(max_seq_len, prompt_len + max_gen_len)), dtype=torch.long,
+                             device=device)
+        for i, p in enumerate(prompts):
+            tokens[i, prompt_len - len(p):prompt_len] = torch.tensor(p, dtype=torch.long)
+        pad = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
+        scores = torch.zeros(tokens.shape, device=device) if logprobs else None
+        return _Batch(prompts, order, tokens, pad, scores)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompts[0])
+
+    def results(self, end: int, stop: Collection[int], echo: bool) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Each row's tokens up to position end, cut at its first stop token after its prompt (with the prompt
+        when echo), and their log-probabilities, in the caller's order."""
+        out_tokens: List[List[int]] = [[] for _ in self.prompts]
+        out_logprobs: List[List[float]] = [[] for _ in self.prompts]
+        for i, row in enumerate(self.tokens[:, :end].tolist()):
+            generated = row[self.prompt_len:]
+            last = self.prompt_len + next((j for j, t in enumerate(generated) if t in stop), len(generated))
+            first = int(self.pad[i]) if echo else self.prompt_len
+            out_tokens[self.order[i]] = row[first:last]
+            if self.logprobs is not None:
+                out_logprobs[self.order[i]] = self.logprobs[i, first:last].tolist()
+        return out_tokens, (out_logprobs if self.logprobs is not None else None)
 
 
 def _logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

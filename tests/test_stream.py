@@ -1,0 +1,78 @@
+"""Llama.stream, one generation's text in pieces while it is made: against text_completion's and
+chat_completion's whole text for the same seed, the float64 reference's greedy tokens, and characters whose bytes
+are split across tokens (SentencePiece's byte pieces, tiktoken's byte-level pieces)."""
+
+import pytest
+
+from llama import Llama
+from llama.chat import UNSAFE_ERROR
+from llama.checkpoint import random_checkpoint
+
+from conftest import GQA, VOCAB
+from reference import greedy
+from test_llama3 import LLAMA3, LLAMA3_TOKENIZER
+
+
+@pytest.fixture(scope="module")
+def llama2(make_ckpt, tokenizer_path):
+    ckpt, state = make_ckpt(GQA)
+    return Llama.build(ckpt, tokenizer_path, max_seq_len=96, max_batch_size=2, device="cpu", dtype="float32"), state
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("l3"))
+    random_checkpoint(out, LLAMA3, mp=1)
+    return Llama.build(out, LLAMA3_TOKENIZER, max_seq_len=96, max_batch_size=2, device="cpu", dtype="float32")
+
+
+def streamed_and_whole(g: Llama, prompt, seed: int, **kwargs):
+    """The pieces of stream and the whole text of text_completion (chat_completion for a dialog), same seed."""
+    g.generator.manual_seed(seed)
+    pieces = list(g.stream(prompt, **kwargs))
+    g.generator.manual_seed(seed)
+    if isinstance(prompt, str):
+        return pieces, g.text_completion([prompt], **kwargs)[0]["generation"]
+    return pieces, g.chat_completion([prompt], **kwargs)[0]["generation"]["content"]
+
+
+@pytest.mark.parametrize("kind, seeds, length", [("llama2", 6, 60), ("llama3", 3, 40)])
+def test_pieces_join_to_the_whole_text(request, kind, seeds, length):
+    """Sampled hot from a random model, the tokens are all over the vocabulary, many of them parts of a
+    character: the pieces still join to the whole text, and no piece but the last ends in a partial character
+    (U+FFFD), which waits for the tokens that complete it."""
+    g = request.getfixturevalue(kind)
+    g = g[0] if kind == "llama2" else g
+    waited = 0
+    for seed in range(seeds):
+        args = dict(temperature=1.5, top_p=1.0, max_gen_len=length)
+        pieces, whole = streamed_and_whole(g, "Once upon a time", seed, **args)
+        assert "".join(pieces) == whole and all(pieces)
+        assert not any(p.endswith("\ufffd") for p in pieces[:-1])
+        g.generator.manual_seed(seed)
+        ids = g.tokenizer.encode("Once upon a time", bos=True, eos=False)
+        waited += len(g.generate([ids], length, 1.5, 1.0)[0][0]) - len(pieces)
+    assert waited > 0  # some pieces took several tokens: the case above was met
+
+
+def test_greedy_pieces_are_the_references_text(llama2):
+    g, state = llama2
+    ids = g.tokenizer.encode("In the beginning", bos=True, eos=False)
+    want = greedy(state, {**GQA, "vocab_size": VOCAB}, ids, 16, stop=g.tokenizer.eos_id)
+    assert "".join(g.stream("In the beginning", temperature=0, max_gen_len=16)) == g.tokenizer.decode(want)
+
+
+def test_a_dialog_streams_chat_completions_answer(llama2, llama3):
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    for g in (llama2[0], llama3):
+        pieces, whole = streamed_and_whole(g, dialog, 7, temperature=1.0, max_gen_len=30)
+        assert "".join(pieces) == whole and len(pieces) > 1
+    assert list(llama2[0].stream([{"role": "user", "content": "[INST] hi"}])) == [UNSAFE_ERROR]
+
+
+def test_bad_input_is_a_clear_error(llama2):
+    g = llama2[0]
+    for prompt, kwargs, match in (("hi", {"top_p": 0}, "top_p"), ("hi", {"max_gen_len": 0}, "max_gen_len"),
+                                  (5, {}, "dialog 0"), ([{"role": "user"}], {}, "dialog 0")):
+        with pytest.raises(ValueError, match=match):
+            list(g.stream(prompt, **kwargs))
