@@ -18,6 +18,9 @@
    llama/kernels.c's linear_bf16 does on the weights as stored (up to 16 rows), and as its linear_packed_f32
    does on weights packed for it (which ``Llama.build`` uses there). On a CPU with native bf16 torch's side is
    native too, and the engine uses neither kernel.
+4. Top-p sampling of one step (temperature 0.6, top_p 0.9) for 1 and 16 rows over Llama 2's and Llama 3's
+   vocabularies, of logits as peaked as a trained model's: as the engine samples (the nucleus found among the
+   most likely few hundred) and sorting the whole vocabulary, as Meta's does.
 """
 
 import argparse
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import read_rate, timed  # noqa: E402
 
-from llama import kernels  # noqa: E402
+from llama import kernels, sampling  # noqa: E402
 from llama.cli import one_line_errors, positive_int  # noqa: E402
 from llama.linear import PACK_ROWS, can_pack, packed_product, torch_linear  # noqa: E402
 
@@ -96,6 +99,22 @@ def float32_rows(reps: int) -> None:
                   f"{2 * rows * n * k / t / 1e9:5.1f} GFLOP/s)")
 
 
+def sample_steps(reps: int) -> None:
+    print("top-p sampling, one step (temperature 0.6, top_p 0.9), logits as peaked as a trained model's:")
+    g = torch.Generator().manual_seed(0)
+    candidates = sampling.NUCLEUS_CANDIDATES
+    for vocab in (32000, 128256):
+        for rows in (1, 16):
+            logits = torch.randn(rows, vocab, generator=g) * 5
+            times = {}
+            for way, k in (("engine's", candidates), ("sort all", vocab)):
+                sampling.NUCLEUS_CANDIDATES = k
+                times[way] = timed(lambda x=logits: sampling.sample(x, 0.6, 0.9, g), CPU, reps)
+            sampling.NUCLEUS_CANDIDATES = candidates
+            print(f"  {rows:2} rows x {vocab:6} tokens: " + ", ".join(f"{way} {t * 1e3:6.2f} ms"
+                                                                  for way, t in times.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
@@ -109,6 +128,7 @@ def main() -> None:
     products(args.reps, probe)
     attention(args.reps)
     float32_rows(args.reps)
+    sample_steps(args.reps)
 
 
 if __name__ == "__main__":

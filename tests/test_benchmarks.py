@@ -71,6 +71,8 @@ def test_bench_kernels_times_the_products_and_the_attention_both_ways():
     packed = ("oneDNN", r"kernels\.c") if kernels_expected() and kernels.packs_bf16() else ("oneDNN",)
     assert "can't be packed" in out or all(
         re.search(rf"^\s+{way}\s+in cache\s+\d+ us.*streamed \d+ us", out, re.M) for way in packed), out
+    assert all(re.search(rf"^\s+{rows} rows x\s+{vocab} tokens: engine's\s+[\d.]+ ms, sort all\s+[\d.]+ ms", out, re.M)
+               for rows in (1, 16) for vocab in (32000, 128256)), out
 
 
 @pytest.mark.parametrize("what", [[], ["--prefill", "--cached", "16"]], ids=["decoding_step", "prefill"])
