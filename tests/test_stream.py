@@ -2,14 +2,17 @@
 chat_completion's whole text for the same seed, the float64 reference's greedy tokens, and characters whose bytes
 are split across tokens (SentencePiece's byte pieces, tiktoken's byte-level pieces)."""
 
+import sys
+
 import pytest
 
 from llama import Llama
 from llama.chat import UNSAFE_ERROR
 from llama.checkpoint import random_checkpoint
 
-from conftest import GQA, VOCAB
+from conftest import GQA, VOCAB, run_cmd, torchrun
 from reference import greedy
+from test_demo import DEMO
 from test_llama3 import LLAMA3, LLAMA3_TOKENIZER
 
 
@@ -76,3 +79,31 @@ def test_bad_input_is_a_clear_error(llama2):
                                   (5, {}, "dialog 0"), ([{"role": "user"}], {}, "dialog 0")):
         with pytest.raises(ValueError, match=match):
             list(g.stream(prompt, **kwargs))
+
+
+CHAT_INPUT = ["Who made the heaven and the earth?", "", "And what did he make on the sixth day?", "[INST] hi",
+              "/reset", "Where is Egypt?"]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_chat_script_answers_each_turn_as_chat_completion(processes):
+    """scripts/chat.py on the demo model, greedy, fed a conversation on its input (on one process, and on two,
+    the first reading it): each answer is chat_completion's for the dialog so far, its earlier answers in it;
+    an empty line is skipped, a message with [INST] is not sent, /reset starts again."""
+    stdin = "\n".join(CHAT_INPUT) + "\n"
+    args = ["scripts/chat.py", "--temperature", "0", "--device", "cpu", "--dtype", "float32"]  # 2 processes round alike
+    result = run_cmd([sys.executable, *args], input=stdin) if processes == 1 else torchrun(2, *args, input=stdin)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shown = [text.strip("\n") for text in result.stdout.split("> ")[1:]]
+
+    g = Llama.build(str(DEMO), str(DEMO / "tokenizer.model"), max_seq_len=512, max_batch_size=1, device="cpu",
+                    dtype="float32")
+    want, dialog = [], []
+    for message in (CHAT_INPUT[0], CHAT_INPUT[2]):
+        dialog.append({"role": "user", "content": message})
+        dialog.append(g.chat_completion([dialog], temperature=0, max_gen_len=64)[0]["generation"])
+        want.append(dialog[-1]["content"])
+    fresh = g.chat_completion([[{"role": "user", "content": CHAT_INPUT[5]}]], temperature=0, max_gen_len=64)
+    assert shown[0] == want[0] and shown[1] == "" and shown[2] == want[1]
+    assert shown[3].startswith("(not sent: the chat format's own tags") and shown[4] == ""
+    assert shown[5] == fresh[0]["generation"]["content"] and shown[6] == "" and len(shown) == 7
