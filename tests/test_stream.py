@@ -107,3 +107,25 @@ def test_chat_script_answers_each_turn_as_chat_completion(processes):
     assert shown[0] == want[0] and shown[1] == "" and shown[2] == want[1]
     assert shown[3].startswith("(not sent: the chat format's own tags") and shown[4] == ""
     assert shown[5] == fresh[0]["generation"]["content"] and shown[6] == "" and len(shown) == 7
+
+
+def test_chat_drops_the_oldest_exchanges_that_leave_no_room(llama2):
+    """chat.py's fit: as few of the oldest exchanges dropped as leave room positions for the answer; the system
+    message stays; a dialog that fits is left alone."""
+    sys.path.insert(0, "scripts")
+    from chat import fit
+
+    g = llama2[0]
+    system = [{"role": "system", "content": "Be brief."}]
+    turns = []
+    for i in range(6):
+        turns += [{"role": "user", "content": f"Question {i} about the garden and the vine?"},
+                  {"role": "assistant", "content": f"Answer {i}: the vine bears in its season, and the keeper waits."}]
+    dialog = system + turns + [{"role": "user", "content": "And the last question?"}]
+    length = lambda d: len(g.formatter.encode_dialog(d))  # noqa: E731
+    room = g.model.params.max_seq_len - length(system + dialog[-5:])  # the last two exchanges and the question fit
+    kept = fit(g, dialog, room)
+    assert kept == system + dialog[-5:]
+    assert length(system + dialog[-7:]) > g.model.params.max_seq_len - room  # one more exchange would not
+    short = system + turns[:2] + dialog[-1:]
+    assert length(short) <= g.model.params.max_seq_len - 8 and fit(g, short, 8) == short
