@@ -384,7 +384,8 @@ class Llama:
             window.append(token)
             text = self.tokenizer.decode(window)
             if not text.endswith("\ufffd"):  # U+FFFD: a character's bytes not all there yet
-                yield text[len(said):]
+                if len(text) > len(said):  # (a token may add no text of its own)
+                    yield text[len(said):]
                 window, said = window[-1:], self.tokenizer.decode(window[-1:])
         text = self.tokenizer.decode(window)
         if len(text) > len(said):
