@@ -84,13 +84,17 @@ class Llama3ChatFormat:
     def is_unsafe(dialog: Dialog) -> bool:
         return False
 
-    def encode_header(self, role: str) -> List[int]:
-        return ([self.start_header] + self.tokenizer.encode(role, bos=False, eos=False) + [self.end_header]
-                + self.tokenizer.encode("\n\n", bos=False, eos=False))
+    def encode_header(self, message: Message) -> List[int]:
+        """The header of a message of its role (Meta's name and argument, as the two below)."""
+        return ([self.start_header] + self.tokenizer.encode(message["role"], bos=False, eos=False)
+                + [self.end_header] + self.tokenizer.encode("\n\n", bos=False, eos=False))
 
     def encode_message(self, message: Message) -> List[int]:
-        return (self.encode_header(message["role"])
+        return (self.encode_header(message)
                 + self.tokenizer.encode(message["content"].strip(), bos=False, eos=False) + [self.eot])
+
+    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
+        return self.encode_dialog(dialog)
 
     def encode_dialog(self, dialog: Dialog, index: int = 0) -> List[int]:
         _check_messages(dialog, index)
@@ -105,7 +109,7 @@ class Llama3ChatFormat:
         tokens = [self.begin_of_text]
         for message in dialog:
             tokens += self.encode_message(message)
-        return tokens + self.encode_header("assistant")
+        return tokens + self.encode_header({"role": "assistant", "content": ""})
 
 
 FORMATS = {"llama2": Llama2ChatFormat, "llama3": Llama3ChatFormat}

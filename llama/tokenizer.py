@@ -21,6 +21,12 @@ from typing import Dict, List, Optional, Sequence
 
 from sentencepiece import SentencePieceProcessor
 
+from .chat import Dialog, Message, Role
+from .chat import Llama3ChatFormat as ChatFormat
+
+# With the names research code for Llama 3 imports from Meta's tokenizer.py.
+__all__ = ["Tokenizer", "SentencePieceTokenizer", "TiktokenTokenizer", "ChatFormat", "Dialog", "Message", "Role"]
+
 # The first line of a tiktoken BPE file: a base64 token, one space, its rank.
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+\r?\n")
 

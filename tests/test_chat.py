@@ -59,6 +59,19 @@ def test_system_and_multi_turn(tok, fmt):
     assert 128001 not in ids
 
 
+def test_metas_llama3_names(tok):
+    """Research code for Llama 3 imports ChatFormat and Dialog from Meta's tokenizer module and calls its methods
+    with messages: the same prompt, built by hand."""
+    from llama.tokenizer import ChatFormat, Dialog
+
+    dialog: Dialog = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": " Hi "}]
+    fmt = ChatFormat(tok)
+    assert fmt.encode_dialog_prompt(dialog) == expected(tok, [(m["role"], m["content"]) for m in dialog])
+    header = [START] + plain(tok, "user") + [END] + plain(tok, "\n\n")
+    assert fmt.encode_header(dialog[1]) == header
+    assert fmt.encode_message(dialog[1]) == header + plain(tok, "Hi") + [EOT]
+
+
 def test_ipython_role(tok, fmt):
     dialog = [{"role": "system", "content": "Environment: ipython"},
               {"role": "user", "content": "What is 2**10?"},
