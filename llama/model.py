@@ -244,6 +244,20 @@ class Window:
     mask: Optional[torch.Tensor]
     first_key: int = 0
 
+    @staticmethod
+    def of(x: torch.Tensor, where: Union["Window", int], freqs_cis: Optional[torch.Tensor],
+           mask: Optional[torch.Tensor]) -> "Window":
+        """where itself, or the window that Meta's arguments to a block or attention make (start_pos; freqs_cis,
+        the rotations of x's positions; the mask or None): research code written for Meta's model calls them so,
+        running the layers itself as its Transformer.forward does."""
+        if isinstance(where, Window):
+            return where
+        bsz, seqlen = x.shape[:2]
+        if mask is None and seqlen > 1:  # Meta's: every key; the engine's None would be causal
+            mask = torch.zeros((seqlen, where + seqlen), dtype=x.dtype, device=x.device)
+        positions = torch.arange(where, where + seqlen, device=x.device)
+        return Window(positions, where + seqlen, slice(0, bsz), freqs_cis[None, :, None, :], mask)
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -273,7 +287,10 @@ class Attention(nn.Module):
         self.cache_kv = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_k, self.cache_v = self.cache_kv.transpose(2, 3)
 
-    def forward(self, x: torch.Tensor, w: Window) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, w: Union[Window, int], freqs_cis: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x through attention in a Window, or at Meta's arguments (start_pos, freqs_cis, mask: ``Window.of``)."""
+        w = Window.of(x, w, freqs_cis, mask)
         bsz, seqlen, _ = x.shape
         heads, kv_heads = self.n_local_heads, self.n_local_kv_heads
         qkv = self.wqkv(x) if self.wqkv is not None else torch.cat((self.wq(x), self.wk(x), self.wv(x)), dim=-1)
@@ -324,8 +341,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, w: Window) -> torch.Tensor:
-        """Meta's block, each part called as a module (for their hooks); ``residuals`` is the fused way."""
+    def forward(self, x: torch.Tensor, w: Union[Window, int], freqs_cis: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Meta's block, each part called as a module (for their hooks), in a Window or at Meta's arguments
+        (start_pos, freqs_cis, mask: ``Window.of``); ``residuals`` is the fused way."""
+        w = Window.of(x, w, freqs_cis, mask)
         h = x + self.attention(self.attention_norm(x), w)
         return h + self.feed_forward(self.ffn_norm(h))
 

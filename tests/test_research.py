@@ -144,6 +144,43 @@ def test_hooks_on_fused_layers_see_their_own_products(make_ckpt, tokenizer_path,
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
+def metas_forward(model, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """Meta's Transformer.forward, written out as research code does to run the layers itself."""
+    seqlen = tokens.shape[1]
+    h = model.tok_embeddings(tokens)
+    freqs_cis = model.freqs_cis[start_pos:start_pos + seqlen]
+    mask = None
+    if seqlen > 1:
+        mask = torch.triu(torch.full((seqlen, seqlen), float("-inf")), diagonal=1)
+        mask = torch.hstack([torch.zeros((seqlen, start_pos)), mask]).type_as(h)
+    for layer in model.layers:
+        h = layer(h, start_pos, freqs_cis, mask)
+    return model.output(model.norm(h)).float()
+
+
+def test_layers_run_with_metas_arguments(gqa):
+    """Blocks called with Meta's (h, start_pos, freqs_cis, mask): a prompt, then three tokens at once, then one
+    at a time (no mask), through the KV cache, give the reference's logits; as does attention called so."""
+    g, state = gqa
+    tokens = prompt(12, seed=9)
+    with torch.inference_mode():
+        got = [metas_forward(g.model, torch.tensor([tokens[a:b]]), a)[0] for a, b in ((0, 7), (7, 10), (10, 11),
+                                                                                       (11, 12))]
+    torch.testing.assert_close(torch.cat(got).double(), reference_logits(state, PARAMS, tokens), rtol=1e-4,
+                               atol=1e-4)
+    x = torch.randn(1, 3, GQA["dim"], generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():  # three tokens and no mask: each sees all three, as in Meta's
+        got = g.model.layers[0].attention(x, 0, g.model.freqs_cis[:3], None)[0].double()
+    w = {n: state[f"layers.0.attention.{n}.weight"].double() for n in ("wq", "wk", "wv", "wo")}
+    heads, kv, hd = GQA["n_heads"], GQA["n_kv_heads"], GQA["dim"] // GQA["n_heads"]
+    q = rotate((x[0].double() @ w["wq"].T).view(3, heads, hd), torch.arange(3), 1e4)
+    k = rotate((x[0].double() @ w["wk"].T).view(3, kv, hd), torch.arange(3), 1e4).repeat_interleave(heads // kv, 1)
+    v = (x[0].double() @ w["wv"].T).view(3, kv, hd).repeat_interleave(heads // kv, 1)
+    scores = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / hd ** 0.5, dim=-1)
+    want = torch.einsum("hqk,khd->qhd", scores, v).reshape(3, -1) @ w["wo"].T
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_a_hook_for_every_module_sees_every_block(gqa):
     """``register_module_forward_hook`` (every module's calls): the blocks are called, as on Meta's model."""
     g, _ = gqa
