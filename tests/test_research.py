@@ -265,6 +265,7 @@ def test_repeat_kv_is_metas():
 def test_metas_chat_names_import_from_generation_and_build_its_prompts(tokenizer_path):
     """Research code builds Llama 2 chat prompts by hand from the names Meta's generation.py defines: imported
     from ours, Meta's recipe gives the tokens chat_completion encodes."""
+    from llama import chat
     from llama.chat import chat_format
     from llama.generation import B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dialog, sample_top_p
     from llama.sampling import sample_top_p as ours
@@ -278,4 +279,4 @@ def test_metas_chat_names_import_from_generation_and_build_its_prompts(tokenizer
     want = tok.encode(f"{B_INST} {first.strip()} {E_INST} {dialog[2]['content'].strip()} ", bos=True, eos=True)
     want += tok.encode(f"{B_INST} {dialog[3]['content'].strip()} {E_INST}", bos=True, eos=False)
     assert chat_format(tok).encode_dialog(dialog, 0) == want
-    assert sample_top_p is ours and all(tag in SPECIAL_TAGS for tag in (B_INST, E_INST)) and UNSAFE_ERROR
+    assert (sample_top_p, UNSAFE_ERROR) == (ours, chat.UNSAFE_ERROR) and {B_INST, E_INST} <= set(SPECIAL_TAGS)
