@@ -10,9 +10,7 @@ trained on sequences of 256 tokens.
 from typing import List, Optional
 
 from llama import Dialog, Llama
-from llama.cli import checkpoint_or_demo, print0, run
-
-DEMO_MAX_GEN_LEN = 64
+from llama.cli import DEMO_MAX_GEN_LEN, checkpoint_or_demo, print0, run
 
 DIALOGS: List[Dialog] = [
     [{"role": "user", "content": "Who was the first man, and what was his work in the garden?"}],

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from . import distributed
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "models" / "demo"
+DEMO_MAX_GEN_LEN = 64  # the demo model was trained on sequences of 256 tokens: its default max_gen_len
 
 
 @contextlib.contextmanager

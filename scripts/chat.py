@@ -16,9 +16,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llama import Dialog, Llama, distributed  # noqa: E402
-from llama.cli import checkpoint_or_demo, print0, run  # noqa: E402
-
-DEMO_MAX_GEN_LEN = 64  # the demo model was trained on sequences of 256 tokens
+from llama.cli import DEMO_MAX_GEN_LEN, checkpoint_or_demo, print0, run  # noqa: E402
 
 
 def read_message() -> Optional[str]:
