@@ -34,7 +34,8 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # Llama 2: 1e4, Code Llama: 1e6, Llama 3: 5e5
-    use_scaled_rope: bool = False  # Llama 3.1's long-context frequency scaling
+    use_scaled_rope: bool = False  # Llama 3.1's long-context frequency scaling (scale_rope_freqs)
+    rope_scaling_factor: Optional[float] = None  # its factor; None: rope_factor's rule
     max_batch_size: int = 32
     max_seq_len: int = 2048
 
@@ -54,6 +55,18 @@ class ModelArgs:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def rope_factor(self) -> float:
+        """How many times use_scaled_rope slows the longest wavelengths. Meta's params.json don't say and Meta's
+        code takes 8, right for Llama 3.1, 3.3 and 3.2's vision models; Llama 3.2's 1B and 3B were trained with
+        32 (their Hugging Face configs, corrected after the release; with 8 they degrade over long contexts,
+        meta-llama/llama-models#241). Those two are told by their shapes; a params.json may also give it as
+        rope_scaling_factor."""
+        if self.rope_scaling_factor is not None:
+            return self.rope_scaling_factor
+        llama32_small = {(2048, 16, 32, 8), (3072, 28, 24, 8)}  # 1B and 3B: dim, layers, heads, KV heads
+        return 32.0 if (self.dim, self.n_layers, self.n_heads, self.kv_heads) in llama32_small else 8.0
 
     @property
     def hidden_dim(self) -> int:
@@ -151,12 +164,13 @@ class RMSNorm(nn.Module):
 
 
 def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, use_scaled: bool = False,
-                         device: Optional[torch.device] = None) -> torch.Tensor:
+                         device: Optional[torch.device] = None, factor: float = 8.0) -> torch.Tensor:
     """The rotary rotations cos + i sin of positions 0..end-1 for heads of dim, (end, dim // 2), complex64, with
-    Llama 3.1's scaling where use_scaled: Meta's name and arguments, so research code importing it runs."""
+    Llama 3.1's scaling by factor where use_scaled (``ModelArgs.rope_factor``): Meta's name and first arguments,
+    so research code importing it runs."""
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32)[: dim // 2] / dim))
     if use_scaled:
-        freqs = scale_rope_freqs(freqs)
+        freqs = scale_rope_freqs(freqs, factor)
     angles = torch.outer(torch.arange(end, device=device, dtype=torch.float32), freqs)
     return torch.polar(torch.ones_like(angles), angles)
 
@@ -401,7 +415,11 @@ class Transformer(nn.Module):
         self.cache_made_for = (weight.device, weight.dtype)
         for layer in self.layers:
             layer.attention.allocate_cache(max_batch_size, max_seq_len, self.compute_dtype, weight.device)
-        self.freqs_cis = precompute_freqs_cis(p.head_dim, max_seq_len, p.rope_theta, p.use_scaled_rope, weight.device)
+        self.freqs_cis = self._rotations(max_seq_len, weight.device)
+
+    def _rotations(self, end: int, device: torch.device) -> torch.Tensor:
+        p = self.params
+        return precompute_freqs_cis(p.head_dim, end, p.rope_theta, p.use_scaled_rope, device, p.rope_factor)
 
     def pack_weights(self) -> int:
         """Give each bf16 weight mapped from a checkpoint file a packed copy for products in the compute dtype
@@ -582,8 +600,7 @@ class Transformer(nn.Module):
         """Logits (batch, seqlen, vocab) of whole sequences from position 0, with autograd and without the KV
         cache: for training (scripts/train_demo.py), where forward's inference mode and cache don't belong."""
         if self.freqs_cis is None or self.freqs_cis.shape[0] < tokens.shape[1]:
-            p, end = self.params, max(tokens.shape[1], self.params.max_seq_len)
-            self.freqs_cis = precompute_freqs_cis(p.head_dim, end, p.rope_theta, p.use_scaled_rope, tokens.device)
+            self.freqs_cis = self._rotations(max(tokens.shape[1], self.params.max_seq_len), tokens.device)
         h = self.tok_embeddings(tokens)
         w = Window(None, tokens.shape[1], slice(None), self.freqs_cis[: tokens.shape[1]][None, :, None, :], None)
         for layer in self.layers:

@@ -18,24 +18,24 @@ def rms_norm(x, w, eps):
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
 
 
-def scaled_freq(f):
-    """Llama 3.1's rule for one frequency: long wavelengths (> 8192 / 1) slowed 8x, short ones (< 8192 / 4)
-    kept, and in between a blend weighted by 8192 / wavelength, from 1 (all slowed) to 4 (all kept)."""
+def scaled_freq(f, factor=8):
+    """Llama 3.1's rule for one frequency: long wavelengths (> 8192 / 1) slowed factor times, short ones
+    (< 8192 / 4) kept, and in between a blend weighted by 8192 / wavelength, from 1 (all slowed) to 4 (all kept)."""
     wavelength = 2 * math.pi / f
     if wavelength < 8192 / 4:
         return f
     if wavelength > 8192 / 1:
-        return f / 8
+        return f / factor
     w = (8192 / wavelength - 1) / (4 - 1)
-    return (1 - w) * f / 8 + w * f
+    return (1 - w) * f / factor + w * f
 
 
-def rotate(x, positions, theta, scaled=False):
+def rotate(x, positions, theta, scaled=False, factor=8):
     """x: (seq, heads, head_dim); pairs (0,1), (2,3), ... rotated by position * theta^(-2i/d)."""
     d = x.shape[-1]
     freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     if scaled:
-        freqs = torch.tensor([scaled_freq(float(f)) for f in freqs], dtype=torch.float64)
+        freqs = torch.tensor([scaled_freq(float(f), factor) for f in freqs], dtype=torch.float64)
     angles = positions.double()[:, None] * freqs[None, :]
     z = torch.view_as_complex(x.reshape(*x.shape[:-1], d // 2, 2).contiguous())
     return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)[:, None, :]).reshape(x.shape)
@@ -48,7 +48,7 @@ def logits(state: dict, p: dict, tokens: list, layer_out=None) -> torch.Tensor:
     w = {k: v.double() for k, v in state.items()}
     n_heads, n_kv = p["n_heads"], p.get("n_kv_heads") or p["n_heads"]
     hd, eps, theta = p["dim"] // n_heads, p.get("norm_eps", 1e-5), p.get("rope_theta", 10000.0)
-    scaled = p.get("use_scaled_rope", False)
+    rope = (theta, p.get("use_scaled_rope", False), p.get("rope_scaling_factor", 8))  # Llama 3.1's factor: 8
     T = len(tokens)
     pos = torch.arange(T)
     x = w["tok_embeddings.weight"][torch.tensor(tokens)]
@@ -56,8 +56,8 @@ def logits(state: dict, p: dict, tokens: list, layer_out=None) -> torch.Tensor:
     for i in range(p["n_layers"]):
         L = lambda name, i=i: w[f"layers.{i}.{name}.weight"]  # noqa: E731
         h = rms_norm(x, L("attention_norm"), eps)
-        q = rotate((h @ L("attention.wq").T).view(T, n_heads, hd), pos, theta, scaled)
-        k = rotate((h @ L("attention.wk").T).view(T, n_kv, hd), pos, theta, scaled)
+        q = rotate((h @ L("attention.wq").T).view(T, n_heads, hd), pos, *rope)
+        k = rotate((h @ L("attention.wk").T).view(T, n_kv, hd), pos, *rope)
         v = (h @ L("attention.wv").T).view(T, n_kv, hd)
         k, v = (t.repeat_interleave(n_heads // n_kv, dim=1) for t in (k, v))
         out = torch.empty(T, n_heads, hd, dtype=torch.float64)

@@ -60,6 +60,46 @@ def test_scaled_rope_frequencies_follow_llama31():
     torch.testing.assert_close(rotations[9999].imag.double(), torch.sin(9999 * want), rtol=0, atol=2e-3)
 
 
+# Meta's params.json of Llama 3.2 1B and 3B, 3.1 8B and 3.3 70B, as released.
+RELEASED = {
+    "3.2-1B": {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+               "ffn_dim_multiplier": 1.5, "multiple_of": 256, "norm_eps": 1e-05, "rope_theta": 500000.0,
+               "use_scaled_rope": True},
+    "3.2-3B": {"dim": 3072, "ffn_dim_multiplier": 1.0, "multiple_of": 256, "n_heads": 24, "n_kv_heads": 8,
+               "n_layers": 28, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True,
+               "vocab_size": 128256},
+    "3.1-8B": {"dim": 4096, "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "n_heads": 32, "n_kv_heads": 8,
+               "n_layers": 32, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True,
+               "vocab_size": 128256},
+    "3.3-70B": {"dim": 8192, "ffn_dim_multiplier": 1.3, "multiple_of": 4096, "n_heads": 64, "n_kv_heads": 8,
+                "n_layers": 80, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True,
+                "vocab_size": 128256},
+}
+
+
+@pytest.mark.parametrize("name, hidden, factor", [("3.2-1B", 8192, 32), ("3.2-3B", 8192, 32), ("3.1-8B", 14336, 8),
+                                                  ("3.3-70B", 28672, 8)])
+def test_rope_scaling_factor_of_each_release(name, hidden, factor):
+    """Llama 3.2's 1B and 3B were trained with the scaling's factor at 32 (their Hugging Face configs), the
+    others with 8, and params.json doesn't say: the shapes tell (the SwiGLU widths are those of the releases)."""
+    args = ModelArgs.from_params(RELEASED[name])
+    assert args.hidden_dim == hidden and args.rope_factor == factor
+    assert ModelArgs.from_params({**RELEASED[name], "rope_scaling_factor": 4.0}).rope_factor == 4.0
+
+
+def test_rope_scaling_factor_reaches_the_rotations(ckpts):
+    """A params.json's rope_scaling_factor, here Llama 3.2's 32, against the reference with 32: over 160
+    positions the model differs from one scaled by 8, so a factor that went astray shows."""
+    params = {**LLAMA31, "rope_scaling_factor": 32.0}
+    ckpt, state = ckpts(params)
+    model = model_of(ckpt, state, max_seq_len=160)
+    tokens = torch.randint(0, 128256, (160,), generator=torch.Generator().manual_seed(2)).tolist()
+    got = model.forward(torch.tensor([tokens]), 0)[0].double()
+    torch.testing.assert_close(got, reference_logits(state, params, tokens), rtol=1e-4, atol=1e-4)
+    by_8 = reference_logits(state, LLAMA31, tokens)
+    assert (by_8 - got).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("params", [LLAMA3, LLAMA31, CODE_LLAMA], ids=["llama3", "llama3.1", "code-llama"])
 def test_logits_match_float64_reference(ckpts, params):
     ckpt, state = ckpts(params)
