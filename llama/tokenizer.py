@@ -279,12 +279,16 @@ class TiktokenTokenizer(Tokenizer):
         self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
         self.eos_id: int = self.special_tokens["<|end_of_text|>"]
         self.eot_id: int = self.special_tokens["<|eot_id|>"]
+        # Llama 3.1's <|eom_id|>, the end of a message that calls a tool; Llama 3 reserved the id (and the name
+        # kept here) and never produces it.
+        self.eom_id: int = self.special_tokens["<|reserved_special_token_4|>"]
         self.pad_id: int = -1
 
     @property
     def stop_tokens(self) -> frozenset:
-        """End of text (a base model's end) and end of turn (a chat model's)."""
-        return frozenset({self.eos_id, self.eot_id})
+        """End of text (a base model's end), of turn (a chat model's) and of message (Llama 3.1's tool calls, as
+        Meta's 3.1 code stops on)."""
+        return frozenset({self.eos_id, self.eot_id, self.eom_id})
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         """``s`` as plain text: a special token's name in it is encoded as the characters it is made of."""

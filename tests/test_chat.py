@@ -9,6 +9,7 @@ from llama.chat import Llama2ChatFormat, Llama3ChatFormat, chat_format
 from conftest import FIXTURES, LLAMA2_TOKENIZER
 
 BEGIN, START, END, EOT = 128000, 128006, 128007, 128009
+EOM = 128008  # Llama 3.1's <|eom_id|>, which ends a tool call
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def scripted_model(tok, script, stop):
     return model
 
 
-@pytest.mark.parametrize("stop", [EOT, 128001], ids=["eot_id", "end_of_text"])
+@pytest.mark.parametrize("stop", [EOT, 128001, EOM], ids=["eot_id", "end_of_text", "eom_id"])
 def test_chat_completion_stops_at_a_stop_token(tok, stop, monkeypatch):
     script = plain(tok, "Paris, of course.")
     g = Llama(scripted_model(tok, script, stop), tok)
@@ -151,6 +152,6 @@ def test_chat_completion_stops_at_a_stop_token(tok, stop, monkeypatch):
     tokens, _ = g.generate([prompt], max_gen_len=20, temperature=0)
     assert tokens[0] == script
     # Not vacuous: were `stop` not a stop token, the model would go on past it (with token 0, all logits 0).
-    monkeypatch.setattr(type(tok), "stop_tokens", property(lambda self: frozenset({EOT, 128001} - {stop})))
+    monkeypatch.setattr(type(tok), "stop_tokens", property(lambda self: frozenset({EOT, 128001, EOM} - {stop})))
     tokens, _ = g.generate([prompt], max_gen_len=len(script) + 3, temperature=0)
     assert tokens[0] == script + [stop, 0, 0]

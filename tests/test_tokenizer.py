@@ -69,7 +69,7 @@ def test_missing_file(tmp_path):
 def test_llama3_ids(llama3):
     assert llama3.n_words == 128256
     assert (llama3.bos_id, llama3.eos_id, llama3.pad_id) == (128000, 128001, -1)
-    assert llama3.stop_tokens == {128001, 128009}
+    assert llama3.stop_tokens == {128001, 128009, 128008}  # 128008: Llama 3.1's <|eom_id|>
 
 
 @pytest.mark.parametrize("name, id_", [
