@@ -167,6 +167,12 @@ def validate(paths: List[Path], shards: List[Dict[str, torch.Tensor]], args: Mod
                                  f"params.json with {k} shard(s)")
 
 
+# params.json keys of Meta's releases whose weights this engine can't compute with, and what they are.
+UNSUPPORTED = {"quantization_args": "one of Meta's quantized releases (Llama 3.2's SpinQuant and QLoRA: int4 weights "
+                                    "with their scales)",
+               "vision_chunk_size": "a Llama 3.2 Vision model (an image encoder and cross-attention layers)"}
+
+
 class Checkpoint:
     """A checkpoint folder opened for loading: params.json read, every shard memory-mapped (not read)."""
 
@@ -178,6 +184,10 @@ class Checkpoint:
 
     def model_args(self, **overrides) -> ModelArgs:
         """ModelArgs from params.json, with the vocabulary size the shards hold where it says -1."""
+        for key, kind in UNSUPPORTED.items():
+            if key in self.params:
+                raise ValueError(f"{self.dir}/params.json has {key}: this is {kind}, which this engine doesn't run; "
+                                 "use the bf16 release of a text model (Llama 2, Code Llama, Llama 3.x)")
         args = ModelArgs.from_params({**self.params, **overrides})
         if "output.weight" not in self.shards[0]:
             raise ValueError(f"{self.paths[0]}: missing keys ['output.weight']")
