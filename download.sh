@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 #
-# download.sh - fetch the Llama 2 weights with the signed URL that Meta emails.
+# download.sh - fetch the weights of Llama 2, Code Llama or Llama 3 with the
+# signed URL that Meta emails.
 #
 # Interactive by default (asks for the URL and the models); fully scriptable
 # with --url/--models/--target or the matching LLAMA_* environment variables.
@@ -13,22 +14,26 @@
 set -o pipefail
 
 PROG=download.sh
-ALL_MODELS="7B,13B,70B,7B-chat,13B-chat,70B-chat"
 
 usage() {
     cat <<EOF
 Usage: bash $PROG [options]
 
-Downloads the Llama 2 release with the signed URL from Meta's email, which
+Downloads a Llama release with the signed URL from Meta's email, which
 looks like https://HOST/*?Policy=...&Signature=...&Key-Pair-Id=... ('*' is
 replaced by the path of each file). Without --url it asks for the URL and
-then for the models, as Meta's script does.
+then for the models, as Meta's scripts do. Each email's URL is for one
+family: give it with --family.
 
 Options:
   --url URL          the signed URL from the email; put it in single quotes
-  --models LIST      comma-separated list of 7B,13B,70B,7B-chat,13B-chat,
-                     70B-chat, or "all" (asked for when the URL is typed in;
-                     otherwise all models)
+  --family NAME      llama2 (default), codellama or llama3
+  --models LIST      comma-separated list of the family's models, or "all"
+                     (asked for when the URL is typed in; otherwise all):
+                       llama2:    7B,13B,70B,7B-chat,13B-chat,70B-chat
+                       codellama: 7b,13b,34b,70b, each also as -Python and
+                                  -Instruct (7b-Python, 70b-Instruct, ...)
+                       llama3:    8B,8B-instruct,70B,70B-instruct
   --target DIR       where the files go (default: the current directory)
   --downloader NAME  curl or wget (default: curl when installed, else wget)
   --dry-run          show what would be fetched and where; fetch nothing
@@ -37,6 +42,7 @@ Options:
 Environment variables (options take precedence):
   LLAMA_DOWNLOAD_URL       the signed URL, as --url (unlike --url, this keeps
                            it out of the process list)
+  LLAMA_FAMILY             the family, as --family
   LLAMA_MODELS             the model list, as --models
   LLAMA_TARGET_DIR         the target directory, as --target
   LLAMA_DOWNLOADER         curl or wget, as --downloader
@@ -48,9 +54,15 @@ Environment variables (options take precedence):
   LLAMA_DOWNLOAD_PROGRESS  1: always show a live progress line per file,
                            0: never (default: when stderr is a terminal)
 
-Layout in the target directory: LICENSE, USE_POLICY.md, tokenizer.model,
-tokenizer_checklist.chk, and per model a folder (llama-2-7b, llama-2-7b-chat,
-llama-2-13b, ...) with consolidated.NN.pth, params.json and checklist.chk.
+Layout in the target directory, as Meta's scripts make it:
+  llama2:    LICENSE, USE_POLICY.md, tokenizer.model, tokenizer_checklist.chk,
+             and per model a folder (llama-2-7b, llama-2-7b-chat, ...) with
+             consolidated.NN.pth, params.json and checklist.chk
+  codellama: LICENSE, USE_POLICY.md, and per model a folder (CodeLlama-7b,
+             CodeLlama-7b-Python, ...) with consolidated.NN.pth, params.json,
+             tokenizer.model and checklist.chk
+  llama3:    LICENSE, USE_POLICY, and per model a folder (Meta-Llama-3-8B,
+             Meta-Llama-3-8B-Instruct, ...) with the same four kinds of file
 
 Files are written as FILE.partial and renamed once they verify against the
 checklist, so an interrupted or corrupt download never looks complete. Run
@@ -156,13 +168,48 @@ file_url() {
 
 # ------------------------------------------------------------------- models
 
+# Sets FAMILY (llama2, codellama or llama3) and ALL_MODELS, its model names.
+pick_family() {
+    FAMILY=$(printf '%s' "$1" | tr '[:upper:]' '[:lower:]')
+    case $FAMILY in
+        llama2) ALL_MODELS="7B,13B,70B,7B-chat,13B-chat,70B-chat" ;;
+        codellama)
+            ALL_MODELS="7b,13b,34b,70b,7b-Python,13b-Python,34b-Python,70b-Python"
+            ALL_MODELS="$ALL_MODELS,7b-Instruct,13b-Instruct,34b-Instruct,70b-Instruct" ;;
+        llama3) ALL_MODELS="8B,8B-instruct,70B,70B-instruct" ;;
+        *) usage_error "unknown family '$1': the family is llama2, codellama or llama3 (the one Meta's email is for)" ;;
+    esac
+}
+
+# The folder of model TOK (lower case: a name of ALL_MODELS or the folder's
+# own name) in FAMILY; empty when it is not one of the family's.
+model_dir() {
+    local tok=$1
+    case $FAMILY:$tok in
+        llama2:7b | llama2:13b | llama2:70b | llama2:7b-chat | llama2:13b-chat | llama2:70b-chat)
+            echo "llama-2-$tok" ;;
+        llama2:llama-2-7b | llama2:llama-2-13b | llama2:llama-2-70b) echo "$tok" ;;
+        llama2:llama-2-7b-chat | llama2:llama-2-13b-chat | llama2:llama-2-70b-chat) echo "$tok" ;;
+        codellama:codellama-*) model_dir "${tok#codellama-}" ;;
+        codellama:7b* | codellama:13b* | codellama:34b* | codellama:70b*)
+            case ${tok#*b} in
+                '') echo "CodeLlama-$tok" ;;
+                -python) echo "CodeLlama-${tok%%-*}-Python" ;;
+                -instruct) echo "CodeLlama-${tok%%-*}-Instruct" ;;
+            esac ;;
+        llama3:meta-llama-3-*) model_dir "${tok#meta-llama-3-}" ;;
+        llama3:8b | llama3:70b) echo "Meta-Llama-3-$(printf '%s' "$tok" | tr 'b' 'B')" ;;
+        llama3:8b-instruct | llama3:70b-instruct) echo "Meta-Llama-3-$(printf '%s' "${tok%-*}" | tr 'b' 'B')-Instruct" ;;
+    esac
+}
+
 # Sets MODEL_DIRS (space-separated folder names) from a comma-separated list.
 parse_models() {
     local list=$1 tok lc dir rest
     MODEL_DIRS=""
     lc=$(printf '%s' "$list" | tr '[:upper:]' '[:lower:]')
     case $lc in
-        *[!a-z0-9,\ -]*) usage_error "invalid model list (use e.g. 7B,13B-chat; valid: $ALL_MODELS)" ;;
+        *[!a-z0-9,\ -]*) usage_error "invalid model list (valid for $FAMILY: $ALL_MODELS)" ;;
     esac
     rest="$lc,"
     while [ -n "$rest" ]; do
@@ -172,18 +219,16 @@ parse_models() {
         case $tok in
             '') continue ;;
             all)
-                parse_models_add llama-2-7b llama-2-13b llama-2-70b \
-                    llama-2-7b-chat llama-2-13b-chat llama-2-70b-chat
+                parse_models "$ALL_MODELS"
+                rest=""
                 continue ;;
-            7b | 13b | 70b | 7b-chat | 13b-chat | 70b-chat) dir="llama-2-$tok" ;;
-            llama-2-7b | llama-2-13b | llama-2-70b) dir=$tok ;;
-            llama-2-7b-chat | llama-2-13b-chat | llama-2-70b-chat) dir=$tok ;;
-            *) usage_error "unknown model '$tok' (valid: $ALL_MODELS, or all)" ;;
         esac
+        dir=$(model_dir "$tok")
+        [ -n "$dir" ] || usage_error "unknown model '$tok' for $FAMILY (valid: $ALL_MODELS, or all; other families: --family)"
         parse_models_add "$dir"
     done
     if [ -z "$MODEL_DIRS" ]; then
-        usage_error "no models selected (valid: $ALL_MODELS, or all)"
+        usage_error "no models selected (valid for $FAMILY: $ALL_MODELS, or all)"
     fi
 }
 
@@ -200,9 +245,12 @@ parse_models_add() {
 # A model folder's shard count and rough size in KiB (for the free-space check).
 model_spec() {
     case $1 in
-        llama-2-7b | llama-2-7b-chat) echo "1 13200000" ;;
-        llama-2-13b | llama-2-13b-chat) echo "2 25500000" ;;
-        llama-2-70b | llama-2-70b-chat) echo "8 134800000" ;;
+        llama-2-7b | llama-2-7b-chat | CodeLlama-7b*) echo "1 13200000" ;;
+        llama-2-13b | llama-2-13b-chat | CodeLlama-13b*) echo "2 25500000" ;;
+        CodeLlama-34b*) echo "4 65900000" ;;
+        llama-2-70b | llama-2-70b-chat | CodeLlama-70b*) echo "8 134800000" ;;
+        Meta-Llama-3-8B*) echo "1 15700000" ;;
+        Meta-Llama-3-70B*) echo "8 137800000" ;;
     esac
 }
 
@@ -218,7 +266,7 @@ model_kib() {
     echo "${spec#* }"
 }
 
-# Files of a model folder, checklist.chk last (it is fetched first).
+# Files of a model folder but checklist.chk (which is fetched first).
 model_files() {
     local n i=0
     n=$(shard_count "$1")
@@ -227,6 +275,32 @@ model_files() {
         i=$((i + 1))
     done
     printf 'params.json\n'
+    [ "$FAMILY" = llama2 ] || printf 'tokenizer.model\n'  # Llama 2 has one for all models
+}
+
+# Files of the target directory itself, each family's as Meta's script
+# fetches them (the tokenizer's checklist before the tokenizer).
+top_files() {
+    case $FAMILY in
+        llama2) printf '%s\n' LICENSE USE_POLICY.md tokenizer_checklist.chk tokenizer.model ;;
+        codellama) printf '%s\n' LICENSE USE_POLICY.md ;;
+        llama3) printf '%s\n' LICENSE USE_POLICY ;;
+    esac
+}
+
+# The path on the server of REL, a path in the target directory: Llama 3's
+# folders are named there by size and kind (Meta-Llama-3-8B-Instruct/X is
+# 8b_instruction_tuned/X); other files have the same path in both.
+release_path() {
+    local dir=${1%%/*} size kind
+    case $1 in
+        Meta-Llama-3-*/*)
+            size=${dir#Meta-Llama-3-}
+            kind=pre_trained
+            case $size in *-Instruct) size=${size%-Instruct}; kind=instruction_tuned ;; esac
+            printf '%s_%s/%s' "$(printf '%s' "$size" | tr 'B' 'b')" "$kind" "${1#*/}" ;;
+        *) printf '%s' "$1" ;;
+    esac
 }
 
 # -------------------------------------------------------------- file helpers
@@ -548,7 +622,7 @@ get_file() {
     while :; do
         : >"$log"
         start_progress "$part" "$log" "$rel"
-        fetch_once "$(file_url "$rel")" "$part" "$log"
+        fetch_once "$(file_url "$(release_path "$rel")")" "$part" "$log"
         rc=$?
         stop_progress
         if [ "$SHOW_PROGRESS" = 1 ]; then
@@ -640,6 +714,13 @@ get_model() {
     get_file "$dir/checklist.chk" checklist || return 1
     for name in $(model_files "$dir"); do
         want=$(checklist_md5 "$chk" "$name")
+        if [ -z "$want" ] && [ "$name" = tokenizer.model ]; then
+            # as Meta's script, which verifies what the checklist lists
+            warn "$dir/checklist.chk has no md5 for tokenizer.model: it is fetched but can't be verified"
+            get_file "$dir/$name" plain || failed=1
+            [ "$FATAL" = 1 ] && return 1
+            continue
+        fi
         if [ -z "$want" ]; then
             FILE_INDEX=$((FILE_INDEX + 1))
             err "$dir/checklist.chk has no md5 for $name; cannot verify it"
@@ -652,12 +733,15 @@ get_model() {
     return "$failed"
 }
 
-get_tokenizer() {
-    local failed=0 want
-    get_file LICENSE plain || failed=1
-    [ "$FATAL" = 1 ] && return 1
-    get_file USE_POLICY.md plain || failed=1
-    [ "$FATAL" = 1 ] && return 1
+# The files of the target directory itself (top_files); returns 1 if any failed.
+get_top_files() {
+    local failed=0 want name
+    for name in $(top_files); do
+        case $name in tokenizer*) continue ;; esac
+        get_file "$name" plain || failed=1
+        [ "$FATAL" = 1 ] && return 1
+    done
+    [ "$FAMILY" = llama2 ] || return "$failed"
     if get_file tokenizer_checklist.chk checklist; then
         want=$(checklist_md5 "$TARGET/tokenizer_checklist.chk" tokenizer.model)
         if [ -n "$want" ]; then
@@ -694,7 +778,7 @@ check_space() {
 
 # --------------------------------------------------------------------- main
 
-# shellcheck disable=SC2317  # invoked by trap
+# shellcheck disable=SC2317,SC2329  # invoked by trap
 on_signal() {
     stop_progress
     printf '\n' >&2
@@ -702,7 +786,7 @@ on_signal() {
     exit 130
 }
 
-# shellcheck disable=SC2317  # invoked by trap
+# shellcheck disable=SC2317,SC2329  # invoked by trap
 cleanup() {
     stop_progress
     if [ -n "${WORKDIR:-}" ]; then
@@ -717,22 +801,24 @@ check_count() {
 }
 
 main() {
-    local url_src="" dir n summary="" status=0 line
-    OPT_URL="" OPT_MODELS="" OPT_TARGET="" OPT_DOWNLOADER="" DRY_RUN=0
+    local url_src="" dir summary="" status=0 line label
+    OPT_URL="" OPT_FAMILY="" OPT_MODELS="" OPT_TARGET="" OPT_DOWNLOADER="" DRY_RUN=0
     while [ $# -gt 0 ]; do
         case $1 in
             -h | --help) usage; exit 0 ;;
             --dry-run) DRY_RUN=1; shift ;;
-            --url | --models | --target | --downloader)
+            --url | --family | --models | --target | --downloader)
                 [ $# -ge 2 ] || usage_error "$1 needs a value"
                 case $1 in
                     --url) OPT_URL=$2; url_src=option ;;
+                    --family) OPT_FAMILY=$2 ;;
                     --models) OPT_MODELS=$2 ;;
                     --target) OPT_TARGET=$2 ;;
                     --downloader) OPT_DOWNLOADER=$2 ;;
                 esac
                 shift 2 ;;
             --url=*) OPT_URL=${1#*=}; url_src=option; shift ;;
+            --family=*) OPT_FAMILY=${1#*=}; shift ;;
             --models=*) OPT_MODELS=${1#*=}; shift ;;
             --target=*) OPT_TARGET=${1#*=}; shift ;;
             --downloader=*) OPT_DOWNLOADER=${1#*=}; shift ;;
@@ -753,6 +839,7 @@ main() {
         *) if [ -t 2 ]; then SHOW_PROGRESS=1; else SHOW_PROGRESS=0; fi ;;
     esac
 
+    pick_family "${OPT_FAMILY:-${LLAMA_FAMILY:-llama2}}"
     URL=${OPT_URL:-${LLAMA_DOWNLOAD_URL:-}}
     if [ -z "$OPT_URL" ] && [ -n "$URL" ]; then url_src="env"; fi
     if [ -z "$URL" ]; then
@@ -786,25 +873,25 @@ main() {
     pick_downloader
     pick_md5
 
-    FILE_COUNT=4
+    FILE_COUNT=$(top_files | wc -l)
     for dir in $MODEL_DIRS; do
-        n=$(shard_count "$dir")
-        FILE_COUNT=$((FILE_COUNT + n + 2))
+        FILE_COUNT=$((FILE_COUNT + 1 + $(model_files "$dir" | wc -l)))
     done
 
     say "URL:        $(mask_url "$URL")"
+    say "Family:     $FAMILY"
     say "Models:     $MODEL_DIRS"
     say "Target:     $TARGET"
 
     if [ "$DRY_RUN" = 1 ]; then
         say "Downloader: ${DOWNLOADER:-none found (install curl or wget)}; md5: $MD5_TOOL"
         say "Dry run: nothing is fetched. Would fetch:"
-        for line in LICENSE USE_POLICY.md tokenizer_checklist.chk tokenizer.model; do
+        for line in $(top_files); do
             say "  $(mask_url "$(file_url "$line")") -> $TARGET/$line"
         done
         for dir in $MODEL_DIRS; do
             for line in checklist.chk $(model_files "$dir"); do
-                say "  $(mask_url "$(file_url "$dir/$line")") -> $TARGET/$dir/$line"
+                say "  $(mask_url "$(file_url "$(release_path "$dir/$line")")") -> $TARGET/$dir/$line"
             done
         done
         exit 0
@@ -827,10 +914,12 @@ main() {
 
     FATAL=0
     FILE_INDEX=0
-    if get_tokenizer; then
-        summary="  tokenizer: OK"
+    label=tokenizer  # Llama 2's is shared by its models; the others' come with each model
+    [ "$FAMILY" = llama2 ] || label=license
+    if get_top_files; then
+        summary="  $label: OK"
     else
-        summary="  tokenizer: FAILED"
+        summary="  $label: FAILED"
         status=1
     fi
     for dir in $MODEL_DIRS; do

@@ -1,7 +1,8 @@
-"""A fake Llama 2 release behind a signed-URL-like path, for testing download.sh.
+"""A fake Llama release behind a signed-URL-like path, for testing download.sh.
 
-The server binds to 127.0.0.1 on a free port and serves a tiny copy of
-Meta's release layout under ``/dl/`` with real md5 checklists. Requests must
+The server binds to 127.0.0.1 on a free port and serves a tiny copy of the
+layout of one family's release (Llama 2 by default, Code Llama or Llama 3)
+under ``/dl/`` with real md5 checklists. Requests must
 carry the expected ``Signature`` query value, as a signed CDN URL would.
 It supports Range requests (206 with Content-Range, 416 past the end) and
 records every request so tests can assert what was fetched.
@@ -29,14 +30,21 @@ from urllib.parse import parse_qs, urlsplit
 SIGNATURE = "SECRETSIG123"
 PREFIX = "/dl/"
 
-MODELS = {
-    "llama-2-7b": 1,
-    "llama-2-13b": 2,
-    "llama-2-70b": 8,
-    "llama-2-7b-chat": 1,
-    "llama-2-13b-chat": 2,
-    "llama-2-70b-chat": 8,
+# Each family's model folders on the server, and their shard counts.
+FAMILIES = {
+    "llama2": {
+        "llama-2-7b": 1,
+        "llama-2-13b": 2,
+        "llama-2-70b": 8,
+        "llama-2-7b-chat": 1,
+        "llama-2-13b-chat": 2,
+        "llama-2-70b-chat": 8,
+    },
+    "codellama": {f"CodeLlama-{size}{kind}": n for size, n in (("7b", 1), ("13b", 2), ("34b", 4), ("70b", 8))
+                  for kind in ("", "-Python", "-Instruct")},
+    "llama3": {"8b_pre_trained": 1, "8b_instruction_tuned": 1, "70b_pre_trained": 8, "70b_instruction_tuned": 8},
 }
+MODELS = FAMILIES["llama2"]
 
 SHARD_SIZE = 64 * 1024
 
@@ -50,38 +58,36 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def build_release(seed: int = 1234) -> dict[str, bytes]:
-    """Returns {release path: content} for the whole fake release."""
+def build_release(family: str = "llama2", seed: int = 1234) -> dict[str, bytes]:
+    """Returns {release path: content} for the whole fake release of a family: Llama 2's tokenizer is shared
+    by its models (with a checklist of its own), the others' come with each model (in its checklist), and
+    Llama 3's use policy has no .md."""
     rng = random.Random(seed)
     files: dict[str, bytes] = {
-        "LICENSE": b"LLAMA 2 COMMUNITY LICENSE AGREEMENT (test copy)\n" * 8,
-        "USE_POLICY.md": b"# Llama 2 Acceptable Use Policy (test copy)\n" * 6,
-        # a binary blob, like the real sentencepiece model
-        "tokenizer.model": b"\n\x0e" + rng.randbytes(500),
+        "LICENSE": b"LLAMA COMMUNITY LICENSE AGREEMENT (test copy)\n" * 8,
+        "USE_POLICY" + ("" if family == "llama3" else ".md"): b"# Llama Acceptable Use Policy (test copy)\n" * 6,
     }
-    files["tokenizer_checklist.chk"] = (
-        f"{_md5(files['tokenizer.model'])}  tokenizer.model\n".encode()
-    )
-    for model, shards in MODELS.items():
-        lines = []
+    if family == "llama2":
+        # a binary blob, like the real sentencepiece model
+        files["tokenizer.model"] = b"\n\x0e" + rng.randbytes(500)
+        files["tokenizer_checklist.chk"] = f"{_md5(files['tokenizer.model'])}  tokenizer.model\n".encode()
+    for model, shards in FAMILIES[family].items():
         for i in range(shards):
-            name = f"consolidated.{i:02d}.pth"
             # starts like a zip archive, as torch.save files do
-            data = b"PK\x03\x04" + rng.randbytes(SHARD_SIZE - 4)
-            files[f"{model}/{name}"] = data
-            lines.append(f"{_md5(data)}  {name}\n")
-        params = b'{"dim": 64, "n_layers": 2, "n_heads": 4, "norm_eps": 1e-05, "vocab_size": -1}'
-        files[f"{model}/params.json"] = params
-        lines.append(f"{_md5(params)}  params.json\n")
-        files[f"{model}/checklist.chk"] = "".join(lines).encode()
+            files[f"{model}/consolidated.{i:02d}.pth"] = b"PK\x03\x04" + rng.randbytes(SHARD_SIZE - 4)
+        files[f"{model}/params.json"] = b'{"dim": 64, "n_layers": 2, "n_heads": 4, "norm_eps": 1e-05, "vocab_size": -1}'
+        if family != "llama2":
+            files[f"{model}/tokenizer.model"] = rng.randbytes(300)
+        names = sorted(f.split("/", 1)[1] for f in files if f.startswith(model + "/"))
+        files[f"{model}/checklist.chk"] = "".join(f"{_md5(files[f'{model}/{n}'])}  {n}\n" for n in names).encode()
     return files
 
 
 class FakeRelease:
     """The served release, the failure modes and the request log."""
 
-    def __init__(self) -> None:
-        self.files = build_release()
+    def __init__(self, family: str = "llama2") -> None:
+        self.files = build_release(family)
         self.forbidden = False
         self.cut: dict[str, int] = {}
         self.html: set[str] = set()

@@ -179,6 +179,81 @@ def test_dry_run_fetches_nothing(server, tmp_path):
     assert f"{target}/tokenizer.model" in out
 
 
+# ------------------------------------------------------ Code Llama and Llama 3
+
+@pytest.fixture
+def family_server(request):
+    srv = FakeRelease(request.param).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def assert_tree(target: Path, release: FakeRelease, placed: dict[str, str]) -> None:
+    """Exactly the files of placed ({path in target: path on the server}), byte-exact."""
+    for rel, remote in placed.items():
+        assert (target / rel).read_bytes() == release.files[remote], rel
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == sorted(placed)
+
+
+def folder(local: str, remote: str, release: FakeRelease) -> dict[str, str]:
+    """{local/NAME: remote/NAME} for every file of a model folder on the server."""
+    return {local + p[len(remote):]: p for p in release.files if p.startswith(remote + "/")}
+
+
+@pytest.mark.parametrize("family_server", ["codellama"], indirect=True)
+def test_code_llama_models_each_with_its_tokenizer(family_server, tmp_path):
+    srv = family_server
+    proc = run(["--url", srv.url, "--family", "codellama", "--models", "7b,34B-python,70b-Instruct",
+                "--target", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    placed = {"LICENSE": "LICENSE", "USE_POLICY.md": "USE_POLICY.md"}
+    for model in ("CodeLlama-7b", "CodeLlama-34b-Python", "CodeLlama-70b-Instruct"):
+        placed.update(folder(model, model, srv))
+    assert_tree(tmp_path, srv, placed)
+    assert "CodeLlama-70b-Instruct/tokenizer.model" in placed and "All files verified" in proc.stdout
+    # 70b-Instruct's 8 shards, no more (Meta's script asks for 71 of them)
+    assert sum(p.startswith("CodeLlama-70b-Instruct/consolidated.") for p in srv.requested_paths()) == 8
+
+
+@pytest.mark.parametrize("family_server", ["llama3"], indirect=True)
+def test_llama3_models_in_meta_folders_from_the_server_paths(family_server, tmp_path):
+    srv = family_server
+    proc = run(["--url", srv.url, "--models", "8B-instruct,70b", "--target", str(tmp_path)],
+               env={"LLAMA_FAMILY": "llama3"})
+    assert proc.returncode == 0, proc.stderr
+    placed = {"LICENSE": "LICENSE", "USE_POLICY": "USE_POLICY",
+              **folder("Meta-Llama-3-8B-Instruct", "8b_instruction_tuned", srv),
+              **folder("Meta-Llama-3-70B", "70b_pre_trained", srv)}
+    assert len(placed) == 2 + 4 + 11
+    assert_tree(tmp_path, srv, placed)
+    assert "Meta-Llama-3-70B: OK" in proc.stdout and "license: OK" in proc.stdout
+
+
+@pytest.mark.parametrize("family_server", ["codellama"], indirect=True)
+def test_a_tokenizer_the_checklist_does_not_list_is_fetched_with_a_warning(family_server, tmp_path):
+    srv = family_server
+    chk = srv.files["CodeLlama-7b/checklist.chk"].decode().splitlines(keepends=True)
+    srv.files["CodeLlama-7b/checklist.chk"] = "".join(c for c in chk if "tokenizer" not in c).encode()
+    proc = run(["--url", srv.url, "--family", "codellama", "--models", "7b", "--target", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    assert "has no md5 for tokenizer.model: it is fetched but can't be verified" in proc.stderr
+    assert (tmp_path / "CodeLlama-7b/tokenizer.model").read_bytes() == srv.files["CodeLlama-7b/tokenizer.model"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--family", "llama3", "--models", "7B-chat"], "unknown model '7b-chat' for llama3 (valid: 8B,8B-instruct,"),
+    (["--family", "codellama", "--models", "7b-chat"], "unknown model '7b-chat' for codellama"),
+    (["--family", "llama4"], "unknown family 'llama4': the family is llama2, codellama or llama3"),
+])
+def test_a_model_or_family_not_there_is_rejected(server, tmp_path, args, message):
+    proc = run(["--url", server.url, *args, "--target", str(tmp_path)])
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert server.requests == []
+
+
 # ---------------------------------------------------------------------- resuming
 
 @pytest.mark.parametrize("downloader", DOWNLOADERS)
