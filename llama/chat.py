@@ -1,6 +1,8 @@
-"""Prompt formats. Chat: how a dialog becomes prompt tokens, the tokenizer's ``kind`` picking the format
-(``Llama2ChatFormat`` for "llama2", SentencePiece; ``Llama3ChatFormat`` for "llama3", tiktoken). Infilling:
-Code Llama's prompt for the code between a prefix and a suffix (``infilling_prompt``)."""
+"""Prompt formats. Chat: how a dialog becomes prompt tokens, which ids end the answer and what the answer
+message says besides its content; the tokenizer's ``kind`` picks the format (``Llama2ChatFormat`` for
+"llama2", SentencePiece; ``CodeLlama70bChatFormat`` for "codellama70b", SentencePiece with a ``<step>`` piece;
+``Llama3ChatFormat`` for "llama3", tiktoken). Infilling: Code Llama's prompt for the code between a prefix and
+a suffix (``infilling_prompt``)."""
 
 from typing import List, Literal, TypedDict
 
@@ -32,8 +34,11 @@ def _check_messages(dialog: Dialog, index: int) -> None:
 class Llama2ChatFormat:
     """Llama 2 chat: ``[INST] user [/INST] answer`` pairs, the system prompt folded into the first user turn."""
 
+    answer = {"role": "assistant"}
+
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.stop_tokens = tokenizer.stop_tokens
 
     @staticmethod
     def is_unsafe(dialog: Dialog) -> bool:
@@ -71,9 +76,11 @@ class Llama3ChatFormat:
 
     ROLES = ("system", "user", "assistant", "ipython")
     ANSWERED = ("user", "ipython")
+    answer = {"role": "assistant"}
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.stop_tokens = tokenizer.stop_tokens
         special = tokenizer.special_id
         self.begin_of_text = special("<|begin_of_text|>")
         self.start_header = special("<|start_header_id|>")
@@ -112,7 +119,52 @@ class Llama3ChatFormat:
         return tokens + self.encode_header({"role": "assistant", "content": ""})
 
 
-FORMATS = {"llama2": Llama2ChatFormat, "llama3": Llama3ChatFormat}
+class CodeLlama70bChatFormat:
+    """Code Llama 70B's chat (Meta's "turns", where the tokenizer has a ``<step>`` piece): ``<s>``, then each
+    message as ``" Source: role"`` (with ``"\nDestination: d"`` where the message has a ``"destination"``),
+    ``"\n\n "`` and its stripped content where it has any, and ``<step>``; then ``" Source: assistant\nDestination:
+    user"`` and ``"\n\n "`` for the answer, which ends with ``<step>``. Each part is encoded on its own, as
+    Meta's are. Roles: system first (an empty one where the dialog starts without it), then user and assistant
+    alternating, ending with user. Unsafe, as in Llama 2's: Llama 2's tags, and a content that encodes to
+    ``<step>``."""
+
+    answer = {"role": "assistant", "destination": "user"}
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.step = tokenizer.step_id
+        self.stop_tokens = tokenizer.stop_tokens | {self.step}
+
+    def is_unsafe(self, dialog: Dialog) -> bool:
+        return Llama2ChatFormat.is_unsafe(dialog) or any(
+            self.step in self.tokenizer.encode(message["content"], bos=False, eos=False) for message in dialog)
+
+    def encode_dialog(self, dialog: Dialog, index: int = 0) -> List[int]:
+        _check_messages(dialog, index)
+        if dialog[0]["role"] != "system":
+            dialog = [{"role": "system", "content": ""}] + dialog
+        roles = [message["role"] for message in dialog]
+        expected = ["system"] + ["user" if i % 2 == 0 else "assistant" for i in range(len(dialog) - 1)]
+        if roles != expected or roles[-1] != "user":
+            raise ValueError(f"dialog {index}: roles must be 'system' (optional), then 'user' and 'assistant' "
+                             f"alternating, ending with 'user'; got {roles}")
+        tokens = [self.tokenizer.bos_id]
+        for message in dialog:
+            tokens += self._header(message)
+            if message["content"]:
+                tokens += self.tokenizer.encode("\n\n " + message["content"].strip(), bos=False, eos=False)
+            tokens.append(self.step)
+        return (tokens + self._header({"role": "assistant", "destination": "user"})
+                + self.tokenizer.encode("\n\n ", bos=False, eos=False))
+
+    def _header(self, message: dict) -> List[int]:
+        header = f" Source: {message['role'].strip()}"
+        if message.get("destination") is not None:
+            header += f"\nDestination: {message['destination'].strip()}"
+        return self.tokenizer.encode(header, bos=False, eos=False)
+
+
+FORMATS = {"llama2": Llama2ChatFormat, "codellama70b": CodeLlama70bChatFormat, "llama3": Llama3ChatFormat}
 
 
 def chat_format(tokenizer):

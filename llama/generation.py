@@ -344,15 +344,15 @@ class Llama:
             raise ValueError("dialogs must be a list of dialogs (lists of messages)")
         encoded = [self.formatter.encode_dialog(d, i) for i, d in enumerate(dialogs)]
         safe = [i for i, d in enumerate(dialogs) if not self.formatter.is_unsafe(d)]
+        answer = self.formatter.answer  # {"role": "assistant"}, and Code Llama 70B's "destination": "user"
         results: List[ChatPrediction] = [
-            self._prediction({"role": "assistant", "content": UNSAFE_ERROR}, [], [] if logprobs else None)
-            for _ in dialogs]
+            self._prediction({**answer, "content": UNSAFE_ERROR}, [], [] if logprobs else None) for _ in dialogs]
         if safe:
             prompt_tokens = [encoded[i] for i in safe]
             tokens, probs = self.generate(prompt_tokens, self._gen_len(prompt_tokens, max_gen_len), temperature,
-                                          top_p, logprobs)
+                                          top_p, logprobs, stop_tokens=self.formatter.stop_tokens)
             for j, i in enumerate(safe):
-                content = {"role": "assistant", "content": self.tokenizer.decode(tokens[j])}
+                content = {**answer, "content": self.tokenizer.decode(tokens[j])}
                 results[i] = self._prediction(content, tokens[j], probs[j] if logprobs else None)
         return results
 
@@ -363,16 +363,15 @@ class Llama:
         and arguments. Each piece is the text its tokens add; where a token ends within a character (holding
         part of its bytes), the piece waits for the tokens that complete it."""
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, bos=True, eos=False)
+            ids, stop = self.tokenizer.encode(prompt, bos=True, eos=False), self.tokenizer.stop_tokens
         else:
-            ids = self.formatter.encode_dialog(prompt, 0)  # checks the dialog
+            ids, stop = self.formatter.encode_dialog(prompt, 0), self.formatter.stop_tokens  # checks the dialog
             if self.formatter.is_unsafe(prompt):
                 yield UNSAFE_ERROR
                 return
         max_gen_len = self._gen_len([ids], max_gen_len)
         self._check_generate_args([ids], max_gen_len, temperature, top_p, None, echo=False)
         batch = _Batch.of([ids], max_gen_len, self.model.params.max_seq_len, self.device, logprobs=False)
-        stop = self.tokenizer.stop_tokens
         # Only the tokens from the last one already said are decoded each step (with it, for what comes between
         # them, such as SentencePiece's spaces): text of the whole so far would cost a decode as long as it.
         window: List[int] = []

@@ -3,7 +3,8 @@
 
 ``Tokenizer(path)`` reads Meta's ``tokenizer.model`` whichever kind it is and returns the tokenizer for it:
 
-- a SentencePiece model (a protobuf; Llama 1/2 and Code Llama): a ``SentencePieceTokenizer``, kind "llama2";
+- a SentencePiece model (a protobuf; Llama 1/2 and Code Llama): a ``SentencePieceTokenizer``, kind "llama2"
+  (or "codellama70b" where it has Code Llama 70B's ``<step>`` piece, whose chat format is another);
 - a tiktoken BPE file (text lines ``base64-token rank``; Llama 3 / 3.1): a ``TiktokenTokenizer``, kind "llama3".
 
 Both are subclasses of ``Tokenizer``. Text given to ``encode`` never produces a special token, whatever it
@@ -44,6 +45,7 @@ class Tokenizer:
     suffix_id: Optional[int] = None
     middle_id: Optional[int] = None
     eot_id: Optional[int] = None  # the end of an infill (Code Llama), or of a turn (Llama 3's <|eot_id|>)
+    step_id: Optional[int] = None  # Code Llama 70B's <step>, which ends each message of its chat format
 
     def __new__(cls, model_path: str = None, *args, **kwargs):
         if cls is Tokenizer:
@@ -97,8 +99,6 @@ INFILLING_MARK = "☺"
 class SentencePieceTokenizer(Tokenizer):
     """Meta's SentencePiece tokenizer (Llama 1/2, Code Llama)."""
 
-    kind = "llama2"
-
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
             raise ValueError(f"tokenizer file {model_path!r} does not exist: pass the path to Meta's "
@@ -113,6 +113,8 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_id: int = self.sp_model.eos_id()
         self.pad_id: int = self.sp_model.pad_id()
         self.prefix_id, self.suffix_id, self.middle_id, self.eot_id = map(self._piece_id, INFILLING_PIECES)
+        self.step_id = self._piece_id("<step>")
+        self.kind = "llama2" if self.step_id is None else "codellama70b"
         # What encode_infilling puts before the text to stand in for the space SentencePiece adds, and removes.
         self._mark = self.sp_model.encode(INFILLING_MARK)
 

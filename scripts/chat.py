@@ -73,7 +73,7 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, s
             print0(f"(not sent: {e})\n")
             continue
         print0("\n")
-        dialog = asked + [{"role": "assistant", "content": answer}]
+        dialog = asked + [{**generator.formatter.answer, "content": answer}]
 
 
 if __name__ == "__main__":

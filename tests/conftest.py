@@ -82,6 +82,15 @@ def code_llama_tokenizer_path(tokenizer_path, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def code_llama_70b_tokenizer_path(tokenizer_path, tmp_path_factory) -> str:
+    """The same with a ``<step>`` piece last, as Code Llama 70B's has: its chat format is another."""
+    path = tmp_path_factory.mktemp("codellama70b") / "tokenizer.model"
+    pieces = CODE_LLAMA_PIECES[:-1] + ["<step>"]
+    path.write_bytes(Path(tokenizer_path).read_bytes() + b"".join(map(_piece_entry, pieces)))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def make_ckpt(tmp_path_factory):
     """make_ckpt(params, mp) -> (ckpt_dir, full float weights); each distinct checkpoint is written once."""
     made = {}
