@@ -1,8 +1,7 @@
 """Device, backend and process group: with torchrun, or with no launcher at all.
 
 Meta's reference needs torchrun even for one process, and fails when ``Llama.build`` is called twice in one
-Python session. Here a missing launcher means a one-process group on a free local port, and a group that
-already exists is reused.
+Python session. Here a missing launcher means a one-process group, and a group that already exists is reused.
 """
 
 import contextlib
@@ -44,12 +43,6 @@ def pick_device(device: Union[str, torch.device, None]) -> torch.device:
     return device
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_process_group(device: torch.device) -> None:
     """Join torchrun's group if launched by it, else start a one-process group; reuse one that exists."""
     if dist.is_initialized():
@@ -57,9 +50,9 @@ def init_process_group(device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend, timeout=TIMEOUT)
-    else:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                                timeout=TIMEOUT)
+    else:  # its store in the process: no port to find (or to race another process for), no network, and none of
+        # the TCP store that PyTorch's Windows builds without libuv failed to make
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=TIMEOUT)
 
 
 def cpu_threads(env: Mapping[str, str], cpus: int) -> Optional[int]:

@@ -1,6 +1,7 @@
 import contextlib
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -129,7 +130,9 @@ def torchrun(nproc: int, *args, **kwargs) -> subprocess.CompletedProcess:
 def torchrun_machines(*args_per_machine, timeout=120) -> List[subprocess.CompletedProcess]:
     """Launch as on several machines, here on one: a torchrun per machine (--nnodes, its own --node_rank, one
     process each) meeting at a local address, each with its own arguments. A hang fails the test."""
-    port = distributed._free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a free port for the first machine's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = _unlaunched_env()
     with contextlib.ExitStack() as stack:
         launched = []
