@@ -261,18 +261,35 @@ class Llama:
 
         stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=self.device)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        broken = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)  # rows whose logits weren't finite
         for pos in range(prompt_len, tokens.shape[1]):
+            # NaN or infinite logits (a float16 overflow, say) are garbage to argmax, and multinomial fails on them,
+            # on a GPU with a device-side assert that ends the process: such a row samples from zeros instead, and
+            # the step's one sync with the host, below, raises the error before its token is seen.
+            finite = logits.sum(dim=-1).isfinite()
+            broken |= ~finite
+            if temperature > 0:
+                logits = logits.where(finite[:, None], 0.0)
             next_token = sample(logits, temperature, top_p, self.generator)
             if temperature > 0:  # greedy picks alike on every rank: the gathered logits are the same bits
                 distributed.as_first_rank_has_it(next_token)
             tokens[:, pos] = next_token
             if batch.logprobs is not None:
                 batch.logprobs[:, pos] = _logprobs_of(logits, next_token)
-            yield pos
             done |= torch.isin(next_token, stop_ids)
-            if pos + 1 == tokens.shape[1] or bool(done.all()):
+            all_done, any_broken = torch.stack((done.all(), broken.any())).tolist()
+            if any_broken:
+                raise ValueError(self._not_finite(int(broken.nonzero()[0]), pos))
+            yield pos
+            if pos + 1 == tokens.shape[1] or all_done:
                 return
             logits = self.decode_step(tokens[:, pos:pos + 1], pos, left_pad=pad)[:, -1]
+
+    def _not_finite(self, row: int, pos: int) -> str:
+        why = ("float16 holds values up to 65504 and the activations went past it: build with dtype='bfloat16' "
+               "(or 'float32')" if self.model.compute_dtype == torch.float16 else
+               "the checkpoint's weights may hold NaN or infinity")
+        return f"the logits of prompt {row} at position {pos} are not finite (NaN or infinity): {why}"
 
     def _check_generate_args(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float,
                              top_p: float, stop_tokens: Optional[Collection[int]], echo: bool) -> None:

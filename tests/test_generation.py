@@ -255,3 +255,23 @@ def test_code_llama_theta_generates_like_reference(make_ckpt, tokenizer_path):
     prompt = g.tokenizer.encode("def fib(n):", bos=True, eos=False)
     assert g.generate([prompt], 5, temperature=0)[0][0] == greedy(state, {**CODE, "vocab_size": VOCAB}, prompt, 5,
                                                                    stop=g.tokenizer.eos_id)
+
+
+def test_logits_that_are_not_finite_end_generation_with_a_clear_error(make_ckpt, tokenizer_path):
+    """NaN logits would fail in sampling (on a GPU with a device-side assert): the row and position are named,
+    at any temperature, in generate and in stream, before the row's token is given out."""
+    ckpt, _ = make_ckpt(GQA)
+    g = Llama.build(ckpt, tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32")
+    prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in ["Fine words", "poisoned"]]
+    g.model.tok_embeddings.weight.data[prompts[1][-1]] = float("nan")
+    first = max(map(len, prompts))
+    for temperature in (0, 0.6):
+        with pytest.raises(ValueError, match=rf"logits of prompt 1 at position {first} are not finite .* may hold NaN"):
+            g.generate(prompts, max_gen_len=4, temperature=temperature)
+    pieces = []
+    with pytest.raises(ValueError, match="logits of prompt 0 at position"):
+        pieces.extend(g.stream("poisoned", max_gen_len=4))
+    assert pieces == []
+    assert g.generate(prompts[:1], max_gen_len=4, temperature=0)[0][0]  # the other prompt alone is fine
+    g.model.compute_dtype = torch.float16  # as on a GPU without bf16: the advice is another dtype
+    assert "build with dtype='bfloat16'" in g._not_finite(0, first)
