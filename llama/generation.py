@@ -279,17 +279,17 @@ class Llama:
             done |= torch.isin(next_token, stop_ids)
             all_done, any_broken = torch.stack((done.all(), broken.any())).tolist()
             if any_broken:
-                raise ValueError(self._not_finite(int(broken.nonzero()[0]), pos))
+                raise ValueError(self._not_finite(batch.order[int(broken.nonzero()[0])], pos - prompt_len + 1))
             yield pos
             if pos + 1 == tokens.shape[1] or all_done:
                 return
             logits = self.decode_step(tokens[:, pos:pos + 1], pos, left_pad=pad)[:, -1]
 
-    def _not_finite(self, row: int, pos: int) -> str:
+    def _not_finite(self, prompt: int, token: int) -> str:
         why = ("float16 holds values up to 65504 and the activations went past it: build with dtype='bfloat16' "
                "(or 'float32')" if self.model.compute_dtype == torch.float16 else
                "the checkpoint's weights may hold NaN or infinity")
-        return f"the logits of prompt {row} at position {pos} are not finite (NaN or infinity): {why}"
+        return f"prompt {prompt}: the logits for generated token {token} are not finite (NaN or infinity): {why}"
 
     def _check_generate_args(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float,
                              top_p: float, stop_tokens: Optional[Collection[int]], echo: bool) -> None:

@@ -262,16 +262,22 @@ def test_logits_that_are_not_finite_end_generation_with_a_clear_error(make_ckpt,
     at any temperature, in generate and in stream, before the row's token is given out."""
     ckpt, _ = make_ckpt(GQA)
     g = Llama.build(ckpt, tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32")
-    prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in ["Fine words", "poisoned"]]
-    g.model.tok_embeddings.weight.data[prompts[1][-1]] = float("nan")
-    first = max(map(len, prompts))
+    # The poisoned prompt is the caller's first and the batch's second row (the longest goes first).
+    prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in ["poisoned", "Fine words, and many more of them"]]
+    g.model.tok_embeddings.weight.data[prompts[0][-1]] = float("nan")
     for temperature in (0, 0.6):
-        with pytest.raises(ValueError, match=rf"logits of prompt 1 at position {first} are not finite .* may hold NaN"):
+        with pytest.raises(ValueError, match=r"prompt 0: the logits for generated token 1 are not finite .* NaN"):
             g.generate(prompts, max_gen_len=4, temperature=temperature)
     pieces = []
-    with pytest.raises(ValueError, match="logits of prompt 0 at position"):
+    with pytest.raises(ValueError, match="prompt 0: the logits for generated token 1 are not finite"):
         pieces.extend(g.stream("poisoned", max_gen_len=4))
     assert pieces == []
-    assert g.generate(prompts[:1], max_gen_len=4, temperature=0)[0][0]  # the other prompt alone is fine
+    assert g.generate(prompts[1:], max_gen_len=4, temperature=0)[0][0]  # the other prompt alone is fine
+    # A NaN met while decoding: the first token generated leads to it.
+    first = g.generate(prompts[1:], max_gen_len=1, temperature=0)[0][0][0]
+    assert first not in prompts[1]
+    g.model.tok_embeddings.weight.data[first] = float("nan")
+    with pytest.raises(ValueError, match=r"prompt 0: the logits for generated token 2 are not finite"):
+        g.generate(prompts[1:], max_gen_len=4, temperature=0)
     g.model.compute_dtype = torch.float16  # as on a GPU without bf16: the advice is another dtype
-    assert "build with dtype='bfloat16'" in g._not_finite(0, first)
+    assert "build with dtype='bfloat16'" in g._not_finite(0, 1)
