@@ -261,13 +261,11 @@ class Llama:
 
         stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=self.device)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
-        broken = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)  # rows whose logits weren't finite
         for pos in range(prompt_len, tokens.shape[1]):
             # NaN or infinite logits (a float16 overflow, say) are garbage to argmax, and multinomial fails on them,
             # on a GPU with a device-side assert that ends the process: such a row samples from zeros instead, and
             # the step's one sync with the host, below, raises the error before its token is seen.
             finite = logits.sum(dim=-1).isfinite()
-            broken |= ~finite
             if temperature > 0:
                 logits = logits.where(finite[:, None], 0.0)
             next_token = sample(logits, temperature, top_p, self.generator)
@@ -277,9 +275,10 @@ class Llama:
             if batch.logprobs is not None:
                 batch.logprobs[:, pos] = _logprobs_of(logits, next_token)
             done |= torch.isin(next_token, stop_ids)
-            all_done, any_broken = torch.stack((done.all(), broken.any())).tolist()
-            if any_broken:
-                raise ValueError(self._not_finite(batch.order[int(broken.nonzero()[0])], pos - prompt_len + 1))
+            all_done, all_finite = torch.stack((done.all(), finite.all())).tolist()
+            if not all_finite:
+                raise ValueError(self._not_finite(batch.order[int(finite.logical_not().nonzero()[0])],
+                                                  pos - prompt_len + 1))
             yield pos
             if pos + 1 == tokens.shape[1] or all_done:
                 return
