@@ -31,6 +31,15 @@ def _check_messages(dialog: Dialog, index: int) -> None:
                              f"got {message!r}")
 
 
+def _check_turns(turns: Dialog, index: int, roles: List[str]) -> None:
+    """turns, a dialog's messages after its system message, are user and assistant alternating, ending with user
+    (roles: the dialog's, for the error)."""
+    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
+    if not turns or [message["role"] for message in turns] != expected or expected[-1] != "user":
+        raise ValueError(f"dialog {index}: roles must be 'system' (optional), then 'user' and 'assistant' "
+                         f"alternating, ending with 'user'; got {roles}")
+
+
 class Llama2ChatFormat:
     """Llama 2 chat: ``[INST] user [/INST] answer`` pairs, the system prompt folded into the first user turn."""
 
@@ -52,11 +61,7 @@ class Llama2ChatFormat:
                 raise ValueError(f"dialog {index}: a system message must be followed by a user message")
             dialog = [{"role": dialog[1]["role"],
                        "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}] + dialog[2:]
-        roles = [message["role"] for message in dialog]
-        expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(dialog))]
-        if roles != expected or roles[-1] != "user":
-            raise ValueError(f"dialog {index}: roles must be 'system' (optional), then 'user' and 'assistant' "
-                             f"alternating, ending with 'user'; got {roles}")
+        _check_turns(dialog, index, [message["role"] for message in dialog])
         tokens: List[int] = []
         for prompt, answer in zip(dialog[::2], dialog[1::2]):
             tokens += self.tokenizer.encode(
@@ -143,11 +148,7 @@ class CodeLlama70bChatFormat:
         _check_messages(dialog, index)
         if dialog[0]["role"] != "system":
             dialog = [{"role": "system", "content": ""}] + dialog
-        roles = [message["role"] for message in dialog]
-        expected = ["system"] + ["user" if i % 2 == 0 else "assistant" for i in range(len(dialog) - 1)]
-        if roles != expected or roles[-1] != "user":
-            raise ValueError(f"dialog {index}: roles must be 'system' (optional), then 'user' and 'assistant' "
-                             f"alternating, ending with 'user'; got {roles}")
+        _check_turns(dialog[1:], index, [message["role"] for message in dialog])
         tokens = [self.tokenizer.bos_id]
         for message in dialog:
             tokens += self._header(message)
