@@ -37,8 +37,8 @@ from make_checkpoint import SHAPES, cached  # noqa: E402
 from llama import Llama, kernels  # noqa: E402
 from llama.cli import one_line_errors, positive_int  # noqa: E402
 from llama.distributed import pick_device  # noqa: E402
-from llama.generation import cpu_has_native_bf16  # noqa: E402
 from llama.linear import packed_for  # noqa: E402
+from llama.model import compute_dtype_for, cpu_has_native_bf16  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -93,8 +93,7 @@ class Ceilings:
         """The best rate over square sizes, and the matrix that gave it: which size runs fastest depends on the
         machine (here 2048² ran 10-15 % faster than 4096²). Smaller sizes where the CPU only emulates the
         dtype (it is slow), larger ones on a GPU (it needs them to be busy)."""
-        emulated = self.device.type == "cpu" and dtype != torch.float32 and \
-            not (dtype == torch.bfloat16 and cpu_has_native_bf16())
+        emulated = compute_dtype_for(dtype, self.device) != dtype  # the engine computes in float32 there
         sizes = (512, 1024) if emulated else (2048, 4096) if self.device.type == "cpu" else (4096, 8192)
         matrices = [torch.randn(n, n, device=self.device).to(dtype) for n in sizes]
         return max(((self._rate(a), a) for a in matrices), key=lambda r: r[0])
