@@ -74,21 +74,24 @@ def _piece_entry(piece: str) -> bytes:
     return b"\x0a" + _varint(len(message)) + message
 
 
+def _llama2_tokenizer_with(pieces: List[str], tokenizer_path: str, folder: Path) -> str:
+    """Llama 2's real tokenizer.model with pieces after its 32000, written in folder."""
+    path = folder / "tokenizer.model"
+    path.write_bytes(Path(tokenizer_path).read_bytes() + b"".join(map(_piece_entry, pieces)))
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def code_llama_tokenizer_path(tokenizer_path, tmp_path_factory) -> str:
     """A tokenizer.model laid out as Code Llama's: Llama 2's real one and its 16 extra pieces (vocabulary 32016)."""
-    path = tmp_path_factory.mktemp("codellama") / "tokenizer.model"
-    path.write_bytes(Path(tokenizer_path).read_bytes() + b"".join(map(_piece_entry, CODE_LLAMA_PIECES)))
-    return str(path)
+    return _llama2_tokenizer_with(CODE_LLAMA_PIECES, tokenizer_path, tmp_path_factory.mktemp("codellama"))
 
 
 @pytest.fixture(scope="session")
 def code_llama_70b_tokenizer_path(tokenizer_path, tmp_path_factory) -> str:
     """The same with a ``<step>`` piece last, as Code Llama 70B's has: its chat format is another."""
-    path = tmp_path_factory.mktemp("codellama70b") / "tokenizer.model"
-    pieces = CODE_LLAMA_PIECES[:-1] + ["<step>"]
-    path.write_bytes(Path(tokenizer_path).read_bytes() + b"".join(map(_piece_entry, pieces)))
-    return str(path)
+    return _llama2_tokenizer_with(CODE_LLAMA_PIECES[:-1] + ["<step>"], tokenizer_path,
+                                  tmp_path_factory.mktemp("codellama70b"))
 
 
 @pytest.fixture(scope="session")
