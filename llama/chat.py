@@ -1,17 +1,27 @@
-"""Prompt formats. Chat: how a dialog becomes prompt tokens, which ids end the answer and what the answer
-message says besides its content; the tokenizer's ``kind`` picks the format (``Llama2ChatFormat`` for
+"""Prompt formats. Chat: how a dialog becomes prompt tokens, which ids end the answer and how the answer's tokens
+become its message; the tokenizer's ``kind`` picks the format (``Llama2ChatFormat`` for
 "llama2", SentencePiece; ``CodeLlama70bChatFormat`` for "codellama70b", SentencePiece with a ``<step>`` piece;
 ``Llama3ChatFormat`` for "llama3", tiktoken). Infilling: Code Llama's prompt for the code between a prefix and
 a suffix (``infilling_prompt``)."""
 
-from typing import List, Literal, TypedDict
+from typing import List, Literal, Optional, TypedDict, get_args
 
 Role = Literal["system", "user", "assistant", "ipython"]  # ipython: Llama 3.1 tool output
+StopReason = Literal["end_of_turn", "end_of_message", "out_of_tokens"]
+STOP_REASONS = get_args(StopReason)
 
 
-class Message(TypedDict):
+class _Message(TypedDict):
     role: Role
     content: str
+
+
+class Message(_Message, total=False):
+    """A message of a dialog. Llama 3's chat answers also say how they ended (``stop_reason``, Meta's values)
+    and whether they call a tool (``tool_call``: Llama 3.1's answer led by ``<|python_tag|>``); given back in a
+    dialog, an assistant's message with them is encoded as the model wrote it."""
+    stop_reason: StopReason
+    tool_call: bool
 
 
 Dialog = List[Message]
@@ -40,14 +50,23 @@ def _check_turns(turns: Dialog, index: int, roles: List[str]) -> None:
                          f"alternating, ending with 'user'; got {roles}")
 
 
-class Llama2ChatFormat:
-    """Llama 2 chat: ``[INST] user [/INST] answer`` pairs, the system prompt folded into the first user turn."""
+class ChatFormatBase:
+    """What every chat format has: the tokenizer, the ids that end an answer, and how an answer is decoded."""
 
-    answer = {"role": "assistant"}
+    answer = {"role": "assistant"}  # the answer's fields besides its content
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.stop_tokens = tokenizer.stop_tokens
+
+    def decode_answer(self, tokens: List[int], stop: Optional[int]) -> Message:
+        """The answer message of the generated ``tokens``, which the stop token ``stop`` ended (None: the
+        generation ran out of tokens first)."""
+        return {**self.answer, "content": self.tokenizer.decode(tokens)}
+
+
+class Llama2ChatFormat(ChatFormatBase):
+    """Llama 2 chat: ``[INST] user [/INST] answer`` pairs, the system prompt folded into the first user turn."""
 
     @staticmethod
     def is_unsafe(dialog: Dialog) -> bool:
@@ -70,27 +89,33 @@ class Llama2ChatFormat:
         return tokens
 
 
-class Llama3ChatFormat:
+class Llama3ChatFormat(ChatFormatBase):
     """Llama 3 chat: ``<|begin_of_text|>``, then each message as ``<|start_header_id|>role<|end_header_id|>``,
     ``"\n\n"``, its stripped content and ``<|eot_id|>``, then an open assistant header for the answer.
 
     Roles are system, user, assistant and ipython (Llama 3.1's tool output), in any order, but the last message
     must be one the model answers: from user or ipython. The special tokens come from the tokenizer by name and
     contents are encoded as plain text, so no content can forge a header or end a turn: nothing is unsafe.
+
+    Llama 3.1's tool calls, as Meta's 3.1 format: an answer that opens with ``<|python_tag|>`` calls a tool (its
+    content is the call, e.g. ``brave_search.call(query="...")`` or code to run) and one that ends with
+    ``<|eom_id|>`` waits for the tool's output (an ipython message) rather than ending its turn. The answer says
+    both (``"tool_call"``, ``"stop_reason"``), and an assistant's message that says them is encoded with the
+    same tokens, so a dialog can carry the model's answers as they came.
     """
 
     ROLES = ("system", "user", "assistant", "ipython")
     ANSWERED = ("user", "ipython")
-    answer = {"role": "assistant"}
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.stop_tokens = tokenizer.stop_tokens
+        super().__init__(tokenizer)
         special = tokenizer.special_id
         self.begin_of_text = special("<|begin_of_text|>")
         self.start_header = special("<|start_header_id|>")
         self.end_header = special("<|end_header_id|>")
         self.eot = special("<|eot_id|>")
+        self.eom = special("<|eom_id|>")
+        self.python_tag = special("<|python_tag|>")
 
     @staticmethod
     def is_unsafe(dialog: Dialog) -> bool:
@@ -102,8 +127,17 @@ class Llama3ChatFormat:
                 + [self.end_header] + self.tokenizer.encode("\n\n", bos=False, eos=False))
 
     def encode_message(self, message: Message) -> List[int]:
-        return (self.encode_header(message)
-                + self.tokenizer.encode(message["content"].strip(), bos=False, eos=False) + [self.eot])
+        assistant = message["role"] == "assistant"
+        tool_call = assistant and message.get("tool_call") is True
+        end = self.eom if assistant and message.get("stop_reason") == "end_of_message" else self.eot
+        return (self.encode_header(message) + [self.python_tag] * tool_call
+                + self.tokenizer.encode(message["content"].strip(), bos=False, eos=False) + [end])
+
+    def decode_answer(self, tokens: List[int], stop: Optional[int]) -> Message:
+        tool_call = tokens[:1] == [self.python_tag]
+        reason = "out_of_tokens" if stop is None else "end_of_message" if stop == self.eom else "end_of_turn"
+        return {"role": "assistant", "content": self.tokenizer.decode(tokens[tool_call:]), "tool_call": tool_call,
+                "stop_reason": reason}
 
     def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
         return self.encode_dialog(dialog)
@@ -111,10 +145,15 @@ class Llama3ChatFormat:
     def encode_dialog(self, dialog: Dialog, index: int = 0) -> List[int]:
         _check_messages(dialog, index)
         roles = [message["role"] for message in dialog]
-        for j, role in enumerate(roles):
-            if role not in self.ROLES:
-                raise ValueError(f"dialog {index}: message {j} has an unknown role {role!r}: roles are "
+        for j, message in enumerate(dialog):
+            if message["role"] not in self.ROLES:
+                raise ValueError(f"dialog {index}: message {j} has an unknown role {message['role']!r}: roles are "
                                  f"{', '.join(map(repr, self.ROLES))}")
+            if message.get("stop_reason", "end_of_turn") not in STOP_REASONS or message.get("tool_call", False) not in (
+                    True, False):
+                raise ValueError(f"dialog {index}: message {j} has stop_reason {message.get('stop_reason')!r} and "
+                                 f"tool_call {message.get('tool_call')!r}: a stop_reason is one of {STOP_REASONS} "
+                                 "and a tool_call True or False, as chat_completion's answers give them")
         if roles[-1] not in self.ANSWERED:
             raise ValueError(f"dialog {index}: the last message must be from 'user' or 'ipython' for the model to "
                              f"answer, got {roles[-1]!r}; roles were {roles}")
@@ -124,7 +163,7 @@ class Llama3ChatFormat:
         return tokens + self.encode_header({"role": "assistant", "content": ""})
 
 
-class CodeLlama70bChatFormat:
+class CodeLlama70bChatFormat(ChatFormatBase):
     """Code Llama 70B's chat (Meta's "turns", where the tokenizer has a ``<step>`` piece): ``<s>``, then each
     message as ``" Source: role"`` (with ``"\nDestination: d"`` where the message has a ``"destination"``),
     ``"\n\n "`` and its stripped content where it has any, and ``<step>``; then ``" Source: assistant\nDestination:
@@ -136,7 +175,7 @@ class CodeLlama70bChatFormat:
     answer = {"role": "assistant", "destination": "user"}
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer)
         self.step = tokenizer.step_id
         self.stop_tokens = tokenizer.stop_tokens | {self.step}
 

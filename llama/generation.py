@@ -233,6 +233,13 @@ class Llama:
         of one length is prefilled in one forward pass over its own tokens only. Each row stops at its own stop
         token and the loop ends when all rows have.
         """
+        tokens, probs, _ = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, stop_tokens)
+        return tokens, probs
+
+    def _generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float,
+                  logprobs: bool, echo: bool, stop_tokens: Optional[Collection[int]]
+                  ) -> Tuple[List[List[int]], Optional[List[List[float]]], List[Optional[int]]]:
+        """generate's results, and the stop token each prompt's generation ended with (None where none did)."""
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop_tokens, echo)
         stop = self.tokenizer.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
         batch = _Batch.of(prompt_tokens, max_gen_len, self.model.params.max_seq_len, self.device, logprobs)
@@ -365,18 +372,18 @@ class Llama:
             self._prediction({**answer, "content": UNSAFE_ERROR}, [], [] if logprobs else None) for _ in dialogs]
         if safe:
             prompt_tokens = [encoded[i] for i in safe]
-            tokens, probs = self.generate(prompt_tokens, self._gen_len(prompt_tokens, max_gen_len), temperature,
-                                          top_p, logprobs, stop_tokens=self.formatter.stop_tokens)
+            tokens, probs, ends = self._generate(prompt_tokens, self._gen_len(prompt_tokens, max_gen_len),
+                                                 temperature, top_p, logprobs, False, self.formatter.stop_tokens)
             for j, i in enumerate(safe):
-                content = {**answer, "content": self.tokenizer.decode(tokens[j])}
-                results[i] = self._prediction(content, tokens[j], probs[j] if logprobs else None)
+                message = self.formatter.decode_answer(tokens[j], ends[j])
+                results[i] = self._prediction(message, tokens[j], probs[j] if logprobs else None)
         return results
 
     def stream(self, prompt: Union[str, Dialog], temperature: float = 0.6, top_p: float = 0.9,
                max_gen_len: Optional[int] = None) -> Iterator[str]:
         """The text of one completion (prompt a string) or chat answer (prompt a dialog) while it is generated:
-        pieces whose concatenation is text_completion's generation (chat_completion's content) for the same seed
-        and arguments. Each piece is the text its tokens add; where a token ends within a character (holding
+        pieces whose concatenation is text_completion's generation (chat_completion's content, after the
+        ``<|python_tag|>`` that opens a Llama 3.1 tool call) for the same seed and arguments. Each piece is the text its tokens add; where a token ends within a character (holding
         part of its bytes), the piece waits for the tokens that complete it."""
         if isinstance(prompt, str):
             ids, stop = self.tokenizer.encode(prompt, bos=True, eos=False), self.tokenizer.stop_tokens
@@ -447,19 +454,22 @@ class _Batch:
     def prompt_len(self) -> int:
         return len(self.prompts[0])
 
-    def results(self, end: int, stop: Collection[int], echo: bool) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+    def results(self, end: int, stop: Collection[int], echo: bool
+                ) -> Tuple[List[List[int]], Optional[List[List[float]]], List[Optional[int]]]:
         """Each row's tokens up to position end, cut at its first stop token after its prompt (with the prompt
-        when echo), and their log-probabilities, in the caller's order."""
+        when echo), their log-probabilities, and that stop token (None if there is none), in the caller's order."""
         out_tokens: List[List[int]] = [[] for _ in self.prompts]
         out_logprobs: List[List[float]] = [[] for _ in self.prompts]
+        out_ends: List[Optional[int]] = [None for _ in self.prompts]
         for i, row in enumerate(self.tokens[:, :end].tolist()):
             generated = row[self.prompt_len:]
             last = self.prompt_len + next((j for j, t in enumerate(generated) if t in stop), len(generated))
             first = int(self.pad[i]) if echo else self.prompt_len
             out_tokens[self.order[i]] = row[first:last]
+            out_ends[self.order[i]] = row[last] if last < len(row) else None
             if self.logprobs is not None:
                 out_logprobs[self.order[i]] = self.logprobs[i, first:last].tolist()
-        return out_tokens, (out_logprobs if self.logprobs is not None else None)
+        return out_tokens, (out_logprobs if self.logprobs is not None else None), out_ends
 
 
 def _logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

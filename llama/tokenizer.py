@@ -160,13 +160,16 @@ class SentencePieceTokenizer(Tokenizer):
         return i
 
 
-# Llama 3's special tokens, in id order from the first id after the regular tokens (128000 for Llama 3).
+# Llama 3's special tokens, in id order from the first id after the regular tokens (128000), by the names of
+# Meta's current code (llama-models, from Llama 3.1 on): Llama 3's own code left five ids among its named ones
+# reserved (128004, 128005, 128008, 128010 and 128011), 3.1 named them, and the reserved names after them are
+# numbered from 2. Llama 3 models never produce those five, so the names only tell 3.1's apart.
 N_SPECIAL = 256
 _NAMED_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                  "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
-                  "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+                  "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]
 SPECIAL_TOKENS = _NAMED_SPECIAL + [f"<|reserved_special_token_{i}|>"
-                                   for i in range(5, 5 + N_SPECIAL - len(_NAMED_SPECIAL))]
+                                   for i in range(2, 2 + N_SPECIAL - len(_NAMED_SPECIAL))]
 
 # How Llama 3 splits text into pieces before BPE: contractions; letters with one optional leading character
 # that is neither a letter, a digit nor a line break; 1-3 digits; punctuation runs with an optional leading
@@ -281,9 +284,8 @@ class TiktokenTokenizer(Tokenizer):
         self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
         self.eos_id: int = self.special_tokens["<|end_of_text|>"]
         self.eot_id: int = self.special_tokens["<|eot_id|>"]
-        # Llama 3.1's <|eom_id|>, the end of a message that calls a tool; Llama 3 reserved the id (and the name
-        # kept here) and never produces it.
-        self.eom_id: int = self.special_tokens["<|reserved_special_token_4|>"]
+        self.eom_id: int = self.special_tokens["<|eom_id|>"]  # Llama 3.1's: a tool call waits for its output
+        self.python_tag_id: int = self.special_tokens["<|python_tag|>"]  # opens Llama 3.1's tool calls
         self.pad_id: int = -1
 
     @property

@@ -11,7 +11,7 @@ from llama.chat import UNSAFE_ERROR, CodeLlama70bChatFormat, Llama2ChatFormat, L
 from conftest import FIXTURES, LLAMA2_TOKENIZER
 
 BEGIN, START, END, EOT = 128000, 128006, 128007, 128009
-EOM = 128008  # Llama 3.1's <|eom_id|>, which ends a tool call
+EOM, PYTHON_TAG = 128008, 128010  # Llama 3.1's <|eom_id|> and <|python_tag|>, which end and open a tool call
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,9 @@ def test_chat_completion_stops_at_a_stop_token(tok, stop, monkeypatch):
     dialogs = [[{"role": "user", "content": "Capital of France?"}],
                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "And of Italy?"}]]
     out = g.chat_completion(dialogs, temperature=0)
-    assert out == [{"generation": {"role": "assistant", "content": "Paris, of course."}}] * 2
+    reason = "end_of_message" if stop == EOM else "end_of_turn"
+    assert out == [{"generation": {"role": "assistant", "content": "Paris, of course.", "tool_call": False,
+                                   "stop_reason": reason}}] * 2
     # The stop token is not part of what comes back, and nothing after it was generated.
     out = g.chat_completion(dialogs[:1], temperature=0, logprobs=True)
     assert out[0]["tokens"] == [tok.decode([t]) for t in script] and len(out[0]["logprobs"]) == len(script)
@@ -158,6 +160,45 @@ def test_chat_completion_stops_at_a_stop_token(tok, stop, monkeypatch):
     monkeypatch.setattr(type(tok), "stop_tokens", property(lambda self: frozenset({EOT, 128001, EOM} - {stop})))
     tokens, _ = g.generate([prompt], max_gen_len=len(script) + 3, temperature=0)
     assert tokens[0] == script + [stop, 0, 0]
+
+
+def test_tool_call_answer_and_its_encoding_in_a_dialog(tok, fmt):
+    """Llama 3.1's tool call: the answer opens with <|python_tag|> and ends with <|eom_id|>; chat_completion says
+    so, and the answer given back in the dialog is encoded with both, as Meta's 3.1 format writes it."""
+    call = 'brave_search.call(query="capital of France")'
+    script = [PYTHON_TAG] + plain(tok, call)
+    g = Llama(scripted_model(tok, script, EOM), tok)
+    dialog = [{"role": "system", "content": "Environment: ipython\nTools: brave_search"},
+              {"role": "user", "content": "Capital of France?"}]
+    answer = g.chat_completion([dialog], temperature=0)[0]["generation"]
+    assert answer == {"role": "assistant", "content": call, "tool_call": True, "stop_reason": "end_of_message"}
+    assert "".join(g.stream(dialog, temperature=0)) == "<|python_tag|>" + call
+    # Cut short by max_gen_len: no stop token came.
+    short = g.chat_completion([dialog], temperature=0, max_gen_len=3)[0]["generation"]
+    assert short == {"role": "assistant", "content": tok.decode(script[1:3]), "tool_call": True,
+                     "stop_reason": "out_of_tokens"}
+
+    turn = [START] + plain(tok, "assistant") + [END] + plain(tok, "\n\n")
+    prompt = expected(tok, [(m["role"], m["content"]) for m in dialog])  # ends with the assistant's header
+    tool_output = [START] + plain(tok, "ipython") + [END] + plain(tok, "\n\n") + plain(tok, "Paris") + [EOT]
+    ids = fmt.encode_dialog(dialog + [answer, {"role": "ipython", "content": "Paris"}])
+    assert ids == prompt + [PYTHON_TAG] + plain(tok, call) + [EOM] + tool_output + turn
+    # An answer that ended its turn, and a plain assistant message, end with <|eot_id|> and have no tag.
+    for message in ({**answer, "tool_call": False, "stop_reason": "end_of_turn"},
+                    {"role": "assistant", "content": call}):
+        ids = fmt.encode_dialog(dialog + [message, {"role": "ipython", "content": "Paris"}])
+        assert ids == prompt + plain(tok, call) + [EOT] + tool_output + turn
+    # Only an assistant's message is encoded so: a user's is its content.
+    user = {"role": "user", "content": call, "tool_call": True, "stop_reason": "end_of_message"}
+    assert fmt.encode_dialog([user]) == expected(tok, [("user", call)])
+
+
+@pytest.mark.parametrize("fields", [{"stop_reason": "eom"}, {"tool_call": "yes"}, {"stop_reason": None}])
+def test_bad_tool_call_fields(fmt, fields):
+    dialog = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", **fields},
+              {"role": "user", "content": "z"}]
+    with pytest.raises(ValueError, match="dialog 0: message 1 has stop_reason .*one of"):
+        fmt.encode_dialog(dialog)
 
 
 # --------------------------------------------------------------------- Code Llama 70B

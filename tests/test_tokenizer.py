@@ -72,11 +72,14 @@ def test_llama3_ids(llama3):
     assert llama3.stop_tokens == {128001, 128009, 128008}  # 128008: Llama 3.1's <|eom_id|>
 
 
+# Meta's table (llama-models' tokenizer.py, Llama 3.1 on): Llama 3's named tokens where they were, five ids it
+# had reserved named, and the reserved names after them numbered from 2.
 @pytest.mark.parametrize("name, id_", [
     ("<|begin_of_text|>", 128000), ("<|end_of_text|>", 128001), ("<|reserved_special_token_0|>", 128002),
-    ("<|reserved_special_token_3|>", 128005), ("<|start_header_id|>", 128006), ("<|end_header_id|>", 128007),
-    ("<|reserved_special_token_4|>", 128008), ("<|eot_id|>", 128009), ("<|reserved_special_token_5|>", 128010),
-    ("<|reserved_special_token_250|>", 128255),
+    ("<|reserved_special_token_1|>", 128003), ("<|finetune_right_pad_id|>", 128004), ("<|step_id|>", 128005),
+    ("<|start_header_id|>", 128006), ("<|end_header_id|>", 128007), ("<|eom_id|>", 128008), ("<|eot_id|>", 128009),
+    ("<|python_tag|>", 128010), ("<|image|>", 128011), ("<|reserved_special_token_2|>", 128012),
+    ("<|reserved_special_token_245|>", 128255),
 ])
 def test_llama3_special_ids_by_name(llama3, name, id_):
     assert llama3.special_id(name) == id_
@@ -85,7 +88,8 @@ def test_llama3_special_ids_by_name(llama3, name, id_):
 
 def test_llama3_special_tokens_are_all_there(llama3):
     assert sorted(llama3.special_tokens.values()) == list(range(128000, 128256))
-    for bad in ("<|reserved_special_token_251|>", "hello", "<s>"):
+    assert (llama3.eom_id, llama3.python_tag_id) == (128008, 128010)
+    for bad in ("<|reserved_special_token_246|>", "hello", "<s>"):
         with pytest.raises(ValueError, match="not a special token"):
             llama3.special_id(bad)
 
