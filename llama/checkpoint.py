@@ -170,7 +170,8 @@ def validate(paths: List[Path], shards: List[Dict[str, torch.Tensor]], args: Mod
 # params.json keys of Meta's releases whose weights this engine can't compute with, and what they are.
 UNSUPPORTED = {"quantization_args": "one of Meta's quantized releases (Llama 3.2's SpinQuant and QLoRA: int4 weights "
                                     "with their scales)",
-               "vision_chunk_size": "a Llama 3.2 Vision model (an image encoder and cross-attention layers)"}
+               "vision_chunk_size": "a Llama 3.2 Vision model (an image encoder and cross-attention layers)",
+               "moe_args": "a Llama 4 model (mixture-of-experts layers, an image encoder, another tokenizer)"}
 
 
 class Checkpoint:

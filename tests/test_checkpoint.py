@@ -171,12 +171,15 @@ BROKEN = {
                         r"consolidated.00.pth: truncated or corrupted"),
     "vocab mismatch": (lambda d: (d / "params.json").write_text(json.dumps({**GQA, "vocab_size": 32016})),
                        r"vocab_size 32016 but the shards hold 32000"),
-    # Llama 3.2's quantized releases and its vision models: told apart by params.json, before their weights.
+    # Llama 3.2's quantized releases, its vision models and Llama 4: told apart by params.json, before any weight.
     "quantized release": (lambda d: (d / "params.json").write_text(json.dumps(
         {**GQA, "quantization_args": {"group_size": 32}, "lora_args": {"rank": 16, "scale": 2.0}})),
         r"params.json has quantization_args: this is one of Meta's quantized releases"),
     "vision model": (lambda d: (d / "params.json").write_text(json.dumps({**GQA, "vision_chunk_size": 560})),
                      r"params.json has vision_chunk_size: this is a Llama 3.2 Vision model"),
+    "Llama 4": (lambda d: (d / "params.json").write_text(json.dumps(
+        {**GQA, "moe_args": {"num_experts": 16, "top_k": 1}, "use_qk_norm": True, "nope_layer_interval": 4})),
+        r"params.json has moe_args: this is a Llama 4 model"),
 }
 
 
