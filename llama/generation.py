@@ -382,9 +382,10 @@ class Llama:
     def stream(self, prompt: Union[str, Dialog], temperature: float = 0.6, top_p: float = 0.9,
                max_gen_len: Optional[int] = None) -> Iterator[str]:
         """The text of one completion (prompt a string) or chat answer (prompt a dialog) while it is generated:
-        pieces whose concatenation is text_completion's generation (chat_completion's content, after the
-        ``<|python_tag|>`` that opens a Llama 3.1 tool call) for the same seed and arguments. Each piece is the text its tokens add; where a token ends within a character (holding
-        part of its bytes), the piece waits for the tokens that complete it."""
+        pieces whose concatenation is text_completion's generation (chat_completion's content, led by
+        ``<|python_tag|>`` where the answer is a Llama 3.1 tool call) for the same seed and arguments. Each piece
+        is the text its tokens add; where a token ends within a character (holding part of its bytes), the piece
+        waits for the tokens that complete it."""
         if isinstance(prompt, str):
             ids, stop = self.tokenizer.encode(prompt, bos=True, eos=False), self.tokenizer.stop_tokens
         else:
