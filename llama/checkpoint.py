@@ -165,6 +165,19 @@ def validate(paths: List[Path], shards: List[Dict[str, torch.Tensor]], args: Mod
             if tuple(shard[key].shape) != want:
                 raise ValueError(f"{path}: {key} has shape {tuple(shard[key].shape)}, expected {want} for "
                                  f"params.json with {k} shard(s)")
+            _check_dtype(path, key, shard[key].dtype)
+
+
+def _check_dtype(path: Path, key: str, dtype: torch.dtype) -> None:
+    """A weight must be stored in a floating dtype that holds its values by itself. Float8 weights (Meta's FP8
+    release of Llama 3.1 405B) are scaled by factors kept in other files (fp8_scales_NN.pt): converted alone
+    they would load without an error and compute nonsense."""
+    if dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        return
+    why = (" (Meta's FP8 release, whose weights are scaled by its fp8_scales_NN.pt files, which this engine "
+           "doesn't apply)" if "float8" in str(dtype) else "")
+    raise ValueError(f"{path}: {key} is stored as {dtype}{why}; this engine loads weights saved in bfloat16, float16 "
+                     "or float32: use Meta's bf16 release of the model")
 
 
 # params.json keys of Meta's releases whose weights this engine can't compute with, and what they are.

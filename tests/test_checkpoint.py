@@ -177,6 +177,13 @@ BROKEN = {
         r"params.json has quantization_args: this is one of Meta's quantized releases"),
     "vision model": (lambda d: (d / "params.json").write_text(json.dumps({**GQA, "vision_chunk_size": 560})),
                      r"params.json has vision_chunk_size: this is a Llama 3.2 Vision model"),
+    "float8 weights": (lambda d: resave(d / "consolidated.01.pth", lambda s: s.update(
+        {"layers.1.feed_forward.w1.weight": s["layers.1.feed_forward.w1.weight"].to(torch.float8_e4m3fn)})),
+        r"consolidated.01.pth: layers.1.feed_forward.w1.weight is stored as torch.float8_e4m3fn \(Meta's FP8 "
+        r"release.*fp8_scales"),
+    "integer weights": (lambda d: resave(d / "consolidated.00.pth", lambda s: s.update(
+        {"layers.0.attention.wq.weight": s["layers.0.attention.wq.weight"].to(torch.int8)})),
+        r"layers.0.attention.wq.weight is stored as torch.int8; this engine loads weights saved in bfloat16"),
     "Llama 4": (lambda d: (d / "params.json").write_text(json.dumps(
         {**GQA, "moe_args": {"num_experts": 16, "top_k": 1}, "use_qk_norm": True, "nope_layer_interval": 4})),
         r"params.json has moe_args: this is a Llama 4 model"),
