@@ -202,6 +202,10 @@ class Checkpoint:
             if key in self.params:
                 raise ValueError(f"{self.dir}/params.json has {key}: this is {kind}, which this engine doesn't run; "
                                  "use the bf16 release of a text model (Llama 2, Code Llama, Llama 3.x)")
+        scales = sorted(p.name for p in Path(self.dir).glob("fp8_scales_*.pt"))
+        if scales:
+            raise ValueError(f"{self.dir} has {scales[0]}: this is Meta's FP8 release, whose weights are scaled by "
+                             "those files, which this engine doesn't apply; use the bf16 release of the model")
         args = ModelArgs.from_params({**self.params, **overrides})
         if "output.weight" not in self.shards[0]:
             raise ValueError(f"{self.paths[0]}: missing keys ['output.weight']")

@@ -181,6 +181,8 @@ BROKEN = {
         {"layers.1.feed_forward.w1.weight": s["layers.1.feed_forward.w1.weight"].to(torch.float8_e4m3fn)})),
         r"consolidated.01.pth: layers.1.feed_forward.w1.weight is stored as torch.float8_e4m3fn \(Meta's FP8 "
         r"release.*fp8_scales"),
+    "FP8 release's scales": (lambda d: torch.save({"0_w1_0": torch.ones(3)}, d / "fp8_scales_0.pt"),
+                             r"has fp8_scales_0.pt: this is Meta's FP8 release"),
     "integer weights": (lambda d: resave(d / "consolidated.00.pth", lambda s: s.update(
         {"layers.0.attention.wq.weight": s["layers.0.attention.wq.weight"].to(torch.int8)})),
         r"layers.0.attention.wq.weight is stored as torch.int8; this engine loads weights saved in bfloat16"),
