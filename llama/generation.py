@@ -231,7 +231,8 @@ class Llama:
 
         The prompts are left-padded to a common end, so that the batch decodes in step; each group of prompts
         of one length is prefilled in one forward pass over its own tokens only. Each row stops at its own stop
-        token and the loop ends when all rows have.
+        token and the loop ends when all rows have. More prompts than max_batch_size (the KV cache's rows) are
+        continued max_batch_size at a time, in the order given, where Meta's code fails an assert.
         """
         tokens, probs, _ = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, stop_tokens)
         return tokens, probs
@@ -242,11 +243,19 @@ class Llama:
         """generate's results, and the stop token each prompt's generation ended with (None where none did)."""
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop_tokens, echo)
         stop = self.tokenizer.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
-        batch = _Batch.of(prompt_tokens, max_gen_len, self.model.params.max_seq_len, self.device, logprobs)
-        end = batch.prompt_len
-        for pos in self._steps(batch, temperature, top_p, stop, score_prompts=logprobs and echo):
-            end = pos + 1
-        return batch.results(end, stop, echo)
+        params = self.model.params
+        tokens: List[List[int]] = []
+        probs: List[List[float]] = []
+        ends: List[Optional[int]] = []
+        for first in range(0, len(prompt_tokens), params.max_batch_size):
+            batch = _Batch.of(prompt_tokens[first:first + params.max_batch_size], max_gen_len, params.max_seq_len,
+                              self.device, logprobs, first)
+            end = batch.prompt_len
+            for pos in self._steps(batch, temperature, top_p, stop, score_prompts=logprobs and echo):
+                end = pos + 1
+            more_tokens, more_probs, more_ends = batch.results(end, stop, echo)
+            tokens, probs, ends = tokens + more_tokens, probs + (more_probs or []), ends + more_ends
+        return tokens, (probs if logprobs else None), ends
 
     def _steps(self, batch: "_Batch", temperature: float, top_p: float, stop: Collection[int],
                score_prompts: bool = False) -> Iterator[int]:
@@ -284,7 +293,7 @@ class Llama:
             done |= torch.isin(next_token, stop_ids)
             all_done, all_finite = torch.stack((done.all(), finite.all())).tolist()
             if not all_finite:
-                raise ValueError(self._not_finite(batch.order[int(finite.logical_not().nonzero()[0])],
+                raise ValueError(self._not_finite(batch.first + batch.order[int(finite.logical_not().nonzero()[0])],
                                                   pos - prompt_len + 1))
             yield pos
             if pos + 1 == tokens.shape[1] or all_done:
@@ -306,9 +315,6 @@ class Llama:
 
         if not prompt_tokens:
             raise ValueError("no prompts given: pass at least one")
-        if len(prompt_tokens) > params.max_batch_size:
-            raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size {params.max_batch_size}: pass "
-                             "fewer or build with a larger max_batch_size")
         for i, p in enumerate(prompt_tokens):
             if not p:
                 raise ValueError(f"prompt {i} is empty: give it at least one token")
@@ -429,17 +435,19 @@ class Llama:
 
 @dataclass
 class _Batch:
-    """Prompts continued together: sorted longest first (``order[i]``: row i's place among the caller's prompts),
-    left-padded to end at one position, ``prompt_len``, after which the rows decode in step."""
+    """Prompts continued together: sorted longest first (``order[i]``: row i's place among the batch's prompts,
+    the caller's ``first + order[i]``), left-padded to end at one position, ``prompt_len``, after which the rows
+    decode in step."""
     prompts: List[List[int]]
     order: List[int]
     tokens: torch.Tensor  # (rows, positions): the padded prompts, then the tokens sampled
     pad: torch.Tensor  # (rows,): each row's padding
     logprobs: Optional[torch.Tensor]  # (rows, positions): each token's log-probability, with logprobs=True
+    first: int = 0  # the caller's index of the batch's first prompt
 
     @staticmethod
     def of(prompt_tokens: List[List[int]], max_gen_len: int, max_seq_len: int, device: torch.device,
-           logprobs: bool) -> "_Batch":
+           logprobs: bool, first: int = 0) -> "_Batch":
         order = sorted(range(len(prompt_tokens)), key=lambda i: -len(prompt_tokens[i]))  # equal lengths adjoin
         prompts = [prompt_tokens[i] for i in order]
         prompt_len = len(prompts[0])
@@ -449,7 +457,7 @@ class _Batch:
             tokens[i, prompt_len - len(p):prompt_len] = torch.tensor(p, dtype=torch.long)
         pad = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
         scores = torch.zeros(tokens.shape, device=device) if logprobs else None
-        return _Batch(prompts, order, tokens, pad, scores)
+        return _Batch(prompts, order, tokens, pad, scores, first)
 
     @property
     def prompt_len(self) -> int:

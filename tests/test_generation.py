@@ -74,6 +74,26 @@ def test_ragged_batch_equals_each_prompt_alone(gqa):
         assert len(row) == 8  # a random model emitting EOS this early would make the test vacuous
 
 
+def test_more_prompts_than_max_batch_size_go_in_turns(gqa):
+    """Seven prompts on a cache of four rows (Meta's code fails an assert): two batches, in the caller's order,
+    each row the tokens and log-probabilities of its prompt alone, its first token the reference's."""
+    g, state = gqa
+    texts = ["Hi", "Once upon a time", "A much longer prompt than the others, by a good few tokens", "x",
+             "The quick brown fox", "one two", "Hello there, friend"]
+    prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in texts]
+    tokens, probs = g.generate(prompts, max_gen_len=5, temperature=0, logprobs=True)
+    assert len(tokens) == len(probs) == len(texts)
+    for p, row, row_probs in zip(prompts, tokens, probs):
+        alone, alone_probs = g.generate([p], max_gen_len=5, temperature=0, logprobs=True)
+        assert row == alone[0] and len(row) == 5
+        torch.testing.assert_close(torch.tensor(row_probs), torch.tensor(alone_probs[0]))
+        assert row[:1] == greedy(state, PARAMS, p, 1, stop=g.tokenizer.eos_id)
+    answers = g.text_completion(texts, max_gen_len=3, temperature=0)
+    assert [a["generation"] for a in answers] == [g.tokenizer.decode(row[:3]) for row in tokens]
+    dialogs = [[{"role": "user", "content": t}] for t in texts[:6]]
+    assert len(g.chat_completion(dialogs, max_gen_len=2, temperature=0)) == 6
+
+
 def test_each_row_stops_at_its_own_eos(gqa):
     g, state = gqa
     prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in ["one", "two three"]]
@@ -195,7 +215,6 @@ def test_chat_logprobs(gqa):
 
 @pytest.mark.parametrize("call, match", [
     (lambda g: g.text_completion([]), "no prompts"),
-    (lambda g: g.text_completion(["a"] * 5), "max_batch_size 4"),
     (lambda g: g.text_completion(["word " * 80]), "max_seq_len 64"),
     (lambda g: g.text_completion(["a"], temperature=-0.1), "temperature"),
     (lambda g: g.text_completion(["a"], temperature=float("nan")), "temperature"),
@@ -273,6 +292,9 @@ def test_logits_that_are_not_finite_end_generation_with_a_clear_error(make_ckpt,
         pieces.extend(g.stream("poisoned", max_gen_len=4))
     assert pieces == []
     assert g.generate(prompts[1:], max_gen_len=4, temperature=0)[0][0]  # the other prompt alone is fine
+    # More prompts than max_batch_size (2) go in turns: the index is still the caller's.
+    with pytest.raises(ValueError, match=r"prompt 2: the logits for generated token 1 are not finite"):
+        g.generate([prompts[1], prompts[1], prompts[0]], max_gen_len=4, temperature=0)
     # A NaN met while decoding: the first token generated leads to it.
     first = g.generate(prompts[1:], max_gen_len=1, temperature=0)[0][0][0]
     assert first not in prompts[1]
