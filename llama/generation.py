@@ -254,7 +254,9 @@ class Llama:
             for pos in self._steps(batch, temperature, top_p, stop, score_prompts=logprobs and echo):
                 end = pos + 1
             more_tokens, more_probs, more_ends = batch.results(end, stop, echo)
-            tokens, probs, ends = tokens + more_tokens, probs + (more_probs or []), ends + more_ends
+            tokens += more_tokens
+            probs += more_probs or []
+            ends += more_ends
         return tokens, (probs if logprobs else None), ends
 
     def _steps(self, batch: "_Batch", temperature: float, top_p: float, stop: Collection[int],
