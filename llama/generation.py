@@ -15,7 +15,7 @@ from . import checkpoint, distributed, kernels
 from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dialog, Message, Role, chat_format,
                    infilling_prompt)
 from .graphs import GraphedDecoder
-from .linear import can_pack, packed_for
+from .linear import can_pack, edit_count, packed_for
 from .model import ModelArgs, Transformer, compute_dtype_for, cpu_has_native_bf16
 from .sampling import sample, sample_top_p
 from .tokenizer import Tokenizer
@@ -214,6 +214,7 @@ class Llama:
         # A generator of our own: sampling is reproducible without touching torch's global RNG.
         self.generator = torch.Generator(self.device).manual_seed(int(seed))
         self.decoder = GraphedDecoder(model, compile_elementwise) if cuda_graphs else None
+        self._kept: Optional[Tuple[List[int], tuple]] = None  # stream's keep_cache: row 0's tokens, the model then
 
     def decode_step(self, tokens: torch.Tensor, pos: int, left_pad: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (batch, 1, vocab) of tokens (batch, 1) at cache position pos in cache rows 0..batch: the model's
@@ -260,15 +261,16 @@ class Llama:
         return tokens, (probs if logprobs else None), ends
 
     def _steps(self, batch: "_Batch", temperature: float, top_p: float, stop: Collection[int],
-               score_prompts: bool = False) -> Iterator[int]:
+               score_prompts: bool = False, cached: int = 0) -> Iterator[int]:
         """Prefill the batch's prompts, then sample each row's next token into ``batch.tokens`` at each position
         from the prompts' end, yielding the position once it is there; stops when every row has sampled a stop
-        token, or at the batch's last position. score_prompts: the prompts' own log-probabilities too."""
+        token, or at the batch's last position. score_prompts: the prompts' own log-probabilities too. cached:
+        how many of a one-prompt batch's first tokens the cache holds already (stream's keep_cache)."""
         tokens, pad, prompts, prompt_len = batch.tokens, batch.pad, batch.prompts, batch.prompt_len
         last = []  # each row's logits after its prompt
         starts = [i for i in range(len(prompts)) if i == 0 or len(prompts[i]) != len(prompts[i - 1])]
         for a, b in zip(starts, starts[1:] + [len(prompts)]):
-            start = prompt_len - len(prompts[a])
+            start = prompt_len - len(prompts[a]) + cached
             logits = self.model.forward(tokens[a:b, start:prompt_len], start, left_pad=pad[a:b], first_row=a,
                                         last_only=not score_prompts)
             if score_prompts:  # a prompt's first token has no context: 0.0, as in the reference
@@ -388,12 +390,19 @@ class Llama:
         return results
 
     def stream(self, prompt: Union[str, Dialog], temperature: float = 0.6, top_p: float = 0.9,
-               max_gen_len: Optional[int] = None) -> Iterator[str]:
+               max_gen_len: Optional[int] = None, keep_cache: bool = False) -> Iterator[str]:
         """The text of one completion (prompt a string) or chat answer (prompt a dialog) while it is generated:
         pieces whose concatenation is text_completion's generation (chat_completion's content, led by
         ``<|python_tag|>`` where the answer is a Llama 3.1 tool call) for the same seed and arguments. Each piece
         is the text its tokens add; where a token ends within a character (holding part of its bytes), the piece
-        waits for the tokens that complete it."""
+        waits for the tokens that complete it.
+
+        keep_cache: where the previous call also kept its cache and ran to its end, and nothing has run on the
+        model since (no other generation, forward pass or new cache, no weight replaced or edited in place, no
+        hook added or removed; an edit through ``.data`` goes unseen, as autograd's do), the prompt's tokens that
+        the cache holds from that call (a chat's earlier turns and the answer it gave) are not computed again:
+        only the rest of the prompt is prefilled. The text is then the same up to rounding (the cached keys and
+        values were computed in other passes), not bit for bit."""
         if isinstance(prompt, str):
             ids, stop = self.tokenizer.encode(prompt, bos=True, eos=False), self.tokenizer.stop_tokens
         else:
@@ -403,12 +412,14 @@ class Llama:
                 return
         max_gen_len = self._gen_len([ids], max_gen_len)
         self._check_generate_args([ids], max_gen_len, temperature, top_p, None, echo=False)
+        cached = self._cached_prefix(ids) if keep_cache else 0
+        self._kept = None
         batch = _Batch.of([ids], max_gen_len, self.model.params.max_seq_len, self.device, logprobs=False)
         # Only the tokens from the last one already said are decoded each step (with it, for what comes between
         # them, such as SentencePiece's spaces): text of the whole so far would cost a decode as long as it.
         window: List[int] = []
         said = ""
-        for pos in self._steps(batch, temperature, top_p, stop):
+        for pos in self._steps(batch, temperature, top_p, stop, cached=cached):
             token = int(batch.tokens[0, pos])
             if token in stop:
                 break
@@ -418,9 +429,28 @@ class Llama:
                 if len(text) > len(said):  # (a token may add no text of its own)
                     yield text[len(said):]
                 window, said = window[-1:], self.tokenizer.decode(window[-1:])
+        if keep_cache:  # the cache holds the tokens before pos: its own token was sampled, never fed
+            self._kept = (batch.tokens[0, :pos].tolist(), self._model_state())
         text = self.tokenizer.decode(window)
         if len(text) > len(said):
             yield text[len(said):]
+
+    def _cached_prefix(self, ids: List[int]) -> int:
+        """How many of ids' first tokens cache row 0 holds from the last stream that kept its cache, if nothing
+        has changed it since; at most all but the last (whose logits the prefill must give)."""
+        if self._kept is None or self._kept[1] != self._model_state():
+            return 0
+        kept, n = self._kept[0], 0
+        while n < min(len(kept), len(ids) - 1) and kept[n] == ids[n]:
+            n += 1
+        return n
+
+    def _model_state(self) -> tuple:
+        """What the KV cache's contents depend on besides the tokens: the model's runs (``Transformer.runs``), its
+        weights (each one's tensor and count of in-place edits) and its forward hooks."""
+        modules = list(self.model.modules())
+        return (self.model.runs, [(p.data_ptr(), edit_count(p)) for p in self.model.parameters()],
+                [id(h) for m in modules for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values()])
 
     def _gen_len(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int]) -> int:
         """Meta's default: as much as max_seq_len leaves after the longest prompt (at least one token)."""

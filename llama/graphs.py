@@ -68,6 +68,7 @@ class GraphedDecoder:
             self.graphs[(bsz, keys)] = self._capture(bsz, keys)
         graph, logits = self.graphs[(bsz, keys)]
         graph.replay()
+        self.model.runs += 1  # a step, as model.forward counts its own
         return logits.clone()  # the next replay of any graph in the pool may overwrite it
 
     def _capture(self, bsz: int, keys: int) -> Tuple[torch.cuda.CUDAGraph, torch.Tensor]:

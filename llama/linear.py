@@ -154,7 +154,7 @@ def packed_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return kernels.linear_packed_bf16(x, packed)
 
 
-def _version(t: torch.Tensor) -> Optional[int]:
+def edit_count(t: torch.Tensor) -> Optional[int]:
     """t's count of in-place edits; None for a tensor made in inference mode, which keeps none (and can only be
     edited in inference mode)."""
     return None if t.is_inference() else t._version
@@ -165,12 +165,12 @@ class Packable:
     weight (made by ``pack``) while the weight is the very tensor it was made from, unedited. Any other weight, an
     in-place edit, or autograd falls back to ``linear``; a stale copy is freed."""
     weight: nn.Parameter
-    # (copy, the dtype of products it serves, the weight's data_ptr and _version)
+    # (copy, the dtype of products it serves, the weight's data_ptr and edit_count)
     blocked: Optional[tuple[torch.Tensor, torch.dtype, int, Optional[int]]] = None
 
     def pack(self, compute: torch.dtype) -> None:
         w = self.weight
-        self.blocked = (pack(w, compute), compute, w.data_ptr(), _version(w))
+        self.blocked = (pack(w, compute), compute, w.data_ptr(), edit_count(w))
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the packed copy out (oneDNN's opaque tensors can be neither, and a copy would
@@ -181,7 +181,7 @@ class Packable:
         w = self.weight
         if self.blocked is not None:
             copy, compute, ptr, version = self.blocked
-            if ptr != w.data_ptr() or version != _version(w):
+            if ptr != w.data_ptr() or version != edit_count(w):
                 self.blocked = None
             elif x.dtype == compute and not torch.is_grad_enabled():
                 return packed_product(x, copy)
@@ -208,7 +208,7 @@ class PackedFused:
             pages.drop(w)
         self.blocked: Optional[torch.Tensor] = pack(whole, compute)
         self.compute = compute
-        self.stamps = [(w.data_ptr(), _version(w)) for w in weights]
+        self.stamps = [(w.data_ptr(), edit_count(w)) for w in weights]
 
     def __getstate__(self) -> dict:
         """As ``Packable``: copies and pickles compute layer by layer, from their own weights."""
@@ -216,7 +216,8 @@ class PackedFused:
 
     def valid(self) -> bool:
         """Whether the blocked copy is still the layers' weights (freed where it is not)."""
-        if self.blocked is not None and self.stamps != [(m.weight.data_ptr(), _version(m.weight)) for m in self.layers]:
+        if self.blocked is not None and self.stamps != [(m.weight.data_ptr(), edit_count(m.weight))
+                                                        for m in self.layers]:
             self.blocked = None
         return self.blocked is not None
 

@@ -398,6 +398,7 @@ class Transformer(nn.Module):
         self.freqs_cis: Optional[torch.Tensor] = None  # Meta's name: (max_seq_len, head_dim // 2), by setup_cache
         self.compute_dtype: Optional[torch.dtype] = None  # set with the KV cache
         self.cache_made_for: Optional[Tuple[torch.device, torch.dtype]] = None  # the weights' device and dtype then
+        self.runs = 0  # forward passes, decoding steps and caches made: each changes what the KV cache holds
         self._compiled: Optional[tuple[Callable, ...]] = None  # compiled_elementwise
 
     def setup_cache(self, max_batch_size: Optional[int] = None, max_seq_len: Optional[int] = None,
@@ -413,6 +414,7 @@ class Transformer(nn.Module):
         weight = self.output.weight
         self.compute_dtype = compute_dtype or compute_dtype_for(weight.dtype, weight.device)
         self.cache_made_for = (weight.device, weight.dtype)
+        self.runs += 1
         for layer in self.layers:
             layer.attention.allocate_cache(max_batch_size, max_seq_len, self.compute_dtype, weight.device)
         self.freqs_cis = self._rotations(max_seq_len, weight.device)
@@ -564,6 +566,7 @@ class Transformer(nn.Module):
              left_pad: Optional[torch.Tensor], masked: bool, last_only: bool, first_key: int = 0) -> torch.Tensor:
         """The forward pass of tokens at cache positions (a tensor), attention reading cache positions
         first_key..keys."""
+        self.runs += 1
         bsz = tokens.shape[0]
         pad = left_pad if left_pad is not None else torch.zeros(bsz, dtype=torch.long, device=tokens.device)
         rope_pos = (positions[None, :] - pad[:, None]).clamp(min=0)  # (bsz, seqlen)

@@ -5,6 +5,7 @@ are split across tokens (SentencePiece's byte pieces, tiktoken's byte-level piec
 import sys
 
 import pytest
+import torch
 
 from llama import Llama
 from llama.chat import UNSAFE_ERROR
@@ -71,6 +72,51 @@ def test_a_dialog_streams_chat_completions_answer(llama2, llama3):
         pieces, whole = streamed_and_whole(g, dialog, 7, temperature=1.0, max_gen_len=30)
         assert "".join(pieces) == whole and len(pieces) > 1
     assert list(llama2[0].stream([{"role": "user", "content": "[INST] hi"}])) == [UNSAFE_ERROR]
+
+
+def test_keep_cache_prefills_only_what_the_cache_lacks(llama2, monkeypatch):
+    """A chat's second turn with keep_cache: the prefill starts where the tokens the first call left in the cache
+    (its prompt and the answer's tokens before the last) part from the new prompt, and the answer is the float64
+    reference's greedy one. Anything run on the model in between, a weight edited, or keep_cache off: the whole
+    prompt is prefilled."""
+    g, state = llama2
+    starts = []  # (start_pos, tokens) of each forward pass
+    forward = g.model.forward
+    monkeypatch.setattr(g.model, "forward", lambda tokens, start_pos, **kw: starts.append((start_pos, tokens.shape[1]))
+                        or forward(tokens, start_pos, **kw))
+
+    def prefill_start(dialog, **kwargs) -> int:
+        starts.clear()
+        "".join(g.stream(dialog, temperature=0, max_gen_len=12, **kwargs))
+        return starts[0][0]
+
+    first = [{"role": "user", "content": "Who made the heaven and the earth?"}]
+    g.model.forward(torch.tensor([[1]]), 0)
+    assert prefill_start(first, keep_cache=True) == 0  # a forward pass ran since any earlier stream
+    ids1 = g.formatter.encode_dialog(first)
+    answer1 = g.generate([ids1], 12, temperature=0, stop_tokens=g.formatter.stop_tokens)[0][0]
+    fed = ids1 + (answer1 if len(answer1) < 12 else answer1[:-1])  # the last sampled token is never fed
+    second = first + [{"role": "assistant", "content": g.tokenizer.decode(answer1)},
+                      {"role": "user", "content": "And the sea?"}]
+    ids2 = g.formatter.encode_dialog(second)
+    common = next(n for n in range(len(ids2)) if n == len(fed) or fed[n] != ids2[n])
+    assert common >= len(ids1)  # not vacuous: the first turn's prompt at least is reused
+
+    assert prefill_start(first, keep_cache=True) == 0  # generate ran since the last stream
+    starts.clear()
+    text = "".join(g.stream(second, temperature=0, max_gen_len=12, keep_cache=True))
+    assert starts[0] == (common, len(ids2) - common)
+    want = greedy(state, {**GQA, "vocab_size": VOCAB}, ids2, 12, stop=g.tokenizer.eos_id)
+    assert text == g.tokenizer.decode(want)
+
+    prefill_start(first, keep_cache=True)
+    with torch.no_grad():
+        g.model.norm.weight.mul_(1.0)  # an in-place edit, even one that changes nothing
+    assert prefill_start(second, keep_cache=True) == 0
+    prefill_start(first, keep_cache=True)
+    assert prefill_start(second) == 0  # keep_cache off
+    prefill_start(first, keep_cache=True)
+    assert prefill_start(second, keep_cache=True) == common  # and on again, with nothing in between
 
 
 def test_bad_input_is_a_clear_error(llama2):
