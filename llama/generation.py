@@ -448,9 +448,9 @@ class Llama:
     def _model_state(self) -> tuple:
         """What the KV cache's contents depend on besides the tokens: the model's runs (``Transformer.runs``), its
         weights (each one's tensor and count of in-place edits) and its forward hooks."""
-        modules = list(self.model.modules())
         return (self.model.runs, [(p.data_ptr(), edit_count(p)) for p in self.model.parameters()],
-                [id(h) for m in modules for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values()])
+                [id(h) for m in self.model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)
+                 for h in d.values()])
 
     def _gen_len(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int]) -> int:
         """Meta's default: as much as max_seq_len leaves after the longest prompt (at least one token)."""
