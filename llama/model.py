@@ -566,7 +566,7 @@ class Transformer(nn.Module):
              left_pad: Optional[torch.Tensor], masked: bool, last_only: bool, first_key: int = 0) -> torch.Tensor:
         """The forward pass of tokens at cache positions (a tensor), attention reading cache positions
         first_key..keys."""
-        self._count_run()
+        self.runs += 1
         bsz = tokens.shape[0]
         pad = left_pad if left_pad is not None else torch.zeros(bsz, dtype=torch.long, device=tokens.device)
         rope_pos = (positions[None, :] - pad[:, None]).clamp(min=0)  # (bsz, seqlen)
@@ -592,12 +592,6 @@ class Transformer(nn.Module):
         if last_only:
             h, carry = h[:, -1:], carry[:, -1:] if carry is not None else None  # (None: a model of no layers)
         return self.output(self.norm.after_add(h, carry)[1]).float()
-
-    @torch.compiler.disable
-    def _count_run(self) -> None:
-        """runs += 1, outside what torch.compile traces: traced, its guard on the count would compile the model
-        again at every call."""
-        self.runs += 1
 
     def _called_or_fused(self) -> Iterator[nn.Module]:
         """The modules that Meta's forward calls and the fused one (``TransformerBlock.residuals``) doesn't."""
