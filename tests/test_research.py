@@ -280,3 +280,23 @@ def test_metas_chat_names_import_from_generation_and_build_its_prompts(tokenizer
     want += tok.encode(f"{B_INST} {dialog[3]['content'].strip()} {E_INST}", bos=True, eos=False)
     assert chat_format(tok).encode_dialog(dialog, 0) == want
     assert (sample_top_p, UNSAFE_ERROR) == (ours, chat.UNSAFE_ERROR) and {B_INST, E_INST} <= set(SPECIAL_TAGS)
+
+
+def test_a_compiled_model_is_not_compiled_again_at_every_call(gqa):
+    """torch.compile of the whole model (research code may): the same call again reuses what was compiled (no
+    guard on anything a call changes, such as the model's count of runs), and the logits are the float64
+    reference's."""
+    import torch._dynamo
+
+    g, state = gqa
+    torch._dynamo.reset()
+    compiled = torch.compile(g.model, backend="eager")  # Dynamo's tracing and guards, without Inductor's codegen
+    tokens = torch.tensor([prompt(12)])
+    compiled(tokens, 0)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        logits = compiled(tokens, 0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    want = reference_logits(state, PARAMS, tokens[0].tolist())
+    torch.testing.assert_close(logits[0].double(), want, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
