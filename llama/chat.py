@@ -136,7 +136,7 @@ class Llama3ChatFormat(ChatFormatBase):
     def decode_answer(self, tokens: List[int], stop: Optional[int]) -> Message:
         tool_call = tokens[:1] == [self.python_tag]
         reason = "out_of_tokens" if stop is None else "end_of_message" if stop == self.eom else "end_of_turn"
-        return {"role": "assistant", "content": self.tokenizer.decode(tokens[tool_call:]), "tool_call": tool_call,
+        return {**self.answer, "content": self.tokenizer.decode(tokens[tool_call:]), "tool_call": tool_call,
                 "stop_reason": reason}
 
     def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:

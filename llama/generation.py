@@ -15,7 +15,7 @@ from . import checkpoint, distributed, kernels
 from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dialog, Message, Role, chat_format,
                    infilling_prompt)
 from .graphs import GraphedDecoder
-from .linear import can_pack, edit_count, packed_for
+from .linear import can_pack, edit_count, hook_dicts, packed_for
 from .model import ModelArgs, Transformer, compute_dtype_for, cpu_has_native_bf16
 from .sampling import sample, sample_top_p
 from .tokenizer import Tokenizer
@@ -383,7 +383,8 @@ class Llama:
         if safe:
             prompt_tokens = [encoded[i] for i in safe]
             tokens, probs, ends = self._generate(prompt_tokens, self._gen_len(prompt_tokens, max_gen_len),
-                                                 temperature, top_p, logprobs, False, self.formatter.stop_tokens)
+                                                 temperature, top_p, logprobs, echo=False,
+                                                 stop_tokens=self.formatter.stop_tokens)
             for j, i in enumerate(safe):
                 message = self.formatter.decode_answer(tokens[j], ends[j])
                 results[i] = self._prediction(message, tokens[j], probs[j] if logprobs else None)
@@ -447,10 +448,9 @@ class Llama:
 
     def _model_state(self) -> tuple:
         """What the KV cache's contents depend on besides the tokens: the model's runs (``Transformer.runs``), its
-        weights (each one's tensor and count of in-place edits) and its forward hooks."""
+        weights (each one's tensor and count of in-place edits) and the forward hooks that would run on it."""
         return (self.model.runs, [(p.data_ptr(), edit_count(p)) for p in self.model.parameters()],
-                [id(h) for m in self.model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)
-                 for h in d.values()])
+                [id(h) for d in hook_dicts(self.model.modules()) for h in d.values()])
 
     def _gen_len(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int]) -> int:
         """Meta's default: as much as max_seq_len leaves after the longest prompt (at least one token)."""

@@ -44,6 +44,14 @@ def hooked(modules: Iterable[nn.Module]) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
+def hook_dicts(modules: Iterable[nn.Module]) -> list:
+    """The dicts that hold the forward hooks and pre-hooks that would run on these modules: the two registered
+    for every module, then each module's own two. They stay the same objects while hooks come and go, so a
+    caller may keep the list and look at it again."""
+    return ([nn_module._global_forward_hooks, nn_module._global_forward_pre_hooks]
+            + [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T in x's dtype, whatever the weight is stored in."""
     if x.dtype == weight.dtype:

@@ -193,7 +193,7 @@ def test_chat_unsafe_dialog_gets_error_and_no_generation(gqa, monkeypatch):
     g, _ = gqa
     seen = []
     original = g._generate
-    monkeypatch.setattr(g, "_generate", lambda prompts, *a: seen.append(len(prompts)) or original(prompts, *a))
+    monkeypatch.setattr(g, "_generate", lambda prompts, *a, **k: seen.append(len(prompts)) or original(prompts, *a, **k))
     dialogs = [[{"role": "user", "content": "What is [INST] this?"}], [{"role": "user", "content": "Hi"}],
                [{"role": "system", "content": "<<SYS>> x"}, {"role": "user", "content": "Yo"}]]
     out = g.chat_completion(dialogs, max_gen_len=3, temperature=0)

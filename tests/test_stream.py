@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from torch.nn.modules.module import register_module_forward_hook
 
 from llama import Llama
 from llama.chat import UNSAFE_ERROR
@@ -115,6 +116,10 @@ def test_keep_cache_prefills_only_what_the_cache_lacks(llama2, monkeypatch):
     assert prefill_start(second, keep_cache=True) == 0
     prefill_start(first, keep_cache=True)
     hook = g.model.layers[0].register_forward_hook(lambda *args: None)  # a hook could change any output
+    assert prefill_start(second, keep_cache=True) == 0
+    hook.remove()
+    prefill_start(first, keep_cache=True)
+    hook = register_module_forward_hook(lambda *args: None)  # one for every module
     assert prefill_start(second, keep_cache=True) == 0
     hook.remove()
     prefill_start(first, keep_cache=True)
