@@ -34,22 +34,20 @@ CONVERT_BYTES = 8 << 20
 _buffers = threading.local()
 
 
-def hooked(modules: Iterable[nn.Module]) -> bool:
-    """Whether a forward hook or pre-hook waits on any of these modules (its own, or one registered for every
-    module). Research code reads and edits activations with them, as on Meta's model; the fused ways skip calling
-    some modules (``Fused``, ``PackedFused``, ``Transformer.forward``'s blocks and norms), so while there are
-    hooks on them they are called as Meta's code calls them."""
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
-
-
 def hook_dicts(modules: Iterable[nn.Module]) -> list:
     """The dicts that hold the forward hooks and pre-hooks that would run on these modules: the two registered
     for every module, then each module's own two. They stay the same objects while hooks come and go, so a
     caller may keep the list and look at it again."""
     return ([nn_module._global_forward_hooks, nn_module._global_forward_pre_hooks]
             + [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)])
+
+
+def hooked(modules: Iterable[nn.Module]) -> bool:
+    """Whether a forward hook or pre-hook waits on any of these modules (its own, or one registered for every
+    module). Research code reads and edits activations with them, as on Meta's model; the fused ways skip calling
+    some modules (``Fused``, ``PackedFused``, ``Transformer.forward``'s blocks and norms), so while there are
+    hooks on them they are called as Meta's code calls them."""
+    return any(hook_dicts(modules))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
