@@ -83,7 +83,8 @@ def read_params(ckpt_dir: str) -> dict:
         raise ValueError(f"checkpoint directory {ckpt_dir!r} {problem}: pass --ckpt_dir, the folder "
                          "that holds params.json and consolidated.NN.pth")
     if not path.is_file():
-        raise ValueError(f"{path}: missing; a checkpoint folder holds params.json and consolidated.NN.pth")
+        raise ValueError(f"{path}: missing; a checkpoint folder holds params.json and consolidated.NN.pth"
+                         + _hugging_face_hint(Path(ckpt_dir)))
     try:
         params = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -91,6 +92,20 @@ def read_params(ckpt_dir: str) -> dict:
     if not isinstance(params, dict):
         raise ValueError(f"{path}: expected a JSON object of model parameters, got {type(params).__name__}")
     return params
+
+
+def _hugging_face_hint(folder: Path) -> str:
+    """Where a folder from the Hugging Face Hub was passed (the usual mistake), where Meta's files are."""
+    original = folder / "original"
+    if (original / "params.json").is_file():
+        return (f". {original} holds them, as the Hugging Face Hub's copies of Meta's releases keep them: pass "
+                f"--ckpt_dir {original} (and --tokenizer_path {original / 'tokenizer.model'})")
+    if (folder / "config.json").is_file() or any(folder.glob("*.safetensors")):
+        return (". This folder holds a Hugging Face transformers checkpoint (config.json, *.safetensors), "
+                "which this engine does not read: on the Hub, Meta's own files are in the original/ folder of "
+                "Llama 3's repositories (huggingface-cli download REPO --include 'original/*') and in the "
+                "repositories without -hf of Llama 2's (meta-llama/Llama-2-7b, not meta-llama/Llama-2-7b-hf)")
+    return ""
 
 
 def shard_paths(ckpt_dir: str) -> List[Path]:

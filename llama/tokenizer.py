@@ -72,8 +72,11 @@ def _class_for(model_path) -> type:
     """Which tokenizer reads this file: decided from its first bytes, not its name."""
     if not isinstance(model_path, (str, os.PathLike)) or not os.path.isfile(model_path):
         problem = "is a folder, not a file" if os.path.isdir(model_path) else "does not exist"
+        found = [p for p in ("tokenizer.model", "original/tokenizer.model")
+                 if os.path.isdir(model_path) and os.path.isfile(os.path.join(model_path, p))]
+        hint = f" ({os.path.join(model_path, found[0])}, here)" if found else ""
         raise ValueError(f"tokenizer file {model_path!r} {problem}: pass the path to Meta's "
-                         "tokenizer.model with --tokenizer_path")
+                         f"tokenizer.model{hint} with --tokenizer_path")
     with open(model_path, "rb") as f:
         head = f.read(4096)
     if _TIKTOKEN_LINE.match(head):

@@ -152,8 +152,24 @@ def resave(path: Path, change) -> None:
     torch.save(shard, path)
 
 
+def hugging_face_folder(d: Path, keep_original: bool) -> None:
+    """d laid out as a Hub repository of Llama 3: transformers' files, and Meta's in original/ if kept."""
+    (d / "original").mkdir()
+    for p in list(d.iterdir()):
+        if p.is_file():
+            p.rename(d / "original" / p.name) if keep_original else p.unlink()
+    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (d / "model-00001-of-00001.safetensors").write_bytes(b"")
+
+
 BROKEN = {
     "missing params.json": (lambda d: (d / "params.json").unlink(), r"params.json: missing"),
+    # Folders from the Hugging Face Hub: transformers' files, with or without Meta's own in original/.
+    "Hugging Face folder": (lambda d: hugging_face_folder(d, keep_original=False),
+                            r"params.json: missing.*Hugging Face transformers checkpoint.*original/"),
+    "Hugging Face folder, Meta's files in original/": (
+        lambda d: hugging_face_folder(d, keep_original=True),
+        r"params.json: missing.*broken/original holds them.*--ckpt_dir .*broken/original "),
     "invalid JSON": (lambda d: (d / "params.json").write_text('{"dim": 64,'), r"params.json: not valid JSON"),
     "no shards": (lambda d: [p.unlink() for p in d.glob("*.pth")], r"no consolidated.NN.pth shards"),
     "shards misnumbered": (lambda d: (d / "consolidated.01.pth").rename(d / "consolidated.02.pth"),

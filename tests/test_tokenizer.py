@@ -2,6 +2,8 @@
 
 import base64
 import random
+import re
+import shutil
 import time
 
 import pytest
@@ -64,6 +66,14 @@ def test_missing_file(tmp_path):
     for path, said in ((str(tmp_path / "nope.model"), "does not exist"), (str(tmp_path), "is a folder, not a file")):
         with pytest.raises(ValueError, match=said):
             Tokenizer(path)
+
+
+def test_a_folder_holding_the_tokenizer_is_answered_with_its_path(tmp_path, tokenizer_path):
+    """A Hugging Face copy of Llama 3 keeps Meta's tokenizer.model in original/."""
+    (tmp_path / "original").mkdir()
+    shutil.copy(tokenizer_path, tmp_path / "original" / "tokenizer.model")
+    with pytest.raises(ValueError, match=re.escape(f"tokenizer.model ({tmp_path}/original/tokenizer.model, here)")):
+        Tokenizer(str(tmp_path))
 
 
 def test_llama3_ids(llama3):
