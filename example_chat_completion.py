@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from llama import Dialog, Llama
 from llama.cli import DEMO_MAX_GEN_LEN, checkpoint_or_demo, print0, run
+from llama.generation import check_sampling
 
 DIALOGS: List[Dialog] = [
     [{"role": "user", "content": "Who was the first man, and what was his work in the garden?"}],
@@ -29,6 +30,7 @@ DIALOGS: List[Dialog] = [
 def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, temperature: float = 0.6,
          top_p: float = 0.9, max_seq_len: int = 512, max_gen_len: Optional[int] = None, max_batch_size: int = 4,
          device: Optional[str] = None, dtype: Optional[str] = None, compile_elementwise: bool = False):
+    check_sampling(max_gen_len, temperature, top_p)  # before the load, which can take minutes
     ckpt_dir, tokenizer_path, demo = checkpoint_or_demo(ckpt_dir, tokenizer_path)
     if demo and max_gen_len is None:
         max_gen_len = DEMO_MAX_GEN_LEN

@@ -9,6 +9,7 @@ from typing import Optional
 
 from llama import Llama
 from llama.cli import print0, run
+from llama.generation import check_sampling
 
 PREFIXES = [
     'def fibonacci(n: int) -> int:\n    """The n-th Fibonacci number, from fibonacci(0) = 0."""\n    ',
@@ -26,6 +27,7 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, t
          top_p: float = 0.9, max_seq_len: int = 192, max_gen_len: int = 128, max_batch_size: int = 4,
          suffix_first: bool = False, device: Optional[str] = None, dtype: Optional[str] = None,
          compile_elementwise: bool = False):
+    check_sampling(max_gen_len, temperature, top_p)  # before the load, which can take minutes
     if ckpt_dir is None or tokenizer_path is None:
         raise ValueError("pass --ckpt_dir and --tokenizer_path of a Code Llama checkpoint (7B or 13B, base or "
                          "Instruct): infilling needs its tokenizer, and the demo model can't infill")

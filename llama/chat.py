@@ -75,12 +75,13 @@ class Llama2ChatFormat(ChatFormatBase):
 
     def encode_dialog(self, dialog: Dialog, index: int = 0) -> List[int]:
         _check_messages(dialog, index)
+        roles = [message["role"] for message in dialog]
         if dialog[0]["role"] == "system":
             if len(dialog) < 2:
                 raise ValueError(f"dialog {index}: a system message must be followed by a user message")
             dialog = [{"role": dialog[1]["role"],
                        "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}] + dialog[2:]
-        _check_turns(dialog, index, [message["role"] for message in dialog])
+        _check_turns(dialog, index, roles)
         tokens: List[int] = []
         for prompt, answer in zip(dialog[::2], dialog[1::2]):
             tokens += self.tokenizer.encode(
@@ -185,9 +186,10 @@ class CodeLlama70bChatFormat(ChatFormatBase):
 
     def encode_dialog(self, dialog: Dialog, index: int = 0) -> List[int]:
         _check_messages(dialog, index)
+        roles = [message["role"] for message in dialog]
         if dialog[0]["role"] != "system":
             dialog = [{"role": "system", "content": ""}] + dialog
-        _check_turns(dialog[1:], index, [message["role"] for message in dialog])
+        _check_turns(dialog[1:], index, roles)
         tokens = [self.tokenizer.bos_id]
         for message in dialog:
             tokens += self._header(message)

@@ -3,10 +3,13 @@ reported as one line on stderr with exit code 1 (on every rank) instead of a tra
 
 import argparse
 import contextlib
+import difflib
+import inspect
 import logging
+import re
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import fire
 import torch.distributed as dist
@@ -23,7 +26,8 @@ def one_line_errors() -> Iterator[None]:
     try:
         yield
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: the ranks' lines don't interleave
+        sys.stderr.flush()
         sys.exit(1)
     finally:
         if dist.is_initialized():
@@ -35,7 +39,27 @@ def run(main: Callable) -> None:
     logging.basicConfig(level=logging.INFO if distributed.rank() == 0 else logging.WARNING,
                         format="%(message)s")
     with one_line_errors():
+        check_flags(main, sys.argv[1:])
         fire.Fire(main)
+
+
+def check_flags(main: Callable, argv: List[str]) -> None:
+    """Refuse a --flag that main doesn't take before anything runs: fire would run the whole job with the flags
+    it knows and only then fail on the one it didn't (a misspelt --max_gen_length, after the generation)."""
+    params = inspect.signature(main).parameters
+    for arg in argv:
+        if arg == "--":  # fire's own flags follow (-- --help)
+            return
+        flag = re.fullmatch(r"--([A-Za-z_][\w-]*)(=.*)?", arg)
+        if flag is None or flag.group(1) in ("help", "h"):
+            continue
+        name = flag.group(1).replace("-", "_")
+        if name in params or (name.startswith("no") and name[2:] in params):  # fire's --noFLAG for booleans
+            continue
+        close = difflib.get_close_matches(name, params, n=1)
+        hint = f"did you mean --{close[0]}? " if close else ""
+        raise ValueError(f"unknown flag --{flag.group(1)}: {hint}the flags are "
+                         + ", ".join(f"--{p}" for p in params))
 
 
 def positive_int(text: str) -> int:

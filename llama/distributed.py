@@ -36,7 +36,7 @@ def pick_device(device: Union[str, torch.device, None]) -> torch.device:
                              "or 'cuda'")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU: pass device='cpu'")
+            raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU: pass device='cpu' (--device cpu)")
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         torch.cuda.set_device(device)

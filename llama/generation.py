@@ -137,6 +137,21 @@ def _build_flags(device: torch.device, world: int, dtype: torch.dtype, compute: 
     return packable and pack_weights is not False, graphs
 
 
+def check_sampling(max_gen_len: Optional[int], temperature: float, top_p: float) -> None:
+    """Fail on sampling arguments that can't be used (max_gen_len None: the default), before any work is done."""
+    if max_gen_len is not None and (not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool)
+                                    or max_gen_len < 1):
+        raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
+    if not _is_number(temperature) or not 0 <= temperature < math.inf:  # NaN fails too
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 class Llama:
     @staticmethod
     def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int,
@@ -317,9 +332,14 @@ class Llama:
         def in_vocab(ids) -> bool:
             return all(isinstance(t, int) and 0 <= t < params.vocab_size for t in ids)
 
+        if not isinstance(prompt_tokens, (list, tuple)):
+            raise ValueError(f"prompt_tokens must be a list of prompts, each a list of token ids, got "
+                             f"{type(prompt_tokens).__name__}")
         if not prompt_tokens:
             raise ValueError("no prompts given: pass at least one")
         for i, p in enumerate(prompt_tokens):
+            if not isinstance(p, (list, tuple)):
+                raise ValueError(f"prompt {i} must be a list of token ids, got {type(p).__name__}")
             if not p:
                 raise ValueError(f"prompt {i} is empty: give it at least one token")
             if len(p) > params.max_seq_len or (len(p) == params.max_seq_len and not echo):  # echo: scoring it
@@ -327,12 +347,7 @@ class Llama:
                                  f"max_seq_len {params.max_seq_len}: shorten it or build with a larger max_seq_len")
             if not in_vocab(p):
                 raise ValueError(f"prompt {i} must be a list of token ids in [0, {params.vocab_size})")
-        if not isinstance(max_gen_len, int) or max_gen_len < 1:
-            raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
-        if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:  # NaN fails too
-            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        check_sampling(max_gen_len, temperature, top_p)
         if stop_tokens is not None and not (isinstance(stop_tokens, Collection) and in_vocab(stop_tokens)):
             raise ValueError(f"stop_tokens must be a collection of token ids in [0, {params.vocab_size}), got "
                              f"{stop_tokens!r}")
@@ -375,6 +390,8 @@ class Llama:
         and costs no generation; the rest of the batch is answered normally."""
         if not isinstance(dialogs, (list, tuple)):
             raise ValueError("dialogs must be a list of dialogs (lists of messages)")
+        if not dialogs:
+            raise ValueError("no dialogs given: pass at least one")
         encoded = [self.formatter.encode_dialog(d, i) for i, d in enumerate(dialogs)]
         safe = [i for i, d in enumerate(dialogs) if not self.formatter.is_unsafe(d)]
         answer = self.formatter.answer  # {"role": "assistant"}, and Code Llama 70B's "destination": "user"

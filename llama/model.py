@@ -7,6 +7,7 @@ Module names equal the keys of Meta's checkpoints, and the tensor-parallel layer
 import dataclasses
 import functools
 import math
+import operator
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +48,24 @@ class ModelArgs:
         if unknown:
             warnings.warn(f"params.json: ignoring unknown keys {unknown}", stacklevel=2)
         return cls(**{k: v for k, v in params.items() if k in known}, **overrides)
+
+    def check(self) -> None:
+        """Fail with what is wrong where the shapes can't make a model (Meta's would fail deep in a layer, or not
+        at all until its output is garbage)."""
+        least = {"dim": 1, "n_layers": 0, "n_heads": 1, "multiple_of": 1, "max_batch_size": 1, "max_seq_len": 1}
+        for name, low in least.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"ModelArgs.{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 1:
+            raise ValueError(f"ModelArgs.vocab_size must be a positive integer, got {self.vocab_size!r} (params.json's "
+                             "-1 means the tokenizer's: set it to tokenizer.n_words, as Meta's build does)")
+        if not isinstance(self.kv_heads, int) or self.kv_heads < 1 or self.n_heads % self.kv_heads:
+            raise ValueError(f"ModelArgs.n_kv_heads ({self.n_kv_heads!r}) must divide n_heads ({self.n_heads}): "
+                             "each KV head serves a group of query heads")
+        if self.dim % self.n_heads or self.head_dim % 2:
+            raise ValueError(f"ModelArgs.dim ({self.dim}) must be n_heads ({self.n_heads}) times an even head "
+                             "dimension: rotary embeddings turn pairs of each head's values")
 
     @property
     def kv_heads(self) -> int:
@@ -384,6 +403,7 @@ class Transformer(nn.Module):
 
     def __init__(self, params: ModelArgs):
         super().__init__()
+        params.check()
         if not model_parallel_is_initialized():
             distributed.setup(None, None)
         self.params = params
@@ -520,6 +540,7 @@ class Transformer(nn.Module):
         first_row: the KV cache row of the first row of tokens (to prefill part of a batch).
         last_only: return the logits of the last position only, (batch, 1, vocab): all that sampling needs.
         """
+        start_pos = self._check_input(tokens, start_pos)
         bsz, seqlen = tokens.shape
         self._check_cache(first_row + bsz, start_pos + seqlen)
         positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
@@ -545,6 +566,25 @@ class Transformer(nn.Module):
         keeps pos < keys (checking it here would wait for the device)."""
         self._check_cache(tokens.shape[0], keys)
         return self._run(tokens, pos.view(1), keys, 0, left_pad, masked=True, last_only=True)
+
+    def _check_input(self, tokens: torch.Tensor, start_pos: int) -> int:
+        """start_pos as an int, or an error saying what is wrong with the arguments (on a GPU a token id out of
+        range would end the process with a device-side assert; the check waits for the device once per call)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
+            got = f"a tensor of shape {tuple(tokens.shape)}, {tokens.dtype}" if isinstance(tokens, torch.Tensor) \
+                else type(tokens).__name__
+            raise ValueError(f"tokens must be a (batch, seqlen) tensor of token ids, got {got}")
+        try:
+            start_pos = operator.index(start_pos)
+        except TypeError:
+            raise ValueError(f"start_pos must be an integer, got {start_pos!r}") from None
+        if start_pos < 0:
+            raise ValueError(f"start_pos must be >= 0, got {start_pos}")
+        if tokens.numel():
+            low, high = torch.aminmax(tokens)
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {int(low)}..{int(high)}")
+        return start_pos
 
     def _check_cache(self, rows: int, positions: int) -> None:
         """Allocate the cache on first use, and again where ``.to()`` has moved or converted the weights since (as

@@ -15,11 +15,13 @@ infilling prompt places them by id.)
 
 import base64
 import binascii
+import numbers
 import os
 import re
 import unicodedata
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
+import torch
 from sentencepiece import SentencePieceProcessor
 
 from .chat import Dialog, Message, Role
@@ -66,6 +68,19 @@ class Tokenizer:
     def special_id(self, name: str) -> int:
         """The id of the special token ``name`` (e.g. ``"<|eot_id|>"``), which ``encode`` never produces."""
         raise NotImplementedError
+
+    def _ids(self, ids: Sequence[int]) -> List[int]:
+        """ids for decoding as a list of ints (from a 1-D tensor too), or an error naming the first bad one."""
+        if isinstance(ids, torch.Tensor) and ids.dim() == 1 and not ids.is_floating_point():
+            ids = ids.tolist()
+        if isinstance(ids, (str, bytes, torch.Tensor)) or not isinstance(ids, Iterable):
+            raise ValueError(f"can only decode a list of token ids, got {type(ids).__name__}")
+        out = []
+        for i in ids:
+            if not isinstance(i, numbers.Integral) or isinstance(i, bool) or not 0 <= i < self.n_words:
+                raise ValueError(f"cannot decode {i!r}: token ids are integers in [0, {self.n_words})")
+            out.append(int(i))
+        return out
 
 
 def _class_for(model_path) -> type:
@@ -133,7 +148,7 @@ class SentencePieceTokenizer(Tokenizer):
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.sp_model.decode(list(ids))
+        return self.sp_model.decode(self._ids(ids))
 
     def encode_infilling(self, s: str) -> List[int]:
         """s encoded as text that continues other text (an infilling suffix): without the space SentencePiece
@@ -148,7 +163,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode_infilling(self, ids: Sequence[int]) -> str:
         """ids decoded as text that continues other text: a leading space is kept, where ``decode`` drops it."""
-        return self.sp_model.decode(self._mark + list(ids))[len(INFILLING_MARK):]
+        return self.sp_model.decode(self._mark + self._ids(ids))[len(INFILLING_MARK):]
 
     def _piece_id(self, piece: str) -> Optional[int]:
         i = self.sp_model.piece_to_id(piece)
@@ -308,11 +323,7 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         """Bytes that aren't whole UTF-8 characters (ids cut mid-character) decode as U+FFFD."""
-        ids = list(ids)
-        bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < self.n_words]
-        if bad:
-            raise ValueError(f"cannot decode {bad[0]!r}: token ids are in [0, {self.n_words})")
-        return self.model.decode_bytes(ids).decode("utf-8", errors="replace")
+        return self.model.decode_bytes(self._ids(ids)).decode("utf-8", errors="replace")
 
     def special_id(self, name: str) -> int:
         if name not in self.special_tokens:

@@ -18,6 +18,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llama import Dialog, Llama, distributed  # noqa: E402
 from llama.cli import DEMO_MAX_GEN_LEN, checkpoint_or_demo, print0, run  # noqa: E402
+from llama.generation import check_sampling  # noqa: E402
 
 
 def read_message() -> Optional[str]:
@@ -45,6 +46,7 @@ def fit(generator: Llama, dialog: Dialog, room: int) -> Dialog:
 def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, system: Optional[str] = None,
          temperature: float = 0.6, top_p: float = 0.9, max_seq_len: int = 512, max_gen_len: Optional[int] = None,
          device: Optional[str] = None, dtype: Optional[str] = None):
+    check_sampling(max_gen_len, temperature, top_p)  # before the load, which can take minutes
     ckpt_dir, tokenizer_path, demo = checkpoint_or_demo(ckpt_dir, tokenizer_path)
     if demo and max_gen_len is None:
         max_gen_len = DEMO_MAX_GEN_LEN
@@ -58,6 +60,7 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, s
             break
         if message == "/reset":
             dialog = list(start)
+            print0("(the dialog starts again)\n")
             continue
         if not message:
             continue

@@ -141,3 +141,16 @@ def test_examples_want_both_checkpoint_arguments_or_neither():
     result = run_cmd([sys.executable, "example_text_completion.py", "--ckpt_dir", str(DEMO)])
     assert result.returncode == 1
     assert result.stderr.startswith("error: pass both --ckpt_dir and --tokenizer_path"), result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("script, args, said", [
+    ("example_text_completion.py", ["--max_gen_length", "5"],
+     "error: unknown flag --max_gen_length: did you mean --max_gen_len? the flags are --ckpt_dir, "),
+    ("example_chat_completion.py", ["--temperature", "-1"], "error: temperature must be a finite number >= 0"),
+    ("scripts/chat.py", ["--top-p=0"], "error: top_p must be a number in (0, 1]"),
+])
+def test_a_bad_flag_fails_before_the_model_loads(script, args, said):
+    """Not after a whole run (fire's way with a flag it doesn't know), nor after the load (bad sampling values)."""
+    result = run_cmd([sys.executable, script, *args], input="hello\n")
+    assert result.returncode == 1 and result.stdout == "", result.stdout[-3000:]
+    assert result.stderr.startswith(said) and "loaded" not in result.stderr, result.stderr[-3000:]

@@ -236,6 +236,14 @@ def test_chat_logprobs(gqa):
     (lambda g: g.chat_completion([[{"role": "system", "content": "x"}]]), "followed by a user"),
     (lambda g: g.chat_completion([[]]), "non-empty list"),
     (lambda g: g.chat_completion([[{"role": "user", "content": 5}]]), "str 'content'"),
+    (lambda g: g.chat_completion([]), "no dialogs given"),
+    (lambda g: g.chat_completion([[{"role": "system", "content": "x"}, {"role": "system", "content": "y"},
+                                   {"role": "user", "content": "z"}]]), r"got \['system', 'system', 'user'\]"),
+    (lambda g: g.generate(torch.tensor([[1, 5]]), 3), "prompt_tokens must be a list of prompts.*got Tensor"),
+    (lambda g: g.generate([torch.tensor([1, 5])], 3), "prompt 0 must be a list of token ids, got Tensor"),
+    (lambda g: g.text_completion(["a"], max_gen_len=True), "max_gen_len"),
+    (lambda g: g.text_completion(["a"], top_p="0.9"), "top_p must be a number"),
+    (lambda g: g.text_infilling([], []), "no prompts given"),
 ])
 def test_bad_input_is_a_value_error(gqa, call, match):
     with pytest.raises(ValueError, match=match):

@@ -152,6 +152,34 @@ def test_cache_overflow_is_a_clear_error(make_ckpt):
         model.forward(torch.tensor([prompt(4)] * 3), 0)
 
 
+def test_bad_forward_arguments_are_clear_errors(make_ckpt):
+    ckpt, state = make_ckpt(MHA)
+    model = build_model(ckpt, state, max_batch_size=2, max_seq_len=16)
+    for tokens, start_pos, said in (
+            (torch.tensor(prompt(4)), 0, r"\(batch, seqlen\) tensor of token ids, got a tensor of shape \(4,\)"),
+            (torch.tensor([prompt(4)]).float(), 0, "tensor of token ids, got .*torch.float32"),
+            ([prompt(4)], 0, "tensor of token ids, got list"),
+            (torch.tensor([prompt(4)]), -1, "start_pos must be >= 0, got -1"),
+            (torch.tensor([prompt(4)]), 1.5, "start_pos must be an integer"),
+            (torch.tensor([[1, VOCAB]]), 0, rf"token ids must be in \[0, {VOCAB}\), got 1..{VOCAB}"),
+            (torch.tensor([[-1, 2]]), 0, "token ids must be in")):
+        with pytest.raises(ValueError, match=said):
+            model.forward(tokens, start_pos)
+    assert torch.isfinite(model.forward(torch.tensor([prompt(4)]), torch.tensor(0))).all()  # a 0-dim tensor: as an int
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"vocab_size": -1}, "vocab_size must be a positive integer, got -1 .*tokenizer.n_words"),
+    ({"n_heads": 5}, r"dim \(64\) must be n_heads \(5\) times an even head dimension"),
+    ({"n_kv_heads": 3}, r"n_kv_heads \(3\) must divide n_heads \(4\)"),
+    ({"dim": 0}, "dim must be an integer >= 1, got 0"),
+    ({"max_seq_len": 2.5}, "max_seq_len must be an integer"),
+])
+def test_model_args_that_cannot_make_a_model_are_refused(change, said):
+    with pytest.raises(ValueError, match=said):
+        Transformer(ModelArgs(**{**MHA, "vocab_size": VOCAB, **change}))
+
+
 def test_the_cache_follows_weights_converted_after_loading(make_ckpt):
     """Weights converted after the first forward (``model.double()``, as research code does for exact logits):
     the next forward computes in their dtype, as Meta's cache follows its activations, with what the cache held

@@ -160,7 +160,7 @@ def test_chat_script_answers_each_turn_as_chat_completion(processes):
         want.append(dialog[-1]["content"])
     fresh = g.chat_completion([[{"role": "user", "content": CHAT_INPUT[5]}]], temperature=0, max_gen_len=64)
     assert shown[0] == want[0] and shown[1] == "" and shown[2] == want[1]
-    assert shown[3].startswith("(not sent: the chat format's own tags") and shown[4] == ""
+    assert shown[3].startswith("(not sent: the chat format's own tags") and shown[4] == "(the dialog starts again)"
     assert shown[5] == fresh[0]["generation"]["content"] and shown[6] == "" and len(shown) == 7
 
 

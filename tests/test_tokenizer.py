@@ -7,6 +7,7 @@ import shutil
 import time
 
 import pytest
+import torch
 
 from llama import Tokenizer
 from llama.tokenizer import MAX_CHUNK, MAX_RUN, SentencePieceTokenizer, TiktokenTokenizer, split_for_encoding
@@ -197,3 +198,14 @@ def test_sentencepiece_unchanged(llama2):
         with pytest.raises(ValueError, match="not a special token"):
             llama2.special_id(bad)
     assert 2 not in llama2.encode("a </s> b", bos=False, eos=False)
+
+
+@pytest.mark.parametrize("kind", ["llama2", "llama3"])
+def test_decode_takes_a_tensor_and_refuses_what_is_not_token_ids(kind, request):
+    tok = request.getfixturevalue(kind)
+    ids = tok.encode("In the beginning", bos=False, eos=False)
+    assert tok.decode(torch.tensor(ids)) == tok.decode(ids) == "In the beginning"
+    for bad, said in ((ids + [tok.n_words], f"cannot decode {tok.n_words}"), ([-1], "cannot decode -1"),
+                      ("abc", "got str"), ([1.0], "cannot decode 1.0"), (torch.tensor(5), "got Tensor"), (7, "got int")):
+        with pytest.raises(ValueError, match=said):
+            tok.decode(bad)
