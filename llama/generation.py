@@ -15,7 +15,7 @@ from . import checkpoint, distributed, kernels
 from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dialog, Message, Role, chat_format,
                    infilling_prompt)
 from .graphs import GraphedDecoder
-from .linear import can_pack, edit_count, hook_dicts, packed_for
+from .linear import can_pack, edit_count, hook_dicts, packed_for, watch
 from .model import ModelArgs, Transformer, compute_dtype_for, cpu_has_native_bf16
 from .sampling import sample, sample_top_p
 from .tokenizer import Tokenizer
@@ -228,6 +228,7 @@ class Llama:
         self.device = model.output.weight.device
         # A generator of our own: sampling is reproducible without touching torch's global RNG.
         self.generator = torch.Generator(self.device).manual_seed(int(seed))
+        watch(model)  # stream's keep_cache sees edits through .data
         self.decoder = GraphedDecoder(model, compile_elementwise) if cuda_graphs else None
         self._kept: Optional[Tuple[List[int], tuple]] = None  # stream's keep_cache: row 0's tokens, the model then
 
@@ -416,10 +417,10 @@ class Llama:
         waits for the tokens that complete it.
 
         keep_cache: where the previous call also kept its cache and ran to its end, and nothing has run on the
-        model since (no other generation, forward pass or new cache, no weight replaced or edited in place, no
-        hook added or removed; an edit through ``.data`` goes unseen, as autograd's do), the prompt's tokens that
-        the cache holds from that call (a chat's earlier turns and the answer it gave) are not computed again:
-        only the rest of the prompt is prefilled. The text is then the same up to rounding (the cached keys and
+        model since (no other generation, forward pass or new cache, no weight replaced or edited in place or
+        through ``.data``, no hook added or removed), the prompt's tokens that the cache holds from that call (a
+        chat's earlier turns and the answer it gave) are not computed again: only the rest of the prompt is
+        prefilled. The text is then the same up to rounding (the cached keys and
         values were computed in other passes), not bit for bit."""
         if isinstance(prompt, str):
             ids, stop = self.tokenizer.encode(prompt, bos=True, eos=False), self.tokenizer.stop_tokens

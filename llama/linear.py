@@ -160,10 +160,45 @@ def packed_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return kernels.linear_packed_bf16(x, packed)
 
 
-def edit_count(t: torch.Tensor) -> Optional[int]:
-    """t's count of in-place edits; None for a tensor made in inference mode, which keeps none (and can only be
-    edited in inference mode)."""
-    return None if t.is_inference() else t._version
+class WatchedParameter(nn.Parameter):
+    """A parameter that counts the uses of its ``.data``. Writes through ``.data`` (``w.data[i] = 0``, research
+    code's way of ablating a neuron) bypass the count of in-place edits that tells a packed copy of the weight, or
+    a KV cache kept by ``Llama.stream``, that the weight has changed; so each use of ``.data`` counts as one."""
+
+    @property
+    def data(self) -> torch.Tensor:
+        self.data_uses = getattr(self, "data_uses", 0) + 1
+        return torch.Tensor.data.__get__(self)
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        self.data_uses = getattr(self, "data_uses", 0) + 1
+        torch.Tensor.data.__set__(self, value)
+
+    def __deepcopy__(self, memo: dict) -> nn.Parameter:
+        """A copy reads the data without counting it as an edit (and is a plain parameter, as a pickle's is)."""
+        if id(self) not in memo:
+            data = torch.Tensor.data.__get__(self)
+            memo[id(self)] = nn.Parameter(data.clone(memory_format=torch.preserve_format), self.requires_grad)
+        return memo[id(self)]
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        return torch._utils._rebuild_parameter, (torch.Tensor.data.__get__(self), self.requires_grad, {})
+
+
+def watch(module: nn.Module) -> None:
+    """Make every parameter of module and its submodules a WatchedParameter (the same tensor: storage, dtype,
+    device and requires_grad kept)."""
+    for m in module.modules():
+        for name, p in list(m.named_parameters(recurse=False)):
+            if not isinstance(p, WatchedParameter):
+                setattr(m, name, WatchedParameter(p.detach(), requires_grad=p.requires_grad))
+
+
+def edit_count(t: torch.Tensor) -> tuple:
+    """What changes with every edit of t: its count of in-place edits (None for a tensor made in inference mode,
+    which keeps none, and can only be edited in inference mode) and of uses of its ``.data`` (``WatchedParameter``)."""
+    return (None if t.is_inference() else t._version, getattr(t, "data_uses", 0))
 
 
 class Packable:
@@ -172,7 +207,7 @@ class Packable:
     in-place edit, or autograd falls back to ``linear``; a stale copy is freed."""
     weight: nn.Parameter
     # (copy, the dtype of products it serves, the weight's data_ptr and edit_count)
-    blocked: Optional[tuple[torch.Tensor, torch.dtype, int, Optional[int]]] = None
+    blocked: Optional[tuple[torch.Tensor, torch.dtype, int, tuple]] = None
 
     def pack(self, compute: torch.dtype) -> None:
         w = self.weight

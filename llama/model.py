@@ -21,7 +21,7 @@ from torch import nn
 
 from . import distributed, kernels, pages
 from .linear import (ColumnParallelLinear, Fused, Packable, PackedFused, RowParallelLinear, can_pack, hooked,
-                     packs_rows)
+                     packs_rows, watch)
 
 
 @dataclass
@@ -454,6 +454,7 @@ class Transformer(nn.Module):
         compute = self.compute_dtype or self.output.weight.dtype
         if not can_pack(compute):
             return 0
+        watch(self)  # an edit through .data must drop a packed copy too
         droppable = pages.droppable()
 
         def packs(m: Packable) -> bool:

@@ -14,7 +14,7 @@ def build_model(ckpt_dir, state, max_batch_size=4, max_seq_len=64, dtype=torch.f
     args = ModelArgs.from_params({**read_params(ckpt_dir), "vocab_size": VOCAB, "max_batch_size": max_batch_size,
                                   "max_seq_len": max_seq_len})
     model = Transformer(args)
-    weights = {k: v.to(dtype) for k, v in state.items() if k != "rope.freqs"}
+    weights = {k: v.to(dtype, copy=True) for k, v in state.items() if k != "rope.freqs"}  # edits stay its own
     model.load_state_dict(weights, strict=True, assign=True)
     model.setup_cache()
     return model

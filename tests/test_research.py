@@ -144,6 +144,28 @@ def test_hooks_on_fused_layers_see_their_own_products(make_ckpt, tokenizer_path,
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("way", ["concatenated", "packed"])
+def test_neurons_ablated_through_data_are_ablated(make_ckpt, tokenizer_path, way):
+    """Writes through ``.data`` (no count of in-place edits sees them) to a weight of a group (w1) and to one
+    product's own (w2): the logits are the reference's on the edited weights, not the packed copies' of before."""
+    model, state, _, tol = fused_model(make_ckpt, tokenizer_path, way)
+    tokens = torch.tensor([prompt(12)])
+    before = model.forward(tokens, 0)[0]
+    ff = model.layers[1].feed_forward
+    ff.w1.weight.data[:40] = 0  # the first 40 neurons' gates, hence their outputs
+    ff.w2.weight.data[:, 40:80] = 0  # the next 40 neurons' contributions
+    got = model.forward(tokens, 0)[0].double()
+    edited = dict(state)
+    edited["layers.1.feed_forward.w1.weight"] = state["layers.1.feed_forward.w1.weight"].clone().index_fill_(
+        0, torch.arange(40), 0)
+    edited["layers.1.feed_forward.w2.weight"] = state["layers.1.feed_forward.w2.weight"].clone().index_fill_(
+        1, torch.arange(40, 80), 0)
+    want = reference_logits({k: v.double() for k, v in edited.items()}, PARAMS | {"n_kv_heads": model.params.kv_heads,
+                            "multiple_of": model.params.multiple_of}, tokens[0].tolist())
+    assert (got - want).abs().max() <= tol * want.abs().max()
+    assert (before.double() - want).abs().max() > 4 * tol * want.abs().max()  # the edit mattered
+
+
 def metas_forward(model, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
     """Meta's Transformer.forward, written out as research code does to run the layers itself."""
     seqlen = tokens.shape[1]

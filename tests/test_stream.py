@@ -115,6 +115,9 @@ def test_keep_cache_prefills_only_what_the_cache_lacks(llama2, monkeypatch):
         g.model.norm.weight.mul_(1.0)  # an in-place edit, even one that changes nothing
     assert prefill_start(second, keep_cache=True) == 0
     prefill_start(first, keep_cache=True)
+    g.model.layers[1].attention.wv.weight.data[0] *= 1  # an edit through .data, which counts no edit
+    assert prefill_start(second, keep_cache=True) == 0
+    prefill_start(first, keep_cache=True)
     hook = g.model.layers[0].register_forward_hook(lambda *args: None)  # a hook could change any output
     assert prefill_start(second, keep_cache=True) == 0
     hook.remove()
