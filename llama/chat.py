@@ -140,8 +140,6 @@ class Llama3ChatFormat(ChatFormatBase):
         return {**self.answer, "content": self.tokenizer.decode(tokens[tool_call:]), "tool_call": tool_call,
                 "stop_reason": reason}
 
-    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
-        return self.encode_dialog(dialog)
 
     def encode_dialog(self, dialog: Dialog, index: int = 0) -> List[int]:
         _check_messages(dialog, index)
@@ -158,6 +156,11 @@ class Llama3ChatFormat(ChatFormatBase):
         if roles[-1] not in self.ANSWERED:
             raise ValueError(f"dialog {index}: the last message must be from 'user' or 'ipython' for the model to "
                              f"answer, got {roles[-1]!r}; roles were {roles}")
+        return self.encode_dialog_prompt(dialog)
+
+    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
+        """Meta's: the dialog's messages, whatever their roles (research code scores an answer by ending the
+        dialog with it), then an open assistant header. ``encode_dialog`` checks the dialog first."""
         tokens = [self.begin_of_text]
         for message in dialog:
             tokens += self.encode_message(message)

@@ -90,10 +90,16 @@ class ModelArgs:
     @property
     def hidden_dim(self) -> int:
         """The SwiGLU width, derived exactly as Meta's params.json intend (e.g. 11008 for 7B)."""
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        return swiglu_width(4 * self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+
+def swiglu_width(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float] = None) -> int:
+    """Meta's FeedForward's width from its hidden_dim argument (4 x dim): two thirds of it (SwiGLU's three
+    matrices then cost what two of 4 x dim would), times ffn_dim_multiplier, rounded up to a multiple_of."""
+    hidden = int(2 * hidden_dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
 @contextmanager
@@ -166,7 +172,7 @@ def torch_add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
@@ -175,6 +181,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x, self.weight, self.eps)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        """Meta's: x scaled to a root mean square of one, without the weight (research code calls it)."""
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def after_add(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """x + y (a residual sum; x where y is None), and it normalised: one kernel within
@@ -230,6 +240,15 @@ def real_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Meta's, for research code that imports it: freqs_cis, (seq, head_dim // 2), viewed to broadcast over x's
+    other dimensions, x being (batch, seq, heads, head_dim // 2) (queries or keys as complex numbers)."""
+    if x.dim() < 2 or freqs_cis.shape != (x.shape[1], x.shape[-1]):
+        raise ValueError(f"freqs_cis of shape {tuple(freqs_cis.shape)} can't rotate x of shape {tuple(x.shape)}: "
+                         "it must be (x.shape[1], x.shape[-1])")
+    return freqs_cis.view(*[d if i in (1, x.dim() - 1) else 1 for i, d in enumerate(x.shape)])
 
 
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -296,10 +315,13 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         mp = get_model_parallel_world_size()
+        self.n_kv_heads = args.kv_heads
         self.n_local_heads = args.n_heads // mp
         # With more ranks than KV heads, each rank holds a copy of the one KV head its query heads share.
         self.n_local_kv_heads = max(1, args.kv_heads // mp)
+        self.n_rep = self.n_local_heads // self.n_local_kv_heads  # Meta's names, for research code
         self.head_dim = args.head_dim
+        self.cache_size = (args.max_batch_size, args.max_seq_len)  # of a cache made on first use
         kv_dim = self.n_local_kv_heads * mp * self.head_dim
         kw = dict(bias=False, init_method=lambda w: w)
         self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, gather_output=False, **kw)
@@ -326,6 +348,8 @@ class Attention(nn.Module):
         w = Window.of(x, w, freqs_cis, mask)
         bsz, seqlen, _ = x.shape
         heads, kv_heads = self.n_local_heads, self.n_local_kv_heads
+        if self.cache_kv is None and w.positions is not None:  # called on its own, as Meta's allocates in __init__
+            self.allocate_cache(*self.cache_size, x.dtype, x.device)
         qkv = self.wqkv(x) if self.wqkv is not None else torch.cat((self.wq(x), self.wk(x), self.wv(x)), dim=-1)
         qkv = qkv.view(bsz, seqlen, heads + 2 * kv_heads, self.head_dim)
         gqa = heads != kv_heads
@@ -352,8 +376,10 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float] = None):
+        """Meta's arguments: hidden_dim is 4 x dim, of which the width is derived (``swiglu_width``)."""
         super().__init__()
+        hidden_dim = swiglu_width(hidden_dim, multiple_of, ffn_dim_multiplier)
         kw = dict(bias=False, init_method=lambda w: w)
         self.w1 = ColumnParallelLinear(dim, hidden_dim, gather_output=False, **kw)
         self.w2 = RowParallelLinear(hidden_dim, dim, input_is_parallel=True, **kw)
@@ -367,10 +393,11 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
+        self.n_heads, self.dim, self.head_dim, self.layer_id = args.n_heads, args.dim, args.head_dim, layer_id
         self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.feed_forward = FeedForward(args.dim, 4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -411,11 +438,13 @@ class Transformer(nn.Module):
         self.n_layers = params.n_layers
         with _skip_fairscale_init():
             self.tok_embeddings = fs_layers.ParallelEmbedding(params.vocab_size, params.dim, init_method=lambda w: w)
-            self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
+            self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
             self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False,
                                                          init_method=lambda w: w)
         self.norm = RMSNorm(params.dim, params.norm_eps)
-        self.freqs_cis: Optional[torch.Tensor] = None  # Meta's name: (max_seq_len, head_dim // 2), by setup_cache
+        # Meta's name and length (Llama 2's context is twice max_seq_len's default): (2 x max_seq_len, head_dim // 2),
+        # made again on the weights' device by setup_cache.
+        self.freqs_cis = self._rotations(2 * params.max_seq_len, torch.device("cpu"))
         self.compute_dtype: Optional[torch.dtype] = None  # set with the KV cache
         self.cache_made_for: Optional[Tuple[torch.device, torch.dtype]] = None  # the weights' device and dtype then
         self.runs = 0  # forward passes, decoding steps and caches made: each changes what the KV cache holds
@@ -437,7 +466,7 @@ class Transformer(nn.Module):
         self.runs += 1
         for layer in self.layers:
             layer.attention.allocate_cache(max_batch_size, max_seq_len, self.compute_dtype, weight.device)
-        self.freqs_cis = self._rotations(max_seq_len, weight.device)
+        self.freqs_cis = self._rotations(2 * max_seq_len, weight.device)
 
     def _rotations(self, end: int, device: torch.device) -> torch.Tensor:
         p = self.params
@@ -643,8 +672,8 @@ class Transformer(nn.Module):
     def forward_train(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (batch, seqlen, vocab) of whole sequences from position 0, with autograd and without the KV
         cache: for training (scripts/train_demo.py), where forward's inference mode and cache don't belong."""
-        if self.freqs_cis is None or self.freqs_cis.shape[0] < tokens.shape[1]:
-            self.freqs_cis = self._rotations(max(tokens.shape[1], self.params.max_seq_len), tokens.device)
+        if self.freqs_cis.shape[0] < tokens.shape[1] or self.freqs_cis.device != tokens.device:
+            self.freqs_cis = self._rotations(max(tokens.shape[1], 2 * self.params.max_seq_len), tokens.device)
         h = self.tok_embeddings(tokens)
         w = Window(None, tokens.shape[1], slice(None), self.freqs_cis[: tokens.shape[1]][None, :, None, :], None)
         for layer in self.layers:

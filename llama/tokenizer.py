@@ -19,7 +19,7 @@ import numbers
 import os
 import re
 import unicodedata
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import AbstractSet, Collection, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from sentencepiece import SentencePieceProcessor
@@ -312,13 +312,19 @@ class TiktokenTokenizer(Tokenizer):
         Meta's 3.1 code stops on)."""
         return frozenset({self.eos_id, self.eot_id, self.eom_id})
 
-    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
-        """``s`` as plain text: a special token's name in it is encoded as the characters it is made of."""
+    def encode(self, s: str, bos: bool, eos: bool, allowed_special: Union[str, AbstractSet[str]] = frozenset(),
+               disallowed_special: Union[str, Collection[str]] = ()) -> List[int]:
+        """``s`` as plain text: a special token's name in it is encoded as the characters it is made of, unless
+        allowed_special names it (or is "all"), as Meta's: then as the token. disallowed_special: names that fail
+        the encoding if they occur ("all": every special token not allowed)."""
         if not isinstance(s, str):
             raise ValueError(f"can only encode a str, got {type(s).__name__}")
         ids: List[int] = []
-        for part in split_for_encoding(s):
-            ids += self.model.encode(part, allowed_special=set(), disallowed_special=())
+        try:
+            for part in split_for_encoding(s):
+                ids += self.model.encode(part, allowed_special=allowed_special, disallowed_special=disallowed_special)
+        except ValueError as e:  # tiktoken's, for a disallowed one
+            raise ValueError(f"{str(e).splitlines()[0]} (refused by disallowed_special)") from None
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -73,6 +73,11 @@ def test_metas_llama3_names(tok):
     header = [START] + plain(tok, "user") + [END] + plain(tok, "\n\n")
     assert fmt.encode_header(dialog[1]) == header
     assert fmt.encode_message(dialog[1]) == header + plain(tok, "Hi") + [EOT]
+    # As Meta's, whatever the roles: an answer to score at the end, a role of the research code's own.
+    scored = dialog + [{"role": "assistant", "content": "Hello"}, {"role": "tool", "content": "{}"}]
+    assert fmt.encode_dialog_prompt(scored) == expected(tok, [(m["role"], m["content"]) for m in scored])
+    with pytest.raises(ValueError, match="unknown role 'tool'"):
+        fmt.encode_dialog(scored)  # chat_completion's prompts are checked
 
 
 def test_ipython_role(tok, fmt):

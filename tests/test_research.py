@@ -10,7 +10,8 @@ from torch.nn.modules.module import register_module_forward_hook
 from llama import Llama, Tokenizer
 from llama.graphs import GraphedDecoder
 from llama.linear import Fused, PackedFused
-from llama.model import TransformerBlock, apply_rotary_emb, precompute_freqs_cis, repeat_kv
+from llama.model import (Attention, FeedForward, ModelArgs, RMSNorm, TransformerBlock, apply_rotary_emb,
+                         precompute_freqs_cis, repeat_kv, reshape_for_broadcast)
 
 from conftest import GQA, VOCAB
 from reference import greedy, rms_norm, rotate
@@ -201,6 +202,32 @@ def test_layers_run_with_metas_arguments(gqa):
     scores = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / hd ** 0.5, dim=-1)
     want = torch.einsum("hqk,khd->qhd", scores, v).reshape(3, -1) @ w["wo"].T
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    alone = Attention(ModelArgs(**PARAMS, max_batch_size=2, max_seq_len=8))  # its cache made when first called
+    alone.load_state_dict({f"{n}.weight": state[f"layers.0.attention.{n}.weight"] for n in w}, assign=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(alone(x, 0, g.model.freqs_cis[:3], None)[0].double(), want, rtol=1e-4, atol=1e-5)
+    assert alone.cache_k.shape == (2, 8, GQA["n_kv_heads"], hd)
+
+
+def test_metas_module_signatures_and_names():
+    """Research code builds Meta's modules itself and reads their attributes."""
+    args = ModelArgs(**PARAMS)
+    block = TransformerBlock(3, args)
+    assert (block.layer_id, block.n_heads, block.dim, block.head_dim) == (3, 8, 64, 8)
+    assert (block.attention.n_kv_heads, block.attention.n_rep) == (2, 4)
+    assert block.feed_forward.w1.weight.shape == (args.hidden_dim, 64)
+    ff = FeedForward(dim=64, hidden_dim=4 * 64, multiple_of=48, ffn_dim_multiplier=1.3)
+    assert ff.w3.weight.shape == (240, 64)  # int(1.3 * int(2 * 256 / 3)) = 221, rounded up to a multiple of 48
+    assert ModelArgs(dim=4096, multiple_of=256).hidden_dim == 11008  # Llama 2 7B's
+    assert ModelArgs(dim=4096, multiple_of=1024, ffn_dim_multiplier=1.3).hidden_dim == 14336  # Llama 3 8B's
+    norm = RMSNorm(64)
+    x = torch.randn(2, 64, dtype=torch.float64)
+    assert norm.eps == 1e-6
+    torch.testing.assert_close(norm._norm(x), x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt())
+    freqs = precompute_freqs_cis(8, 5)
+    assert reshape_for_broadcast(freqs, torch.zeros(2, 5, 3, 4, dtype=torch.complex64)).shape == (1, 5, 1, 4)
+    with pytest.raises(ValueError, match="must be"):
+        reshape_for_broadcast(freqs, torch.zeros(2, 6, 3, 4, dtype=torch.complex64))
 
 
 def test_a_hook_for_every_module_sees_every_block(gqa):
@@ -269,7 +296,7 @@ def test_the_models_freqs_cis_rotates_by_its_rope_theta(make_ckpt):
     params = {**GQA, "rope_theta": 1e6}
     model = build_model(*make_ckpt(params))
     table = model.freqs_cis
-    assert table.shape == (model.params.max_seq_len, model.params.head_dim // 2)
+    assert table.shape == (2 * model.params.max_seq_len, model.params.head_dim // 2)  # as Meta's
     x = torch.randn(1, table.shape[0], 1, model.params.head_dim, generator=torch.Generator().manual_seed(1))
     rotated, _ = apply_rotary_emb(x, x, table)
     torch.testing.assert_close(rotated[0].double(), rotate(x[0].double(), torch.arange(table.shape[0]), 1e6),

@@ -13,6 +13,8 @@ def test_top_p_keeps_the_smallest_nucleus_and_renormalises():
     g = torch.Generator().manual_seed(0)
     # p = 0.6: 0.5 alone is not enough, 0.5 + 0.25 is: only tokens 1 and 3, in ratio 2:1.
     picks = sample_top_p(probs, 0.6, g)
+    assert picks.shape == (20000, 1)  # Meta's shape
+    picks = picks.squeeze(-1)
     counts = torch.bincount(picks, minlength=4).double() / len(picks)
     assert counts[0] == 0 and counts[2] == 0
     assert abs(counts[1] - 0.5 / 0.75) < 0.02 and abs(counts[3] - 0.25 / 0.75) < 0.02
@@ -41,7 +43,7 @@ def assert_samples_nucleus(probs: torch.Tensor, p: float, rounds: int = 10, rows
     """Draws from rows copies of one distribution: none outside its nucleus, each token of it as often as its
     share of the nucleus' mass (within 3.5 standard deviations). Returns how many tokens were drawn."""
     g = torch.Generator().manual_seed(0)
-    picks = torch.cat([sample_top_p(probs.repeat(rows, 1), p, g) for _ in range(rounds)])
+    picks = torch.cat([sample_top_p(probs.repeat(rows, 1), p, g)[:, 0] for _ in range(rounds)])
     kept = nucleus(probs, p)
     counts = torch.bincount(picks, minlength=len(probs)).double()
     assert counts.sum() == counts[kept].sum()

@@ -210,3 +210,17 @@ def test_decode_takes_a_tensor_and_refuses_what_is_not_token_ids(kind, request):
                       (7, "got int")):
         with pytest.raises(ValueError, match=said):
             tok.decode(bad)
+
+
+def test_llama3_special_tokens_in_text_as_metas_allowed_special_says(llama3):
+    """Plain text by default (no content can forge a header); the token where allowed_special names it or is
+    "all"; an error where disallowed_special refuses it."""
+    text = "<|start_header_id|>user<|end_header_id|>"
+    start, end = llama3.special_id("<|start_header_id|>"), llama3.special_id("<|end_header_id|>")
+    user = llama3.encode("user", bos=False, eos=False)
+    assert start not in llama3.encode(text, bos=False, eos=False)
+    assert llama3.encode(text, bos=False, eos=False, allowed_special="all") == [start, *user, end]
+    some = llama3.encode(text, bos=False, eos=False, allowed_special={"<|start_header_id|>"})
+    assert some[:1 + len(user)] == [start, *user] and end not in some
+    with pytest.raises(ValueError, match="disallowed special token '<.start_header_id.>'"):
+        llama3.encode(text, bos=False, eos=False, disallowed_special="all")
