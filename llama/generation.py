@@ -15,7 +15,7 @@ from . import checkpoint, distributed, kernels
 from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dialog, Message, Role, chat_format,
                    infilling_prompt)
 from .graphs import GraphedDecoder
-from .linear import can_pack, edit_count, hook_dicts, packed_for, watch
+from .linear import can_pack, edit_count, hook_dicts, packed_for, replaced, watch
 from .model import ModelArgs, Transformer, compute_dtype_for, cpu_has_native_bf16
 from .sampling import sample, sample_top_p
 from .tokenizer import Tokenizer
@@ -260,21 +260,34 @@ class Llama:
         """generate's results, and the stop token each prompt's generation ended with (None where none did)."""
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop_tokens, echo)
         stop = self.tokenizer.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
-        params = self.model.params
-        tokens: List[List[int]] = []
-        probs: List[List[float]] = []
-        ends: List[Optional[int]] = []
-        for first in range(0, len(prompt_tokens), params.max_batch_size):
-            batch = _Batch.of(prompt_tokens[first:first + params.max_batch_size], max_gen_len, params.max_seq_len,
-                              self.device, logprobs, first)
+        n = len(prompt_tokens)
+        tokens: List[List[int]] = [[] for _ in range(n)]
+        probs: List[List[float]] = [[] for _ in range(n)]
+        ends: List[Optional[int]] = [None] * n
+        for rows in self._turns(prompt_tokens):
+            batch = _Batch.of([prompt_tokens[i] for i in rows], max_gen_len, self.model.params.max_seq_len,
+                              self.device, logprobs, rows)
             end = batch.prompt_len
             for pos in self._steps(batch, temperature, top_p, stop, score_prompts=logprobs and echo):
                 end = pos + 1
             more_tokens, more_probs, more_ends = batch.results(end, stop, echo)
-            tokens += more_tokens
-            probs += more_probs or []
-            ends += more_ends
+            for j, i in enumerate(rows):
+                tokens[i], ends[i] = more_tokens[j], more_ends[j]
+                if more_probs is not None:
+                    probs[i] = more_probs[j]
         return tokens, (probs if logprobs else None), ends
+
+    def _turns(self, prompt_tokens: List[List[int]]) -> Iterator[List[int]]:
+        """The prompts continued together, as indices: max_batch_size at a time (the KV cache's rows), in the order
+        given. Where research code has replaced a forward of the model (``llama.linear.replaced``), prompts of
+        one length at a time: such a forward takes Meta's arguments, which can't say that a row is left-padded."""
+        by_length = replaced(self.model.replaceable())
+        groups: dict = {}
+        for i, p in enumerate(prompt_tokens):
+            groups.setdefault(len(p) if by_length else 0, []).append(i)
+        size = self.model.params.max_batch_size
+        for group in groups.values():
+            yield from (group[k:k + size] for k in range(0, len(group), size))
 
     def _steps(self, batch: "_Batch", temperature: float, top_p: float, stop: Collection[int],
                score_prompts: bool = False, cached: int = 0) -> Iterator[int]:
@@ -313,7 +326,7 @@ class Llama:
             done |= torch.isin(next_token, stop_ids)
             all_done, all_finite = torch.stack((done.all(), finite.all())).tolist()
             if not all_finite:
-                raise ValueError(self._not_finite(batch.first + batch.order[int(finite.logical_not().nonzero()[0])],
+                raise ValueError(self._not_finite(batch.index[batch.order[int(finite.logical_not().nonzero()[0])]],
                                                   pos - prompt_len + 1))
             yield pos
             if pos + 1 == tokens.shape[1] or all_done:
@@ -486,18 +499,18 @@ class Llama:
 @dataclass
 class _Batch:
     """Prompts continued together: sorted longest first (``order[i]``: row i's place among the batch's prompts,
-    the caller's ``first + order[i]``), left-padded to end at one position, ``prompt_len``, after which the rows
+    the caller's ``index[order[i]]``), left-padded to end at one position, ``prompt_len``, after which the rows
     decode in step."""
     prompts: List[List[int]]
     order: List[int]
     tokens: torch.Tensor  # (rows, positions): the padded prompts, then the tokens sampled
     pad: torch.Tensor  # (rows,): each row's padding
     logprobs: Optional[torch.Tensor]  # (rows, positions): each token's log-probability, with logprobs=True
-    first: int = 0  # the caller's index of the batch's first prompt
+    index: List[int]  # the caller's index of each of the batch's prompts
 
     @staticmethod
     def of(prompt_tokens: List[List[int]], max_gen_len: int, max_seq_len: int, device: torch.device,
-           logprobs: bool, first: int = 0) -> "_Batch":
+           logprobs: bool, index: Optional[List[int]] = None) -> "_Batch":
         order = sorted(range(len(prompt_tokens)), key=lambda i: -len(prompt_tokens[i]))  # equal lengths adjoin
         prompts = [prompt_tokens[i] for i in order]
         prompt_len = len(prompts[0])
@@ -507,7 +520,7 @@ class _Batch:
             tokens[i, prompt_len - len(p):prompt_len] = torch.tensor(p, dtype=torch.long)
         pad = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
         scores = torch.zeros(tokens.shape, device=device) if logprobs else None
-        return _Batch(prompts, order, tokens, pad, scores, first)
+        return _Batch(prompts, order, tokens, pad, scores, index or list(range(len(prompts))))
 
     @property
     def prompt_len(self) -> int:

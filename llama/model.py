@@ -21,7 +21,7 @@ from torch import nn
 
 from . import distributed, kernels, pages
 from .linear import (ColumnParallelLinear, Fused, Packable, PackedFused, RowParallelLinear, can_pack, hooked,
-                     packs_rows, watch)
+                     own_forward, packs_rows, replaced, watch)
 
 
 @dataclass
@@ -171,6 +171,7 @@ def torch_add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
     return h, torch_rms_norm(h, weight, eps)
 
 
+@own_forward
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -311,6 +312,7 @@ class Window:
         return Window(positions, where + seqlen, slice(0, bsz), freqs_cis[None, :, None, :], mask)
 
 
+@own_forward
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -375,6 +377,7 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
+@own_forward
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float] = None):
         """Meta's arguments: hidden_dim is 4 x dim, of which the width is derived (``swiglu_width``)."""
@@ -392,6 +395,7 @@ class FeedForward(nn.Module):
         return self.w2(self.swiglu(gate, up))
 
 
+@own_forward
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
@@ -404,9 +408,8 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, w: Union[Window, int], freqs_cis: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Meta's block, each part called as a module (for their hooks), in a Window or at Meta's arguments
-        (start_pos, freqs_cis, mask: ``Window.of``); ``residuals`` is the fused way."""
-        w = Window.of(x, w, freqs_cis, mask)
-        h = x + self.attention(self.attention_norm(x), w)
+        (start_pos, freqs_cis, mask), which attention is given as they came; ``residuals`` is the fused way."""
+        h = x + self.attention(self.attention_norm(x), w, freqs_cis, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def residuals(self, x: torch.Tensor, carry: Optional[torch.Tensor], w: Window) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -585,7 +588,7 @@ class Transformer(nn.Module):
             fresh = seqlen > 1 and bool((left_pad == start_pos).all())
         return self._run(tokens, positions, start_pos + seqlen, first_row, left_pad,
                          masked=not fresh and (seqlen > 1 or left_pad is not None), last_only=last_only,
-                         first_key=start_pos if fresh else 0)
+                         first_key=start_pos if fresh else 0, start=start_pos)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, left_pad: torch.Tensor, keys: int) -> torch.Tensor:
@@ -633,9 +636,10 @@ class Transformer(nn.Module):
                              f"({cache.shape[0]} x {cache.shape[1]}): raise max_batch_size / max_seq_len")
 
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, keys: int, first_row: int,
-             left_pad: Optional[torch.Tensor], masked: bool, last_only: bool, first_key: int = 0) -> torch.Tensor:
-        """The forward pass of tokens at cache positions (a tensor), attention reading cache positions
-        first_key..keys."""
+             left_pad: Optional[torch.Tensor], masked: bool, last_only: bool, first_key: int = 0,
+             start: Optional[int] = None) -> torch.Tensor:
+        """The forward pass of tokens at cache positions (a tensor; start, the first, where the caller knows it
+        on the host), attention reading cache positions first_key..keys."""
         self.runs += 1
         bsz = tokens.shape[0]
         pad = left_pad if left_pad is not None else torch.zeros(bsz, dtype=torch.long, device=tokens.device)
@@ -652,9 +656,10 @@ class Transformer(nn.Module):
         w = Window(positions, keys, slice(first_row, first_row + bsz), self.freqs_cis[rope_pos].unsqueeze(2), mask,
                    first_key)
         h = self.tok_embeddings(tokens).to(self.compute_dtype)
-        if hooked(self._called_or_fused()):  # Meta's way, which calls each block and norm
+        if self.metas_way():  # calling each block and norm, with Meta's arguments where they can say the pass
+            args = self._metas_arguments(w, start, left_pad, h.dtype) or (w,)
             for layer in self.layers:
-                h = layer(h, w)
+                h = layer(h, *args)
             return self.output(self.norm(h[:, -1:] if last_only else h)).float()
         carry = None
         for layer in self.layers:
@@ -662,6 +667,33 @@ class Transformer(nn.Module):
         if last_only:
             h, carry = h[:, -1:], carry[:, -1:] if carry is not None else None  # (None: a model of no layers)
         return self.output(self.norm.after_add(h, carry)[1]).float()
+
+    def metas_way(self) -> bool:
+        """Whether a pass must call each block and norm as Meta's forward does (not ``TransformerBlock.residuals``):
+        while a hook waits on one, or research code has replaced the forward of a block, norm or attention
+        (``llama.linear.replaced``), which the fused way would skip or call with the engine's arguments."""
+        return hooked(self._called_or_fused()) or replaced(self.replaceable())
+
+    def replaceable(self) -> Iterator[nn.Module]:
+        """The modules whose forward research code replaces (``llama.linear.replaced``): blocks, norms, attention
+        and feed-forward. The fused way would skip some or call attention with the engine's arguments; a CUDA
+        graph's replay (``llama.graphs``) skips them all."""
+        yield self.norm
+        for layer in self.layers:
+            yield from (layer, layer.attention_norm, layer.ffn_norm, layer.attention, layer.feed_forward)
+
+    def _metas_arguments(self, w: Window, start: Optional[int], left_pad: Optional[torch.Tensor],
+                         dtype: torch.dtype) -> Optional[tuple]:
+        """(start_pos, freqs_cis, mask) as Meta's forward gives its blocks, where the pass is one that Meta's code
+        makes: its rows from cache row 0, none left-padded, at a position known on the host (start)."""
+        if start is None or w.rows.start != 0 or (left_pad is not None and bool(left_pad.any())):
+            return None
+        seqlen, device = w.positions.shape[0], w.positions.device
+        mask = None
+        if seqlen > 1:
+            mask = torch.full((seqlen, seqlen), float("-inf"), device=device).triu(1)
+            mask = torch.hstack([torch.zeros((seqlen, start), device=device), mask]).to(dtype)
+        return start, self.freqs_cis[start:start + seqlen], mask
 
     def _called_or_fused(self) -> Iterator[nn.Module]:
         """The modules that Meta's forward calls and the fused one (``TransformerBlock.residuals``) doesn't."""

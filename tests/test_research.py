@@ -1,6 +1,7 @@
 """What research code written for Meta's model relies on besides generating: forward hooks on its modules (to
 read or edit activations) and its helper functions, against the float64 reference."""
 
+import types
 from contextlib import contextmanager
 
 import pytest
@@ -9,7 +10,7 @@ from torch.nn.modules.module import register_module_forward_hook
 
 from llama import Llama, Tokenizer
 from llama.graphs import GraphedDecoder
-from llama.linear import Fused, PackedFused
+from llama.linear import Fused, PackedFused, replaced
 from llama.model import (Attention, FeedForward, ModelArgs, RMSNorm, TransformerBlock, apply_rotary_emb,
                          precompute_freqs_cis, repeat_kv, reshape_for_broadcast)
 
@@ -252,6 +253,87 @@ def test_graphed_decoding_steps_eagerly_while_a_module_has_hooks(gqa):
     assert shapes == [(1, 1, GQA["dim"])]
     torch.testing.assert_close(logits[0, -1].double(), reference_logits(state, PARAMS, tokens)[-1], rtol=1e-4,
                                atol=1e-4)
+
+
+def test_graphed_decoding_steps_eagerly_while_a_forward_is_replaced(gqa, monkeypatch):
+    """As with hooks: a replay would skip a forward that research code put in place."""
+    g, state = gqa
+    decoder, tokens, calls = GraphedDecoder(g.model), prompt(9), []
+    g.model.forward(torch.tensor([tokens[:8]]), 0)
+    original = FeedForward.forward
+    monkeypatch.setattr(FeedForward, "forward", lambda self, x: calls.append(x.shape) or original(self, x))
+    logits = decoder(torch.tensor([[tokens[8]]]), 8)
+    assert calls == [(1, 1, GQA["dim"])] * GQA["n_layers"]
+    torch.testing.assert_close(logits[0, -1].double(), reference_logits(state, PARAMS, tokens)[-1], rtol=1e-4,
+                               atol=1e-4)
+
+
+def metas_attention(self, x, start_pos, freqs_cis, mask):
+    """Meta's Attention.forward, as research code copies it to change it (here: to keep the attention weights)."""
+    bsz, seqlen, _ = x.shape
+    xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+    xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+    xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+    xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
+    self.cache_k = self.cache_k.to(xq)
+    self.cache_v = self.cache_v.to(xq)
+    self.cache_k[:bsz, start_pos: start_pos + seqlen] = xk
+    self.cache_v[:bsz, start_pos: start_pos + seqlen] = xv
+    keys = repeat_kv(self.cache_k[:bsz, : start_pos + seqlen], self.n_rep).transpose(1, 2)
+    values = repeat_kv(self.cache_v[:bsz, : start_pos + seqlen], self.n_rep).transpose(1, 2)
+    scores = torch.matmul(xq.transpose(1, 2), keys.transpose(2, 3)) / self.head_dim ** 0.5
+    if mask is not None:
+        scores = scores + mask
+    scores = torch.softmax(scores.float(), dim=-1).type_as(xq)
+    self.kept.append((start_pos, scores))
+    output = torch.matmul(scores, values).transpose(1, 2).contiguous().view(bsz, seqlen, -1)
+    return self.wo(output)
+
+
+def saving_block(self, x, start_pos, freqs_cis, mask):
+    """Meta's TransformerBlock.forward, patched on the class to keep each block's output (as the ncut-pytorch
+    gallery does with Meta's Llama 3)."""
+    h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+    self.saved = h + self.feed_forward(self.ffn_norm(h))
+    return self.saved
+
+
+def test_forwards_replaced_with_metas_code_get_metas_arguments(gqa, monkeypatch):
+    """A ragged batch's generation, with Meta's attention put on one layer's instance and a block forward of
+    Meta's on the class: each is called with Meta's (start_pos, freqs_cis, mask), the batch going in turns of
+    one prompt length (Meta's arguments can't say a row is left-padded), and the tokens and log-probabilities
+    are those of the model as it is."""
+    g, state = gqa
+    prompts = [prompt(n, seed=n) for n in (5, 9, 5, 3)]
+    want, want_probs = g.generate(prompts, 6, temperature=0, logprobs=True)
+    attention = g.model.layers[1].attention
+    attention.kept = []
+    monkeypatch.setattr(attention, "forward", types.MethodType(metas_attention, attention), raising=False)
+    monkeypatch.setattr(TransformerBlock, "forward", saving_block)
+    got, got_probs = g.generate(prompts, 6, temperature=0, logprobs=True)
+    assert got == want
+    torch.testing.assert_close(torch.tensor(got_probs), torch.tensor(want_probs), rtol=1e-4, atol=1e-4)
+    assert all(isinstance(start, int) for start, _ in attention.kept)
+    prefills = [scores.shape for start, scores in attention.kept if start == 0]
+    assert prefills == [(2, 8, 5, 5), (1, 8, 9, 9), (1, 8, 3, 3)]  # rows of one length, each from cache row 0
+    assert g.model.layers[0].saved.shape == (1, 1, GQA["dim"])  # the last step's, the 3-token prompt's turn
+    monkeypatch.undo()
+    assert not replaced(g.model.replaceable()) and g.generate(prompts, 6, temperature=0) == (want, None)
+
+
+def test_replaced_tells_a_module_of_another_class_or_forward():
+    args = ModelArgs(**PARAMS)
+    block = TransformerBlock(0, args)
+    assert not replaced(block.modules())
+
+    class Recording(Attention):
+        def forward(self, x, *args):
+            return super().forward(x, *args)
+
+    block.attention = Recording(args)
+    assert replaced([block.attention]) and not replaced([block])
+    block.ffn_norm.forward = lambda x: x
+    assert replaced([block.ffn_norm])
 
 
 def test_the_kv_cache_reads_as_metas(gqa):
