@@ -11,7 +11,7 @@ import operator
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -669,18 +669,22 @@ class Transformer(nn.Module):
         return self.output(self.norm.after_add(h, carry)[1]).float()
 
     def metas_way(self) -> bool:
-        """Whether a pass must call each block and norm as Meta's forward does (not ``TransformerBlock.residuals``):
-        while a hook waits on one, or research code has replaced the forward of a block, norm or attention
-        (``llama.linear.replaced``), which the fused way would skip or call with the engine's arguments."""
-        return hooked(self._called_or_fused()) or replaced(self.replaceable())
+        """Whether a pass must call each block and norm as Meta's forward does (not ``TransformerBlock.residuals``),
+        and attention with Meta's arguments: while a hook waits on a block, norm, attention or feed-forward, or
+        research code has replaced the forward of one (``llama.linear.replaced``)."""
+        modules = self.replaceable()
+        return hooked(modules) or replaced(modules)
 
-    def replaceable(self) -> Iterator[nn.Module]:
-        """The modules whose forward research code replaces (``llama.linear.replaced``): blocks, norms, attention
-        and feed-forward. The fused way would skip some or call attention with the engine's arguments; a CUDA
-        graph's replay (``llama.graphs``) skips them all."""
-        yield self.norm
-        for layer in self.layers:
-            yield from (layer, layer.attention_norm, layer.ffn_norm, layer.attention, layer.feed_forward)
+    def replaceable(self) -> List[nn.Module]:
+        """The modules whose forward research code hooks or replaces: blocks, norms, attention and feed-forward.
+        The fused way would skip some or call attention with the engine's arguments; a CUDA graph's replay
+        (``llama.graphs``) skips them all. (Found through ``_modules``: nn.Module's attribute lookup would cost a
+        microsecond each, a hundred microseconds a step.)"""
+        modules: List[nn.Module] = [self.norm]
+        for layer in self.layers._modules.values():
+            parts = layer._modules
+            modules += (layer, parts["attention_norm"], parts["ffn_norm"], parts["attention"], parts["feed_forward"])
+        return modules
 
     def _metas_arguments(self, w: Window, start: Optional[int], left_pad: Optional[torch.Tensor],
                          dtype: torch.dtype) -> Optional[tuple]:
@@ -694,12 +698,6 @@ class Transformer(nn.Module):
             mask = torch.full((seqlen, seqlen), float("-inf"), device=device).triu(1)
             mask = torch.hstack([torch.zeros((seqlen, start), device=device), mask]).to(dtype)
         return start, self.freqs_cis[start:start + seqlen], mask
-
-    def _called_or_fused(self) -> Iterator[nn.Module]:
-        """The modules that Meta's forward calls and the fused one (``TransformerBlock.residuals``) doesn't."""
-        yield self.norm
-        for layer in self.layers:
-            yield from (layer, layer.attention_norm, layer.ffn_norm)
 
     def forward_train(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (batch, seqlen, vocab) of whole sequences from position 0, with autograd and without the KV
