@@ -138,10 +138,11 @@ def _build_flags(device: torch.device, world: int, dtype: torch.dtype, compute: 
 
 
 def check_sampling(max_gen_len: Optional[int], temperature: float, top_p: float) -> None:
-    """Fail on sampling arguments that can't be used (max_gen_len None: the default), before any work is done."""
+    """Fail on sampling arguments that can't be used (max_gen_len None: the default; 0: none, as Meta's, for
+    scoring prompts with echo and logprobs), before any work is done."""
     if max_gen_len is not None and (not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool)
-                                    or max_gen_len < 1):
-        raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
+                                    or max_gen_len < 0):
+        raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
     if not _is_number(temperature) or not 0 <= temperature < math.inf:  # NaN fails too
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     if not _is_number(top_p) or not 0 < top_p <= 1:

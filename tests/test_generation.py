@@ -123,6 +123,11 @@ def test_logprobs_and_echo(gqa):
     new, new_lps = g.generate(prompts, max_gen_len=5, temperature=0, logprobs=True)
     assert new[0] == tokens[0][len(prompts[0]):]
     assert new_lps[0] == pytest.approx(logprobs[0][len(prompts[0]):], abs=1e-4)
+    # No new token, as Meta's allows for scoring: the prompts and their log-probabilities alone.
+    scored, scored_lps = g.generate(prompts, max_gen_len=0, logprobs=True, echo=True)
+    assert scored == prompts and [len(lp) for lp in scored_lps] == [len(p) for p in prompts]
+    for lps, full in zip(scored_lps, logprobs):
+        assert lps == pytest.approx(full[:len(lps)], abs=1e-4)
 
 
 def test_float64_weights_compute_the_reference_to_its_precision(make_ckpt, tokenizer_path):
@@ -221,7 +226,7 @@ def test_chat_logprobs(gqa):
     (lambda g: g.text_completion(["a"], top_p=float("nan")), "top_p"),
     (lambda g: g.text_completion(["a"], top_p=0), "top_p"),
     (lambda g: g.text_completion(["a"], top_p=1.5), "top_p"),
-    (lambda g: g.text_completion(["a"], max_gen_len=0), "max_gen_len"),
+    (lambda g: g.text_completion(["a"], max_gen_len=-1), "max_gen_len"),
     (lambda g: g.text_completion([3]), "list of strings"),
     (lambda g: g.text_completion("abc"), "list of strings"),
     (lambda g: g.generate([[]], 4), "prompt 0 is empty"),
