@@ -123,7 +123,8 @@ class Llama3ChatFormat(ChatFormatBase):
         return False
 
     def encode_header(self, message: Message) -> List[int]:
-        """The header of a message of its role (Meta's name and argument, as the two below)."""
+        """The header of a message of its role (Meta's name and argument, as encode_message's and
+        encode_dialog_prompt's)."""
         return ([self.start_header] + self.tokenizer.encode(message["role"], bos=False, eos=False)
                 + [self.end_header] + self.tokenizer.encode("\n\n", bos=False, eos=False))
 
@@ -139,7 +140,6 @@ class Llama3ChatFormat(ChatFormatBase):
         reason = "out_of_tokens" if stop is None else "end_of_message" if stop == self.eom else "end_of_turn"
         return {**self.answer, "content": self.tokenizer.decode(tokens[tool_call:]), "tool_call": tool_call,
                 "stop_reason": reason}
-
 
     def encode_dialog(self, dialog: Dialog, index: int = 0) -> List[int]:
         _check_messages(dialog, index)

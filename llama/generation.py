@@ -6,7 +6,7 @@ import numbers
 import os
 import time
 from dataclasses import dataclass
-from typing import Collection, Iterator, List, Optional, Tuple, TypedDict, Union
+from typing import Collection, Dict, Iterator, List, Optional, Tuple, TypedDict, Union
 
 import torch
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
@@ -15,7 +15,8 @@ from . import checkpoint, distributed, kernels
 from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dialog, Message, Role, chat_format,
                    infilling_prompt)
 from .graphs import GraphedDecoder
-from .linear import can_pack, edit_count, hook_dicts, packed_for, replaced, watch
+from .linear import can_pack, packed_for
+from .research import edit_count, hook_dicts, replaced
 from .model import ModelArgs, Transformer, compute_dtype_for, cpu_has_native_bf16
 from .sampling import sample, sample_top_p
 from .tokenizer import Tokenizer
@@ -82,7 +83,7 @@ def one_compute_dtype(weights: torch.dtype, compute: torch.dtype) -> torch.dtype
     return compute if len({c for _, c in picks}) == 1 else torch.float32
 
 
-def _cpu_name(device: torch.device) -> str:
+def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU {torch.backends.cpu.get_cpu_capability()}, native bf16: {'yes' if cpu_has_native_bf16() else 'no'}"
@@ -218,7 +219,7 @@ class Llama:
                      " (every process does: not all their CPUs have native bf16)" if compute != own else "",
                      ", decoding from CUDA graphs" if graphs else "",
                      ", with the C kernels of llama/kernels.c" if native else "",
-                     "" if requested else f" (picked for this machine: {_cpu_name(device)})")
+                     "" if requested else f" (picked for this machine: {_device_name(device)})")
         return Llama(model, tokenizer, seed, cuda_graphs=graphs, compile_elementwise=compile_elementwise)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, cuda_graphs: bool = False,
@@ -229,7 +230,6 @@ class Llama:
         self.device = model.output.weight.device
         # A generator of our own: sampling is reproducible without touching torch's global RNG.
         self.generator = torch.Generator(self.device).manual_seed(int(seed))
-        watch(model)  # stream's keep_cache sees edits through .data
         self.decoder = GraphedDecoder(model, compile_elementwise) if cuda_graphs else None
         self._kept: Optional[Tuple[List[int], tuple]] = None  # stream's keep_cache: row 0's tokens, the model then
 
@@ -265,7 +265,7 @@ class Llama:
         tokens: List[List[int]] = [[] for _ in range(n)]
         probs: List[List[float]] = [[] for _ in range(n)]
         ends: List[Optional[int]] = [None] * n
-        for rows in self._turns(prompt_tokens):
+        for rows in self._row_groups(prompt_tokens):
             batch = _Batch.of([prompt_tokens[i] for i in rows], max_gen_len, self.model.params.max_seq_len,
                               self.device, logprobs, rows)
             end = batch.prompt_len
@@ -278,12 +278,12 @@ class Llama:
                     probs[i] = more_probs[j]
         return tokens, (probs if logprobs else None), ends
 
-    def _turns(self, prompt_tokens: List[List[int]]) -> Iterator[List[int]]:
+    def _row_groups(self, prompt_tokens: List[List[int]]) -> Iterator[List[int]]:
         """The prompts continued together, as indices: max_batch_size at a time (the KV cache's rows), in the order
-        given. Where research code has replaced a forward of the model (``llama.linear.replaced``), prompts of
-        one length at a time: such a forward takes Meta's arguments, which can't say that a row is left-padded."""
-        by_length = replaced(self.model.replaceable())
-        groups: dict = {}
+        given; where research code has replaced a forward of the model (``llama.linear.replaced``), grouped by
+        length first: such a forward takes Meta's arguments, which can't say that a row is left-padded."""
+        by_length = replaced(self.model.replaceable_modules())
+        groups: Dict[int, List[int]] = {}
         for i, p in enumerate(prompt_tokens):
             groups.setdefault(len(p) if by_length else 0, []).append(i)
         size = self.model.params.max_batch_size
@@ -297,18 +297,7 @@ class Llama:
         token, or at the batch's last position. score_prompts: the prompts' own log-probabilities too. cached:
         how many of a one-prompt batch's first tokens the cache holds already (stream's keep_cache)."""
         tokens, pad, prompts, prompt_len = batch.tokens, batch.pad, batch.prompts, batch.prompt_len
-        last = []  # each row's logits after its prompt
-        starts = [i for i in range(len(prompts)) if i == 0 or len(prompts[i]) != len(prompts[i - 1])]
-        for a, b in zip(starts, starts[1:] + [len(prompts)]):
-            start = prompt_len - len(prompts[a]) + cached
-            logits = self.model.forward(tokens[a:b, start:prompt_len], start, left_pad=pad[a:b], first_row=a,
-                                        last_only=not score_prompts)
-            if score_prompts:  # a prompt's first token has no context: 0.0, as in the reference
-                batch.logprobs[a:b, start + 1:prompt_len] = _logprobs_of(logits[:, :-1],
-                                                                         tokens[a:b, start + 1:prompt_len])
-            last.append(logits[:, -1])
-        logits = torch.cat(last)
-
+        logits = self._prefill(batch, score_prompts, cached)
         stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=self.device)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
         for pos in range(prompt_len, tokens.shape[1]):
@@ -333,6 +322,23 @@ class Llama:
             if pos + 1 == tokens.shape[1] or all_done:
                 return
             logits = self.decode_step(tokens[:, pos:pos + 1], pos, left_pad=pad)[:, -1]
+
+    def _prefill(self, batch: "_Batch", score_prompts: bool, cached: int) -> torch.Tensor:
+        """Each row's logits (rows, vocab) after its prompt: one forward pass per group of prompts of one length
+        (they adjoin, longest first), over their own tokens only; with score_prompts, the prompts'
+        log-probabilities written into ``batch.logprobs`` too."""
+        tokens, prompts, prompt_len = batch.tokens, batch.prompts, batch.prompt_len
+        last = []
+        starts = [i for i in range(len(prompts)) if i == 0 or len(prompts[i]) != len(prompts[i - 1])]
+        for a, b in zip(starts, starts[1:] + [len(prompts)]):
+            start = prompt_len - len(prompts[a]) + cached
+            logits = self.model.forward(tokens[a:b, start:prompt_len], start, left_pad=batch.pad[a:b], first_row=a,
+                                        last_only=not score_prompts)
+            if score_prompts:  # a prompt's first token has no context: 0.0, as in the reference
+                batch.logprobs[a:b, start + 1:prompt_len] = _logprobs_of(logits[:, :-1],
+                                                                         tokens[a:b, start + 1:prompt_len])
+            last.append(logits[:, -1])
+        return torch.cat(last)
 
     def _not_finite(self, prompt: int, token: int) -> str:
         why = ("float16 holds values up to 65504 and the activations went past it: build with dtype='bfloat16' "
@@ -362,6 +368,8 @@ class Llama:
                                  f"max_seq_len {params.max_seq_len}: shorten it or build with a larger max_seq_len")
             if not in_vocab(p):
                 raise ValueError(f"prompt {i} must be a list of token ids in [0, {params.vocab_size})")
+        if max_gen_len is None:  # generate's is Meta's: no default
+            raise ValueError("max_gen_len must be an integer >= 0, got None")
         check_sampling(max_gen_len, temperature, top_p)
         if stop_tokens is not None and not (isinstance(stop_tokens, Collection) and in_vocab(stop_tokens)):
             raise ValueError(f"stop_tokens must be a collection of token ids in [0, {params.vocab_size}), got "

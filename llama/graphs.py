@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .linear import hook_dicts, replaced
+from .research import hook_dicts, replaced
 from .model import Transformer
 
 BUCKET = 256  # cache positions per captured graph: at most this many more read per step than needed
@@ -45,7 +45,7 @@ class GraphedDecoder:
     def __call__(self, tokens: torch.Tensor, pos: int, left_pad: Optional[torch.Tensor] = None) -> torch.Tensor:
         if tokens.shape[1] != 1:
             raise ValueError(f"a decoding step takes one token per row; got tokens of shape {tuple(tokens.shape)}")
-        if any(self.hooks) or replaced(self.model.replaceable()):  # which a replay would skip
+        if any(self.hooks) or replaced(self.model.replaceable_modules()):  # which a replay would skip
             return self.model.forward(tokens, pos, left_pad=left_pad, last_only=True)
         bsz = tokens.shape[0]
         self.model._check_cache(bsz, pos + 1)  # allocates the cache on first use; a clear error if too small

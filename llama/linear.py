@@ -5,20 +5,21 @@ from Meta's shards as they are, with their products made fast where torch's are 
   a time.
 - Packed copies of the weights for kernels.c's or oneDNN's products (``pack``, ``Packable``), made by
   ``Transformer.pack_weights``.
-- wq/wk/wv and w1/w3 as one product each: ``Fused`` (a GPU, concatenated weights), ``PackedFused`` (packed).
+- wq/wk/wv and w1/w3 as one product each: ``Fused`` (a GPU, concatenated weights), ``PackedFused`` (packed),
+  which give way to each layer's own product where research code hooks or replaces one (``llama.research``).
 """
 
 import threading
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fs_layers
 from fairscale.nn.model_parallel import mappings
 from torch import nn
-from torch.nn.modules import module as nn_module
 
 from . import kernels, pages
+from .research import WatchedParameter, edit_count, hooked, own_forward, replaced
 
 
 # For bf16 weights on a CPU without native bf16, whose bf16 matrix products are 5-100x slower than its float32
@@ -32,39 +33,6 @@ WIDE_ROWS = 8
 # the product itself (measured on AVX2 kernels, scripts/benchmark.py's 1b shape).
 CONVERT_BYTES = 8 << 20
 _buffers = threading.local()
-
-
-def hook_dicts(modules: Iterable[nn.Module]) -> list:
-    """The dicts that hold the forward hooks and pre-hooks that would run on these modules: the two registered
-    for every module, then each module's own two. They stay the same objects while hooks come and go, so a
-    caller may keep the list and look at it again."""
-    return ([nn_module._global_forward_hooks, nn_module._global_forward_pre_hooks]
-            + [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)])
-
-
-def hooked(modules: Iterable[nn.Module]) -> bool:
-    """Whether a forward hook or pre-hook waits on any of these modules (its own, or one registered for every
-    module). Research code reads and edits activations with them, as on Meta's model; the fused ways skip calling
-    some modules (``Fused``, ``PackedFused``, ``Transformer.forward``'s blocks and norms), so while there are
-    hooks on them they are called as Meta's code calls them."""
-    return any(hook_dicts(modules))
-
-
-_OWN_FORWARDS: dict = {}  # each of the engine's module classes: its forward as written here
-
-
-def own_forward(cls: type) -> type:
-    """A class decorator: cls's forward is the engine's, so that ``replaced`` can tell research code's apart."""
-    _OWN_FORWARDS[cls] = cls.forward
-    return cls
-
-
-def replaced(modules: Iterable[nn.Module]) -> bool:
-    """Whether research code has changed how any of these modules computes: a forward of its own set on the
-    module or on its class, or a module of another class (a subclass of the engine's) put in its place. The fused
-    ways skip calling some modules, and call attention with the engine's arguments; such modules are called as
-    Meta's code calls them (``Transformer._run``)."""
-    return any("forward" in m.__dict__ or _OWN_FORWARDS.get(type(m)) is not type(m).forward for m in modules)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -177,47 +145,6 @@ def packed_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return kernels.linear_packed_bf16(x, packed)
 
 
-class WatchedParameter(nn.Parameter):
-    """A parameter that counts the uses of its ``.data``. Writes through ``.data`` (``w.data[i] = 0``, research
-    code's way of ablating a neuron) bypass the count of in-place edits that tells a packed copy of the weight, or
-    a KV cache kept by ``Llama.stream``, that the weight has changed; so each use of ``.data`` counts as one."""
-
-    @property
-    def data(self) -> torch.Tensor:
-        self.data_uses = getattr(self, "data_uses", 0) + 1
-        return torch.Tensor.data.__get__(self)
-
-    @data.setter
-    def data(self, value: torch.Tensor) -> None:
-        self.data_uses = getattr(self, "data_uses", 0) + 1
-        torch.Tensor.data.__set__(self, value)
-
-    def __deepcopy__(self, memo: dict) -> nn.Parameter:
-        """A copy reads the data without counting it as an edit (and is a plain parameter, as a pickle's is)."""
-        if id(self) not in memo:
-            data = torch.Tensor.data.__get__(self)
-            memo[id(self)] = nn.Parameter(data.clone(memory_format=torch.preserve_format), self.requires_grad)
-        return memo[id(self)]
-
-    def __reduce_ex__(self, protocol: int) -> tuple:
-        return torch._utils._rebuild_parameter, (torch.Tensor.data.__get__(self), self.requires_grad, {})
-
-
-def watch(module: nn.Module) -> None:
-    """Make every parameter of module and its submodules a WatchedParameter (the same tensor: storage, dtype,
-    device and requires_grad kept)."""
-    for m in module.modules():
-        for name, p in list(m.named_parameters(recurse=False)):
-            if not isinstance(p, WatchedParameter):
-                setattr(m, name, WatchedParameter(p.detach(), requires_grad=p.requires_grad))
-
-
-def edit_count(t: torch.Tensor) -> tuple:
-    """What changes with every edit of t: its count of in-place edits (None for a tensor made in inference mode,
-    which keeps none, and can only be edited in inference mode) and of uses of its ``.data`` (``WatchedParameter``)."""
-    return (None if t.is_inference() else t._version, getattr(t, "data_uses", 0))
-
-
 class Packable:
     """The product of the parallel linear layers below: ``linear``, or ``packed_product`` on a packed copy of the
     weight (made by ``pack``) while the weight is the very tensor it was made from, unedited. Any other weight, an
@@ -322,7 +249,7 @@ class Fused:
         self.weight = torch.cat([layer.weight.detach() for layer in layers])
         self.sizes = [layer.weight.shape[0] for layer in layers]
         for layer, part in zip(layers, self.weight.split(self.sizes)):
-            layer.weight = nn.Parameter(part, requires_grad=layer.weight.requires_grad)
+            layer.weight = WatchedParameter(part, requires_grad=layer.weight.requires_grad)
         self.views = [layer.weight.data_ptr() for layer in layers]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

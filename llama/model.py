@@ -20,8 +20,8 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 
 from . import distributed, kernels, pages
-from .linear import (ColumnParallelLinear, Fused, Packable, PackedFused, RowParallelLinear, can_pack, hooked,
-                     own_forward, packs_rows, replaced, watch)
+from .linear import ColumnParallelLinear, Fused, Packable, PackedFused, RowParallelLinear, can_pack, packs_rows
+from .research import hooked, own_forward, replaced, watch
 
 
 @dataclass
@@ -52,7 +52,7 @@ class ModelArgs:
     def check(self) -> None:
         """Fail with what is wrong where the shapes can't make a model (Meta's would fail deep in a layer, or not
         at all until its output is garbage)."""
-        least = {"dim": 1, "n_layers": 0, "n_heads": 1, "multiple_of": 1, "max_batch_size": 1, "max_seq_len": 1}
+        least = {"dim": 1, "n_layers": 1, "n_heads": 1, "multiple_of": 1, "max_batch_size": 1, "max_seq_len": 1}
         for name, low in least.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -115,6 +115,11 @@ def _skip_fairscale_init() -> Iterator[None]:
         yield
     finally:
         fs_layers._initialize_affine_weight = original
+
+
+def _as_loaded(weight: torch.Tensor) -> torch.Tensor:
+    """fairscale's init_method for the layers: none, as Meta's (the checkpoint's weights replace them)."""
+    return weight
 
 
 def cpu_has_native_bf16() -> bool:
@@ -305,6 +310,9 @@ class Window:
         running the layers itself as its Transformer.forward does."""
         if isinstance(where, Window):
             return where
+        if freqs_cis is None:
+            raise ValueError("called with a start_pos, a block or attention also takes Meta's freqs_cis (the "
+                             "model's freqs_cis[start_pos:start_pos + seqlen]) and mask")
         bsz, seqlen = x.shape[:2]
         if mask is None and seqlen > 1:  # Meta's: every key; the engine's None would be causal
             mask = torch.zeros((seqlen, where + seqlen), dtype=x.dtype, device=x.device)
@@ -325,7 +333,7 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         self.cache_size = (args.max_batch_size, args.max_seq_len)  # of a cache made on first use
         kv_dim = self.n_local_kv_heads * mp * self.head_dim
-        kw = dict(bias=False, init_method=lambda w: w)
+        kw = dict(bias=False, init_method=_as_loaded)
         self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, gather_output=False, **kw)
         self.wk = ColumnParallelLinear(args.dim, kv_dim, gather_output=False, **kw)
         self.wv = ColumnParallelLinear(args.dim, kv_dim, gather_output=False, **kw)
@@ -344,10 +352,10 @@ class Attention(nn.Module):
         self.cache_kv = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_k, self.cache_v = self.cache_kv.transpose(2, 3)
 
-    def forward(self, x: torch.Tensor, w: Union[Window, int], freqs_cis: Optional[torch.Tensor] = None,
+    def forward(self, x: torch.Tensor, start_pos: Union[Window, int], freqs_cis: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x through attention in a Window, or at Meta's arguments (start_pos, freqs_cis, mask: ``Window.of``)."""
-        w = Window.of(x, w, freqs_cis, mask)
+        w = Window.of(x, start_pos, freqs_cis, mask)
         bsz, seqlen, _ = x.shape
         heads, kv_heads = self.n_local_heads, self.n_local_kv_heads
         if self.cache_kv is None and w.positions is not None:  # called on its own, as Meta's allocates in __init__
@@ -383,7 +391,7 @@ class FeedForward(nn.Module):
         """Meta's arguments: hidden_dim is 4 x dim, of which the width is derived (``swiglu_width``)."""
         super().__init__()
         hidden_dim = swiglu_width(hidden_dim, multiple_of, ffn_dim_multiplier)
-        kw = dict(bias=False, init_method=lambda w: w)
+        kw = dict(bias=False, init_method=_as_loaded)
         self.w1 = ColumnParallelLinear(dim, hidden_dim, gather_output=False, **kw)
         self.w2 = RowParallelLinear(hidden_dim, dim, input_is_parallel=True, **kw)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, gather_output=False, **kw)
@@ -405,11 +413,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, w: Union[Window, int], freqs_cis: Optional[torch.Tensor] = None,
+    def forward(self, x: torch.Tensor, start_pos: Union[Window, int], freqs_cis: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Meta's block, each part called as a module (for their hooks), in a Window or at Meta's arguments
         (start_pos, freqs_cis, mask), which attention is given as they came; ``residuals`` is the fused way."""
-        h = x + self.attention(self.attention_norm(x), w, freqs_cis, mask)
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def residuals(self, x: torch.Tensor, carry: Optional[torch.Tensor], w: Window) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -440,10 +448,9 @@ class Transformer(nn.Module):
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
         with _skip_fairscale_init():
-            self.tok_embeddings = fs_layers.ParallelEmbedding(params.vocab_size, params.dim, init_method=lambda w: w)
+            self.tok_embeddings = fs_layers.ParallelEmbedding(params.vocab_size, params.dim, init_method=_as_loaded)
             self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
-            self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False,
-                                                         init_method=lambda w: w)
+            self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_as_loaded)
         self.norm = RMSNorm(params.dim, params.norm_eps)
         # Meta's name and length (Llama 2's context is twice max_seq_len's default): (2 x max_seq_len, head_dim // 2),
         # made again on the weights' device by setup_cache.
@@ -465,6 +472,7 @@ class Transformer(nn.Module):
         max_batch_size, max_seq_len = max_batch_size or p.max_batch_size, max_seq_len or p.max_seq_len
         weight = self.output.weight
         self.compute_dtype = compute_dtype or compute_dtype_for(weight.dtype, weight.device)
+        watch(self)  # edits through .data seen by packed copies (pack_weights) and stream's kept cache
         self.cache_made_for = (weight.device, weight.dtype)
         self.runs += 1
         for layer in self.layers:
@@ -486,7 +494,6 @@ class Transformer(nn.Module):
         compute = self.compute_dtype or self.output.weight.dtype
         if not can_pack(compute):
             return 0
-        watch(self)  # an edit through .data must drop a packed copy too
         droppable = pages.droppable()
 
         def packs(m: Packable) -> bool:
@@ -601,8 +608,9 @@ class Transformer(nn.Module):
         return self._run(tokens, pos.view(1), keys, 0, left_pad, masked=True, last_only=True)
 
     def _check_input(self, tokens: torch.Tensor, start_pos: int) -> int:
-        """start_pos as an int, or an error saying what is wrong with the arguments (on a GPU a token id out of
-        range would end the process with a device-side assert; the check waits for the device once per call)."""
+        """start_pos as an int, or an error saying what is wrong with the arguments. Token ids are checked on a
+        CPU only: on a GPU that would wait for the device at every step (an id out of range ends there in a
+        device-side assert, as with Meta's; ``Llama.generate`` checks the prompts' ids before)."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             got = f"a tensor of shape {tuple(tokens.shape)}, {tokens.dtype}" if isinstance(tokens, torch.Tensor) \
                 else type(tokens).__name__
@@ -613,7 +621,7 @@ class Transformer(nn.Module):
             raise ValueError(f"start_pos must be an integer, got {start_pos!r}") from None
         if start_pos < 0:
             raise ValueError(f"start_pos must be >= 0, got {start_pos}")
-        if tokens.numel():
+        if tokens.numel() and tokens.device.type == "cpu":
             low, high = torch.aminmax(tokens)
             if low < 0 or high >= self.vocab_size:
                 raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {int(low)}..{int(high)}")
@@ -626,7 +634,8 @@ class Transformer(nn.Module):
         weight = self.output.weight
         if self.cache_made_for != (weight.device, weight.dtype):
             held = [layer.attention.cache_kv for layer in self.layers]
-            self.setup_cache(*(held[0].shape[1:4:2] if held[0] is not None else ()))
+            rows_and_positions = (held[0].shape[1], held[0].shape[3]) if held[0] is not None else ()
+            self.setup_cache(*rows_and_positions)
             for layer, old in zip(self.layers, held):
                 if old is not None:
                     layer.attention.cache_kv.copy_(old)
@@ -656,7 +665,7 @@ class Transformer(nn.Module):
         w = Window(positions, keys, slice(first_row, first_row + bsz), self.freqs_cis[rope_pos].unsqueeze(2), mask,
                    first_key)
         h = self.tok_embeddings(tokens).to(self.compute_dtype)
-        if self.metas_way():  # calling each block and norm, with Meta's arguments where they can say the pass
+        if self.runs_metas_way():  # each block and norm called, with Meta's arguments where they can say the pass
             args = self._metas_arguments(w, start, left_pad, h.dtype) or (w,)
             for layer in self.layers:
                 h = layer(h, *args)
@@ -665,17 +674,17 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h, carry = layer.residuals(h, carry, w)
         if last_only:
-            h, carry = h[:, -1:], carry[:, -1:] if carry is not None else None  # (None: a model of no layers)
+            h, carry = h[:, -1:], carry[:, -1:]
         return self.output(self.norm.after_add(h, carry)[1]).float()
 
-    def metas_way(self) -> bool:
+    def runs_metas_way(self) -> bool:
         """Whether a pass must call each block and norm as Meta's forward does (not ``TransformerBlock.residuals``),
         and attention with Meta's arguments: while a hook waits on a block, norm, attention or feed-forward, or
         research code has replaced the forward of one (``llama.linear.replaced``)."""
-        modules = self.replaceable()
+        modules = self.replaceable_modules()
         return hooked(modules) or replaced(modules)
 
-    def replaceable(self) -> List[nn.Module]:
+    def replaceable_modules(self) -> List[nn.Module]:
         """The modules whose forward research code hooks or replaces: blocks, norms, attention and feed-forward.
         The fused way would skip some or call attention with the engine's arguments; a CUDA graph's replay
         (``llama.graphs``) skips them all. (Found through ``_modules``: nn.Module's attribute lookup would cost a

@@ -8,7 +8,8 @@
 - a tiktoken BPE file (text lines ``base64-token rank``; Llama 3 / 3.1): a ``TiktokenTokenizer``, kind "llama3".
 
 Both are subclasses of ``Tokenizer``. Text given to ``encode`` never produces a special token, whatever it
-contains: the chat formats ask for those by name with ``special_id``. (Code Llama's infilling pieces are not
+contains, unless Llama 3's ``allowed_special`` names it (as Meta's): the chat formats ask for those by name with
+``special_id``. (Code Llama's infilling pieces are not
 special tokens but ordinary pieces of its vocabulary, which its text can produce as with Meta's tokenizer; the
 infilling prompt places them by id.)
 """
@@ -49,7 +50,7 @@ class Tokenizer:
     eot_id: Optional[int] = None  # the end of an infill (Code Llama), or of a turn (Llama 3's <|eot_id|>)
     step_id: Optional[int] = None  # Code Llama 70B's <step>, which ends each message of its chat format
 
-    def __new__(cls, model_path: str = None, *args, **kwargs):
+    def __new__(cls, model_path: Optional[str] = None, *args, **kwargs):
         if cls is Tokenizer:
             cls = _class_for(model_path)
         return super().__new__(cls)
@@ -66,7 +67,8 @@ class Tokenizer:
         raise NotImplementedError
 
     def special_id(self, name: str) -> int:
-        """The id of the special token ``name`` (e.g. ``"<|eot_id|>"``), which ``encode`` never produces."""
+        """The id of the special token ``name`` (e.g. ``"<|eot_id|>"``), which ``encode`` gives only where
+        told to (Llama 3's allowed_special)."""
         raise NotImplementedError
 
     def _ids(self, ids: Sequence[int]) -> List[int]:
@@ -83,15 +85,21 @@ class Tokenizer:
         return out
 
 
+def _check_file(model_path) -> None:
+    """A clear error where model_path is not a file (a folder holding one is named in it)."""
+    if isinstance(model_path, (str, os.PathLike)) and os.path.isfile(model_path):
+        return
+    folder = isinstance(model_path, (str, os.PathLike)) and os.path.isdir(model_path)
+    found = [p for p in ("tokenizer.model", "original/tokenizer.model")
+             if folder and os.path.isfile(os.path.join(model_path, p))]
+    hint = f" ({os.path.join(model_path, found[0])}, here)" if found else ""
+    raise ValueError(f"tokenizer file {model_path!r} {'is a folder, not a file' if folder else 'does not exist'}: "
+                     f"pass the path to Meta's tokenizer.model{hint} with --tokenizer_path")
+
+
 def _class_for(model_path) -> type:
     """Which tokenizer reads this file: decided from its first bytes, not its name."""
-    if not isinstance(model_path, (str, os.PathLike)) or not os.path.isfile(model_path):
-        problem = "is a folder, not a file" if os.path.isdir(model_path) else "does not exist"
-        found = [p for p in ("tokenizer.model", "original/tokenizer.model")
-                 if os.path.isdir(model_path) and os.path.isfile(os.path.join(model_path, p))]
-        hint = f" ({os.path.join(model_path, found[0])}, here)" if found else ""
-        raise ValueError(f"tokenizer file {model_path!r} {problem}: pass the path to Meta's "
-                         f"tokenizer.model{hint} with --tokenizer_path")
+    _check_file(model_path)
     with open(model_path, "rb") as f:
         head = f.read(4096)
     if _TIKTOKEN_LINE.match(head):
@@ -118,9 +126,7 @@ class SentencePieceTokenizer(Tokenizer):
     """Meta's SentencePiece tokenizer (Llama 1/2, Code Llama)."""
 
     def __init__(self, model_path: str):
-        if not os.path.isfile(model_path):
-            raise ValueError(f"tokenizer file {model_path!r} does not exist: pass the path to Meta's "
-                             "tokenizer.model with --tokenizer_path")
+        _check_file(model_path)
         self.sp_model = SentencePieceProcessor()
         try:
             self.sp_model.Load(str(model_path))
@@ -291,9 +297,7 @@ class TiktokenTokenizer(Tokenizer):
     def __init__(self, model_path: str):
         import tiktoken  # only Llama 3 needs it
 
-        if not os.path.isfile(model_path):
-            raise ValueError(f"tokenizer file {model_path!r} does not exist: pass the path to Meta's "
-                             "tokenizer.model with --tokenizer_path")
+        _check_file(model_path)
         ranks = _read_ranks(model_path)
         self.special_tokens: Dict[str, int] = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
         self.model = tiktoken.Encoding(name=os.path.basename(str(model_path)), pat_str=PAT_STR,

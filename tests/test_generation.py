@@ -249,6 +249,7 @@ def test_chat_logprobs(gqa):
     (lambda g: g.text_completion(["a"], max_gen_len=True), "max_gen_len"),
     (lambda g: g.text_completion(["a"], top_p="0.9"), "top_p must be a number"),
     (lambda g: g.text_infilling([], []), "no prompts given"),
+    (lambda g: g.generate([[1, 5]], None), "max_gen_len must be an integer >= 0, got None"),
 ])
 def test_bad_input_is_a_value_error(gqa, call, match):
     with pytest.raises(ValueError, match=match):

@@ -173,6 +173,7 @@ def test_bad_forward_arguments_are_clear_errors(make_ckpt):
     ({"n_heads": 5}, r"dim \(64\) must be n_heads \(5\) times an even head dimension"),
     ({"n_kv_heads": 3}, r"n_kv_heads \(3\) must divide n_heads \(4\)"),
     ({"dim": 0}, "dim must be an integer >= 1, got 0"),
+    ({"n_layers": 0}, "n_layers must be an integer >= 1, got 0"),
     ({"max_seq_len": 2.5}, "max_seq_len must be an integer"),
 ])
 def test_model_args_that_cannot_make_a_model_are_refused(change, said):

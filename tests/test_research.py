@@ -10,7 +10,8 @@ from torch.nn.modules.module import register_module_forward_hook
 
 from llama import Llama, Tokenizer
 from llama.graphs import GraphedDecoder
-from llama.linear import Fused, PackedFused, replaced
+from llama.linear import Fused, PackedFused
+from llama.research import replaced
 from llama.model import (Attention, FeedForward, ModelArgs, RMSNorm, TransformerBlock, apply_rotary_emb,
                          precompute_freqs_cis, repeat_kv, reshape_for_broadcast)
 
@@ -194,7 +195,9 @@ def test_layers_run_with_metas_arguments(gqa):
                                atol=1e-4)
     x = torch.randn(1, 3, GQA["dim"], generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():  # three tokens and no mask: each sees all three, as in Meta's
-        got = g.model.layers[0].attention(x, 0, g.model.freqs_cis[:3], None)[0].double()
+        got = g.model.layers[0].attention(x, start_pos=0, freqs_cis=g.model.freqs_cis[:3], mask=None)[0].double()
+    with pytest.raises(ValueError, match="also takes Meta's freqs_cis"):
+        g.model.layers[0].attention(x, 0)
     w = {n: state[f"layers.0.attention.{n}.weight"].double() for n in ("wq", "wk", "wv", "wo")}
     heads, kv, hd = GQA["n_heads"], GQA["n_kv_heads"], GQA["dim"] // GQA["n_heads"]
     q = rotate((x[0].double() @ w["wq"].T).view(3, heads, hd), torch.arange(3), 1e4)
@@ -318,7 +321,7 @@ def test_forwards_replaced_with_metas_code_get_metas_arguments(gqa, monkeypatch)
     assert prefills == [(2, 8, 5, 5), (1, 8, 9, 9), (1, 8, 3, 3)]  # rows of one length, each from cache row 0
     assert g.model.layers[0].saved.shape == (1, 1, GQA["dim"])  # the last step's, the 3-token prompt's turn
     monkeypatch.undo()
-    assert not replaced(g.model.replaceable()) and g.generate(prompts, 6, temperature=0) == (want, None)
+    assert not replaced(g.model.replaceable_modules()) and g.generate(prompts, 6, temperature=0) == (want, None)
 
 
 def test_replaced_tells_a_module_of_another_class_or_forward():

@@ -64,7 +64,8 @@ def test_a_file_of_neither_kind_is_a_value_error(tmp_path, contents, match):
 
 
 def test_missing_file(tmp_path):
-    for path, said in ((str(tmp_path / "nope.model"), "does not exist"), (str(tmp_path), "is a folder, not a file")):
+    for path, said in ((str(tmp_path / "nope.model"), "does not exist"), (str(tmp_path), "is a folder, not a file"),
+                       (None, "tokenizer file None does not exist")):
         with pytest.raises(ValueError, match=said):
             Tokenizer(path)
 
