@@ -7,8 +7,9 @@
 Type a message and Enter. /reset starts the dialog again (keeping --system), /exit or the end of input (Ctrl-D)
 ends it. When the dialog would leave fewer than max_gen_len positions of max_seq_len for the answer (a quarter of
 them without --max_gen_len), its oldest exchanges are dropped. Each turn prefills only what the KV cache doesn't
-hold from the turn before (``Llama.stream``'s keep_cache): the new message, not the whole dialog again. Without --ckpt_dir and --tokenizer_path it talks
-to the demo model in models/demo, which answers in the Bible's words whatever it is asked.
+hold from the turn before (``Llama.stream``'s keep_cache): the new message, not the whole dialog again. Without
+--ckpt_dir and --tokenizer_path it talks to the demo model in models/demo, which answers in the Bible's words
+whatever it is asked.
 """
 
 import sys
