@@ -239,6 +239,8 @@ class Llama:
     def decode_step(self, tokens: torch.Tensor, pos: int, left_pad: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (batch, 1, vocab) of tokens (batch, 1) at cache position pos in cache rows 0..batch: the model's
         forward, or the replay of a CUDA graph of it when built with cuda_graphs."""
+        if replaced([self.model]):  # a forward of Meta's signature put in place: rows in Meta's layout
+            return self.model.forward(tokens, pos)[:, -1:]
         if self.decoder is not None:
             return self.decoder(tokens, pos, left_pad)
         return self.model.forward(tokens, pos, left_pad=left_pad, last_only=True)
@@ -283,9 +285,10 @@ class Llama:
 
     def _row_groups(self, prompt_tokens: List[List[int]]) -> Iterator[List[int]]:
         """The prompts continued together, as indices: max_batch_size at a time (the KV cache's rows), in the order
-        given; where research code has replaced a forward of the model (``llama.linear.replaced``), grouped by
-        length first: such a forward takes Meta's arguments, which can't say that a row is left-padded."""
-        by_length = replaced(self.model.replaceable_modules())
+        given; where research code has hooked or replaced a forward of the model or of its blocks, norms,
+        attention or feed-forward (``Transformer.runs_metas_way``), grouped by length first: those take Meta's
+        arguments, which can't say that a row is left-padded."""
+        by_length = self.model.runs_metas_way() or replaced([self.model])
         groups: Dict[int, List[int]] = {}
         for i, p in enumerate(prompt_tokens):
             groups.setdefault(len(p) if by_length else 0, []).append(i)
@@ -335,8 +338,11 @@ class Llama:
         starts = [i for i in range(len(prompts)) if i == 0 or len(prompts[i]) != len(prompts[i - 1])]
         for a, b in zip(starts, starts[1:] + [len(prompts)]):
             start = prompt_len - len(prompts[a]) + cached
-            logits = self.model.forward(tokens[a:b, start:prompt_len], start, left_pad=batch.pad[a:b], first_row=a,
-                                        last_only=not score_prompts)
+            if replaced([self.model]):  # a forward of Meta's signature put in place (its rows: one length, from 0)
+                logits = self.model.forward(tokens[a:b, start:prompt_len], start)
+            else:
+                logits = self.model.forward(tokens[a:b, start:prompt_len], start, left_pad=batch.pad[a:b],
+                                            first_row=a, last_only=not score_prompts)
             if score_prompts:  # a prompt's first token has no context: 0.0, as in the reference
                 batch.logprobs[a:b, start + 1:prompt_len] = _logprobs_of(logits[:, :-1],
                                                                          tokens[a:b, start + 1:prompt_len])
@@ -491,9 +497,13 @@ class Llama:
 
     def _model_state(self) -> tuple:
         """What the KV cache's contents depend on besides the tokens: the model's runs (``Transformer.runs``), its
-        weights (each one's tensor and count of in-place edits) and the forward hooks that would run on it."""
+        weights (each one's tensor and count of in-place edits), the forward hooks that would run on it and the
+        forwards of its modules. (A forward put in place of the model's own counts no runs: nothing is kept.)"""
+        if replaced([self.model]):
+            return (object(),)
         return (self.model.runs, [(p.data_ptr(), edit_count(p)) for p in self.model.parameters()],
-                [id(h) for d in hook_dicts(self.model.modules()) for h in d.values()])
+                [id(h) for d in hook_dicts(self.model.modules()) for h in d.values()],
+                [(type(m), type(m).forward, m.__dict__.get("forward")) for m in self.model.replaceable_modules()])
 
     def _gen_len(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int]) -> int:
         """Meta's default: as much as max_seq_len leaves after the longest prompt (at least one token)."""

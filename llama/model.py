@@ -429,6 +429,7 @@ class TransformerBlock(nn.Module):
         return h, self.feed_forward(normed)
 
 
+@own_forward
 class Transformer(nn.Module):
     """Meta's Llama transformer, its layers split across the model-parallel group (``llama.distributed.setup``).
     Built outside one, it sets one up as ``Llama.build`` does: one process without a launcher, where Meta's
@@ -632,10 +633,10 @@ class Transformer(nn.Module):
         Meta's cache follows its activations): on their device, computing in ``compute_dtype_for`` their dtype,
         holding what it held. Fail clearly if it is too small."""
         weight = self.output.weight
-        if self.cache_made_for != (weight.device, weight.dtype):
-            held = [layer.attention.cache_kv for layer in self.layers]
-            rows_and_positions = (held[0].shape[1], held[0].shape[3]) if held[0] is not None else ()
-            self.setup_cache(*rows_and_positions)
+        held = [layer._modules["attention"].cache_kv for layer in self.layers._modules.values()]
+        if self.cache_made_for != (weight.device, weight.dtype) or any(c is None for c in held):  # or one put in
+            made = next((c for c in held if c is not None), None)
+            self.setup_cache(*((made.shape[1], made.shape[3]) if made is not None else ()))
             for layer, old in zip(self.layers, held):
                 if old is not None:
                     layer.attention.cache_kv.copy_(old)

@@ -12,7 +12,7 @@ from llama import Llama, Tokenizer
 from llama.graphs import GraphedDecoder
 from llama.linear import Fused, PackedFused
 from llama.research import replaced
-from llama.model import (Attention, FeedForward, ModelArgs, RMSNorm, TransformerBlock, apply_rotary_emb,
+from llama.model import (Attention, FeedForward, ModelArgs, RMSNorm, Transformer, TransformerBlock, apply_rotary_emb,
                          precompute_freqs_cis, repeat_kv, reshape_for_broadcast)
 
 from conftest import GQA, VOCAB
@@ -88,15 +88,18 @@ def test_a_hook_that_edits_a_blocks_output_steers_generation(gqa):
 
 
 def test_a_ragged_batch_with_hooks_generates_as_without(gqa):
-    """Meta's way (each block and norm called) and the fused one give the same ragged batch, prompts of three
-    lengths prefilled a group at a time after their padding, then decoded together."""
+    """Meta's way (each block and norm called) and the fused one give the same ragged batch. With hooks the
+    prompts go in turns of one length, so that every call gives the hook Meta's arguments: an int start_pos
+    (hook code adds it to a length), freqs_cis and the mask."""
     g, _ = gqa
     prompts = [prompt(3, 1), prompt(11, 2), prompt(7, 3)]
     fused = g.generate(prompts, 10, temperature=0, logprobs=True)
     calls = []
-    with registered(g.model.layers[1].register_forward_hook(lambda module, args, out: calls.append(out.shape[:2]))):
+    with registered(g.model.layers[1].register_forward_hook(
+            lambda module, args, out: calls.append((args[1] + out.shape[1], tuple(out.shape[:2]))))):
         plain = g.generate(prompts, 10, temperature=0, logprobs=True)
-    assert plain[0] == fused[0] and calls[:3] == [(1, 11), (1, 7), (1, 3)]  # the prefills, longest first
+    assert plain[0] == fused[0] and [shape for end, shape in calls if shape[1] > 1] == [(1, 3), (1, 11), (1, 7)]
+    assert [end for end, _ in calls[:10]] == list(range(3, 13))  # the first prompt, then 9 of its 10 new tokens
     for a, b in zip(plain[1], fused[1]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
 
@@ -322,6 +325,27 @@ def test_forwards_replaced_with_metas_code_get_metas_arguments(gqa, monkeypatch)
     assert g.model.layers[0].saved.shape == (1, 1, GQA["dim"])  # the last step's, the 3-token prompt's turn
     monkeypatch.undo()
     assert not replaced(g.model.replaceable_modules()) and g.generate(prompts, 6, temperature=0) == (want, None)
+
+
+def test_an_attention_put_in_place_and_a_transformer_forward_of_metas_signature(gqa, monkeypatch):
+    """Research code swaps in a new Attention(args) with the layer's weights (its cache made on first use), and
+    puts Meta's Transformer.forward(tokens, start_pos) in place of the model's: generation gives the tokens and
+    log-probabilities of the model as it is."""
+    g, _ = gqa
+    prompts = [prompt(n, seed=n) for n in (5, 9, 5)]
+    want, want_probs = g.generate(prompts, 6, temperature=0, logprobs=True)
+    layer = g.model.layers[0]  # whose cache the model's checks read
+    own = layer.attention
+    layer.attention = Attention(g.model.params)  # (not by monkeypatch, whose undo unregisters a submodule)
+    try:
+        layer.attention.load_state_dict(own.state_dict(), assign=True)
+        assert g.generate(prompts, 6, temperature=0) == (want, None)
+    finally:
+        layer.attention = own
+    monkeypatch.setattr(Transformer, "forward", torch.inference_mode()(metas_forward))
+    got, got_probs = g.generate(prompts, 6, temperature=0, logprobs=True)
+    assert got == want
+    torch.testing.assert_close(torch.tensor(got_probs), torch.tensor(want_probs), rtol=1e-4, atol=1e-4)
 
 
 def test_replaced_tells_a_module_of_another_class_or_forward():
