@@ -681,7 +681,7 @@ class Transformer(nn.Module):
     def runs_metas_way(self) -> bool:
         """Whether a pass must call each block and norm as Meta's forward does (not ``TransformerBlock.residuals``),
         and attention with Meta's arguments: while a hook waits on a block, norm, attention or feed-forward, or
-        research code has replaced the forward of one (``llama.linear.replaced``)."""
+        research code has replaced the forward of one (``llama.research.replaced``)."""
         modules = self.replaceable_modules()
         return hooked(modules) or replaced(modules)
 
