@@ -285,10 +285,11 @@ class Llama:
 
     def _row_groups(self, prompt_tokens: List[List[int]]) -> Iterator[List[int]]:
         """The prompts continued together, as indices: max_batch_size at a time (the KV cache's rows), in the order
-        given; where research code has hooked or replaced a forward of the model or of its blocks, norms,
-        attention or feed-forward (``Transformer.runs_metas_way``), grouped by length first: those take Meta's
-        arguments, which can't say that a row is left-padded."""
-        by_length = self.model.runs_metas_way() or replaced([self.model])
+        given; where research code has replaced a forward of the model or of its blocks, norms, attention or
+        feed-forward (``llama.research.replaced``), grouped by length first: those take Meta's arguments, which
+        can't say that a row is left-padded. (Hooks don't group them: a batch of many lengths would take as many
+        turns, slower than Meta's code; they get the engine's Window in a ragged batch's passes.)"""
+        by_length = replaced(self.model.replaceable_modules()) or replaced([self.model])
         groups: Dict[int, List[int]] = {}
         for i, p in enumerate(prompt_tokens):
             groups.setdefault(len(p) if by_length else 0, []).append(i)

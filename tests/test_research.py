@@ -88,18 +88,20 @@ def test_a_hook_that_edits_a_blocks_output_steers_generation(gqa):
 
 
 def test_a_ragged_batch_with_hooks_generates_as_without(gqa):
-    """Meta's way (each block and norm called) and the fused one give the same ragged batch. With hooks the
-    prompts go in turns of one length, so that every call gives the hook Meta's arguments: an int start_pos
-    (hook code adds it to a length), freqs_cis and the mask."""
+    """Meta's way (each block and norm called) and the fused one give the same ragged batch, prompts of three
+    lengths prefilled a group at a time after their padding, then decoded together. A pass that Meta's code
+    could make (one prompt, from cache row 0) gives the hook Meta's arguments: an int start_pos."""
     g, _ = gqa
     prompts = [prompt(3, 1), prompt(11, 2), prompt(7, 3)]
     fused = g.generate(prompts, 10, temperature=0, logprobs=True)
     calls = []
-    with registered(g.model.layers[1].register_forward_hook(
-            lambda module, args, out: calls.append((args[1] + out.shape[1], tuple(out.shape[:2]))))):
+    with registered(g.model.layers[1].register_forward_hook(lambda module, args, out: calls.append(out.shape[:2]))):
         plain = g.generate(prompts, 10, temperature=0, logprobs=True)
-    assert plain[0] == fused[0] and [shape for end, shape in calls if shape[1] > 1] == [(1, 3), (1, 11), (1, 7)]
-    assert [end for end, _ in calls[:10]] == list(range(3, 13))  # the first prompt, then 9 of its 10 new tokens
+    assert plain[0] == fused[0] and calls[:3] == [(1, 11), (1, 7), (1, 3)]  # the prefills, longest first
+    starts = []
+    with registered(g.model.layers[1].register_forward_hook(lambda module, args, out: starts.append(args[1]))):
+        g.generate(prompts[:1], 3, temperature=0)
+    assert starts == [0, 3, 4]
     for a, b in zip(plain[1], fused[1]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
 
