@@ -289,7 +289,7 @@ class Llama:
         feed-forward (``llama.research.replaced``), grouped by length first: those take Meta's arguments, which
         can't say that a row is left-padded. (Hooks don't group them: a batch of many lengths would take as many
         turns, slower than Meta's code; they get the engine's Window in a ragged batch's passes.)"""
-        by_length = replaced(self.model.replaceable_modules()) or replaced([self.model])
+        by_length = replaced([self.model, *self.model.replaceable_modules()])
         groups: Dict[int, List[int]] = {}
         for i, p in enumerate(prompt_tokens):
             groups.setdefault(len(p) if by_length else 0, []).append(i)
@@ -452,8 +452,8 @@ class Llama:
         model since (no other generation, forward pass or new cache, no weight replaced or edited in place or
         through ``.data``, no hook added or removed), the prompt's tokens that the cache holds from that call (a
         chat's earlier turns and the answer it gave) are not computed again: only the rest of the prompt is
-        prefilled. The text is then the same up to rounding (the cached keys and
-        values were computed in other passes), not bit for bit."""
+        prefilled. The text is then the same up to rounding (the cached keys and values were computed in other
+        passes), not bit for bit."""
         if isinstance(prompt, str):
             ids, stop = self.tokenizer.encode(prompt, bos=True, eos=False), self.tokenizer.stop_tokens
         else:
