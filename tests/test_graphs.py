@@ -1,12 +1,16 @@
 """Decoding with shapes that don't depend on the position (Transformer.decode) and its CUDA graphs
-(llama.graphs), against the float64 reference. The CUDA tests run only where torch sees a GPU."""
+(llama.graphs), against the float64 reference. The graph tests run on the CPU with a stand-in for CUDA graphs
+that replays the aten operations a capture recorded (graph_replay.py), and on a GPU where torch sees one."""
 
 import pytest
 import torch
 
+import graph_replay
 import llama.graphs
+import llama.kernels
 from llama import Llama
 from llama.checkpoint import Checkpoint
+from llama.graphs import GraphedDecoder
 from llama.model import add_rms_norm
 
 from conftest import GQA, MHA, VOCAB
@@ -14,6 +18,29 @@ from reference import logits as reference_logits
 from test_model import build_model, prompt
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=cuda)])
+def device(request, monkeypatch) -> str:
+    """Where graphs are captured: a GPU's, or the CPU's stand-in, with the C kernels off (a replay can't see
+    them) as they are on a GPU."""
+    if request.param == "cpu":
+        graph_replay.install(monkeypatch)
+        monkeypatch.setattr(llama.kernels, "library", lambda: None)
+    return request.param
+
+
+def build(ckpt, tokenizer_path, max_seq_len: int, max_batch_size: int, device: str, graphs: bool = True) -> Llama:
+    """A float32 Llama decoding from graphs (or not): on a GPU as Llama.build makes it; on the CPU, where
+    Llama.build refuses cuda_graphs, with its weights unpacked (packed products are C kernels) and a decoder of
+    its own."""
+    if device == "cuda":
+        return Llama.build(ckpt, tokenizer_path, max_seq_len, max_batch_size, device="cuda", dtype="float32",
+                           cuda_graphs=graphs)
+    g = Llama.build(ckpt, tokenizer_path, max_seq_len, max_batch_size, device="cpu", dtype="float32",
+                    pack_weights=False)
+    g.decoder = GraphedDecoder(g.model) if graphs else None
+    return g
 
 
 def fill_cache_with_noise(model) -> None:
@@ -70,17 +97,16 @@ def test_compiled_elementwise_kernels_match_reference(make_ckpt):
         torch.testing.assert_close(logits[0].double(), want[-1], rtol=1e-4, atol=1e-4)
 
 
-@cuda
 @pytest.mark.parametrize("params", [MHA, GQA], ids=["mha", "gqa"])
-def test_graphed_steps_match_reference_across_buckets(make_ckpt, tokenizer_path, monkeypatch, params):
+def test_graphed_steps_match_reference_across_buckets(make_ckpt, tokenizer_path, monkeypatch, params, device):
     monkeypatch.setattr(llama.graphs, "BUCKET", 8)  # steps 12..29 cross three buckets
     ckpt, state = make_ckpt(params)
-    g = Llama.build(ckpt, tokenizer_path, max_seq_len=40, max_batch_size=2, device="cuda", dtype="float32")
+    g = build(ckpt, tokenizer_path, 40, 2, device)
     assert g.decoder is not None  # on by default on a GPU
     fill_cache_with_noise(g.model)
     rows = [prompt(5, 3), prompt(12, 4)]
-    pad = torch.tensor([7, 0], device="cuda")
-    g.model.forward(torch.tensor([[0] * 7 + rows[0], rows[1]], device="cuda"), 0, left_pad=pad)
+    pad = torch.tensor([7, 0], device=device)
+    g.model.forward(torch.tensor([[0] * 7 + rows[0], rows[1]], device=device), 0, left_pad=pad)
     for pos in range(12, 30):
         if pos == 21:  # a cache allocated anew: the graphs are captured again, on the new addresses
             old = [(layer.attention.cache_k, layer.attention.cache_v) for layer in g.model.layers]
@@ -89,7 +115,7 @@ def test_graphed_steps_match_reference_across_buckets(make_ckpt, tokenizer_path,
                 layer.attention.cache_k.copy_(k)
                 layer.attention.cache_v.copy_(v)
         nxt = [pos * 7 % VOCAB, pos * 13 % VOCAB]
-        got = g.decode_step(torch.tensor([[t] for t in nxt], device="cuda"), pos, pad)
+        got = g.decode_step(torch.tensor([[t] for t in nxt], device=device), pos, pad)
         for row, t, logits in zip(rows, nxt, got.cpu()):
             row.append(t)
             want = reference_logits(state, {**params, "vocab_size": VOCAB}, row)[-1]
@@ -97,27 +123,34 @@ def test_graphed_steps_match_reference_across_buckets(make_ckpt, tokenizer_path,
     assert {keys for _, keys in g.decoder.graphs} == {24, 32}  # captured again after the new cache
 
 
-@cuda
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager_kernels", "compiled_kernels"])
-def test_graphed_generation_equals_eager(make_ckpt, tokenizer_path, compiled):
+def test_graphed_generation_equals_eager(make_ckpt, tokenizer_path, device):
     ckpt, _ = make_ckpt(GQA)
-    runs = [Llama.build(ckpt, tokenizer_path, 64, 3, device="cuda", dtype="float32", cuda_graphs=graphs,
-                        compile_elementwise=compiled and graphs) for graphs in (True, False)]
+    runs = [build(ckpt, tokenizer_path, 64, 3, device, graphs) for graphs in (True, False)]
+    assert_same_generations(*runs)
+
+
+@cuda
+def test_graphed_generation_with_compiled_kernels_equals_eager(make_ckpt, tokenizer_path):
+    ckpt, _ = make_ckpt(GQA)
+    assert_same_generations(*(Llama.build(ckpt, tokenizer_path, 64, 3, device="cuda", dtype="float32",
+                                          cuda_graphs=graphs, compile_elementwise=graphs) for graphs in (True, False)))
+
+
+def assert_same_generations(graphed: Llama, eager: Llama) -> None:
     prompts = [prompt(3, 5), prompt(17, 6), prompt(9, 7)]
     (graphed, graphed_logprobs), (eager, eager_logprobs) = (g.generate(prompts, 40, temperature=0, logprobs=True)
-                                                            for g in runs)
+                                                            for g in (graphed, eager))
     assert graphed == eager and sum(map(len, graphed)) > 60
     for a, b in zip(graphed_logprobs, eager_logprobs):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-4)
 
 
-@cuda
-def test_ragged_generation_on_a_gpu_matches_reference(make_ckpt, tokenizer_path):
+def test_ragged_graphed_generation_matches_reference(make_ckpt, tokenizer_path, device):
     """A ragged batch on the GPU, over a cache full of noise: each group of shorter prompts prefilled after its
     padding (attention over its own keys, causal), then graphed steps. Every returned token's log-probability
     must be the float64 reference's for that row alone, and the greedy token its argmax."""
     ckpt, state = make_ckpt(GQA)
-    g = Llama.build(ckpt, tokenizer_path, 48, 3, device="cuda", dtype="float32")
+    g = build(ckpt, tokenizer_path, 48, 3, device)
     fill_cache_with_noise(g.model)
     prompts = [prompt(4, 8), prompt(15, 9), prompt(9, 10)]
     tokens, logprobs = g.generate(prompts, 10, temperature=0, logprobs=True)
@@ -129,21 +162,20 @@ def test_ragged_generation_on_a_gpu_matches_reference(make_ckpt, tokenizer_path)
                                    rtol=1e-3, atol=1e-3)
 
 
-@cuda
-def test_graphed_steps_give_way_to_hooks_and_come_back(make_ckpt, tokenizer_path):
+def test_graphed_steps_give_way_to_hooks_and_come_back(make_ckpt, tokenizer_path, device):
     """A hook added after graphs were captured runs at each step (the steps eager while it is there), and once
     removed the graphs replay again, without it; every step's logits the reference's."""
     ckpt, state = make_ckpt(GQA)
-    g = Llama.build(ckpt, tokenizer_path, 32, 1, device="cuda", dtype="float32")
+    g = build(ckpt, tokenizer_path, 32, 1, device)
     tokens, calls = prompt(8, 11), []
-    g.model.forward(torch.tensor([tokens], device="cuda"), 0)
+    g.model.forward(torch.tensor([tokens], device=device), 0)
     for pos in range(8, 14):
         t = pos * 5 % VOCAB
         if pos == 10:
             handle = g.model.layers[0].register_forward_hook(lambda module, args, out: calls.append(out.shape))
         if pos == 12:
             handle.remove()
-        logits = g.decode_step(torch.tensor([[t]], device="cuda"), pos)
+        logits = g.decode_step(torch.tensor([[t]], device=device), pos)
         tokens.append(t)
         want = reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens)[-1]
         torch.testing.assert_close(logits[0, -1].double().cpu(), want, rtol=1e-3, atol=1e-3)
