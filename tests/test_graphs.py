@@ -162,19 +162,24 @@ def test_ragged_graphed_generation_matches_reference(make_ckpt, tokenizer_path, 
                                    rtol=1e-3, atol=1e-3)
 
 
-def test_graphed_steps_give_way_to_hooks_and_come_back(make_ckpt, tokenizer_path, device):
-    """A hook added after graphs were captured runs at each step (the steps eager while it is there), and once
-    removed the graphs replay again, without it; every step's logits the reference's."""
+@pytest.mark.parametrize("way", ["hook", "forward"])
+def test_graphed_steps_give_way_to_hooks_and_replaced_forwards_and_come_back(make_ckpt, tokenizer_path, device, way):
+    """A hook added after graphs were captured, or a forward of research code's put on a module, runs at each
+    step (the steps eager while it is there), and once removed the graphs replay again, without it; every
+    step's logits the reference's."""
     ckpt, state = make_ckpt(GQA)
     g = build(ckpt, tokenizer_path, 32, 1, device)
     tokens, calls = prompt(8, 11), []
     g.model.forward(torch.tensor([tokens], device=device), 0)
+    ffn = g.model.layers[0].feed_forward
     for pos in range(8, 14):
         t = pos * 5 % VOCAB
-        if pos == 10:
-            handle = g.model.layers[0].register_forward_hook(lambda module, args, out: calls.append(out.shape))
+        if pos == 10 and way == "hook":
+            handle = ffn.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+        elif pos == 10:
+            ffn.forward = lambda x, own=ffn.forward: calls.append(x.shape) or own(x)
         if pos == 12:
-            handle.remove()
+            handle.remove() if way == "hook" else delattr(ffn, "forward")
         logits = g.decode_step(torch.tensor([[t]], device=device), pos)
         tokens.append(t)
         want = reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens)[-1]
