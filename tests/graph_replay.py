@@ -8,16 +8,20 @@ the tensors the capture returned. So a step that would replay wrongly on a GPU (
 fixed at capture that should follow the position) replays wrongly here too. An operation that makes the host
 wait for the device (``.item()``, a data-dependent shape), which a real capture refuses, fails here as well.
 
-Work that torch's dispatcher doesn't see is not recorded: run it with the C kernels off (``LLAMA_KERNELS=0``)
-and unpacked weights, as on a GPU, or the replay's results are stale and the tests comparing them fail.
+Work that torch's dispatcher doesn't see is not recorded: ``ReplayedDecoder`` turns the C kernels off while it
+runs, as they are on a GPU; weights packed for them (bf16 ones, ``pack_weights``) would replay stale results.
 """
 
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, List, Tuple
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+import llama.kernels
+from llama.graphs import GraphedDecoder
 
 # What would wait for the device in a capture: a value read back to the host, or an output whose shape is data.
 # (Under inference_mode, as in Transformer.decode, .item() reaches the mode as aten.item, not decomposed.)
@@ -70,8 +74,14 @@ class _Stream:
         pass
 
 
-def install(monkeypatch) -> None:
-    """Put the stand-in where llama.graphs looks for torch.cuda's graphs and streams."""
-    for name, value in {"CUDAGraph": Graph, "graph": graph, "Stream": _Stream, "current_stream": _Stream,
-                        "stream": lambda s: nullcontext(), "graph_pool_handle": object}.items():
-        monkeypatch.setattr(torch.cuda, name, value)
+class ReplayedDecoder(GraphedDecoder):
+    """llama.graphs' GraphedDecoder on the CPU: torch.cuda's graphs and streams are this module's, and the C
+    kernels off, while it runs."""
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in {"CUDAGraph": Graph, "graph": graph, "Stream": _Stream, "current_stream": _Stream,
+                                "stream": lambda s: nullcontext(), "graph_pool_handle": object}.items():
+                patch.setattr(torch.cuda, name, value)
+            patch.setattr(llama.kernels, "library", lambda: None)
+            return super().__call__(*args, **kwargs)

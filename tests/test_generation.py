@@ -7,14 +7,19 @@ from llama import Llama
 from llama.chat import UNSAFE_ERROR
 
 from conftest import CODE, GQA, MHA, VOCAB
+from graph_replay import ReplayedDecoder
 from reference import greedy
 from reference import logits as reference_logits
 
 
-@pytest.fixture(scope="module")
-def gqa(make_ckpt, tokenizer_path):
+@pytest.fixture(scope="module", params=["eager", "graphs"])
+def gqa(request, make_ckpt, tokenizer_path):
+    """A generator and its weights; decoding eagerly, or from CUDA graphs as on a GPU (here graph_replay's)."""
     ckpt, state = make_ckpt(GQA)
-    return Llama.build(ckpt, tokenizer_path, max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32"), state
+    g = Llama.build(ckpt, tokenizer_path, max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32")
+    if request.param == "graphs":
+        g.decoder = ReplayedDecoder(g.model)
+    return g, state
 
 
 PARAMS = {**GQA, "vocab_size": VOCAB}
@@ -72,6 +77,7 @@ def test_ragged_batch_equals_each_prompt_alone(gqa):
         alone, _ = g.generate([p], max_gen_len=8, temperature=0)
         assert row == alone[0]
         assert len(row) == 8  # a random model emitting EOS this early would make the test vacuous
+    assert g.decoder is None or {rows for rows, _ in g.decoder.graphs} == {1, 3}  # the steps were replays
 
 
 def test_more_prompts_than_max_batch_size_go_in_turns(gqa):

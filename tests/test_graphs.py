@@ -7,10 +7,8 @@ import torch
 
 import graph_replay
 import llama.graphs
-import llama.kernels
 from llama import Llama
 from llama.checkpoint import Checkpoint
-from llama.graphs import GraphedDecoder
 from llama.model import add_rms_norm
 
 from conftest import GQA, MHA, VOCAB
@@ -21,25 +19,19 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=cuda)])
-def device(request, monkeypatch) -> str:
-    """Where graphs are captured: a GPU's, or the CPU's stand-in, with the C kernels off (a replay can't see
-    them) as they are on a GPU."""
-    if request.param == "cpu":
-        graph_replay.install(monkeypatch)
-        monkeypatch.setattr(llama.kernels, "library", lambda: None)
+def device(request) -> str:
+    """Where graphs are captured: a GPU, or the CPU, on graph_replay's stand-in for CUDA graphs."""
     return request.param
 
 
 def build(ckpt, tokenizer_path, max_seq_len: int, max_batch_size: int, device: str, graphs: bool = True) -> Llama:
     """A float32 Llama decoding from graphs (or not): on a GPU as Llama.build makes it; on the CPU, where
-    Llama.build refuses cuda_graphs, with its weights unpacked (packed products are C kernels) and a decoder of
-    its own."""
+    Llama.build refuses cuda_graphs, with graph_replay's decoder."""
     if device == "cuda":
         return Llama.build(ckpt, tokenizer_path, max_seq_len, max_batch_size, device="cuda", dtype="float32",
                            cuda_graphs=graphs)
-    g = Llama.build(ckpt, tokenizer_path, max_seq_len, max_batch_size, device="cpu", dtype="float32",
-                    pack_weights=False)
-    g.decoder = GraphedDecoder(g.model) if graphs else None
+    g = Llama.build(ckpt, tokenizer_path, max_seq_len, max_batch_size, device="cpu", dtype="float32")
+    g.decoder = graph_replay.ReplayedDecoder(g.model) if graphs else None
     return g
 
 

@@ -14,15 +14,20 @@ from llama.chat import UNSAFE_ERROR
 from llama.checkpoint import random_checkpoint
 
 from conftest import GQA, VOCAB, run_cmd, torchrun
+from graph_replay import ReplayedDecoder
 from reference import greedy
 from test_demo import DEMO
 from test_llama3 import LLAMA3, LLAMA3_TOKENIZER
 
 
-@pytest.fixture(scope="module")
-def llama2(make_ckpt, tokenizer_path):
+@pytest.fixture(scope="module", params=["eager", "graphs"])
+def llama2(request, make_ckpt, tokenizer_path):
+    """A generator and its weights; decoding eagerly, or from CUDA graphs as on a GPU (here graph_replay's)."""
     ckpt, state = make_ckpt(GQA)
-    return Llama.build(ckpt, tokenizer_path, max_seq_len=96, max_batch_size=2, device="cpu", dtype="float32"), state
+    g = Llama.build(ckpt, tokenizer_path, max_seq_len=96, max_batch_size=2, device="cpu", dtype="float32")
+    if request.param == "graphs":
+        g.decoder = ReplayedDecoder(g.model)
+    return g, state
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +47,18 @@ def streamed_and_whole(g: Llama, prompt, seed: int, **kwargs):
     return pieces, g.chat_completion([prompt], **kwargs)[0]["generation"]["content"]
 
 
-@pytest.mark.parametrize("kind, seeds, length", [("llama2", 6, 60), ("llama3", 3, 40)])
-def test_pieces_join_to_the_whole_text(request, kind, seeds, length):
+def test_pieces_join_to_the_whole_text(llama2):
+    assert_pieces_join_to_the_whole_text(llama2[0], seeds=6, length=60)
+
+
+def test_llama3_pieces_join_to_the_whole_text(llama3):
+    assert_pieces_join_to_the_whole_text(llama3, seeds=3, length=40)
+
+
+def assert_pieces_join_to_the_whole_text(g: Llama, seeds: int, length: int) -> None:
     """Sampled hot from a random model, the tokens are all over the vocabulary, many of them parts of a
     character: the pieces still join to the whole text, and no piece but the last ends in a partial character
     (U+FFFD), which waits for the tokens that complete it."""
-    g = request.getfixturevalue(kind)
-    g = g[0] if kind == "llama2" else g
     waited = 0
     for seed in range(seeds):
         args = dict(temperature=1.5, top_p=1.0, max_gen_len=length)
