@@ -9,7 +9,8 @@ fixed at capture that should follow the position) replays wrongly here too. An o
 wait for the device (``.item()``, a data-dependent shape), which a real capture refuses, fails here as well.
 
 Work that torch's dispatcher doesn't see is not recorded: ``ReplayedDecoder`` turns the C kernels off while it
-runs, as they are on a GPU; weights packed for them (bf16 ones, ``pack_weights``) would replay stale results.
+runs, as they are on a GPU. Weights packed for their products can't be used then: give it float32 weights (not
+packed) or a model built with ``pack_weights=False``.
 """
 
 from contextlib import contextmanager, nullcontext
