@@ -242,20 +242,27 @@ class Fused:
     concatenated tensor: one product for all of them. On a GPU that is fewer kernels, each closer to the
     bandwidth (a graphed decoding step of the 7b shape on an H100: 8.08 ms unfused, 6.79 ms fused). The layers keep
     their own weights, names and state_dict entries. Where any layer's weight is no longer the view made here
-    (replaced, or moved with ``.to``), or with autograd, each layer computes alone."""
+    (replaced, or moved with ``.to``), the concatenation is freed and each layer computes alone, as it does with
+    autograd. (``Transformer.setup_cache`` fuses moved weights again.)"""
 
     def __init__(self, *layers: ColumnParallelLinear):
         self.layers = layers
-        self.weight = torch.cat([layer.weight.detach() for layer in layers])
+        self.weight: Optional[torch.Tensor] = torch.cat([layer.weight.detach() for layer in layers])
         self.sizes = [layer.weight.shape[0] for layer in layers]
         for layer, part in zip(layers, self.weight.split(self.sizes)):
             layer.weight = WatchedParameter(part, requires_grad=layer.weight.requires_grad)
         self.views = [layer.weight.data_ptr() for layer in layers]
 
+    def valid(self) -> bool:
+        """Whether the layers' weights are still views of the concatenation (freed where they are not: after
+        ``.half()`` on a GPU it would hold two thirds of the old weights)."""
+        if self.weight is not None and [layer.weight.data_ptr() for layer in self.layers] != self.views:
+            self.weight = None
+        return self.weight is not None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The layers' outputs, concatenated on the last dimension."""
-        if (torch.is_grad_enabled() or [layer.weight.data_ptr() for layer in self.layers] != self.views
-                or hooked(self.layers) or replaced(self.layers)):
+        if not self.valid() or torch.is_grad_enabled() or hooked(self.layers) or replaced(self.layers):
             return torch.cat([layer(x) for layer in self.layers], dim=-1)
         return linear(x, self.weight)
 

@@ -474,6 +474,10 @@ class Transformer(nn.Module):
         weight = self.output.weight
         self.compute_dtype = compute_dtype or compute_dtype_for(weight.dtype, weight.device)
         watch(self)  # edits through .data seen by packed copies (pack_weights) and stream's kept cache
+        for owner, name, members in self._fusable():  # weights fused, then moved or converted by .to(): again
+            fused = getattr(owner, name)
+            if isinstance(fused, Fused) and not fused.valid():
+                setattr(owner, name, Fused(*members))
         self.cache_made_for = (weight.device, weight.dtype)
         self.runs += 1
         for layer in self.layers:

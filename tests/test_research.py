@@ -4,6 +4,8 @@ read or edit activations) and its helper functions, against the float64 referenc
 import types
 from contextlib import contextmanager
 
+import weakref
+
 import pytest
 import torch
 from torch.nn.modules.module import register_module_forward_hook
@@ -150,6 +152,21 @@ def test_hooks_on_fused_layers_see_their_own_products(make_ckpt, tokenizer_path,
     assert (seen["wk"][0][0] - normed).abs().max() <= tol * normed.abs().max()
     assert (hooked - before).abs().max() <= tol * before.abs().max()
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_fused_weights_converted_by_to_are_let_go_of_and_fused_again(make_ckpt, tokenizer_path):
+    """``.to(dtype)`` after fusing (``.half()`` on a GPU) gives each layer a weight of its own: each group's old
+    concatenation is freed, not held beside them, and the next pass fuses the converted weights again."""
+    model, state, _, _ = fused_model(make_ckpt, tokenizer_path, "concatenated")
+    old = weakref.ref(model.layers[0].attention.wqkv.weight)
+    model.to(torch.float64)
+    tokens = torch.tensor([prompt(12)])
+    got = model.forward(tokens, 0)[0]
+    assert old() is None
+    groups = [group for layer in model.layers for group in (layer.attention.wqkv, layer.feed_forward.w13)]
+    assert all(isinstance(g, Fused) and g.valid() and g.weight.dtype == torch.float64 for g in groups)
+    want = reference_logits({k: v.double() for k, v in state.items()}, PARAMS, tokens[0].tolist())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("way", ["concatenated", "packed"])
