@@ -63,8 +63,8 @@ def pick_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> to
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}: use one of bfloat16, float16, float32")
         return DTYPES[dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # bf16 where the GPU computes in it (Ampere on); emulated (a T4, a V100) it is slow
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if torch.backends.cpu.get_cpu_capability().startswith("AVX") else torch.float32
 
 

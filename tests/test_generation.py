@@ -43,6 +43,15 @@ def test_default_dtype_is_picked_for_the_machine(make_ckpt, tokenizer_path):
     assert g.model.compute_dtype == want and g.model.layers[0].attention.cache_k.dtype == want
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["ampere_on", "t4_v100"])
+def test_default_dtype_on_a_gpu_is_bf16_only_where_it_computes_in_it(monkeypatch, native):
+    """A T4 or V100 can hold bf16 tensors (torch.cuda.is_bf16_supported() says True there by default), but its
+    bf16 arithmetic is emulated: float16 there."""
+    from llama.generation import pick_dtype
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    assert pick_dtype(None, torch.device("cuda")) == (torch.bfloat16 if native else torch.float16)
+
+
 @pytest.mark.parametrize("convert_bytes", [8 << 20, 1000], ids=["whole_weight", "blocks_of_a_few_rows"])
 def test_bf16_weights_with_float32_compute_match_reference(make_ckpt, tokenizer_path, monkeypatch, convert_bytes):
     import llama.linear
