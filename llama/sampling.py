@@ -10,7 +10,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float,
     """Next token per row of ``logits`` (batch, vocab), as a (batch,) long tensor."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    # Less the row's largest first: at a tiny temperature logits / temperature would overflow to inf, and the
+    # softmax of inf is NaN (on a GPU, a device-side assert in multinomial that ends the process).
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     return sample_top_p(probs, top_p, generator).squeeze(-1)
 
 

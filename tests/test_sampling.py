@@ -31,6 +31,13 @@ def test_temperature_flattens_the_distribution():
         assert torch.allclose(counts, want, atol=0.02)
 
 
+def test_a_tiny_temperature_picks_the_most_likely_token():
+    """Logits of 30 divided by 1e-37 overflow float32: the draw must still be the argmax, not fail on NaN."""
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(2)) * 10 + 20
+    for top_p in (0.9, 1.0):
+        assert torch.equal(sample(logits, 1e-37, top_p, torch.Generator().manual_seed(0)), logits.argmax(-1))
+
+
 def nucleus(probs: torch.Tensor, p: float) -> torch.Tensor:
     """The reference's set, in float64: tokens by falling probability, kept while the mass before them is at
     most p."""
