@@ -38,7 +38,13 @@ def pick_device(device: Union[str, torch.device, None]) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU: pass device='cpu' (--device cpu)")
         if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            local, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+            if local > gpus:  # nccl would refuse two ranks on one GPU, in a collective, with its own words
+                raise ValueError(f"{local} processes on this machine, but torch sees {gpus} GPU(s) here: each "
+                                 f"process needs one of its own. Launch at most {gpus} a machine (torchrun "
+                                 f"--nproc_per_node {gpus}: a checkpoint of more shards loads on fewer processes), "
+                                 "or compute on the CPU (--device cpu)")
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     return device
 

@@ -117,9 +117,11 @@ def run_cmd(args, timeout=180, env=None, **kwargs) -> subprocess.CompletedProces
 
 
 def _unlaunched_env() -> dict:
-    """This environment without a launcher's variables: a child starts unlaunched, or under its own torchrun."""
-    return {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
+    """This environment without a launcher's variables: a child starts unlaunched, or under its own torchrun.
+    And with no GPU to see: the programs the tests run are CPU runs (on one GPU, two processes would share it)."""
+    return {**{k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")},
+            "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _torchrun_exe() -> str:
@@ -152,6 +154,14 @@ def torchrun_machines(*args_per_machine, timeout=120) -> List[subprocess.Complet
             out.seek(0), err.seek(0)
             done.append(subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read()))
         return done
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_gpu(request, monkeypatch):
+    """The tests compute on the CPU where a GPU is present too (the engine's defaults would pick it), except
+    those marked gpu."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ from conftest import GQA, MHA, VOCAB
 from reference import logits as reference_logits
 from test_model import build_model, prompt
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu])])
 def device(request) -> str:
     """Where graphs are captured: a GPU, or the CPU, on graph_replay's stand-in for CUDA graphs."""
     return request.param
@@ -121,7 +121,8 @@ def test_graphed_generation_equals_eager(make_ckpt, tokenizer_path, device):
     assert_same_generations(*runs)
 
 
-@cuda
+@pytest.mark.gpu
+@needs_gpu
 def test_graphed_generation_with_compiled_kernels_equals_eager(make_ckpt, tokenizer_path):
     ckpt, _ = make_ckpt(GQA)
     assert_same_generations(*(Llama.build(ckpt, tokenizer_path, 64, 3, device="cuda", dtype="float32",

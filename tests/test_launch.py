@@ -5,6 +5,9 @@ import re
 import sys
 
 import pytest
+import torch
+
+from llama import distributed
 
 from conftest import GQA, VOCAB, run_cmd, torchrun, torchrun_machines
 from reference import greedy
@@ -187,3 +190,16 @@ torch.save(model.forward(torch.tensor([[1, 5, 9, 200]]), 0)[0], {str(tmp_path / 
     got = torch.load(tmp_path / "logits.pt", weights_only=True).double()
     want = logits(state, {**GQA, "vocab_size": VOCAB}, [1, 5, 9, 200])
     assert got.shape == want.shape == (4, VOCAB) and (got - want).abs().max() < 1e-3 * want.abs().max()
+
+
+def test_more_processes_on_a_machine_than_its_gpus_is_a_clear_error(monkeypatch):
+    """Two processes on a one-GPU machine: before the process group (nccl would fail in its first collective,
+    refusing two ranks on one GPU), every rank says so, and how to launch instead."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(ValueError, match=r"2 processes on this machine, but torch sees 1 GPU\(s\).*"
+                                             r"--nproc_per_node 1.*--device cpu"):
+            distributed.pick_device(None)
