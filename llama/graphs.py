@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .research import hook_dicts, replaced
+from .research import hook_dicts, module_sets, replaced
 from .model import Transformer
 
 BUCKET = 256  # cache positions per captured graph: at most this many more read per step than needed
@@ -24,10 +24,11 @@ class GraphedDecoder:
     last_only=True)`` does, for one token per row in cache rows 0..batch, from a replayed CUDA graph.
 
     The graphs hold the addresses of the model's weights and KV cache: a cache allocated anew (``setup_cache``)
-    is noticed and the graphs captured again; weights replaced by other tensors after the first step are not
-    (edit them in place, or make a new decoder). Forward hooks, and forwards that research code has put in
-    place of a block's, attention's, feed-forward's or norm's, would not run in a replay: while there are any,
-    steps run eagerly (``model.forward``), calling them.
+    or a module put in the place of another (a wrapper around a layer, say) is noticed and the graphs captured
+    again; weights replaced by other tensors after the first step are not (edit them in place, or make a new
+    decoder). Forward hooks, and forwards that research code has put in place of a block's, attention's,
+    feed-forward's or norm's, would not run in a replay: while there are any, steps run eagerly
+    (``model.forward``), calling them.
     """
 
     def __init__(self, model: Transformer, compile_elementwise: bool = False):
@@ -38,13 +39,17 @@ class GraphedDecoder:
         self.graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (batch, keys) -> ...
         self.cache: Optional[torch.Tensor] = None
         # The hooks' dicts, checked at every step: checking them costs a few microseconds where walking all the
-        # modules costs tens, out of a 5 ms step. (Checking for replaced forwards walks five modules a layer:
-        # 20 us for a 7B model on a slow CPU.)
+        # modules costs hundreds, out of a 5 ms step; walked again only when a module has been set anywhere.
+        # (Checking for replaced forwards walks five modules a layer: 20 us for a 7B model on a slow CPU.)
+        self.module_sets = module_sets()
         self.hooks = hook_dicts(model.modules())
 
     def __call__(self, tokens: torch.Tensor, pos: int, left_pad: Optional[torch.Tensor] = None) -> torch.Tensor:
         if tokens.shape[1] != 1:
             raise ValueError(f"a decoding step takes one token per row; got tokens of shape {tuple(tokens.shape)}")
+        if module_sets() != self.module_sets:  # a module put in the place of another: its hooks, and graphs to redo
+            self.module_sets, self.hooks = module_sets(), hook_dicts(self.model.modules())
+            self.graphs.clear()
         if any(self.hooks) or replaced(self.model.replaceable_modules()):  # which a replay would skip
             return self.model.forward(tokens, pos, left_pad=left_pad, last_only=True)
         bsz = tokens.shape[0]
@@ -52,8 +57,6 @@ class GraphedDecoder:
         cache = self.model.layers[0].attention.cache_k
         if cache is not self.cache:
             self.graphs.clear()
-            # A pool whose graphs are all gone is released and can't be captured into again: start a new one.
-            self.pool = torch.cuda.graph_pool_handle()
             self.cache = cache
         if bsz not in self.inputs:
             self.inputs[bsz] = (torch.empty_like(tokens), torch.empty((), dtype=torch.long, device=tokens.device),
@@ -67,6 +70,8 @@ class GraphedDecoder:
             static_pad.copy_(left_pad)
         keys = min(cache.shape[1], (pos // BUCKET + 1) * BUCKET)
         if (bsz, keys) not in self.graphs:
+            if not self.graphs:  # a pool whose graphs are all gone is released, and can't be captured into again
+                self.pool = torch.cuda.graph_pool_handle()
             self.graphs[(bsz, keys)] = self._capture(bsz, keys)
         graph, logits = self.graphs[(bsz, keys)]
         graph.replay()

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import distributed, kernels, pages
 from .linear import ColumnParallelLinear, Fused, Packable, PackedFused, RowParallelLinear, can_pack, packs_rows
-from .research import hooked, own_forward, replaced, watch
+from .research import fused, hooked, own_forward, replaced, watch
 
 
 @dataclass
@@ -360,7 +360,9 @@ class Attention(nn.Module):
         heads, kv_heads = self.n_local_heads, self.n_local_kv_heads
         if self.cache_kv is None and w.positions is not None:  # called on its own, as Meta's allocates in __init__
             self.allocate_cache(*self.cache_size, x.dtype, x.device)
-        qkv = self.wqkv(x) if self.wqkv is not None else torch.cat((self.wq(x), self.wk(x), self.wv(x)), dim=-1)
+        parts = self._modules
+        wqkv = fused(self.wqkv, parts["wq"], parts["wk"], parts["wv"])
+        qkv = wqkv(x) if wqkv is not None else torch.cat((self.wq(x), self.wk(x), self.wv(x)), dim=-1)
         qkv = qkv.view(bsz, seqlen, heads + 2 * kv_heads, self.head_dim)
         gqa = heads != kv_heads
         if w.positions is None:  # training: whole sequences at once, no cache
@@ -399,7 +401,9 @@ class FeedForward(nn.Module):
         self.swiglu = swiglu  # or its compiled form (Transformer.compiled_elementwise)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1) if self.w13 is not None else (self.w1(x), self.w3(x))
+        parts = self._modules
+        w13 = fused(self.w13, parts["w1"], parts["w3"])
+        gate, up = w13(x).chunk(2, dim=-1) if w13 is not None else (self.w1(x), self.w3(x))
         return self.w2(self.swiglu(gate, up))
 
 
@@ -475,8 +479,8 @@ class Transformer(nn.Module):
         self.compute_dtype = compute_dtype or compute_dtype_for(weight.dtype, weight.device)
         watch(self)  # edits through .data seen by packed copies (pack_weights) and stream's kept cache
         for owner, name, members in self._fusable():  # weights fused, then moved or converted by .to(): again
-            fused = getattr(owner, name)
-            if isinstance(fused, Fused) and not fused.valid():
+            group = getattr(owner, name)
+            if isinstance(group, Fused) and group.layers == members and not group.valid():
                 setattr(owner, name, Fused(*members))
         self.cache_made_for = (weight.device, weight.dtype)
         self.runs += 1

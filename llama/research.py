@@ -45,6 +45,30 @@ def replaced(modules: Iterable[nn.Module]) -> bool:
     return any("forward" in m.__dict__ or _OWN_FORWARDS.get(type(m)) is not type(m).forward for m in modules)
 
 
+def fused(group, *layers: nn.Module):
+    """group (``Fused`` or ``PackedFused``, or None) where it is still the one product of these very layers, else
+    None: research code may have put another module in the place of one (a LoRA wrapper around wq, say), which
+    must then compute, as in Meta's model."""
+    return group if group is not None and group.layers == layers else None
+
+
+_module_sets = [0]
+
+
+def _count_module_set(module: nn.Module, name: str, submodule: nn.Module) -> None:
+    _module_sets[0] += 1
+
+
+nn_module.register_module_module_registration_hook(_count_module_set)
+
+
+def module_sets() -> int:
+    """How many submodules have been set on modules in this process so far (building a model sets its own, and
+    research code putting one in the place of another, ``model.layers[0].attention.wq = Wrapper(...)``, one
+    more): a CUDA graph captured before such a change would replay the module that was there."""
+    return _module_sets[0]
+
+
 class WatchedParameter(nn.Parameter):
     """A parameter that counts the uses of its ``.data``. Writes through ``.data`` (``w.data[i] = 0``, research
     code's way of ablating a neuron) bypass the count of in-place edits that tells a packed copy of the weight, or

@@ -14,6 +14,7 @@ from llama.model import add_rms_norm
 from conftest import GQA, MHA, VOCAB
 from reference import logits as reference_logits
 from test_model import build_model, prompt
+from test_research import Halved
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -178,3 +179,26 @@ def test_graphed_steps_give_way_to_hooks_and_replaced_forwards_and_come_back(mak
         want = reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens)[-1]
         torch.testing.assert_close(logits[0, -1].double().cpu(), want, rtol=1e-3, atol=1e-3)
     assert calls == [(1, 1, GQA["dim"])] * 2 and len(g.decoder.graphs) == 1  # steps 10 and 11
+
+
+def test_graphed_steps_follow_a_module_put_in_the_place_of_a_layer(make_ckpt, tokenizer_path, device):
+    """A wrapper put around wq after graphs were captured: the steps are captured again with it, their logits
+    the reference's with wq halved, where a replay of the old graph would compute without it; and a hook put on
+    the wrapper runs."""
+    ckpt, state = make_ckpt(GQA)
+    g = build(ckpt, tokenizer_path, 32, 1, device)
+    tokens, calls = prompt(8, 12), []
+    g.model.forward(torch.tensor([tokens], device=device), 0)
+    attention = g.model.layers[1].attention
+    for pos in range(8, 13):
+        t = pos * 3 % VOCAB
+        if pos == 10:
+            attention.wq = Halved(attention.wq)
+            state = {**state, "layers.1.attention.wq.weight": state["layers.1.attention.wq.weight"] * 0.5}
+        if pos == 12:
+            attention.wq.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+        logits = g.decode_step(torch.tensor([[t]], device=device), pos)
+        tokens.append(t)
+        want = reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens)[-1]
+        torch.testing.assert_close(logits[0, -1].double().cpu(), want, rtol=1e-3, atol=1e-3)
+    assert len(g.decoder.graphs) == 1 and len(calls) == 1  # captured again with the wrapper; its hook ran

@@ -169,6 +169,36 @@ def test_fused_weights_converted_by_to_are_let_go_of_and_fused_again(make_ckpt, 
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+class Halved(torch.nn.Module):
+    """A module put in the place of a linear layer, as a LoRA wrapper is: its output is the layer's, halved."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * 0.5
+
+
+@pytest.mark.parametrize("way", ["concatenated", "packed"])
+def test_a_module_put_in_the_place_of_a_fused_layer_computes(make_ckpt, tokenizer_path, way):
+    """wv of one layer and w3 of another wrapped after the model was built: their groups' one product (made of
+    the layers that were there) gives way, and the logits are the reference's with those weights halved."""
+    model, state, _, tol = fused_model(make_ckpt, tokenizer_path, way)
+    tokens = torch.tensor([prompt(12)])
+    before = model.forward(tokens, 0)[0]
+    model.layers[1].attention.wv = Halved(model.layers[1].attention.wv)
+    model.layers[0].feed_forward.w3 = Halved(model.layers[0].feed_forward.w3)
+    got = model.forward(tokens, 0)[0].double()
+    edited = {k: v.double() for k, v in state.items()}
+    for name in ("layers.1.attention.wv.weight", "layers.0.feed_forward.w3.weight"):
+        edited[name] = edited[name] * 0.5
+    want = reference_logits(edited, PARAMS | {"n_kv_heads": model.params.kv_heads,
+                                              "multiple_of": model.params.multiple_of}, tokens[0].tolist())
+    assert (got - want).abs().max() <= tol * want.abs().max()
+    assert (before.double() - want).abs().max() > 4 * tol * want.abs().max()  # the wrappers mattered
+
+
 @pytest.mark.parametrize("way", ["concatenated", "packed"])
 def test_neurons_ablated_through_data_are_ablated(make_ckpt, tokenizer_path, way):
     """Writes through ``.data`` (no count of in-place edits sees them) to a weight of a group (w1) and to one
