@@ -125,6 +125,24 @@ def everyones(value: T) -> List[T]:
     return values
 
 
+_PATIENT: Optional[dist.ProcessGroup] = None  # first_ranks' group, made on first use
+
+
+def first_ranks(value: T) -> T:
+    """Rank 0's value on every rank: a collective, which all ranks must call, over a group of its own that waits
+    without a time limit. It is for what a person types on the first process, who may take longer than
+    TIMEOUT, after which a collective of the run's group fails (and nccl's watchdog ends the processes). A rank
+    that dies still ends the wait: its connections close."""
+    global _PATIENT
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    if _PATIENT is None:
+        _PATIENT = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_PATIENT)
+    return box[0]
+
+
 def raise_if_any_failed(error: Optional[Exception], doing: str) -> None:
     """Raise on every rank if any rank failed ``doing`` something: a rank that failed raises its own error, the
     others the first failed rank's message, naming the rank and its host. So no rank waits for one that gave

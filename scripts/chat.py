@@ -23,14 +23,15 @@ from llama.generation import check_sampling  # noqa: E402
 
 
 def read_message() -> Optional[str]:
-    """What was typed on the first process, on every process (None at the end of input)."""
+    """What was typed on the first process, on every process (None at the end of input), however long the typing
+    takes."""
     line = None
     if distributed.rank() == 0:
         try:
             line = input("> ")
         except EOFError:
             print()
-    return distributed.everyones(line)[0]
+    return distributed.first_ranks(line)
 
 
 def fit(generator: Llama, dialog: Dialog, room: int) -> Dialog:

@@ -132,6 +132,13 @@ def torchrun(nproc: int, *args, **kwargs) -> subprocess.CompletedProcess:
     return run_cmd([_torchrun_exe(), "--standalone", "--nproc_per_node", str(nproc), *args], **kwargs)
 
 
+def torchrun_started(nproc: int, *args, env=None) -> subprocess.Popen:
+    """torchrun's processes started, their input, output and errors pipes, for a test that feeds them in time."""
+    return subprocess.Popen([_torchrun_exe(), "--standalone", "--nproc_per_node", str(nproc), *args], cwd=ROOT,
+                            text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**_unlaunched_env(), **(env or {})})
+
+
 def torchrun_machines(*args_per_machine, timeout=120) -> List[subprocess.CompletedProcess]:
     """Launch as on several machines, here on one: a torchrun per machine (--nnodes, its own --node_rank, one
     process each) meeting at a local address, each with its own arguments. A hang fails the test."""

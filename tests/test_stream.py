@@ -3,6 +3,7 @@ chat_completion's whole text for the same seed, the float64 reference's greedy t
 are split across tokens (SentencePiece's byte pieces, tiktoken's byte-level pieces)."""
 
 import sys
+import time
 import types
 
 import pytest
@@ -13,7 +14,7 @@ from llama import Llama
 from llama.chat import UNSAFE_ERROR
 from llama.checkpoint import random_checkpoint
 
-from conftest import GQA, VOCAB, run_cmd, torchrun
+from conftest import GQA, VOCAB, run_cmd, torchrun, torchrun_started
 from graph_replay import ReplayedDecoder
 from reference import greedy
 from test_demo import DEMO
@@ -181,6 +182,20 @@ def test_chat_script_answers_each_turn_as_chat_completion(processes):
     assert shown[0] == want[0] and shown[1] == "" and shown[2] == want[1]
     assert shown[3].startswith("(not sent: the chat format's own tags") and shown[4] == "(the dialog starts again)"
     assert shown[5] == fresh[0]["generation"]["content"] and shown[6] == "" and len(shown) == 7
+
+
+def test_chat_under_torchrun_waits_for_typing_longer_than_the_collectives_time_limit():
+    """The second process waits for the first one's input past LLAMA_DIST_TIMEOUT (here 2 s, 600 by default),
+    which would end a collective of the run's group: a person may take longer than that to type."""
+    args = ["scripts/chat.py", "--temperature", "0", "--max_gen_len", "4"]
+    p = torchrun_started(2, *args, env={"LLAMA_DIST_TIMEOUT": "2"})
+    try:
+        time.sleep(8)  # the model loads in under a second, then both processes wait for the first line
+        out, err = p.communicate(CHAT_INPUT[0] + "\n/exit\n", timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err[-3000:]
+    assert len([text for text in out.split("> ")[1:] if text.strip()]) == 1  # the answer
 
 
 def test_chat_drops_the_oldest_exchanges_that_leave_no_room(llama2):
