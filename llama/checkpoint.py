@@ -9,11 +9,12 @@ only reads the bytes of its slice.
 
 import hashlib
 import json
+import os
 import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -320,19 +321,36 @@ def md5(path: Path) -> str:
 
 
 def save(shards: Iterable[Dict[str, torch.Tensor]], params: dict, out_dir: str) -> None:
-    """Write params.json, consolidated.NN.pth and a checklist.chk of md5 sums (``md5sum -c`` format).
+    """Write params.json, consolidated.NN.pth and a checklist.chk of md5 sums (``md5sum -c`` format), and remove
+    the shards of a checkpoint written there before with more of them.
 
     shards may be a generator: each is written and let go before the next is made.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "params.json").write_text(json.dumps(params))
+    replace(out / "params.json", lambda tmp: tmp.write_text(json.dumps(params)))
     names = ["params.json"]
     for j, shard in enumerate(shards):
         names.append(f"consolidated.{j:02d}.pth")
-        torch.save(shard, out / names[-1])
+        replace(out / names[-1], lambda tmp, s=shard: torch.save(s, tmp))
         del shard  # before the generator makes the next one
-    (out / "checklist.chk").write_text("".join(f"{md5(out / name)}  {name}\n" for name in sorted(names)))
+    for old in out.glob("consolidated.*.pth"):
+        if old.name not in names:
+            old.unlink()
+    sums = "".join(f"{md5(out / name)}  {name}\n" for name in sorted(names))
+    replace(out / "checklist.chk", lambda tmp: tmp.write_text(sums))
+
+
+def replace(path: Path, write: Callable[[Path], object]) -> None:
+    """write(a temporary file beside path), then rename it to path: a file there before is replaced, never
+    written over in place. It may be a hard link or a symbolic link to another checkpoint's file (the one being
+    resharded, even), or mapped by a job running on it; and a write that fails leaves nothing under the name."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def reshard(ckpt_dir: str, out_dir: str, mp: int) -> None:

@@ -7,6 +7,7 @@ import difflib
 import inspect
 import logging
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
@@ -32,6 +33,29 @@ def one_line_errors() -> Iterator[None]:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def output_dir(path: str, force: Optional[bool] = None) -> Iterator[Path]:
+    """The folder a script writes a checkpoint into: a folder or nothing yet, and empty unless force (None: the
+    script has no --force). Where the writing fails, a folder that was empty or absent is left so again: a second
+    try would refuse it half-written, as not empty."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out_dir {out} is a file: name a folder (it is made if it doesn't exist)")
+    empty = not out.exists() or not any(out.iterdir())
+    if not empty and not force:
+        raise ValueError(f"{out} is not empty: choose an empty --out_dir"
+                         + (", or pass --force to write into it" if force is not None else ""))
+    existed = out.exists()
+    try:
+        yield out
+    except BaseException:
+        if empty and out.exists():
+            shutil.rmtree(out)
+            if existed:
+                out.mkdir()
+        raise
 
 
 def run(main: Callable) -> None:

@@ -19,7 +19,7 @@ import sentencepiece as spm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llama.checkpoint import random_checkpoint  # noqa: E402
-from llama.cli import one_line_errors, positive_int  # noqa: E402
+from llama.cli import one_line_errors, output_dir, positive_int  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
 SHAPES = {
@@ -83,18 +83,8 @@ def main() -> None:
     parser.add_argument("--tokenizer_path", help="tokenizer.model to use (default: train a small one)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()):
-        sys.exit(f"error: {out} is not empty: choose a new --out_dir")
-    created = not out.exists()
-    try:
+    with output_dir(args.out_dir) as out:
         make(out, args.shape, args.mp, args.tokenizer_path, args.seed)
-    except BaseException:  # no half-written folder, which a second try would refuse as not empty
-        for path in out.glob("*"):
-            path.unlink()
-        if created and out.exists():
-            out.rmdir()
-        raise
     print(f"wrote a random {args.shape} checkpoint with {args.mp} shard(s) and its tokenizer to {out}")
 
 

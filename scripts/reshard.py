@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llama.checkpoint import reshard  # noqa: E402
-from llama.cli import one_line_errors, positive_int  # noqa: E402
+from llama.checkpoint import replace, reshard  # noqa: E402
+from llama.cli import one_line_errors, output_dir, positive_int  # noqa: E402
 
 
 def main() -> None:
@@ -27,13 +27,12 @@ def main() -> None:
     args = parser.parse_args()
     src, out = Path(args.ckpt_dir).resolve(), Path(args.out_dir).resolve()
     if out == src:
-        sys.exit("error: --out_dir must differ from --ckpt_dir (the input would be overwritten while read)")
-    if out.exists() and any(out.iterdir()) and not args.force:
-        sys.exit(f"error: {out} is not empty: choose an empty --out_dir, or pass --force to write into it")
-    reshard(str(src), str(out), args.mp)
-    for extra in ("tokenizer.model",):
-        if (src / extra).is_file() and not (out / extra).exists():
-            shutil.copyfile(src / extra, out / extra)
+        raise ValueError("--out_dir must differ from --ckpt_dir (the input would be overwritten while read)")
+    with output_dir(str(out), args.force):
+        reshard(str(src), str(out), args.mp)
+        for extra in ("tokenizer.model",):  # the checkpoint's own, in place of any there before
+            if (src / extra).is_file():
+                replace(out / extra, lambda tmp, name=extra: shutil.copyfile(src / name, tmp))
     print(f"wrote {args.mp} shard(s) to {out}")
 
 

@@ -126,6 +126,59 @@ def test_reshard_refuses_a_non_empty_out_dir_unless_forced(make_ckpt, tmp_path):
     assert r.returncode == 1 and "can't be split across 3" in r.stderr
 
 
+@pytest.mark.parametrize("link", ["hard", "symbolic"])
+def test_reshard_forced_over_links_to_its_input_leaves_the_input_whole(make_ckpt, tmp_path, link):
+    """--force into a folder whose files are links to the input's (a copy made with cp -al, or a cache of
+    symbolic links): the input keeps every byte, where writing the shards in place would have written through
+    the links into the shard being read."""
+    ckpt, _ = make_ckpt(MP4, mp=1)
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(ckpt, src)
+    out.mkdir()
+    for f in src.iterdir():
+        (out / f.name).hardlink_to(f) if link == "hard" else (out / f.name).symlink_to(f)
+    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    r = run_cmd([sys.executable, "scripts/reshard.py", "--ckpt_dir", str(src), "--out_dir", str(out), "--mp", "2",
+                 "--force"])
+    assert r.returncode == 0, r.stderr
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+    assert sorted(f.name for f in out.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
+    half = torch.load(out / "consolidated.01.pth", weights_only=True)["layers.0.attention.wq.weight"]
+    whole = torch.load(src / "consolidated.00.pth", weights_only=True)["layers.0.attention.wq.weight"]
+    assert torch.equal(half, whole.chunk(2)[1])
+
+
+def test_reshard_forced_over_another_checkpoint_leaves_none_of_it(make_ckpt, tmp_path, tokenizer_path):
+    """--force into a folder holding a checkpoint of four shards: two are written, the other two removed, the
+    checklist theirs, and the folder loads as the input."""
+    ckpt, _ = make_ckpt(MP4, mp=1)
+    old, _ = make_ckpt(MP4, mp=4, seed=1)
+    out = tmp_path / "out"
+    shutil.copytree(old, out)
+    (out / "tokenizer.model").write_bytes(b"another model's")
+    shutil.copyfile(tokenizer_path, Path(ckpt) / "tokenizer.model")
+    r = run_cmd([sys.executable, "scripts/reshard.py", "--ckpt_dir", ckpt, "--out_dir", str(out), "--mp", "2",
+                 "--force"])
+    assert r.returncode == 0, r.stderr
+    assert sorted(f.name for f in out.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
+    assert (out / "tokenizer.model").read_bytes() == Path(tokenizer_path).read_bytes()
+    listed = [line.split()[1] for line in (out / "checklist.chk").read_text().splitlines()]
+    assert listed == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]
+    want = Llama.build(ckpt, tokenizer_path, 32, 1, device="cpu", dtype="float32").generate([[1, 5, 9]], 6, 0)
+    got = Llama.build(str(out), tokenizer_path, 32, 1, device="cpu", dtype="float32").generate([[1, 5, 9]], 6, 0)
+    assert got == want
+
+
+def test_scripts_refuse_an_out_dir_that_is_a_file(tmp_path, make_ckpt):
+    ckpt, _ = make_ckpt(MP4, mp=1)
+    f = tmp_path / "file"
+    f.write_text("mine")
+    for args in (["scripts/reshard.py", "--ckpt_dir", ckpt, "--mp", "2"], ["scripts/make_checkpoint.py"]):
+        r = run_cmd([sys.executable, *args, "--out_dir", str(f)])
+        assert r.returncode == 1 and "is a file" in r.stderr and "Traceback" not in r.stderr
+        assert f.read_text() == "mine"
+
+
 def test_make_checkpoint_leaves_nothing_behind_when_it_fails(tmp_path, tokenizer_path):
     """A failed run writes no half checkpoint, which the next run would refuse as a folder not empty."""
     out = tmp_path / "made"
