@@ -27,9 +27,14 @@ def one_line_errors() -> Iterator[None]:
     try:
         yield
     except ValueError as e:
+        distributed.tell_the_others(e)
         sys.stderr.write(f"error: {e}\n")  # one write: the ranks' lines don't interleave
         sys.stderr.flush()
         sys.exit(1)
+    except BaseException as e:  # a crash or Ctrl-C: the other ranks mustn't wait for this one either
+        if not (isinstance(e, SystemExit) and e.code in (None, 0)):
+            distributed.tell_the_others(e)
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

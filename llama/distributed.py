@@ -9,6 +9,7 @@ import datetime
 import io
 import os
 import socket
+import time
 from typing import List, Mapping, Optional, TypeVar, Union
 
 import torch
@@ -49,16 +50,59 @@ def pick_device(device: Union[str, torch.device, None]) -> torch.device:
     return device
 
 
+def launched() -> bool:
+    """Whether a launcher (torchrun) started this process as one rank of several."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def init_process_group(device: torch.device) -> None:
     """Join torchrun's group if launched by it, else start a one-process group; reuse one that exists."""
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, timeout=TIMEOUT)
+    if launched():
+        store, rank, world = next(dist.rendezvous("env://", timeout=TIMEOUT))  # torchrun's, as init_method's is
+        _meet(store, rank, world)
+        dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world,
+                                timeout=TIMEOUT)
     else:  # its store in the process: no port to find (or to race another process for), no network, and none of
         # the TCP store that PyTorch's Windows builds without libuv failed to make
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=TIMEOUT)
+
+
+_MET = "llama/met/"  # the launcher's store's keys: each rank's as it comes to make the process group
+_FAILED = "llama/failed"  # and a rank's error, where it failed before
+
+
+def _meet(store: dist.Store, rank: int, world: int) -> None:
+    """Wait until every rank has come to make the process group, or one has said it failed before it
+    (``tell_the_others``): then fail with its message. Making the group would wait TIMEOUT for a rank that had
+    exited, then fail saying nothing of it (one machine given a misspelt flag: the others waited ten minutes)."""
+    store.set(f"{_MET}{rank}", socket.gethostname())
+    everyone = [f"{_MET}{r}" for r in range(world)]
+    waited = 0.0
+    while not store.check(everyone):
+        if store.check([_FAILED]):
+            raise ValueError(store.get(_FAILED).decode())
+        if waited > TIMEOUT.total_seconds():
+            missing = [r for r in range(world) if not store.check([f"{_MET}{r}"])]
+            raise RuntimeError(f"rank(s) {missing} did not come to make the process group within {TIMEOUT}: they "
+                               "exited or hung before it (their output says why), or can't reach MASTER_ADDR")
+        time.sleep(0.05)
+        waited += 0.05
+
+
+def tell_the_others(error: BaseException) -> None:
+    """Where this rank fails before the process group exists (a bad flag on one machine), leave its error for
+    the ranks waiting to meet it (``_meet``), so that they fail with it at once. Best effort: a rank that can't
+    reach the launcher's store leaves the others to time out."""
+    if dist.is_initialized() or not launched():
+        return
+    message = f"rank {rank()} (on {socket.gethostname()}) failed before the process group was made: " + (
+        str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}")
+    with contextlib.suppress(Exception):
+        store, _, _ = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=10)))
+        store.compare_set(_FAILED, "", message)  # the first rank's error, not a waiting rank's echo of it
 
 
 def cpu_threads(env: Mapping[str, str], cpus: int) -> Optional[int]:

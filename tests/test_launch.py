@@ -3,6 +3,7 @@
 import json
 import re
 import sys
+import time
 
 import pytest
 import torch
@@ -113,6 +114,21 @@ def test_a_checkpoint_missing_on_one_machine_fails_on_both_saying_where(make_ckp
                      first.stderr), first.stderr[-3000:]
     for result in (first, second):  # one line each, not a traceback of ours (torchrun adds its own)
         assert "[rank" not in result.stderr and "Error:" not in result.stderr.split("error: ")[1].splitlines()[0]
+
+
+@pytest.mark.parametrize("bad", [["--max_gen_length", "8"], ["--temperature", "-1"]], ids=["flag", "value"])
+def test_a_machine_failing_before_the_process_group_stops_the_other_at_once(make_ckpt, tokenizer_path, bad):
+    """A misspelt flag or a bad value on the second machine only: it fails before the processes meet, and the
+    first, waiting to meet it, stops at once with its error, where it waited out the 600 s time limit and then
+    failed without saying why."""
+    ckpt, _ = make_ckpt(GQA, mp=2)
+    args = ["example_text_completion.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path]
+    start = time.monotonic()
+    first, second = torchrun_machines(args, args + bad, timeout=60)
+    assert first.returncode == second.returncode == 1 and time.monotonic() - start < 60
+    said = ("\n" + second.stderr).split("\nerror: ")[-1].splitlines()[0]
+    assert re.search(rf"(^|\n)error: rank 1 \(on [^)]+\) failed before the process group was made: "
+                     rf"{re.escape(said)}", first.stderr), first.stderr[-3000:]
 
 
 @pytest.mark.parametrize("example", ["example_text_completion.py", "example_chat_completion.py"])
