@@ -85,6 +85,23 @@ class Tokenizer:
         return out
 
 
+def _text(s: object) -> str:
+    if not isinstance(s, str):
+        raise ValueError(f"can only encode a str, got {type(s).__name__}")
+    return s
+
+
+def _utf8(s: object) -> str:
+    """s, where SentencePiece can take it: a str with no unpaired surrogate (which it fails on in C++ words)."""
+    s = _text(s)
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"can't encode {s[max(0, e.start - 20):e.end + 20]!r}: {s[e.start]!r} is half of a UTF-16 "
+                         "pair, not text (bytes that aren't UTF-8, read with errors='surrogateescape'?)") from None
+    return s
+
+
 def _check_file(model_path) -> None:
     """A clear error where model_path is not a file (a folder holding one is named in it)."""
     if isinstance(model_path, (str, os.PathLike)) and os.path.isfile(model_path):
@@ -148,9 +165,7 @@ class SentencePieceTokenizer(Tokenizer):
         return frozenset({self.eos_id})
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
-        if not isinstance(s, str):
-            raise ValueError(f"can only encode a str, got {type(s).__name__}")
-        ids = self.sp_model.encode(s)
+        ids = self.sp_model.encode(_utf8(s))
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -159,9 +174,7 @@ class SentencePieceTokenizer(Tokenizer):
     def encode_infilling(self, s: str) -> List[int]:
         """s encoded as text that continues other text (an infilling suffix): without the space SentencePiece
         puts before the start of a text. The ids of Meta's ``encode_infilling``."""
-        if not isinstance(s, str):
-            raise ValueError(f"can only encode a str, got {type(s).__name__}")
-        ids = self.sp_model.encode(INFILLING_MARK + s)
+        ids = self.sp_model.encode(INFILLING_MARK + _utf8(s))
         if ids[:len(self._mark)] != self._mark:
             raise ValueError(f"{s[:20]!r}...: its start merges with the marker {INFILLING_MARK!r} in this "
                              "tokenizer, so it can't be encoded without a leading space")
@@ -321,8 +334,7 @@ class TiktokenTokenizer(Tokenizer):
         """``s`` as plain text: a special token's name in it is encoded as the characters it is made of, unless
         allowed_special names it (or is "all"), as Meta's: then as the token. disallowed_special: names that fail
         the encoding if they occur ("all": every special token not allowed)."""
-        if not isinstance(s, str):
-            raise ValueError(f"can only encode a str, got {type(s).__name__}")
+        s = _text(s)
         ids: List[int] = []
         try:
             for part in split_for_encoding(s):

@@ -54,6 +54,7 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, s
         max_gen_len = DEMO_MAX_GEN_LEN
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=1, device=device, dtype=dtype)
+    sys.stdin.reconfigure(errors="replace")  # bytes that aren't UTF-8 typed or piped in: U+FFFD, not an error
     start: Dialog = [{"role": "system", "content": system}] if system else []
     dialog = list(start)
     while (message := read_message()) is not None:

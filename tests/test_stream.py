@@ -198,6 +198,17 @@ def test_chat_under_torchrun_waits_for_typing_longer_than_the_collectives_time_l
     assert len([text for text in out.split("> ")[1:] if text.strip()]) == 1  # the answer
 
 
+def test_chat_takes_bytes_that_are_not_utf8(tmp_path):
+    """A message of bytes that aren't UTF-8 typed or piped in is answered (U+FFFD in their place), where it ended
+    the chat with a traceback."""
+    typed = tmp_path / "typed"
+    typed.write_bytes(b"hello\n\xff\xfe there\n/exit\n")
+    with typed.open("rb") as stdin:
+        r = run_cmd([sys.executable, "scripts/chat.py", "--temperature", "0", "--max_gen_len", "4"], stdin=stdin)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([t for t in r.stdout.split("> ")[1:] if t.strip()]) == 2  # both answered
+
+
 def test_chat_drops_the_oldest_exchanges_that_leave_no_room(llama2):
     """chat.py's fit: as few of the oldest exchanges dropped as leave room positions for the answer; the system
     message stays; a dialog that fits is left alone."""

@@ -78,6 +78,14 @@ def test_a_folder_holding_the_tokenizer_is_answered_with_its_path(tmp_path, toke
         Tokenizer(str(tmp_path))
 
 
+def test_text_with_an_unpaired_surrogate_is_a_value_error(llama2):
+    """Bytes that aren't UTF-8, read with errors='surrogateescape' (Python's way for a terminal's input in some
+    locales): SentencePiece failed on them with a RuntimeError in C++ words."""
+    for encode in (lambda s: llama2.encode(s, bos=True, eos=False), llama2.encode_infilling):
+        with pytest.raises(ValueError, match=r"'\\udcff' is half of a UTF-16 pair"):
+            encode("hello \udcff there")
+
+
 def test_llama3_ids(llama3):
     assert llama3.n_words == 128256
     assert (llama3.bos_id, llama3.eos_id, llama3.pad_id) == (128000, 128001, -1)
