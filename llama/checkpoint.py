@@ -123,6 +123,13 @@ def shard_paths(ckpt_dir: str) -> List[Path]:
     if sorted(numbers) != list(range(len(paths))):
         raise ValueError(f"{ckpt_dir}: shards must be numbered 00 .. {len(paths) - 1:02d}, found "
                          f"{[p.name for p in paths]}")
+    checklist = Path(ckpt_dir) / "checklist.chk"
+    if checklist.is_file():  # the last shards missing leave the others numbered 00 .. k-1 too
+        listed = {line.split()[-1] for line in checklist.read_text(errors="replace").splitlines() if line.strip()}
+        missing = sorted(name for name in listed - {p.name for p in paths} if SHARD_NAME.fullmatch(name))
+        if missing:
+            raise ValueError(f"{ckpt_dir}: checklist.chk lists {missing}, not there: the download or copy is "
+                             "incomplete (download.sh resumes a download)")
     return sorted(paths, key=lambda p: int(SHARD_NAME.fullmatch(p.name).group(1)))
 
 

@@ -197,8 +197,9 @@ class Llama:
             args = ckpt.model_args(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
             if tokenizer.n_words != args.vocab_size:
                 raise ValueError(f"{tokenizer_path}: the tokenizer has {tokenizer.n_words} tokens but the model in "
-                                 f"{ckpt_dir} has a vocabulary of {args.vocab_size}: pass the tokenizer that came "
-                                 "with this checkpoint")
+                                 f"{ckpt_dir} has a vocabulary of {args.vocab_size} (in {len(ckpt.shards)} shard(s)): "
+                                 "pass the tokenizer that came with this checkpoint, and check that none of its "
+                                 "shards is missing")
             pack, graphs = _build_flags(device, world, dtype, compute, pack_weights, cuda_graphs, compile_elementwise)
             check_fits(args, world, dtype, compute, device)
             state = ckpt.load_rank(args, rank, world, dtype, device)

@@ -227,6 +227,8 @@ BROKEN = {
     "no shards": (lambda d: [p.unlink() for p in d.glob("*.pth")], r"no consolidated.NN.pth shards"),
     "shards misnumbered": (lambda d: (d / "consolidated.01.pth").rename(d / "consolidated.02.pth"),
                            r"numbered 00 .. 01"),
+    "last shard missing": (lambda d: (d / "consolidated.01.pth").unlink(),
+                           r"checklist.chk lists \['consolidated.01.pth'\], not there: the download or copy is "),
     "wrong shape": (lambda d: resave(d / "consolidated.01.pth", lambda s: s.update(
         {"layers.1.feed_forward.w2.weight": s["layers.1.feed_forward.w2.weight"][:, :-8].clone()})),
         r"consolidated.01.pth: layers.1.feed_forward.w2.weight has shape \(64, 112\), expected \(64, 120\)"),
