@@ -187,6 +187,18 @@ def first_ranks(value: T) -> T:
     return box[0]
 
 
+def agree(doing: str, **values: object) -> None:
+    """Raise on every rank where the ranks were given different values (compared by their repr) for doing
+    something together: each machine's command is typed on its own, and ranks computing on different arguments
+    would wait forever in collectives that don't match, or compute nonsense together without an error."""
+    given = everyones({name: repr(value) for name, value in values.items()})
+    for name in values:
+        if any(g[name] != given[0][name] for g in given):
+            each = ", ".join(f"rank {r}: {g[name][:200]}" for r, g in enumerate(given))
+            raise ValueError(f"the processes were given different {name} {doing} ({each}): give every process the "
+                             "same arguments")
+
+
 def raise_if_any_failed(error: Optional[Exception], doing: str) -> None:
     """Raise on every rank if any rank failed ``doing`` something: a rank that failed raises its own error, the
     others the first failed rank's message, naming the rank and its host. So no rank waits for one that gave

@@ -1,5 +1,6 @@
 """The ``Llama`` class: build from a checkpoint, then generate, complete text and chat."""
 
+import hashlib
 import logging
 import math
 import numbers
@@ -200,6 +201,12 @@ class Llama:
                                  f"{ckpt_dir} has a vocabulary of {args.vocab_size} (in {len(ckpt.shards)} shard(s)): "
                                  "pass the tokenizer that came with this checkpoint, and check that none of its "
                                  "shards is missing")
+        except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, not leave them waiting
+            error = e
+        distributed.raise_if_any_failed(error, "to load the checkpoint")
+        distributed.agree("to load", params=ckpt.params, tokenizer=type(tokenizer).__name__,
+                          vocabulary=tokenizer.n_words, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        try:
             pack, graphs = _build_flags(device, world, dtype, compute, pack_weights, cuda_graphs, compile_elementwise)
             check_fits(args, world, dtype, compute, device)
             state = ckpt.load_rank(args, rank, world, dtype, device)
@@ -359,6 +366,9 @@ class Llama:
 
     def _check_generate_args(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float,
                              top_p: float, stop_tokens: Optional[Collection[int]], echo: bool) -> None:
+        distributed.agree("to generate", prompts=hashlib.sha1(repr(prompt_tokens).encode()).hexdigest()[:12],
+                          max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop_tokens=stop_tokens,
+                          echo=echo)
         params = self.model.params
 
         def in_vocab(ids) -> bool:

@@ -131,6 +131,27 @@ def test_a_machine_failing_before_the_process_group_stops_the_other_at_once(make
                      rf"{re.escape(said)}", first.stderr), first.stderr[-3000:]
 
 
+@pytest.mark.parametrize("second, differs", [
+    (["--temperature", "0.6"], "temperature to generate"), (["--max_gen_len", "40"], "max_gen_len to generate"),
+    (["--max_seq_len", "24"], "max_seq_len to load"), (["--model", "mha"], "params to load")])
+def test_machines_given_different_arguments_say_so(make_ckpt, tokenizer_path, second, differs):
+    """Each machine's command is typed on its own. Given different sampling, lengths or checkpoints, every rank
+    stops with one line naming the argument and each rank's value, where they had hung in mismatched
+    collectives, failed in gloo's words, or (two checkpoints of one dimension) printed nonsense with exit 0."""
+    ckpts = {name: make_ckpt(params, mp=2)[0] for name, params in (("gqa", GQA), ("mha", {**GQA, "n_kv_heads": 8}))}
+
+    def command(extra):
+        model = extra[1] if extra[:1] == ["--model"] else "gqa"
+        flags = [] if extra[:1] == ["--model"] else extra
+        return ["example_text_completion.py", "--ckpt_dir", ckpts[model], "--tokenizer_path", tokenizer_path,
+                "--temperature", "0", "--max_gen_len", "16", *flags]
+
+    for result in torchrun_machines(command([]), command(second), timeout=60):
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert re.search(rf"(^|\n)error: the processes were given different {differs} \(rank 0: .*, rank 1: ",
+                         result.stderr), result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("example", ["example_text_completion.py", "example_chat_completion.py"])
 def test_examples_under_torchrun_and_without(make_ckpt, tokenizer_path, example):
     ckpt, _ = make_ckpt(GQA, mp=2)
