@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import llama.kernels
+from llama import Llama
 from llama.graphs import GraphedDecoder
 
 # What would wait for the device in a capture: a value read back to the host, or an output whose shape is data.
@@ -86,3 +87,10 @@ class ReplayedDecoder(GraphedDecoder):
                 patch.setattr(torch.cuda, name, value)
             patch.setattr(llama.kernels, "library", lambda: None)
             return super().__call__(*args, **kwargs)
+
+
+def cpu_llama(ckpt: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int, graphs: bool) -> Llama:
+    """A float32 Llama on the CPU, decoding from graph replays (ReplayedDecoder) or eagerly."""
+    g = Llama.build(ckpt, tokenizer_path, max_seq_len, max_batch_size, device="cpu", dtype="float32")
+    g.decoder = ReplayedDecoder(g.model) if graphs else None
+    return g

@@ -7,7 +7,7 @@ from llama import Llama
 from llama.chat import UNSAFE_ERROR
 
 from conftest import CODE, GQA, MHA, VOCAB
-from graph_replay import ReplayedDecoder
+from graph_replay import cpu_llama
 from reference import greedy
 from reference import logits as reference_logits
 
@@ -16,10 +16,7 @@ from reference import logits as reference_logits
 def gqa(request, make_ckpt, tokenizer_path):
     """A generator and its weights; decoding eagerly, or from CUDA graphs as on a GPU (here graph_replay's)."""
     ckpt, state = make_ckpt(GQA)
-    g = Llama.build(ckpt, tokenizer_path, max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32")
-    if request.param == "graphs":
-        g.decoder = ReplayedDecoder(g.model)
-    return g, state
+    return cpu_llama(ckpt, tokenizer_path, 64, 4, graphs=request.param == "graphs"), state
 
 
 PARAMS = {**GQA, "vocab_size": VOCAB}

@@ -2,6 +2,8 @@
 (llama.graphs), against the float64 reference. The graph tests run on the CPU with a stand-in for CUDA graphs
 that replays the aten operations a capture recorded (graph_replay.py), and on a GPU where torch sees one."""
 
+from typing import Tuple
+
 import pytest
 import torch
 
@@ -31,9 +33,24 @@ def build(ckpt, tokenizer_path, max_seq_len: int, max_batch_size: int, device: s
     if device == "cuda":
         return Llama.build(ckpt, tokenizer_path, max_seq_len, max_batch_size, device="cuda", dtype="float32",
                            cuda_graphs=graphs)
-    g = Llama.build(ckpt, tokenizer_path, max_seq_len, max_batch_size, device="cpu", dtype="float32")
-    g.decoder = graph_replay.ReplayedDecoder(g.model) if graphs else None
-    return g
+    return graph_replay.cpu_llama(ckpt, tokenizer_path, max_seq_len, max_batch_size, graphs)
+
+
+def prefilled(make_ckpt, tokenizer_path, device: str, seed: int) -> Tuple[Llama, dict, list]:
+    """A one-row generator with a prompt of 8 tokens in its cache; its weights; the prompt."""
+    ckpt, state = make_ckpt(GQA)
+    g = build(ckpt, tokenizer_path, 32, 1, device)
+    tokens = prompt(8, seed)
+    g.model.forward(torch.tensor([tokens], device=device), 0)
+    return g, state, tokens
+
+
+def step_matches_reference(g: Llama, state: dict, tokens: list, t: int, device: str) -> None:
+    """One decoding step of token t after tokens (to which it is added): its logits the reference's."""
+    logits = g.decode_step(torch.tensor([[t]], device=device), len(tokens))
+    tokens.append(t)
+    want = reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens)[-1]
+    torch.testing.assert_close(logits[0, -1].double().cpu(), want, rtol=1e-3, atol=1e-3)
 
 
 def fill_cache_with_noise(model) -> None:
@@ -161,10 +178,7 @@ def test_graphed_steps_give_way_to_hooks_and_replaced_forwards_and_come_back(mak
     """A hook added after graphs were captured, or a forward of research code's put on a module, runs at each
     step (the steps eager while it is there), and once removed the graphs replay again, without it; every
     step's logits the reference's."""
-    ckpt, state = make_ckpt(GQA)
-    g = build(ckpt, tokenizer_path, 32, 1, device)
-    tokens, calls = prompt(8, 11), []
-    g.model.forward(torch.tensor([tokens], device=device), 0)
+    (g, state, tokens), calls = prefilled(make_ckpt, tokenizer_path, device, 11), []
     ffn = g.model.layers[0].feed_forward
     for pos in range(8, 14):
         t = pos * 5 % VOCAB
@@ -174,10 +188,7 @@ def test_graphed_steps_give_way_to_hooks_and_replaced_forwards_and_come_back(mak
             ffn.forward = lambda x, own=ffn.forward: calls.append(x.shape) or own(x)
         if pos == 12:
             handle.remove() if way == "hook" else delattr(ffn, "forward")
-        logits = g.decode_step(torch.tensor([[t]], device=device), pos)
-        tokens.append(t)
-        want = reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens)[-1]
-        torch.testing.assert_close(logits[0, -1].double().cpu(), want, rtol=1e-3, atol=1e-3)
+        step_matches_reference(g, state, tokens, t, device)
     assert calls == [(1, 1, GQA["dim"])] * 2 and len(g.decoder.graphs) == 1  # steps 10 and 11
 
 
@@ -185,10 +196,7 @@ def test_graphed_steps_follow_a_module_put_in_the_place_of_a_layer(make_ckpt, to
     """A wrapper put around wq after graphs were captured: the steps are captured again with it, their logits
     the reference's with wq halved, where a replay of the old graph would compute without it; and a hook put on
     the wrapper runs."""
-    ckpt, state = make_ckpt(GQA)
-    g = build(ckpt, tokenizer_path, 32, 1, device)
-    tokens, calls = prompt(8, 12), []
-    g.model.forward(torch.tensor([tokens], device=device), 0)
+    (g, state, tokens), calls = prefilled(make_ckpt, tokenizer_path, device, 12), []
     attention = g.model.layers[1].attention
     for pos in range(8, 13):
         t = pos * 3 % VOCAB
@@ -197,8 +205,5 @@ def test_graphed_steps_follow_a_module_put_in_the_place_of_a_layer(make_ckpt, to
             state = {**state, "layers.1.attention.wq.weight": state["layers.1.attention.wq.weight"] * 0.5}
         if pos == 12:
             attention.wq.register_forward_hook(lambda module, args, out: calls.append(out.shape))
-        logits = g.decode_step(torch.tensor([[t]], device=device), pos)
-        tokens.append(t)
-        want = reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens)[-1]
-        torch.testing.assert_close(logits[0, -1].double().cpu(), want, rtol=1e-3, atol=1e-3)
+        step_matches_reference(g, state, tokens, t, device)
     assert len(g.decoder.graphs) == 1 and len(calls) == 1  # captured again with the wrapper; its hook ran

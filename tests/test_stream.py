@@ -15,7 +15,7 @@ from llama.chat import UNSAFE_ERROR
 from llama.checkpoint import random_checkpoint
 
 from conftest import GQA, VOCAB, run_cmd, torchrun, torchrun_started
-from graph_replay import ReplayedDecoder
+from graph_replay import cpu_llama
 from reference import greedy
 from test_demo import DEMO
 from test_llama3 import LLAMA3, LLAMA3_TOKENIZER
@@ -25,10 +25,7 @@ from test_llama3 import LLAMA3, LLAMA3_TOKENIZER
 def llama2(request, make_ckpt, tokenizer_path):
     """A generator and its weights; decoding eagerly, or from CUDA graphs as on a GPU (here graph_replay's)."""
     ckpt, state = make_ckpt(GQA)
-    g = Llama.build(ckpt, tokenizer_path, max_seq_len=96, max_batch_size=2, device="cpu", dtype="float32")
-    if request.param == "graphs":
-        g.decoder = ReplayedDecoder(g.model)
-    return g, state
+    return cpu_llama(ckpt, tokenizer_path, 96, 2, graphs=request.param == "graphs"), state
 
 
 @pytest.fixture(scope="module")
