@@ -80,16 +80,15 @@ def _meet(store: dist.Store, rank: int, world: int) -> None:
     exited, then fail saying nothing of it (one machine given a misspelt flag: the others waited ten minutes)."""
     store.set(f"{_MET}{rank}", socket.gethostname())
     everyone = [f"{_MET}{r}" for r in range(world)]
-    waited = 0.0
+    deadline = time.monotonic() + TIMEOUT.total_seconds()
     while not store.check(everyone):
         if store.check([_FAILED]):
             raise ValueError(store.get(_FAILED).decode())
-        if waited > TIMEOUT.total_seconds():
+        if time.monotonic() > deadline:
             missing = [r for r in range(world) if not store.check([f"{_MET}{r}"])]
             raise RuntimeError(f"rank(s) {missing} did not come to make the process group within {TIMEOUT}: they "
                                "exited or hung before it (their output says why), or can't reach MASTER_ADDR")
         time.sleep(0.05)
-        waited += 0.05
 
 
 def tell_the_others(error: BaseException) -> None:

@@ -18,7 +18,7 @@ from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dia
 from .graphs import GraphedDecoder
 from .linear import can_pack, packed_for
 from .research import edit_count, hook_dicts, replaced
-from .model import ModelArgs, Transformer, compute_dtype_for, cpu_has_native_bf16
+from .model import ModelArgs, Transformer, compute_dtype_for, cpu_has_native_bf16, is_int
 from .sampling import sample, sample_top_p
 from .tokenizer import Tokenizer
 
@@ -142,7 +142,7 @@ def _build_flags(device: torch.device, world: int, dtype: torch.dtype, compute: 
 def check_sampling(max_gen_len: Optional[int], temperature: float, top_p: float) -> None:
     """Fail on sampling arguments that can't be used (max_gen_len None: the default; 0: none, as Meta's, for
     scoring prompts with echo and logprobs), before any work is done."""
-    if max_gen_len is not None and (not _is_int(max_gen_len) or max_gen_len < 0):
+    if max_gen_len is not None and (not is_int(max_gen_len) or max_gen_len < 0):
         raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
     if not _is_number(temperature) or not 0 <= temperature < math.inf:  # NaN fails too
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
@@ -152,10 +152,6 @@ def check_sampling(max_gen_len: Optional[int], temperature: float, top_p: float)
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)  # True is an int to Python, not to a user
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class Llama:
@@ -181,7 +177,7 @@ class Llama:
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size),
                             ("model_parallel_size", 1 if model_parallel_size is None else model_parallel_size)):
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an integer, got {seed!r}")
@@ -372,7 +368,7 @@ class Llama:
         params = self.model.params
 
         def in_vocab(ids) -> bool:
-            return all(_is_int(t) and 0 <= t < params.vocab_size for t in ids)
+            return all(is_int(t) and 0 <= t < params.vocab_size for t in ids)
 
         if not isinstance(prompt_tokens, (list, tuple)):
             raise ValueError(f"prompt_tokens must be a list of prompts, each a list of token ids, got "

@@ -55,7 +55,7 @@ class ModelArgs:
         least = {"dim": 1, "n_layers": 1, "n_heads": 1, "multiple_of": 1, "max_batch_size": 1, "max_seq_len": 1}
         for name, low in least.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            if not is_int(value) or value < low:
                 raise ValueError(f"ModelArgs.{name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.vocab_size, int) or self.vocab_size < 1:
             raise ValueError(f"ModelArgs.vocab_size must be a positive integer, got {self.vocab_size!r} (params.json's "
@@ -91,6 +91,10 @@ class ModelArgs:
     def hidden_dim(self) -> int:
         """The SwiGLU width, derived exactly as Meta's params.json intend (e.g. 11008 for 7B)."""
         return swiglu_width(4 * self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # True is an int to Python, not to a user
 
 
 def swiglu_width(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float] = None) -> int:

@@ -30,9 +30,9 @@ def main() -> None:
         raise ValueError("--out_dir must differ from --ckpt_dir (the input would be overwritten while read)")
     with output_dir(str(out), args.force):
         reshard(str(src), str(out), args.mp)
-        for extra in ("tokenizer.model",):  # the checkpoint's own, in place of any there before
-            if (src / extra).is_file():
-                replace(out / extra, lambda tmp, name=extra: shutil.copyfile(src / name, tmp))
+        tokenizer = src / "tokenizer.model"
+        if tokenizer.is_file():  # the checkpoint's own, in place of any there before
+            replace(out / tokenizer.name, lambda tmp: shutil.copyfile(tokenizer, tmp))
     print(f"wrote {args.mp} shard(s) to {out}")
 
 
