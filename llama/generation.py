@@ -477,6 +477,7 @@ class Llama:
         # them, such as SentencePiece's spaces): text of the whole so far would cost a decode as long as it.
         window: List[int] = []
         said = ""
+        pos = batch.prompt_len  # where max_gen_len is 0: the prefill's cache holds the whole prompt
         for pos in self._steps(batch, temperature, top_p, stop, cached=cached):
             token = int(batch.tokens[0, pos])
             if token in stop:

@@ -145,6 +145,24 @@ def test_keep_cache_prefills_only_what_the_cache_lacks(llama2, monkeypatch):
     assert prefill_start(second, keep_cache=True) == common  # and on again, with nothing in between
 
 
+def test_keep_cache_after_a_stream_of_no_tokens(llama2, monkeypatch):
+    """max_gen_len=0 yields nothing, and its prefill is kept: the next call prefills from where its prompt parts
+    from that one's, and its text is still the reference's."""
+    g, state = llama2
+    starts = []  # how many prompt tokens each prefill takes from the cache
+    prefill = g._prefill
+    monkeypatch.setattr(g, "_prefill", lambda batch, scores, cached: starts.append(cached) or prefill(
+        batch, scores, cached))
+    assert list(g.stream("In the beginning", temperature=0, max_gen_len=0, keep_cache=True)) == []
+    first, second = (g.tokenizer.encode(p, bos=True, eos=False) for p in ("In the beginning", "In the beginning God"))
+    common = next(n for n in range(len(second)) if n == len(first) or first[n] != second[n])
+    assert common > 1
+    starts.clear()
+    text = "".join(g.stream("In the beginning God", temperature=0, max_gen_len=6, keep_cache=True))
+    assert starts[0] == common
+    assert text == g.tokenizer.decode(greedy(state, {**GQA, "vocab_size": VOCAB}, second, 6, stop=g.tokenizer.eos_id))
+
+
 def test_bad_input_is_a_clear_error(llama2):
     g = llama2[0]
     for prompt, kwargs, match in (("hi", {"top_p": 0}, "top_p"), ("hi", {"max_gen_len": -1}, "max_gen_len"),
