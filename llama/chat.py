@@ -4,7 +4,7 @@ become its message; the tokenizer's ``kind`` picks the format (``Llama2ChatForma
 ``Llama3ChatFormat`` for "llama3", tiktoken). Infilling: Code Llama's prompt for the code between a prefix and
 a suffix (``infilling_prompt``)."""
 
-from typing import List, Literal, Optional, TypedDict, get_args
+from typing import List, Literal, Optional, Tuple, TypedDict, get_args
 
 Role = Literal["system", "user", "assistant", "ipython"]  # ipython: Llama 3.1 tool output
 StopReason = Literal["end_of_turn", "end_of_message", "out_of_tokens"]
@@ -29,6 +29,7 @@ Dialog = List[Message]
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
+STEP = "<step>"  # Code Llama 70B's end of a message, unsafe in any Code Llama dialog as in Meta's codellama code
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 
 
@@ -51,13 +52,18 @@ def _check_turns(turns: Dialog, index: int, roles: List[str]) -> None:
 
 
 class ChatFormatBase:
-    """What every chat format has: the tokenizer, the ids that end an answer, and how an answer is decoded."""
+    """What every chat format has: the tokenizer, the ids that end an answer, what no message may hold, and how
+    an answer is decoded."""
 
     answer = {"role": "assistant"}  # the answer's fields besides its content
+    tags: Tuple[str, ...] = ()  # what could forge the format's turns: the reference refuses messages holding them
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.stop_tokens = tokenizer.stop_tokens
+
+    def is_unsafe(self, dialog: Dialog) -> bool:
+        return any(tag in message["content"] for tag in self.tags for message in dialog)
 
     def decode_answer(self, tokens: List[int], stop: Optional[int]) -> Message:
         """The answer message of the generated ``tokens``, which the stop token ``stop`` ended (None: the
@@ -66,12 +72,12 @@ class ChatFormatBase:
 
 
 class Llama2ChatFormat(ChatFormatBase):
-    """Llama 2 chat: ``[INST] user [/INST] answer`` pairs, the system prompt folded into the first user turn."""
+    """Llama 2 chat: ``[INST] user [/INST] answer`` pairs, the system prompt folded into the first user turn.
+    Unsafe: Llama 2's tags, and with a Code Llama tokenizer ``<step>`` too, as Meta's codellama code has it."""
 
-    @staticmethod
-    def is_unsafe(dialog: Dialog) -> bool:
-        """A message that carries the format's own tags could forge turns; the reference refuses it."""
-        return any(tag in message["content"] for tag in SPECIAL_TAGS for message in dialog)
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.tags = SPECIAL_TAGS + (STEP,) * tokenizer.is_code_llama
 
     def encode_dialog(self, dialog: Dialog, index: int = 0) -> List[int]:
         _check_messages(dialog, index)
@@ -117,10 +123,6 @@ class Llama3ChatFormat(ChatFormatBase):
         self.eot = special("<|eot_id|>")
         self.eom = special("<|eom_id|>")
         self.python_tag = special("<|python_tag|>")
-
-    @staticmethod
-    def is_unsafe(dialog: Dialog) -> bool:
-        return False
 
     def encode_header(self, message: Message) -> List[int]:
         """The header of a message of its role (Meta's name and argument, as encode_message's and
@@ -173,19 +175,15 @@ class CodeLlama70bChatFormat(ChatFormatBase):
     ``"\n\n "`` and its stripped content where it has any, and ``<step>``; then ``" Source: assistant\nDestination:
     user"`` and ``"\n\n "`` for the answer, which ends with ``<step>``. Each part is encoded on its own, as
     Meta's are. Roles: system first (an empty one where the dialog starts without it), then user and assistant
-    alternating, ending with user. Unsafe, as in Llama 2's: Llama 2's tags, and a content that encodes to
-    ``<step>``."""
+    alternating, ending with user. Unsafe: Llama 2's tags and ``<step>``, as Meta's."""
 
     answer = {"role": "assistant", "destination": "user"}
+    tags = SPECIAL_TAGS + (STEP,)
 
     def __init__(self, tokenizer):
         super().__init__(tokenizer)
         self.step = tokenizer.step_id
         self.stop_tokens = tokenizer.stop_tokens | {self.step}
-
-    def is_unsafe(self, dialog: Dialog) -> bool:
-        return Llama2ChatFormat.is_unsafe(dialog) or any(
-            self.step in self.tokenizer.encode(message["content"], bos=False, eos=False) for message in dialog)
 
     def encode_dialog(self, dialog: Dialog, index: int = 0) -> List[int]:
         _check_messages(dialog, index)

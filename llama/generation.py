@@ -150,8 +150,16 @@ def check_sampling(max_gen_len: Optional[int], temperature: float, top_p: float)
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
+def _listed(prompt_tokens: List[List[int]]) -> List[List[int]]:
+    """Prompts given as 1-D tensors or arrays of token ids as lists, as Meta's generate takes whatever torch.tensor
+    does."""
+    if not isinstance(prompt_tokens, (list, tuple)):
+        return prompt_tokens  # for _check_generate_args to name
+    return [p.tolist() if getattr(p, "ndim", None) == 1 and hasattr(p, "tolist") else p for p in prompt_tokens]
+
+
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)  # True is an int to Python, not to a user
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)  # True is an int to Python, not to a user
 
 
 class Llama:
@@ -268,6 +276,7 @@ class Llama:
                   logprobs: bool, echo: bool, stop_tokens: Optional[Collection[int]]
                   ) -> Tuple[List[List[int]], Optional[List[List[float]]], List[Optional[int]]]:
         """generate's results, and the stop token each prompt's generation ended with (None where none did)."""
+        prompt_tokens = _listed(prompt_tokens)
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop_tokens, echo)
         stop = self.tokenizer.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
         n = len(prompt_tokens)
@@ -312,10 +321,11 @@ class Llama:
         stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=self.device)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
         for pos in range(prompt_len, tokens.shape[1]):
-            # NaN or infinite logits (a float16 overflow, say) are garbage to argmax, and multinomial fails on them,
-            # on a GPU with a device-side assert that ends the process: such a row samples from zeros instead, and
-            # the step's one sync with the host, below, raises the error before its token is seen.
-            finite = logits.sum(dim=-1).isfinite()
+            # NaN or +infinity in a row's logits (a float16 overflow, say), or -infinity everywhere, are garbage to
+            # argmax, and multinomial fails on them, on a GPU with a device-side assert that ends the process: such
+            # a row samples from zeros instead, and the step's one sync with the host, below, raises the error
+            # before its token is seen. (-infinity for some tokens is research code's way of banning them.)
+            finite = logits.amax(dim=-1).isfinite()
             if temperature > 0:
                 logits = logits.where(finite[:, None], 0.0)
             next_token = sample(logits, temperature, top_p, self.generator)
@@ -358,7 +368,8 @@ class Llama:
         why = ("float16 holds values up to 65504 and the activations went past it: build with dtype='bfloat16' "
                "(or 'float32')" if self.model.compute_dtype == torch.float16 else
                "the checkpoint's weights may hold NaN or infinity")
-        return f"prompt {prompt}: the logits for generated token {token} are not finite (NaN or infinity): {why}"
+        return (f"prompt {prompt}: the logits for generated token {token} are not finite (NaN, +infinity, or "
+                f"-infinity for every token): {why}")
 
     def _check_generate_args(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float,
                              top_p: float, stop_tokens: Optional[Collection[int]], echo: bool) -> None:
@@ -421,7 +432,7 @@ class Llama:
             middle = self.tokenizer.decode_infilling(tokens[i])
             results.append({"generation": middle, "full_text": prefix + middle + suffix})
             if logprobs:
-                results[-1].update(tokens=tokens[i], logprobs=probs[i])
+                results[-1].update(tokens=self.tokenizer.token_names(tokens[i]), logprobs=probs[i])
         return results
 
     def chat_completion(self, dialogs: List[Dialog], temperature: float = 0.6, top_p: float = 0.9,
@@ -523,8 +534,7 @@ class Llama:
     def _prediction(self, generation: Union[str, Message], tokens: List[int], logprobs: Optional[List[float]]) -> dict:
         if logprobs is None:
             return {"generation": generation}
-        return {"generation": generation, "tokens": [self.tokenizer.decode([t]) for t in tokens],
-                "logprobs": logprobs}
+        return {"generation": generation, "tokens": self.tokenizer.token_names(tokens), "logprobs": logprobs}
 
 
 @dataclass

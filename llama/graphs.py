@@ -9,7 +9,7 @@ masked): a few dozen captures over a long generation, each one step's time.
 """
 
 from contextlib import nullcontext
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -37,7 +37,8 @@ class GraphedDecoder:
         self.pool = None  # one memory pool for all the graphs: steps never run at the same time
         self.inputs: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # batch -> tokens, pos, pad
         self.graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (batch, keys) -> ...
-        self.cache: Optional[torch.Tensor] = None
+        self.caches: List[torch.Tensor] = []  # the attentions' caches that the graphs write
+        self.positions = 0  # the fewest positions any of them holds
         # The hooks' dicts, checked at every step: checking them costs a few microseconds where walking all the
         # modules costs hundreds, out of a 5 ms step; walked again only when a module has been set anywhere.
         # (Checking for replaced forwards walks five modules a layer: 20 us for a 7B model on a slow CPU.)
@@ -53,11 +54,10 @@ class GraphedDecoder:
         if any(self.hooks) or replaced(self.model.replaceable_modules()):  # which a replay would skip
             return self.model.forward(tokens, pos, left_pad=left_pad, last_only=True)
         bsz = tokens.shape[0]
-        self.model._check_cache(bsz, pos + 1)  # allocates the cache on first use; a clear error if too small
-        cache = self.model.layers[0].attention.cache_k
-        if cache is not self.cache:
-            self.graphs.clear()
-            self.cache = cache
+        caches = self.model._check_cache(bsz, pos + 1)  # allocated on first use; a clear error if too small
+        if len(caches) != len(self.caches) or any(c is not held for c, held in zip(caches, self.caches)):
+            self.graphs.clear()  # a cache made anew (setup_cache, or research code's cache_k of another size)
+            self.caches, self.positions = caches, min((c.shape[3] for c in caches), default=pos + 1)
         if bsz not in self.inputs:
             self.inputs[bsz] = (torch.empty_like(tokens), torch.empty((), dtype=torch.long, device=tokens.device),
                                 torch.empty(bsz, dtype=torch.long, device=tokens.device))
@@ -68,7 +68,7 @@ class GraphedDecoder:
             static_pad.zero_()
         else:
             static_pad.copy_(left_pad)
-        keys = min(cache.shape[1], (pos // BUCKET + 1) * BUCKET)
+        keys = min(self.positions, (pos // BUCKET + 1) * BUCKET)
         if (bsz, keys) not in self.graphs:
             if not self.graphs:  # a pool whose graphs are all gone is released, and can't be captured into again
                 self.pool = torch.cuda.graph_pool_handle()

@@ -39,6 +39,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T in x's dtype, whatever the weight is stored in."""
     if x.dtype == weight.dtype:
         return _product(x, weight)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):  # autograd: torch's operations only
+        return F.linear(x, weight.to(x.dtype))
     out = kernels.linear_bf16(x, weight)  # 1 to 16 rows, on a CPU
     return out if out is not None else torch_linear(x, weight)
 
@@ -69,7 +71,8 @@ def _buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     by_kind = _buffers.__dict__.setdefault("by_kind", {})
     buffer = by_kind.get((device, dtype))
     if buffer is None or buffer.numel() < numel:
-        buffer = by_kind[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # made in a forward pass, still writable outside one
+            buffer = by_kind[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
     return buffer
 
 

@@ -7,6 +7,7 @@ Module names equal the keys of Meta's checkpoints, and the tensor-parallel layer
 import dataclasses
 import functools
 import math
+import numbers
 import operator
 import warnings
 from contextlib import contextmanager
@@ -94,7 +95,8 @@ class ModelArgs:
 
 
 def is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)  # True is an int to Python, not to a user
+    """An integer of Python's or numpy's; not a bool, which is one to Python, not to a user."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def swiglu_width(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float] = None) -> int:
@@ -190,6 +192,8 @@ class RMSNorm(nn.Module):
         self.add_norm = add_rms_norm  # or its compiled form (Transformer.compiled_elementwise)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.promote_types(x.dtype, self.weight.dtype) != x.dtype:  # Meta's way, for its dtype: the weight's
+            return self._norm(x.float()).type_as(x) * self.weight
         return self.norm(x, self.weight, self.eps)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -342,19 +346,64 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(args.dim, kv_dim, gather_output=False, **kw)
         self.wv = ColumnParallelLinear(args.dim, kv_dim, gather_output=False, **kw)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True, **kw)
-        self.cache_kv: Optional[torch.Tensor] = None  # keys and values; cache_k and cache_v are views of it
-        self.cache_k: Optional[torch.Tensor] = None  # (batch, positions, kv_heads, head_dim), as Meta's
-        self.cache_v: Optional[torch.Tensor] = None
+        self.cache_kv: Optional[torch.Tensor] = None  # keys and values; cache_k and cache_v view them
         self.wqkv: Optional[Union[Fused, PackedFused]] = None  # Transformer.fuse_weights, pack_weights
         self.rotate_and_cache = rotate_and_cache  # or its compiled form (Transformer.compiled_elementwise)
 
     def allocate_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        """A cache of this size, dtype and device: the one there where it is one (research code may hold views of
+        it), else a new one of zeros."""
         # (batch, kv_heads, seq, head_dim) each: the layout attention reads, so no per-step transpose of the cache.
         # Keys and values in one tensor, so that a compiled step writes both in one kernel (rotate_and_cache).
-        # cache_k and cache_v view them in the order of Meta's, for research code that reads or edits them.
         shape = (2, max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
-        self.cache_kv = torch.zeros(shape, dtype=dtype, device=device)
-        self.cache_k, self.cache_v = self.cache_kv.transpose(2, 3)
+        c = self.cache_kv
+        if c is None or c.shape != shape or c.dtype != dtype or c.device != device:
+            with torch.inference_mode(False):  # a cache made in a forward pass is still editable outside one
+                self.cache_kv = torch.zeros(shape, dtype=dtype, device=device)
+
+    # Meta's cache_k and cache_v, (batch, positions, kv_heads, head_dim): views of cache_kv, which research code
+    # reads, edits in place, or assigns (save and restore a cache). Read before the first forward pass, they are
+    # there, zeros, as Meta's are from __init__.
+    @property
+    def cache_k(self) -> torch.Tensor:
+        return self._meta_view(0)
+
+    @cache_k.setter
+    def cache_k(self, value: torch.Tensor) -> None:
+        self._assign(0, value)
+
+    @property
+    def cache_v(self) -> torch.Tensor:
+        return self._meta_view(1)
+
+    @cache_v.setter
+    def cache_v(self, value: torch.Tensor) -> None:
+        self._assign(1, value)
+
+    def _meta_view(self, i: int) -> torch.Tensor:
+        if self.cache_kv is None:
+            w = next(self.parameters())
+            self.allocate_cache(*self.cache_size, compute_dtype_for(w.dtype, w.device), w.device)
+        return self.cache_kv[i].transpose(1, 2)
+
+    def _assign(self, i: int, value: torch.Tensor) -> None:
+        """Meta's ``attention.cache_k = t``: t's contents copied into the cache attention reads (the engine keeps
+        keys and values in one tensor, of its dtype and device), the cache made t's batch x positions where t is
+        another size (what both held kept)."""
+        now = self._meta_view(i)
+        if not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[2:] != now.shape[2:]:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"cache_{'kv'[i]} must be a (batch, positions, {now.shape[2]}, {now.shape[3]}) tensor, "
+                             f"got {got}")
+        if (value.data_ptr(), value.shape, value.stride(), value.dtype) == (now.data_ptr(), now.shape, now.stride(),
+                                                                           now.dtype):
+            return  # itself (Meta's ``self.cache_k = self.cache_k.to(xq)``)
+        if value.shape != now.shape:
+            old = self.cache_kv
+            self.allocate_cache(value.shape[0], value.shape[1], old.dtype, old.device)
+            rows, positions = min(old.shape[1], value.shape[0]), min(old.shape[3], value.shape[1])
+            self.cache_kv[:, :rows, :, :positions] = old[:, :rows, :, :positions]
+        self.cache_kv[i] = value.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, start_pos: Union[Window, int], freqs_cis: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -411,6 +460,9 @@ class FeedForward(nn.Module):
         return self.w2(self.swiglu(gate, up))
 
 
+BLOCK_PARTS = ("attention_norm", "ffn_norm", "attention", "feed_forward")
+
+
 @own_forward
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
@@ -459,19 +511,22 @@ class Transformer(nn.Module):
         with _skip_fairscale_init():
             self.tok_embeddings = fs_layers.ParallelEmbedding(params.vocab_size, params.dim, init_method=_as_loaded)
             self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+            self.norm = RMSNorm(params.dim, params.norm_eps)
             self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_as_loaded)
-        self.norm = RMSNorm(params.dim, params.norm_eps)
         # Meta's name and length (Llama 2's context is twice max_seq_len's default): (2 x max_seq_len, head_dim // 2),
         # made again on the weights' device by setup_cache.
         self.freqs_cis = self._rotations(2 * params.max_seq_len, torch.device("cpu"))
         self.compute_dtype: Optional[torch.dtype] = None  # set with the KV cache
         self.cache_made_for: Optional[Tuple[torch.device, torch.dtype]] = None  # the weights' device and dtype then
         self.runs = 0  # forward passes, decoding steps and caches made: each changes what the KV cache holds
+        self._sized: Tuple[List[torch.Tensor], Tuple[int, int]] = ([], (0, 0))  # caches, their fewest rows, positions
         self._compiled: Optional[tuple[Callable, ...]] = None  # compiled_elementwise
 
     def setup_cache(self, max_batch_size: Optional[int] = None, max_seq_len: Optional[int] = None,
                     compute_dtype: Optional[torch.dtype] = None) -> None:
-        """(Re)allocate the KV cache and rotary tables on the weights' device.
+        """Allocate the KV cache and rotary tables on the weights' device: each attention's cache kept where it is
+        already of this size, dtype and device (research code may hold views of it: ``Attention.cache_k``), and the
+        table where it is long enough (research code may have put its own there, as on Meta's model).
 
         compute_dtype: the dtype of activations and KV cache, by default ``compute_dtype_for`` the weights' dtype
         and device. Weights stored narrower (bf16 on a CPU without native bf16, computing in float32) are
@@ -488,9 +543,21 @@ class Transformer(nn.Module):
                 setattr(owner, name, Fused(*members))
         self.cache_made_for = (weight.device, weight.dtype)
         self.runs += 1
-        for layer in self.layers:
-            layer.attention.allocate_cache(max_batch_size, max_seq_len, self.compute_dtype, weight.device)
-        self.freqs_cis = self._rotations(2 * max_seq_len, weight.device)
+        for attention in self.attentions():
+            attention.allocate_cache(max_batch_size, max_seq_len, self.compute_dtype, weight.device)
+        if self.freqs_cis.shape[0] < 2 * max_seq_len:
+            self.freqs_cis = self._rotations(2 * max_seq_len, weight.device)
+        else:  # kept, as Meta's forward keeps it: research code may have put a table of its own there
+            self.freqs_cis = self.freqs_cis.to(weight.device)
+
+    def attentions(self) -> List["Attention"]:
+        """Each block's attention module, with its KV cache, wherever it is in the block: research code may have
+        put a block or an attention in a wrapper of its own."""
+        found: List[Attention] = []
+        for layer in self.layers._modules.values():
+            a = layer._modules.get("attention")
+            found += (a,) if isinstance(a, Attention) else (m for m in layer.modules() if isinstance(m, Attention))
+        return found
 
     def _rotations(self, end: int, device: torch.device) -> torch.Tensor:
         p = self.params
@@ -538,10 +605,11 @@ class Transformer(nn.Module):
     def _fusable(self) -> Iterator[tuple[nn.Module, str, tuple["ColumnParallelLinear", ...]]]:
         """Each layer's column-parallel layers fed the same input, and the attribute their one product goes in:
         wq, wk, wv (``Attention.wqkv``); w1, w3 (``FeedForward.w13``)."""
-        for layer in self.layers:
-            a, f = layer.attention, layer.feed_forward
-            yield a, "wqkv", (a.wq, a.wk, a.wv)
-            yield f, "w13", (f.w1, f.w3)
+        for m in self.modules():
+            if isinstance(m, Attention):
+                yield m, "wqkv", (m.wq, m.wk, m.wv)
+            elif isinstance(m, FeedForward):
+                yield m, "w13", (m.w1, m.w3)
 
     @contextmanager
     def compiled_elementwise(self) -> Iterator[None]:
@@ -640,22 +708,27 @@ class Transformer(nn.Module):
                 raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {int(low)}..{int(high)}")
         return start_pos
 
-    def _check_cache(self, rows: int, positions: int) -> None:
+    def _check_cache(self, rows: int, positions: int) -> List[torch.Tensor]:
         """Allocate the cache on first use, and again where ``.to()`` has moved or converted the weights since (as
         Meta's cache follows its activations): on their device, computing in ``compute_dtype_for`` their dtype,
-        holding what it held. Fail clearly if it is too small."""
+        holding what it held. Fail clearly if it is too small. Returns the attentions' caches."""
         weight = self.output.weight
-        held = [layer._modules["attention"].cache_kv for layer in self.layers._modules.values()]
+        attentions = self.attentions()
+        held = [a.cache_kv for a in attentions]
         if self.cache_made_for != (weight.device, weight.dtype) or any(c is None for c in held):  # or one put in
             made = next((c for c in held if c is not None), None)
             self.setup_cache(*((made.shape[1], made.shape[3]) if made is not None else ()))
-            for layer, old in zip(self.layers, held):
-                if old is not None:
-                    layer.attention.cache_kv.copy_(old)
-        cache = self.layers[0].attention.cache_k
-        if rows > cache.shape[0] or positions > cache.shape[1]:
+            for attention, old in zip(attentions, held):
+                if old is not None and old is not attention.cache_kv:
+                    attention.cache_kv.copy_(old)
+            held = [a.cache_kv for a in attentions]
+        if len(held) != len(self._sized[0]) or not all(map(operator.is_, held, self._sized[0])):  # sizes: 16 us
+            self._sized = (held, (min(c.shape[1] for c in held), min(c.shape[3] for c in held)) if held else (0, 0))
+        size = self._sized[1]
+        if held and (rows > size[0] or positions > size[1]):
             raise ValueError(f"batch {rows} x positions up to {positions} exceed the KV cache "
-                             f"({cache.shape[0]} x {cache.shape[1]}): raise max_batch_size / max_seq_len")
+                             f"({size[0]} x {size[1]}): raise max_batch_size / max_seq_len")
+        return held
 
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, keys: int, first_row: int,
              left_pad: Optional[torch.Tensor], masked: bool, last_only: bool, first_key: int = 0,
@@ -678,17 +751,22 @@ class Transformer(nn.Module):
         w = Window(positions, keys, slice(first_row, first_row + bsz), self.freqs_cis[rope_pos].unsqueeze(2), mask,
                    first_key)
         h = self.tok_embeddings(tokens).to(self.compute_dtype)
+        # Only the last position goes through the final norm and output, unless hooks on them would see it (they
+        # see every position, as on Meta's model).
+        tail = last_only and not hooked((self.norm, self.output))
         if self.runs_metas_way():  # each block and norm called, with Meta's arguments where they can say the pass
             args = self._metas_arguments(w, start, left_pad, h.dtype) or (w,)
             for layer in self.layers:
                 h = layer(h, *args)
-            return self.output(self.norm(h[:, -1:] if last_only else h)).float()
-        carry = None
-        for layer in self.layers:
-            h, carry = layer.residuals(h, carry, w)
-        if last_only:
-            h, carry = h[:, -1:], carry[:, -1:]
-        return self.output(self.norm.after_add(h, carry)[1]).float()
+            logits = self.output(self.norm(h[:, -1:] if tail else h)).float()
+        else:
+            carry = None
+            for layer in self.layers:
+                h, carry = layer.residuals(h, carry, w)
+            if tail:
+                h, carry = h[:, -1:], carry[:, -1:]
+            logits = self.output(self.norm.after_add(h, carry)[1]).float()
+        return logits[:, -1:] if last_only and not tail else logits
 
     def runs_metas_way(self) -> bool:
         """Whether a pass must call each block and norm as Meta's forward does (not ``TransformerBlock.residuals``),
@@ -704,8 +782,8 @@ class Transformer(nn.Module):
         microsecond each, a hundred microseconds a step.)"""
         modules: List[nn.Module] = [self.norm]
         for layer in self.layers._modules.values():
-            parts = layer._modules
-            modules += (layer, parts["attention_norm"], parts["ffn_norm"], parts["attention"], parts["feed_forward"])
+            modules.append(layer)  # and its parts, where it is a block (not a wrapper of research code's)
+            modules += filter(None, map(layer._modules.get, BLOCK_PARTS))
         return modules
 
     def _metas_arguments(self, w: Window, start: Optional[int], left_pad: Optional[torch.Tensor],

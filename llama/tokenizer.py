@@ -71,17 +71,31 @@ class Tokenizer:
         told to (Llama 3's allowed_special)."""
         raise NotImplementedError
 
+    @property
+    def is_code_llama(self) -> bool:
+        """Code Llama's tokenizer: with its infilling pieces (7B, 13B) or ``<step>`` (70B)."""
+        return self.prefix_id is not None or self.step_id is not None
+
+    def token_names(self, ids: Sequence[int]) -> List[str]:
+        """Each token as a prediction's "tokens" gives it, as Meta's code for this family does: Code Llama's as its
+        piece ("▁def", ``token_piece``), Llama 2's and Llama 3's decoded alone ("def")."""
+        if self.is_code_llama:
+            return [self.token_piece(i) for i in self._ids(ids)]
+        return [self.decode([i]) for i in ids]
+
     def _ids(self, ids: Sequence[int]) -> List[int]:
-        """ids for decoding as a list of ints (from a 1-D tensor too), or an error naming the first bad one."""
+        """ids for decoding as a list of ints (from a 1-D tensor too), or an error naming the first bad one. The
+        padding id of Meta's generate, -1, is left out, as Code Llama's decode does."""
         if isinstance(ids, torch.Tensor) and ids.dim() == 1 and not ids.is_floating_point():
             ids = ids.tolist()
         if isinstance(ids, (str, bytes, torch.Tensor)) or not isinstance(ids, Iterable):
             raise ValueError(f"can only decode a list of token ids, got {type(ids).__name__}")
         out = []
         for i in ids:
-            if not isinstance(i, numbers.Integral) or isinstance(i, bool) or not 0 <= i < self.n_words:
+            if not isinstance(i, numbers.Integral) or isinstance(i, bool) or not -1 <= i < self.n_words:
                 raise ValueError(f"cannot decode {i!r}: token ids are integers in [0, {self.n_words})")
-            out.append(int(i))
+            if i != -1:
+                out.append(int(i))
         return out
 
 
@@ -179,6 +193,12 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(f"{s[:20]!r}...: its start merges with the marker {INFILLING_MARK!r} in this "
                              "tokenizer, so it can't be encoded without a leading space")
         return ids[len(self._mark):]
+
+    def token_piece(self, i: int) -> str:
+        """The piece of id i as the vocabulary spells it: Code Llama's name for it."""
+        if i == -1:
+            raise ValueError("-1 is the padding of Meta's generate, not a token: it has no piece")
+        return self.sp_model.id_to_piece(self._ids([i])[0])
 
     def decode_infilling(self, ids: Sequence[int]) -> str:
         """ids decoded as text that continues other text: a leading space is kept, where ``decode`` drops it."""

@@ -74,6 +74,16 @@ def test_greedy_tokens_match_reference(gqa):
     assert tokens[0] == greedy(state, PARAMS, prompt, 1, stop=g.tokenizer.eos_id)
 
 
+def test_prompts_as_numpy_integers_tensors_and_arrays_generate_as_lists(gqa):
+    """Meta's generate takes whatever torch.tensor does as a prompt."""
+    np = pytest.importorskip("numpy")
+    g, _ = gqa
+    prompt = g.tokenizer.encode("The quick brown fox", bos=True, eos=False)
+    want = g.generate([prompt], max_gen_len=4, temperature=0)
+    for given in ([np.int64(t) for t in prompt], torch.tensor(prompt), np.array(prompt)):
+        assert g.generate([given], max_gen_len=np.int64(4), temperature=np.float32(0)) == want
+
+
 def test_ragged_batch_equals_each_prompt_alone(gqa):
     g, _ = gqa
     texts = ["Hi", "A much longer prompt that spans quite a few more tokens than the others", "Once upon a time"]
@@ -257,7 +267,7 @@ def test_chat_logprobs(gqa):
     (lambda g: g.chat_completion([[{"role": "system", "content": "x"}, {"role": "system", "content": "y"},
                                    {"role": "user", "content": "z"}]]), r"got \['system', 'system', 'user'\]"),
     (lambda g: g.generate(torch.tensor([[1, 5]]), 3), "prompt_tokens must be a list of prompts.*got Tensor"),
-    (lambda g: g.generate([torch.tensor([1, 5])], 3), "prompt 0 must be a list of token ids, got Tensor"),
+    (lambda g: g.generate([torch.tensor([[1, 5]])], 3), "prompt 0 must be a list of token ids, got Tensor"),
     (lambda g: g.text_completion(["a"], max_gen_len=True), "max_gen_len"),
     (lambda g: g.text_completion(["a"], top_p="0.9"), "top_p must be a number"),
     (lambda g: g.text_infilling([], []), "no prompts given"),

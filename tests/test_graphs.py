@@ -118,12 +118,12 @@ def test_graphed_steps_match_reference_across_buckets(make_ckpt, tokenizer_path,
     pad = torch.tensor([7, 0], device=device)
     g.model.forward(torch.tensor([[0] * 7 + rows[0], rows[1]], device=device), 0, left_pad=pad)
     for pos in range(12, 30):
-        if pos == 21:  # a cache allocated anew: the graphs are captured again, on the new addresses
+        if pos == 21:  # a cache allocated anew (another size): the graphs are captured again, on its addresses
             old = [(layer.attention.cache_k, layer.attention.cache_v) for layer in g.model.layers]
-            g.model.setup_cache(2, 40)
+            g.model.setup_cache(2, 44)
             for layer, (k, v) in zip(g.model.layers, old):
-                layer.attention.cache_k.copy_(k)
-                layer.attention.cache_v.copy_(v)
+                layer.attention.cache_k[:, :40].copy_(k)
+                layer.attention.cache_v[:, :40].copy_(v)
         nxt = [pos * 7 % VOCAB, pos * 13 % VOCAB]
         got = g.decode_step(torch.tensor([[t] for t in nxt], device=device), pos, pad)
         for row, t, logits in zip(rows, nxt, got.cpu()):

@@ -71,13 +71,16 @@ def test_infilling_prompt_in_both_orders(code_llama_tokenizer_path):
 def test_text_infilling_matches_reference(code_ckpt, code_llama_tokenizer_path, suffix_first):
     ckpt, state = code_ckpt
     g = Llama.build(ckpt, code_llama_tokenizer_path, 96, 2, dtype="float32")
+    sp = SentencePieceProcessor(model_file=code_llama_tokenizer_path)
     prefixes, suffixes = [PREFIX, "x = "], [SUFFIX, ""]
     out = g.text_infilling(prefixes, suffixes, temperature=0, max_gen_len=6, logprobs=True,
                            suffix_first=suffix_first)
     for prefix, suffix, result in zip(prefixes, suffixes, out):
         prompt = infilling_prompt(g.tokenizer, prefix, suffix, suffix_first)
         want = greedy(state, CODE_LLAMA, prompt, 6, stop=EOT)
-        assert result["tokens"] == want and 2 not in want  # (no end of sequence: it would stop ours, not this)
+        # Code Llama's predictions name each token by its piece, as Meta's codellama (token_piece)
+        assert result["tokens"] == [sp.id_to_piece(t) for t in want]
+        assert 2 not in want  # (no end of sequence: it would stop ours, not this)
         assert result["generation"] == g.tokenizer.decode_infilling(want)
         assert result["full_text"] == prefix + result["generation"] + suffix
         logits = reference_logits(state, CODE_LLAMA, prompt + want)[len(prompt) - 1:-1]
@@ -102,7 +105,8 @@ def test_text_infilling_stops_at_eot(code_ckpt, code_llama_tokenizer_path, tmp_p
     assert len(want) < 3
     g = Llama.build(str(tmp_path), code_llama_tokenizer_path, 96, 1, dtype="float32")
     out = g.text_infilling([PREFIX], [SUFFIX], temperature=0, max_gen_len=8, logprobs=True)[0]
-    assert out["tokens"] == want and out["full_text"] == PREFIX + g.tokenizer.decode_infilling(want) + SUFFIX
+    pieces = SentencePieceProcessor(model_file=code_llama_tokenizer_path).id_to_piece(want)
+    assert out["tokens"] == pieces and out["full_text"] == PREFIX + g.tokenizer.decode_infilling(want) + SUFFIX
 
 
 def test_text_infilling_bad_input(code_ckpt, code_llama_tokenizer_path, make_ckpt, tokenizer_path):

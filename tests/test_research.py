@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch.nn.modules.module import register_module_forward_hook
 
+import llama.kernels
+import llama.linear
 from llama import Llama, Tokenizer
 from llama.graphs import GraphedDecoder
 from llama.linear import Fused, PackedFused
@@ -507,3 +509,177 @@ def test_a_compiled_model_is_not_compiled_again_at_every_call(gqa):
     want = reference_logits(state, PARAMS, tokens[0].tolist())
     torch.testing.assert_close(logits[0].double(), want, rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
+
+
+class Steered(torch.nn.Module):
+    """A wrapper of research code's around a block: its output pushed along a vector."""
+
+    def __init__(self, block, push):
+        super().__init__()
+        self.block, self.push = block, push
+
+    def forward(self, x, *args):
+        return self.block(x, *args) + self.push
+
+
+class Skipped(torch.nn.Module):
+    """A stand-in for a block that leaves the residual stream as it is."""
+
+    def forward(self, x, *args):
+        return x
+
+
+class Recorded(torch.nn.Module):
+    """A wrapper around an attention that keeps the shapes of what it gives."""
+
+    def __init__(self, attention):
+        super().__init__()
+        self.attention, self.shapes = attention, []
+
+    def forward(self, x, *args):
+        out = self.attention(x, *args)
+        self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_blocks_and_attention_in_wrappers_of_research_codes_compute(gqa):
+    """A block in a steering wrapper, a block replaced by a stand-in that skips it, an attention in a wrapper:
+    generation is the reference's with the same change (a skipped block: its wo and w2 zero, which leave the
+    stream as it is), and the model is as before once they are taken out."""
+    g, state = gqa
+    layers = g.model.layers
+    push = torch.randn(GQA["dim"], generator=torch.Generator().manual_seed(4)) * 4
+    tokens, stop = prompt(8, seed=6), g.tokenizer.eos_id
+    plain = greedy(state, PARAMS, tokens, 10, stop)
+    block0, block1 = layers[0], layers[1]
+    try:
+        layers[0] = Steered(block0, push)
+        steered = greedy(state, PARAMS, tokens, 10, stop, layer_out=lambda i, x: x + push.double() if i == 0 else x)
+        assert steered != plain and g.generate([tokens], 10, temperature=0)[0][0] == steered
+        layers[0], layers[1] = block0, Skipped()
+        skipped = {**state, **{f"layers.1.{n}.weight": torch.zeros_like(state[f"layers.1.{n}.weight"])
+                               for n in ("attention.wo", "feed_forward.w2")}}
+        assert g.generate([tokens], 10, temperature=0)[0][0] == greedy(skipped, PARAMS, tokens, 10, stop)
+        layers[1] = block1
+        block1.attention = Recorded(block1.attention)
+        assert g.generate([tokens], 10, temperature=0)[0][0] == plain
+        assert block1.attention.shapes[0] == (1, 8, GQA["dim"]) and len(block1.attention.shapes) == len(plain)
+    finally:
+        layers[0], layers[1] = block0, block1
+        if isinstance(block1.attention, Recorded):
+            block1.attention = block1.attention.attention
+    assert g.generate([tokens], 10, temperature=0)[0][0] == plain
+
+
+def test_tokens_banned_with_minus_infinity_are_never_generated(gqa):
+    """Research code's logit bias: -inf for some tokens, from a hook on the output layer. Greedy picks the
+    reference's best of the rest, and sampling never draws them (only NaN, +inf or a row of -inf are errors)."""
+    g, state = gqa
+    tokens = prompt(8, seed=7)
+    banned = reference_logits(state, PARAMS, tokens)[-1].topk(3).indices
+
+    def ban(module, args, out):
+        return out.index_fill(-1, banned, float("-inf"))
+
+    with registered(g.model.output.register_forward_hook(ban)):
+        first = g.generate([tokens], 1, temperature=0)[0][0][0]
+        sampled, _ = g.generate([tokens] * 4, 12, temperature=1.5, top_p=1.0)
+    assert first == int(reference_logits(state, PARAMS, tokens)[-1].index_fill(0, banned, float("-inf")).argmax())
+    assert not set(banned.tolist()) & {t for row in sampled for t in row}
+
+
+def test_hooks_on_the_final_norm_and_output_see_every_position(gqa):
+    """Meta's forward runs the whole prompt through the final norm and the output layer: their hooks see all of
+    it, where the engine would otherwise take only the last position there."""
+    g, state = gqa
+    tokens, shapes = prompt(8, seed=8), []
+    with registered(g.model.norm.register_forward_hook(lambda m, a, out: shapes.append(("norm", out.shape[1]))),
+                    g.model.output.register_forward_hook(lambda m, a, out: shapes.append(("output", out.shape[1])))):
+        got = g.generate([tokens], 2, temperature=0)[0][0]
+    assert shapes == [("norm", 8), ("output", 8), ("norm", 1), ("output", 1)]
+    assert got == greedy(state, PARAMS, tokens, 2, g.tokenizer.eos_id)
+
+
+def test_the_kv_cache_saved_and_assigned_back_as_on_metas(gqa):
+    """Research code saves each attention's cache_k and cache_v after a prompt, runs another, and assigns them
+    back to go on from the first: the next step's logits are the reference's for the first prompt. A cache of
+    another size assigned makes the cache that size, keeping what it held; a tensor of the wrong shape is an
+    error, not ignored."""
+    g, state = gqa
+    first, other = prompt(9, seed=9), prompt(12, seed=10)
+    attentions = [layer.attention for layer in g.model.layers]
+    g.model.forward(torch.tensor([first[:8]]), 0)
+    saved = [(a.cache_k.clone(), a.cache_v.clone()) for a in attentions]
+    g.model.forward(torch.tensor([other]), 0)
+    for a, (k, v) in zip(attentions, saved):
+        a.cache_k, a.cache_v = k, v
+    logits = g.model.forward(torch.tensor([first[8:]]), 8)
+    torch.testing.assert_close(logits[0, -1].double(), reference_logits(state, PARAMS, first)[-1], rtol=1e-4,
+                               atol=1e-4)
+    a = attentions[0]
+    kv_heads, hd = a.cache_k.shape[2:]
+    a.cache_k = torch.zeros(2, 80, kv_heads, hd)
+    assert a.cache_k.shape[:2] == a.cache_v.shape[:2] == (2, 80)
+    assert torch.equal(a.cache_v[:, :8], saved[0][1][:2, :8]) and not a.cache_k.any()
+    with pytest.raises(ValueError, match=rf"cache_v must be a \(batch, positions, {kv_heads}, {hd}\) tensor"):
+        a.cache_v = torch.zeros(2, 80, kv_heads + 1, hd)
+    g.model.setup_cache(4, 64)  # as it was, for the module's other tests
+    assert a.cache_k.shape[:2] == (4, 64)
+
+
+def test_a_transformer_built_directly_has_metas_cache_and_table(make_ckpt):
+    """Transformer(ModelArgs): cache_k and cache_v are there before any forward pass, zeros, as Meta's are
+    from __init__, and editable in place outside inference mode after one; a freqs_cis of research code's own
+    is what the model rotates by (here: another theta), on the first pass and after ``.double()``."""
+    ckpt, state = make_ckpt(GQA)
+    model = build_model(ckpt, state, max_seq_len=32)
+    attention = model.layers[0].attention
+    hd = GQA["dim"] // GQA["n_heads"]
+    assert attention.cache_k.shape == (model.params.max_batch_size, 32, GQA["n_kv_heads"], hd)
+    assert not attention.cache_v.any()
+    tokens = prompt(6, seed=11)
+    theta = {**PARAMS, "rope_theta": 500000.0}
+    model.freqs_cis = precompute_freqs_cis(hd, 64, theta["rope_theta"])
+    torch.testing.assert_close(model.forward(torch.tensor([tokens]), 0)[0].double(),
+                               reference_logits(state, theta, tokens), rtol=1e-4, atol=1e-4)
+    attention.cache_v[:, 20] = 0  # outside inference mode
+    model.double()
+    torch.testing.assert_close(model.forward(torch.tensor([tokens]), 0)[0].double(),
+                               reference_logits(state, theta, tokens), rtol=1e-6, atol=1e-6)
+
+
+def test_rmsnorm_and_parameters_in_metas_order_and_dtypes():
+    """state_dict and parameters() in the order of Meta's (the norm before the output layer), and a norm whose
+    weight is wider than its input gives the wider dtype, as Meta's (``_norm(x.float()).type_as(x) * weight``)."""
+    model = Transformer(ModelArgs(**PARAMS))
+    assert list(model.state_dict())[-2:] == ["norm.weight", "output.weight"]
+    norm = RMSNorm(8)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(2, 8).bfloat16()
+    want = rms_norm(x.double(), norm.weight.double(), 1e-6)
+    out = norm(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "no_kernels"])
+def test_bf16_weights_computing_in_float32_outside_inference_mode(make_ckpt, tokenizer_path, monkeypatch, kernels):
+    """A logit lens on a model whose bf16 weights compute in float32 (CPUs without native bf16): after forward
+    passes (in inference mode), the output layer called under no_grad, and with autograd through it, as
+    research code does. (Without the C kernels, products of a few rows round them to bf16.)"""
+    if not kernels:
+        monkeypatch.setattr(llama.kernels, "library", lambda: None)
+    ckpt, state = make_ckpt(GQA)
+    g = Llama.build(ckpt, tokenizer_path, 64, 4, device="cpu", dtype="bfloat16", pack_weights=False)
+    g.model.setup_cache(compute_dtype=torch.float32)
+    g.model.forward(torch.tensor([prompt(20)]), 0)  # wide products: the weights converted a block at a time
+    weight = state["output.weight"].double()
+    h = torch.randn(1, 20, GQA["dim"], generator=torch.Generator().manual_seed(5))
+    for rows in (20, 3):
+        with torch.no_grad():
+            got, want = g.model.output(h[:, :rows]).double(), h[:, :rows].double() @ weight.T
+        rounded = not kernels and rows < llama.linear.WIDE_ROWS
+        assert (got - want).abs().max() < (0.02 if rounded else 1e-4) * want.abs().max()
+    x = h.clone().requires_grad_()
+    g.model.output(x).sum().backward()
+    torch.testing.assert_close(x.grad.double(), weight.sum(0).expand(1, 20, -1), rtol=1e-4, atol=1e-4)
