@@ -7,7 +7,8 @@ The model writes the code between each prefix and suffix. It needs a Code Llama 
 
 from typing import Optional
 
-from llama import Llama
+from llama import Llama, Tokenizer
+from llama.chat import check_infilling
 from llama.cli import print0, run
 from llama.generation import check_sampling
 
@@ -31,6 +32,7 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, t
     if ckpt_dir is None or tokenizer_path is None:
         raise ValueError("pass --ckpt_dir and --tokenizer_path of a Code Llama checkpoint (7B or 13B, base or "
                          "Instruct): infilling needs its tokenizer, and the demo model can't infill")
+    check_infilling(Tokenizer(tokenizer_path))  # before the load, which can take minutes
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=max_batch_size, device=device, dtype=dtype,
                             compile_elementwise=compile_elementwise)

@@ -219,10 +219,7 @@ def infilling_prompt(tokenizer, prefix: str, suffix: str, suffix_first: bool = F
     """Code Llama's infilling prompt, as Meta's: ``<PRE> prefix <SUF>suffix <MID>``, the model writing the middle
     after it; with suffix_first, ``<PRE> <SUF>suffix <MID> prefix``, the model continuing the prefix. The suffix is
     encoded without the space SentencePiece puts before a text (it continues the middle)."""
-    if None in (tokenizer.prefix_id, tokenizer.suffix_id, tokenizer.middle_id, tokenizer.eot_id):
-        raise ValueError("infilling needs a Code Llama tokenizer, with the pieces ▁<PRE>, ▁<SUF>, ▁<MID> and ▁<EOT> "
-                         "(a vocabulary of 32016: Code Llama and Code Llama - Instruct 7B and 13B); this one has "
-                         f"{tokenizer.n_words} tokens and not all of them")
+    check_infilling(tokenizer)
     if not isinstance(prefix, str) or not isinstance(suffix, str):
         raise ValueError(f"a prefix and a suffix must be strings, got {type(prefix).__name__} and "
                          f"{type(suffix).__name__}")
@@ -232,3 +229,11 @@ def infilling_prompt(tokenizer, prefix: str, suffix: str, suffix_first: bool = F
                 + tokenizer.encode(prefix, bos=False, eos=False))
     return ([tokenizer.bos_id, pre] + tokenizer.encode(prefix, bos=False, eos=False) + [suf]
             + tokenizer.encode_infilling(suffix) + [mid])
+
+
+def check_infilling(tokenizer) -> None:
+    """Fail unless the tokenizer has Code Llama's infilling pieces."""
+    if None in (tokenizer.prefix_id, tokenizer.suffix_id, tokenizer.middle_id, tokenizer.eot_id):
+        raise ValueError("infilling needs a Code Llama tokenizer, with the pieces ▁<PRE>, ▁<SUF>, ▁<MID> and ▁<EOT> "
+                         "(a vocabulary of 32016: Code Llama and Code Llama - Instruct 7B and 13B); this one has "
+                         f"{tokenizer.n_words} tokens and not all of them")

@@ -148,14 +148,15 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     return shard
 
 
-def check_split(args: ModelArgs, n: int, replicate_kv: bool = True) -> None:
-    """Refuse a world size the model's shapes can't be cut into, naming the largest one that works.
+def check_split(args: ModelArgs, n: int, replicate_kv: bool = True, unit: str = "processes") -> None:
+    """Refuse a world size (or count of shards: unit) the model's shapes can't be cut into, naming the largest one
+    that works.
 
     With replicate_kv, n may exceed n_kv_heads when it is a multiple of it: each rank then holds the one KV head
     its query heads share. A checkpoint written to disk can't hold replicated heads, so resharding passes False.
     """
     if n < 1:
-        raise ValueError(f"the number of processes or shards must be at least 1, got {n}")
+        raise ValueError(f"the number of {unit} must be at least 1, got {n}")
 
     def kv_ok(m: int) -> bool:
         return args.kv_heads % m == 0 or (replicate_kv and m % args.kv_heads == 0)
@@ -167,7 +168,7 @@ def check_split(args: ModelArgs, n: int, replicate_kv: bool = True) -> None:
         bad.append(f"n_kv_heads={args.kv_heads}" + (" (nor a multiple of it)" if replicate_kv else ""))
     if bad:
         best = max(m for m in range(1, n + 1) if kv_ok(m) and all(size % m == 0 for size in sizes.values()))
-        raise ValueError(f"this model can't be split across {n} processes: {', '.join(bad)} not divisible by "
+        raise ValueError(f"this model can't be split across {n} {unit}: {', '.join(bad)} not divisible by "
                          f"{n}; the largest model-parallel size up to {n} that works is {best}")
 
 
@@ -238,6 +239,10 @@ class Checkpoint:
         elif args.vocab_size != saved_vocab:
             raise ValueError(f"{self.dir}/params.json says vocab_size {args.vocab_size} but the shards hold "
                              f"{saved_vocab} rows of output.weight")
+        try:
+            args.check()
+        except ValueError as e:
+            raise ValueError(f"{self.dir}/params.json: {e}") from None
         return args
 
     def embed_dim(self, args: ModelArgs) -> int:
@@ -331,28 +336,47 @@ def save(shards: Iterable[Dict[str, torch.Tensor]], params: dict, out_dir: str) 
     """Write params.json, consolidated.NN.pth and a checklist.chk of md5 sums (``md5sum -c`` format), and remove
     the shards of a checkpoint written there before with more of them.
 
+    Every file is written under a temporary name first, and all are renamed into place at the end, the checklist
+    last: a write that fails or is killed leaves a checkpoint that was there as it was, not a mixture of two that
+    would load and compute nonsense (it needs room for both until then). No file is written over in place: it may
+    be a link to another checkpoint's file (the one being resharded, even), or mapped by a job running on it.
+
     shards may be a generator: each is written and let go before the next is made.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    replace(out / "params.json", lambda tmp: tmp.write_text(json.dumps(params)))
-    names = ["params.json"]
-    for j, shard in enumerate(shards):
-        names.append(f"consolidated.{j:02d}.pth")
-        replace(out / names[-1], lambda tmp, s=shard: torch.save(s, tmp))
-        del shard  # before the generator makes the next one
-    for old in out.glob("consolidated.*.pth"):
-        if old.name not in names:
-            old.unlink()
-    sums = "".join(f"{md5(out / name)}  {name}\n" for name in sorted(names))
-    replace(out / "checklist.chk", lambda tmp: tmp.write_text(sums))
+    written: Dict[str, Path] = {}
+    try:
+        written["params.json"] = _partial(out / "params.json")
+        written["params.json"].write_text(json.dumps(params))
+        for j, shard in enumerate(shards):
+            name = f"consolidated.{j:02d}.pth"
+            written[name] = _partial(out / name)
+            torch.save(shard, written[name])
+            del shard  # before the generator makes the next one
+        checklist = _partial(out / "checklist.chk")
+        checklist.write_text("".join(f"{md5(written[name])}  {name}\n" for name in sorted(written)))
+        written["checklist.chk"] = checklist
+        for name, path in written.items():
+            if name == "checklist.chk":
+                for old in out.glob("consolidated.*.pth"):
+                    if old.name not in written:
+                        old.unlink()
+            os.replace(path, out / name)
+    finally:
+        for path in written.values():
+            path.unlink(missing_ok=True)
+
+
+def _partial(path: Path) -> Path:
+    """Where path is written before it is renamed into place."""
+    return path.with_name(f".{path.name}.partial")
 
 
 def replace(path: Path, write: Callable[[Path], object]) -> None:
     """write(a temporary file beside path), then rename it to path: a file there before is replaced, never
-    written over in place. It may be a hard link or a symbolic link to another checkpoint's file (the one being
-    resharded, even), or mapped by a job running on it; and a write that fails leaves nothing under the name."""
-    tmp = path.with_name(f".{path.name}.partial")
+    written over in place, as in ``save``; and a write that fails leaves nothing under the name."""
+    tmp = _partial(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -364,7 +388,7 @@ def reshard(ckpt_dir: str, out_dir: str, mp: int) -> None:
     """Write ckpt_dir's model as an equivalent checkpoint of mp shards, one output shard in memory at a time."""
     ckpt = Checkpoint(ckpt_dir)
     args = ckpt.model_args()
-    check_split(args, mp, replicate_kv=False)
+    check_split(args, mp, replicate_kv=False, unit="shards")
     extras = {k: v.clone() for k, v in ckpt.shards[0].items() if k in IGNORED_KEYS}
     cpu, embed_dim = torch.device("cpu"), ckpt.embed_dim(args)  # each family keeps its own layout
     save(({**ckpt.load_rank(args, r, mp, None, cpu, copy=True, embed_dim=embed_dim), **extras} for r in range(mp)),
@@ -386,7 +410,7 @@ def random_checkpoint(out_dir: str, params: dict, mp: int = 1, seed: int = 0, vo
         if vocab_size is None:
             raise ValueError("params has vocab_size -1: pass vocab_size (the tokenizer's n_words)")
         args.vocab_size = vocab_size
-    check_split(args, mp, replicate_kv=False)  # shards of unequal slices would be no checkpoint of Meta's
+    check_split(args, mp, replicate_kv=False, unit="shards")  # unequal slices would be no checkpoint of Meta's
     g = torch.Generator(device).manual_seed(seed)
     state = {}
     for key, shape in full_shapes(args).items():

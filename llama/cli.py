@@ -4,11 +4,14 @@ reported as one line on stderr with exit code 1 (on every rank) instead of a tra
 import argparse
 import contextlib
 import difflib
+import functools
 import inspect
 import logging
 import re
 import shutil
+import signal
 import sys
+import typing
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
@@ -31,6 +34,10 @@ def one_line_errors() -> Iterator[None]:
         sys.stderr.write(f"error: {e}\n")  # one write: the ranks' lines don't interleave
         sys.stderr.flush()
         sys.exit(1)
+    except KeyboardInterrupt as e:  # Ctrl-C: no traceback, the shell's exit status for it
+        distributed.tell_the_others(e)
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
     except BaseException as e:  # a crash or Ctrl-C: the other ranks mustn't wait for this one either
         if not (isinstance(e, SystemExit) and e.code in (None, 0)):
             distributed.tell_the_others(e)
@@ -43,8 +50,9 @@ def one_line_errors() -> Iterator[None]:
 @contextlib.contextmanager
 def output_dir(path: str, force: Optional[bool] = None) -> Iterator[Path]:
     """The folder a script writes a checkpoint into: a folder or nothing yet, and empty unless force (None: the
-    script has no --force). Where the writing fails, a folder that was empty or absent is left so again: a second
-    try would refuse it half-written, as not empty."""
+    script has no --force). Where the writing fails, or is interrupted (Ctrl-C, or SIGTERM from ``kill``, a
+    timeout or a job scheduler), a folder that was empty is emptied again (itself kept, with its permissions, or
+    the link to it) and one that was absent removed: a second try would refuse it half-written, as not empty."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out_dir {out} is a file: name a folder (it is made if it doesn't exist)")
@@ -53,14 +61,23 @@ def output_dir(path: str, force: Optional[bool] = None) -> Iterator[Path]:
         raise ValueError(f"{out} is not empty: choose an empty --out_dir"
                          + (", or pass --force to write into it" if force is not None else ""))
     existed = out.exists()
+    terminate = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         yield out
     except BaseException:
-        if empty and out.exists():
+        if empty and existed:
+            for p in out.iterdir():
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        elif empty and out.exists():
             shutil.rmtree(out)
-            if existed:
-                out.mkdir()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, terminate)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds, so that what was being written is cleaned up
 
 
 def run(main: Callable) -> None:
@@ -69,7 +86,28 @@ def run(main: Callable) -> None:
                         format="%(message)s")
     with one_line_errors():
         check_flags(main, sys.argv[1:])
-        fire.Fire(main)
+        fire.Fire(typed(main))
+
+
+def typed(main: Callable) -> Callable:
+    """main, its bool and str flags checked as fire gives them: fire passes ``--flag=false`` on as the string
+    'false' (true to Python), a ``--path`` with no value as True, and a path of digits (``--ckpt_dir 2024``) as a
+    number."""
+    hints = typing.get_type_hints(main)
+
+    @functools.wraps(main)
+    def checked(*args, **kwargs):
+        bound = inspect.signature(main).bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            if hints.get(name) is bool and not isinstance(value, bool):
+                raise ValueError(f"--{name} is true or false (--{name} or --no{name}), got {value!r}")
+            if hints.get(name) in (str, Optional[str]) and not isinstance(value, str) and value is not None:
+                if isinstance(value, bool):
+                    raise ValueError(f"--{name} needs a value: --{name} {name.upper()}")
+                bound.arguments[name] = str(value)
+        return main(*bound.args, **bound.kwargs)
+
+    return checked
 
 
 def check_flags(main: Callable, argv: List[str]) -> None:
@@ -79,15 +117,15 @@ def check_flags(main: Callable, argv: List[str]) -> None:
     for arg in argv:
         if arg == "--":  # fire's own flags follow (-- --help)
             return
-        flag = re.fullmatch(r"--([A-Za-z_][\w-]*)(=.*)?", arg)
-        if flag is None or flag.group(1) in ("help", "h"):
+        flag = re.fullmatch(r"--?([A-Za-z_][\w-]*)(=.*)?", arg)  # fire takes -flag too
+        if flag is None or flag.group(1) in ("help", "h") or re.fullmatch(r"-\w", arg):  # -m: fire's short flags
             continue
         name = flag.group(1).replace("-", "_")
         if name in params or (name.startswith("no") and name[2:] in params):  # fire's --noFLAG for booleans
             continue
         close = difflib.get_close_matches(name, params, n=1)
         hint = f"did you mean --{close[0]}? " if close else ""
-        raise ValueError(f"unknown flag --{flag.group(1)}: {hint}the flags are "
+        raise ValueError(f"unknown flag {arg.split('=')[0]}: {hint}the flags are "
                          + ", ".join(f"--{p}" for p in params))
 
 

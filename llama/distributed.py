@@ -7,6 +7,8 @@ Python session. Here a missing launcher means a one-process group, and a group t
 import contextlib
 import datetime
 import io
+import math
+import numbers
 import os
 import socket
 import time
@@ -18,8 +20,18 @@ from fairscale.nn.model_parallel import initialize as mp_init
 
 T = TypeVar("T")
 
-# A collective that waits longer than this for a rank that died fails instead of hanging the run.
-TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("LLAMA_DIST_TIMEOUT", "600")))
+
+def timeout() -> datetime.timedelta:
+    """How long a collective waits for a rank that died before it fails, instead of hanging the run:
+    LLAMA_DIST_TIMEOUT seconds, 600 by default."""
+    text = os.environ.get("LLAMA_DIST_TIMEOUT", "600")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"LLAMA_DIST_TIMEOUT must be a number of seconds > 0, got {text!r}")
+    return datetime.timedelta(seconds=seconds)
 
 
 def pick_device(device: Union[str, torch.device, None]) -> torch.device:
@@ -61,32 +73,33 @@ def init_process_group(device: torch.device) -> None:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if launched():
-        store, rank, world = next(dist.rendezvous("env://", timeout=TIMEOUT))  # torchrun's, as init_method's is
-        _meet(store, rank, world)
+        limit = timeout()
+        store, rank, world = next(dist.rendezvous("env://", timeout=limit))  # torchrun's, as init_method's is
+        _meet(store, rank, world, limit)
         dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world,
-                                timeout=TIMEOUT)
+                                timeout=limit)
     else:  # its store in the process: no port to find (or to race another process for), no network, and none of
         # the TCP store that PyTorch's Windows builds without libuv failed to make
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=TIMEOUT)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout())
 
 
 _MET = "llama/met/"  # the launcher's store's keys: each rank's as it comes to make the process group
 _FAILED = "llama/failed"  # and a rank's error, where it failed before
 
 
-def _meet(store: dist.Store, rank: int, world: int) -> None:
+def _meet(store: dist.Store, rank: int, world: int, limit: datetime.timedelta) -> None:
     """Wait until every rank has come to make the process group, or one has said it failed before it
-    (``tell_the_others``): then fail with its message. Making the group would wait TIMEOUT for a rank that had
+    (``tell_the_others``): then fail with its message. Making the group would wait the limit for a rank that had
     exited, then fail saying nothing of it (one machine given a misspelt flag: the others waited ten minutes)."""
     store.set(f"{_MET}{rank}", socket.gethostname())
     everyone = [f"{_MET}{r}" for r in range(world)]
-    deadline = time.monotonic() + TIMEOUT.total_seconds()
+    deadline = time.monotonic() + limit.total_seconds()
     while not store.check(everyone):
         if store.check([_FAILED]):
             raise ValueError(store.get(_FAILED).decode())
         if time.monotonic() > deadline:
             missing = [r for r in range(world) if not store.check([f"{_MET}{r}"])]
-            raise RuntimeError(f"rank(s) {missing} did not come to make the process group within {TIMEOUT}: they "
+            raise RuntimeError(f"rank(s) {missing} did not come to make the process group within {limit}: they "
                                "exited or hung before it (their output says why), or can't reach MASTER_ADDR")
         time.sleep(0.05)
 
@@ -174,7 +187,7 @@ _PATIENT: Optional[dist.ProcessGroup] = None  # first_ranks' group, made on firs
 def first_ranks(value: T) -> T:
     """Rank 0's value on every rank: a collective, which all ranks must call, over a group of its own that waits
     without a time limit. It is for what a person types on the first process, who may take longer than
-    TIMEOUT, after which a collective of the run's group fails (and nccl's watchdog ends the processes). A rank
+    ``timeout()``, after which a collective of the run's group fails (and nccl's watchdog ends the processes). A rank
     that dies still ends the wait: its connections close."""
     global _PATIENT
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -186,16 +199,37 @@ def first_ranks(value: T) -> T:
     return box[0]
 
 
+class Disagreement(ValueError):
+    """The ranks were given different arguments (``agree``)."""
+
+
 def agree(doing: str, **values: object) -> None:
-    """Raise on every rank where the ranks were given different values (compared by their repr) for doing
-    something together: each machine's command is typed on its own, and ranks computing on different arguments
-    would wait forever in collectives that don't match, or compute nonsense together without an error."""
-    given = everyones({name: repr(value) for name, value in values.items()})
+    """Raise Disagreement on every rank where the ranks were given different values for doing something
+    together: each machine's command is typed on its own, and ranks computing on different arguments would wait
+    forever in collectives that don't match, or compute nonsense together without an error. Equal values written
+    differently agree (0 and 0.0; a params.json's keys in another order)."""
+    given = everyones({name: _canonical(value) for name, value in values.items()})
     for name in values:
         if any(g[name] != given[0][name] for g in given):
             each = ", ".join(f"rank {r}: {g[name][:200]}" for r, g in enumerate(given))
-            raise ValueError(f"the processes were given different {name} {doing} ({each}): give every process the "
-                             "same arguments")
+            raise Disagreement(f"the processes were given different {name} {doing} ({each}): give every process "
+                               "the same arguments")
+
+
+def _canonical(value: object) -> str:
+    """value's repr, the same for equal values written differently."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if isinstance(value, numbers.Integral):
+            return repr(int(value))
+        number = float(value)
+        return repr(int(number) if number.is_integer() else number)  # 0.0 as 0
+    if isinstance(value, dict):
+        return "{" + ", ".join(sorted(f"{k!r}: {_canonical(v)}" for k, v in value.items())) + "}"
+    if isinstance(value, (set, frozenset)):
+        return "{" + ", ".join(sorted(map(_canonical, value))) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_canonical, value)) + "]"
+    return repr(value)
 
 
 def raise_if_any_failed(error: Optional[Exception], doing: str) -> None:

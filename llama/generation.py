@@ -18,7 +18,7 @@ from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dia
 from .graphs import GraphedDecoder
 from .linear import can_pack, packed_for
 from .research import edit_count, hook_dicts, replaced
-from .model import ModelArgs, Transformer, compute_dtype_for, cpu_has_native_bf16, is_int
+from .model import ModelArgs, Transformer, compute_dtype_for, cpu_has_native_bf16, is_int, is_number
 from .sampling import sample, sample_top_p
 from .tokenizer import Tokenizer
 
@@ -144,9 +144,9 @@ def check_sampling(max_gen_len: Optional[int], temperature: float, top_p: float)
     scoring prompts with echo and logprobs), before any work is done."""
     if max_gen_len is not None and (not is_int(max_gen_len) or max_gen_len < 0):
         raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
-    if not _is_number(temperature) or not 0 <= temperature < math.inf:  # NaN fails too
+    if not is_number(temperature) or not 0 <= temperature < math.inf:  # NaN fails too
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if not _is_number(top_p) or not 0 < top_p <= 1:
+    if not is_number(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
@@ -156,10 +156,6 @@ def _listed(prompt_tokens: List[List[int]]) -> List[List[int]]:
     if not isinstance(prompt_tokens, (list, tuple)):
         return prompt_tokens  # for _check_generate_args to name
     return [p.tolist() if getattr(p, "ndim", None) == 1 and hasattr(p, "tolist") else p for p in prompt_tokens]
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)  # True is an int to Python, not to a user
 
 
 class Llama:

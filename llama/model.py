@@ -58,10 +58,17 @@ class ModelArgs:
             value = getattr(self, name)
             if not is_int(value) or value < low:
                 raise ValueError(f"ModelArgs.{name} must be an integer >= {low}, got {value!r}")
-        if not isinstance(self.vocab_size, int) or self.vocab_size < 1:
+        if not is_int(self.vocab_size) or self.vocab_size < 1:
             raise ValueError(f"ModelArgs.vocab_size must be a positive integer, got {self.vocab_size!r} (params.json's "
                              "-1 means the tokenizer's: set it to tokenizer.n_words, as Meta's build does)")
-        if not isinstance(self.kv_heads, int) or self.kv_heads < 1 or self.n_heads % self.kv_heads:
+        optional = ("ffn_dim_multiplier", "rope_scaling_factor")  # None: not given
+        for name in ("norm_eps", "rope_theta") + optional:
+            value = getattr(self, name)
+            if not (is_number(value) and 0 < value < math.inf) and not (value is None and name in optional):
+                raise ValueError(f"ModelArgs.{name} must be a positive number, got {value!r}")
+        if not isinstance(self.use_scaled_rope, bool):
+            raise ValueError(f"ModelArgs.use_scaled_rope must be true or false, got {self.use_scaled_rope!r}")
+        if not is_int(self.kv_heads) or self.kv_heads < 1 or self.n_heads % self.kv_heads:
             raise ValueError(f"ModelArgs.n_kv_heads ({self.n_kv_heads!r}) must divide n_heads ({self.n_heads}): "
                              "each KV head serves a group of query heads")
         if self.dim % self.n_heads or self.head_dim % 2:
@@ -97,6 +104,11 @@ class ModelArgs:
 def is_int(x) -> bool:
     """An integer of Python's or numpy's; not a bool, which is one to Python, not to a user."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_number(x) -> bool:
+    """A real number of Python's or numpy's, not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def swiglu_width(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float] = None) -> int:

@@ -8,7 +8,7 @@ import torch
 def sample(logits: torch.Tensor, temperature: float, top_p: float,
            generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Next token per row of ``logits`` (batch, vocab), as a (batch,) long tensor."""
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or so close that it is 0 in float32 (and greedy)
         return logits.argmax(dim=-1)
     logits = logits.float()
     # Less the row's largest first: at a tiny temperature logits / temperature would overflow to inf, and the

@@ -266,6 +266,9 @@ def main() -> None:
     parser.add_argument("--vs-hf", action="store_true", help="also run Hugging Face transformers")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
+    if args.json and (Path(args.json).is_dir() or not os.access(Path(args.json).resolve().parent, os.W_OK)):
+        raise ValueError(f"--json {args.json}: can't write that file (a folder, or in no folder that is writable): "
+                         "name a file in one, before the run rather than after it")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.no_kernels:

@@ -49,12 +49,16 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, s
          temperature: float = 0.6, top_p: float = 0.9, max_seq_len: int = 512, max_gen_len: Optional[int] = None,
          device: Optional[str] = None, dtype: Optional[str] = None):
     check_sampling(max_gen_len, temperature, top_p)  # before the load, which can take minutes
+    if distributed.rank() == 0 and sys.stdin is None:
+        raise ValueError("standard input is closed: the chat reads what you type there (or a file piped in)")
     ckpt_dir, tokenizer_path, demo = checkpoint_or_demo(ckpt_dir, tokenizer_path)
     if demo and max_gen_len is None:
         max_gen_len = DEMO_MAX_GEN_LEN
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=1, device=device, dtype=dtype)
-    sys.stdin.reconfigure(errors="replace")  # bytes that aren't UTF-8 typed or piped in: U+FFFD, not an error
+    distributed.agree("to chat", system=system)
+    if distributed.rank() == 0:  # bytes that aren't UTF-8 typed or piped in: U+FFFD, not an error
+        sys.stdin.reconfigure(errors="replace")
     start: Dialog = [{"role": "system", "content": system}] if system else []
     dialog = list(start)
     while (message := read_message()) is not None:
@@ -76,6 +80,8 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, s
             for piece in generator.stream(asked, temperature, top_p, max_gen_len, keep_cache=True):
                 print0(piece, end="")
                 answer += piece
+        except distributed.Disagreement:  # the processes given different arguments: nothing can be sent
+            raise
         except ValueError as e:  # a message too long for max_seq_len on its own
             print0(f"(not sent: {e})\n")
             continue

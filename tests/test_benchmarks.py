@@ -94,6 +94,8 @@ def test_profile_step_names_where_the_time_goes(cache_dir, what):
     (["scripts/benchmark.py", "--ckpt_dir", "/nonexistent"], 1, "error: tokenizer file '/nonexistent/tokenizer.model'"),
     (["scripts/profile_step.py", "--shape", "tiny", "--device", "tpu"], 1, "error: unknown device 'tpu'"),
     (["scripts/bench_load.py", "--shape", "13b"], 2, "argument --shape: invalid choice: '13b'"),
+    (["scripts/benchmark.py", "--json", "/nonexistent/figures.json"], 1, "error: --json /nonexistent/figures.json: "
+     "can't write that file"),
     (["scripts/bench_kernels.py", "--reps", "0"], 2, "argument --reps: must be at least 1, got 0"),
 ])
 def test_scripts_say_what_is_wrong_in_one_line(args, code, said):

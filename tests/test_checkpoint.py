@@ -184,7 +184,7 @@ def test_make_checkpoint_leaves_nothing_behind_when_it_fails(tmp_path, tokenizer
     out = tmp_path / "made"
     r = run_cmd([sys.executable, "scripts/make_checkpoint.py", "--out_dir", str(out), "--mp", "3",
                  "--tokenizer_path", tokenizer_path])
-    assert r.returncode == 1 and "can't be split across 3" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "can't be split across 3 shards" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
     r = run_cmd([sys.executable, "scripts/make_checkpoint.py", "--out_dir", str(out), "--mp", "2",
                  "--tokenizer_path", tokenizer_path])
@@ -257,6 +257,13 @@ BROKEN = {
     "integer weights": (lambda d: resave(d / "consolidated.00.pth", lambda s: s.update(
         {"layers.0.attention.wq.weight": s["layers.0.attention.wq.weight"].to(torch.int8)})),
         r"layers.0.attention.wq.weight is stored as torch.int8; this engine loads weights saved in bfloat16"),
+    # Values of the wrong type or range: one line naming params.json, not a TypeError deep in a layer.
+    **{f"params.json's {key} {value!r}": (
+        lambda d, key=key, value=value: (d / "params.json").write_text(json.dumps({**GQA, key: value})),
+        rf"params.json: ModelArgs.{key} must be {said}") for key, value, said in (
+            ("n_heads", "8", "an integer >= 1"), ("dim", 64.0, "an integer >= 1"), ("multiple_of", 0, "an integer"),
+            ("norm_eps", None, "a positive number"), ("rope_theta", "1e4", "a positive number"),
+            ("ffn_dim_multiplier", "x", "a positive number"), ("use_scaled_rope", "yes", "true or false"))},
     "Llama 4": (lambda d: (d / "params.json").write_text(json.dumps(
         {**GQA, "moe_args": {"num_experts": 16, "top_k": 1}, "use_qk_norm": True, "nope_layer_interval": 4})),
         r"params.json has moe_args: this is a Llama 4 model"),
@@ -318,3 +325,21 @@ def test_broken_checkpoint_under_torchrun_exits_non_zero_without_hanging(make_ck
                       "--prompts", json.dumps(PROMPTS), *extra, timeout=90)
     assert result.returncode != 0
     assert re.search(message, result.stderr), result.stderr[-3000:]
+
+
+def test_a_save_that_fails_leaves_the_checkpoint_there_as_it_was(make_ckpt, tmp_path):
+    """Every file is written beside its name before any is renamed into place: a save over another checkpoint
+    that fails after its first shard (a crash, a full disk) leaves that checkpoint whole, with no new file and
+    no temporary one, where replacing file by file had left a mixture of the two that loads."""
+    ckpt, state = make_ckpt(MP4, mp=2)
+    out = tmp_path / "out"
+    shutil.copytree(ckpt, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def shards():
+        yield {k: v.clone() for k, v in state.items()}
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(shards(), {**MP4, "vocab_size": VOCAB}, str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

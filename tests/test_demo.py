@@ -148,9 +148,23 @@ def test_examples_want_both_checkpoint_arguments_or_neither():
      "error: unknown flag --max_gen_length: did you mean --max_gen_len? the flags are --ckpt_dir, "),
     ("example_chat_completion.py", ["--temperature", "-1"], "error: temperature must be a finite number >= 0"),
     ("scripts/chat.py", ["--top-p=0"], "error: top_p must be a number in (0, 1]"),
+    ("example_text_completion.py", ["-max_gen_length", "5"], "error: unknown flag -max_gen_length: did you mean "),
+    ("example_text_completion.py", ["--ckpt_dir"], "error: --ckpt_dir needs a value"),
+    ("example_infilling.py", ["--suffix_first=false"], "error: --suffix_first is true or false"),
+    ("example_infilling.py", ["--ckpt_dir", str(DEMO), "--tokenizer_path", str(DEMO / "tokenizer.model")],
+     "error: infilling needs a Code Llama tokenizer"),
 ])
 def test_a_bad_flag_fails_before_the_model_loads(script, args, said):
     """Not after a whole run (fire's way with a flag it doesn't know), nor after the load (bad sampling values)."""
     result = run_cmd([sys.executable, script, *args], input="hello\n")
     assert result.returncode == 1 and result.stdout == "", result.stdout[-3000:]
     assert result.stderr.startswith(said) and "loaded" not in result.stderr, result.stderr[-3000:]
+
+
+def test_settings_the_scripts_cannot_use_are_one_line_errors():
+    """The chat with its input closed, and a distributed time limit that is no number of seconds."""
+    result = run_cmd(["bash", "-c", f"{sys.executable} scripts/chat.py <&-"])
+    assert result.returncode == 1 and result.stderr.startswith("error: standard input is closed"), result.stderr
+    result = run_cmd([sys.executable, "example_text_completion.py"], env={"LLAMA_DIST_TIMEOUT": "ten"})
+    assert result.returncode == 1 and result.stderr.startswith("error: LLAMA_DIST_TIMEOUT must be a number of "
+                                                               "seconds > 0, got 'ten'"), result.stderr

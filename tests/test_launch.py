@@ -59,10 +59,11 @@ def test_cpu_processes_share_the_machine_where_torchrun_would_give_each_one_core
 
 
 def test_two_machines_equal_one_process(make_ckpt, tokenizer_path):
-    """torchrun --nnodes 2, one process a machine, as a run across machines is launched."""
+    """torchrun --nnodes 2, one process a machine, as a run across machines is launched; each machine's
+    arguments typed on its own, one value written two ways (0 and 0.0), which agree."""
     mp2, _ = make_ckpt(GQA, mp=2)
     args = driver(mp2, tokenizer_path)
-    first, second = torchrun_machines(args, args)
+    first, second = torchrun_machines([*args, "--temperature", "0"], [*args, "--temperature", "0.0"])
     assert second.returncode == 0 and "TOKENS" not in second.stdout, second.stderr[-3000:]  # rank 0 prints
     assert tokens_of(first) == tokens_of(run_cmd([sys.executable, *args]))
 
@@ -150,6 +151,17 @@ def test_machines_given_different_arguments_say_so(make_ckpt, tokenizer_path, se
         assert result.returncode == 1, result.stderr[-3000:]
         assert re.search(rf"(^|\n)error: the processes were given different {differs} \(rank 0: .*, rank 1: ",
                          result.stderr), result.stderr[-3000:]
+
+
+def test_a_chat_given_different_system_prompts_stops_saying_so(make_ckpt, tokenizer_path):
+    """scripts/chat.py on two machines given different --system: both stop before reading a message, where
+    every message had been refused as too long."""
+    ckpt, _ = make_ckpt(GQA, mp=2)
+    chat = ["scripts/chat.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path, "--system"]
+    for result in torchrun_machines([*chat, "Be brief."], [*chat, "Be kind."], timeout=60):
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert "error: the processes were given different system to chat (rank 0: 'Be brief.', rank 1: 'Be kind.')" \
+            in result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("example", ["example_text_completion.py", "example_chat_completion.py"])

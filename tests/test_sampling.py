@@ -32,10 +32,13 @@ def test_temperature_flattens_the_distribution():
 
 
 def test_a_tiny_temperature_picks_the_most_likely_token():
-    """Logits of 30 divided by 1e-37 overflow float32: the draw must still be the argmax, not fail on NaN."""
+    """Logits of 30 divided by 1e-37 overflow float32, and 1e-300 is 0 in float32: the draw must still be the
+    argmax, not fail on NaN."""
     logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(2)) * 10 + 20
     for top_p in (0.9, 1.0):
-        assert torch.equal(sample(logits, 1e-37, top_p, torch.Generator().manual_seed(0)), logits.argmax(-1))
+        for temperature in (1e-37, 1e-300):
+            drawn = sample(logits, temperature, top_p, torch.Generator().manual_seed(0))
+            assert torch.equal(drawn, logits.argmax(-1))
 
 
 def nucleus(probs: torch.Tensor, p: float) -> torch.Tensor:

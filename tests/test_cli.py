@@ -1,0 +1,105 @@
+"""What the examples and scripts share (llama/cli.py, and the ranks' agreement in llama/distributed.py): flags
+checked as fire passes them, the output folder of a script left as it was when the writing fails or is stopped,
+and interruptions and bad settings as one line."""
+
+import os
+import signal
+import stat
+from typing import Optional
+
+import pytest
+
+from llama import cli, distributed
+
+
+def main(ckpt_dir: Optional[str] = None, max_gen_len: int = 4, suffix_first: bool = False):
+    return ckpt_dir, max_gen_len, suffix_first
+
+
+def test_flags_are_checked_as_fire_spells_them():
+    """-flag is fire's too, and -m its short flag for the one flag starting with m; a misspelt one fails before
+    anything runs."""
+    cli.check_flags(main, ["-max_gen_len", "3", "-m", "3", "--ckpt-dir=x", "--nosuffix_first", "--", "--anything"])
+    for arg in ("-max_gen_length", "--max_gen_length=3"):
+        with pytest.raises(ValueError, match=f"unknown flag {arg.split('=')[0]}: did you mean --max_gen_len?"):
+            cli.check_flags(main, [arg, "3"])
+
+
+def test_bool_and_path_flags_as_fire_passes_them():
+    """fire passes --suffix_first=false as the string 'false' (true to Python), --ckpt_dir with no value as True
+    and --ckpt_dir 2024 as a number."""
+    typed = cli.typed(main)
+    assert typed(ckpt_dir=2024, suffix_first=True) == ("2024", 4, True)
+    assert typed() == (None, 4, False)
+    with pytest.raises(ValueError, match=r"--suffix_first is true or false \(--suffix_first or --nosuffix_first\), "
+                                         "got 'false'"):
+        typed(suffix_first="false")
+    with pytest.raises(ValueError, match="--ckpt_dir needs a value"):
+        typed(ckpt_dir=True)
+
+
+def test_equal_arguments_written_differently_agree():
+    """What the ranks compare (distributed.agree): 0 and 0.0, and a params.json's keys in another order, are
+    the same; 0.6 and 0.60001 are not."""
+    same = [(0, 0.0), (1, 1.0), ({"dim": 64, "norm_eps": 1e-5}, {"norm_eps": 0.00001, "dim": 64.0}),
+            (frozenset({2, 128009, 128008}), frozenset({128008, 2, 128009})), (None, None)]
+    for a, b in same:
+        assert distributed._canonical(a) == distributed._canonical(b), (a, b)
+    for a, b in [(0.6, 0.60001), (True, 1), ("0", 0), ({"dim": 64}, {"dim": 65}), (10 ** 20, 10 ** 20 + 1)]:
+        assert distributed._canonical(a) != distributed._canonical(b), (a, b)
+
+
+def test_a_failed_write_empties_the_folder_it_was_given_and_keeps_it(tmp_path):
+    """A folder that was there (its permissions kept) or a link to one: emptied again, not removed and made anew.
+    One that wasn't there: removed."""
+    folder = tmp_path / "given"
+    folder.mkdir()
+    folder.chmod(0o750)
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    for out in (folder, link, tmp_path / "new"):
+        with pytest.raises(OSError, match="disk full"):
+            with cli.output_dir(str(out)) as path:
+                (path / "sub").mkdir(parents=True)
+                (path / "sub" / "x").write_text("x")
+                (path / ".params.json.partial").write_text("{")
+                raise OSError("disk full")
+    assert link.is_symlink() and folder.is_dir() and not any(folder.iterdir())
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750 and not (tmp_path / "new").exists()
+
+
+def test_sigterm_while_writing_leaves_the_folder_as_it_was(tmp_path):
+    """kill, a timeout or a job scheduler stop a script with SIGTERM: what it had written goes, as on Ctrl-C, and
+    the signal's own handling comes back after."""
+    def before(signum, frame):  # (not the default, which would end the tests)
+        raise RuntimeError("SIGTERM reached the handler from before output_dir")
+
+    out = tmp_path / "out"
+    previous = signal.signal(signal.SIGTERM, before)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            with cli.output_dir(str(out)) as path:
+                path.mkdir()
+                (path / "params.json").write_text("{}")
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 128 + signal.SIGTERM and not out.exists()
+
+
+def test_ctrl_c_is_one_line_and_the_shells_status(capsys, monkeypatch):
+    monkeypatch.setattr(cli.dist, "destroy_process_group", lambda: None)  # the tests' own group stays
+    with pytest.raises((SystemExit, KeyboardInterrupt)) as stopped:  # (one that escaped would stop the tests)
+        with cli.one_line_errors():
+            raise KeyboardInterrupt
+    assert stopped.type is SystemExit and stopped.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "0", "inf"])
+def test_a_bad_dist_timeout_is_a_clear_error(monkeypatch, value):
+    monkeypatch.setenv("LLAMA_DIST_TIMEOUT", value)
+    with pytest.raises(ValueError, match=f"LLAMA_DIST_TIMEOUT must be a number of seconds > 0, got '{value}'"):
+        distributed.timeout()
+    monkeypatch.setenv("LLAMA_DIST_TIMEOUT", "2.5")
+    assert distributed.timeout().total_seconds() == 2.5
