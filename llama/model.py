@@ -340,6 +340,21 @@ class Window:
         return Window(positions, where + seqlen, slice(0, bsz), freqs_cis[None, :, None, :], mask)
 
 
+class MetasCache:
+    """Meta's ``cache_k`` (0) or ``cache_v`` (1) of an Attention, (batch, positions, kv_heads, head_dim): a view of
+    its cache_kv, which research code reads, edits in place, or assigns (to save and restore a cache). Read
+    before the first forward pass, it is there, zeros, as Meta's is from ``__init__``."""
+
+    def __init__(self, i: int):
+        self.i = i
+
+    def __get__(self, attention: Optional["Attention"], owner: type):
+        return self if attention is None else attention._meta_view(self.i)
+
+    def __set__(self, attention: "Attention", value: torch.Tensor) -> None:
+        attention._assign(self.i, value)
+
+
 @own_forward
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -373,24 +388,8 @@ class Attention(nn.Module):
             with torch.inference_mode(False):  # a cache made in a forward pass is still editable outside one
                 self.cache_kv = torch.zeros(shape, dtype=dtype, device=device)
 
-    # Meta's cache_k and cache_v, (batch, positions, kv_heads, head_dim): views of cache_kv, which research code
-    # reads, edits in place, or assigns (save and restore a cache). Read before the first forward pass, they are
-    # there, zeros, as Meta's are from __init__.
-    @property
-    def cache_k(self) -> torch.Tensor:
-        return self._meta_view(0)
-
-    @cache_k.setter
-    def cache_k(self, value: torch.Tensor) -> None:
-        self._assign(0, value)
-
-    @property
-    def cache_v(self) -> torch.Tensor:
-        return self._meta_view(1)
-
-    @cache_v.setter
-    def cache_v(self, value: torch.Tensor) -> None:
-        self._assign(1, value)
+    cache_k = MetasCache(0)
+    cache_v = MetasCache(1)
 
     def _meta_view(self, i: int) -> torch.Tensor:
         if self.cache_kv is None:
