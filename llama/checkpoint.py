@@ -396,7 +396,7 @@ def reshard(ckpt_dir: str, out_dir: str, mp: int) -> None:
 
 
 def random_checkpoint(out_dir: str, params: dict, mp: int = 1, seed: int = 0, vocab_size: Optional[int] = None,
-                      dtype: torch.dtype = torch.bfloat16, device: Union[str, torch.device] = "cpu",
+                      device: Union[str, torch.device] = "cpu",
                       ) -> Dict[str, torch.Tensor]:
     """Write a random checkpoint in Meta's exact format for its family (bf16 shards; Llama 1/2 ones with the
     unused ``rope.freqs`` and the embedding split on its dimension, Llama 3 ones split on the vocabulary) and
@@ -416,10 +416,10 @@ def random_checkpoint(out_dir: str, params: dict, mp: int = 1, seed: int = 0, vo
     for key, shape in full_shapes(args).items():
         x = torch.randn(shape, generator=g, device=device)
         # norms around 1, so that a test sees them used
-        state[key] = (1 + 0.1 * x if len(shape) == 1 else x / shape[-1] ** 0.5).to("cpu", dtype)
+        state[key] = (1 + 0.1 * x if len(shape) == 1 else x / shape[-1] ** 0.5).to("cpu", torch.bfloat16)
     embed_dim = family_embed_dim(args.vocab_size)
     if embed_dim == 1:
         freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
-        state["rope.freqs"] = freqs.to(dtype)
+        state["rope.freqs"] = freqs.to(torch.bfloat16)
     save(split(state, mp, embed_dim), params, out_dir)
     return state

@@ -38,7 +38,7 @@ def one_line_errors() -> Iterator[None]:
         distributed.tell_the_others(e)
         sys.stderr.write("interrupted\n")
         sys.exit(130)
-    except BaseException as e:  # a crash or Ctrl-C: the other ranks mustn't wait for this one either
+    except BaseException as e:  # a crash, or an exit: the other ranks mustn't wait for this one either
         if not (isinstance(e, SystemExit) and e.code in (None, 0)):
             distributed.tell_the_others(e)
         raise

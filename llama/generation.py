@@ -38,7 +38,7 @@ class CompletionPrediction(TypedDict, total=False):
 class InfillingPrediction(TypedDict, total=False):
     generation: str
     full_text: str  # prefix + generation + suffix
-    tokens: List[int]  # with logprobs=True: the generation's token ids, as Meta's text_infilling gives them
+    tokens: List[str]  # with logprobs=True: each token's piece ("▁def"), as Meta's codellama gives them
     logprobs: List[float]  # with logprobs=True
 
 

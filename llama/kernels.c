@@ -10,7 +10,11 @@
  * instructions, tried for a bf16 cache, were only 11 % faster on the 1b shape: not worth a second code path.)
  *
  * linear_bf16: float32 rows times bf16 weights as stored, for decoding (one row or a batch) on a CPU without
- * native bf16; linear_packed_f32: the same on weights packed for it, any number of rows.
+ * native bf16; linear_packed_f32: the same on weights packed for it, any number of rows; linear_packed_bf16:
+ * bf16 rows times packed bf16 weights, with AVX-512 BF16's dot products or AMX's tiles.
+ *
+ * rms_norm (with the residual sum before it), swiglu, rope: the small element-wise steps of a layer, one call
+ * each where torch makes several.
  */
 #include <math.h>
 #include <stdint.h>

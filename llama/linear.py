@@ -98,8 +98,8 @@ def _product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # a few rows, as in decoding a batch, that costs more than the product: 4-16 rows read the weights at 35-45 % of the
 # memory bandwidth, against 60-100 % from a copy kept in the blocked layout (scripts/benchmark.py's 1b shape). So
 # the weights are kept packed: in the order of kernels.c's linear_packed_bf16 where the CPU has AVX-512 BF16 (its
-# products of 8-16 rows stream 17-21 % faster than oneDNN's, and 1 to 512 rows are as fast or faster; it runs on
-# AMX's tiles where the CPU has them, faster than oneDNN's there too), else in
+# products of 8-16 rows stream 10-25 % faster than oneDNN's; it runs on AMX's tiles where the CPU has them,
+# faster than oneDNN's there too: docs/performance.md), else in
 # the blocked layout oneDNN picks for products of PACK_ROWS rows, which serves one row and whole prompts as well.
 # Where the CPU has no native bf16 (products in float32), they are kept in the order of kernels.c's
 # linear_packed_f32, which widens them in registers: 16 rows 1.35-1.65x faster than linear_bf16 on the weights as

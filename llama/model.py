@@ -148,7 +148,8 @@ def cpu_has_native_bf16() -> bool:
 
 def compute_dtype_for(weights: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype of activations and KV cache: the weights', unless they are 16-bit on a CPU without native
-    instructions for them, where float32 products are the fast ones (weights converted a layer at a time)."""
+    instructions for them, where float32 products are the fast ones (``llama.linear``: the weights widened in
+    registers by kernels.c, or converted a block at a time)."""
     if device.type == "cpu" and weights in (torch.bfloat16, torch.float16):
         return weights if weights == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
     return weights

@@ -4,8 +4,8 @@ copied out, a weight packed into another layout).
 A rank maps every shard but keeps only its slice. Pages it touched to copy a slice would otherwise stay in its
 resident set until the whole shard is unmapped, so peak memory would be the mapped shards plus the copies.
 Dropping them (MADV_DONTNEED on a private, never-written file mapping) only forgets them: touched again, they
-are read back from the file, so this is always safe. Elsewhere than Linux these do nothing (and nothing is
-droppable).
+are read back from the file, so this is always safe. Elsewhere than Linux nothing is dropped (nor droppable),
+and reading ahead touches each page.
 """
 
 import ctypes

@@ -340,7 +340,6 @@ class TiktokenTokenizer(Tokenizer):
         self.eos_id: int = self.special_tokens["<|end_of_text|>"]
         self.eot_id: int = self.special_tokens["<|eot_id|>"]
         self.eom_id: int = self.special_tokens["<|eom_id|>"]  # Llama 3.1's: a tool call waits for its output
-        self.python_tag_id: int = self.special_tokens["<|python_tag|>"]  # opens Llama 3.1's tool calls
         self.pad_id: int = -1
 
     @property

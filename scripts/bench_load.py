@@ -6,8 +6,8 @@ Makes (once, then reuses) a random checkpoint of the named shape in Meta's forma
 the time to simply read its bytes from disk (the ceiling), and for each process count, the time
 ``Llama.build`` takes, the first forward pass after it (so lazily read weights can't hide there), and each
 rank's peak resident memory (getrusage) as a multiple of the checkpoint and of the rank's share of it.
-Loading includes packing the weights for oneDNN where Llama.build does it by default (see its pack_weights);
---no-pack measures loading without it.
+Loading includes packing the weights for their products (kernels.c's, else oneDNN's) where Llama.build does it
+by default (see its pack_weights); --no-pack measures loading without it.
 """
 
 import argparse
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="see scripts/make_checkpoint.py")
     parser.add_argument("--ckpt_dir", help="a checkpoint of your own (with its tokenizer.model) instead")
     parser.add_argument("--nproc", default="1,2", help="comma-separated process counts to load on")
-    parser.add_argument("--dtype", default="bfloat16", help="dtype to load into (default: the checkpoint's)")
+    parser.add_argument("--dtype", default="bfloat16", help="dtype to load into (default: bfloat16)")
     parser.add_argument("--no-pack", action="store_true", help="Llama.build(pack_weights=False)")
     parser.add_argument("--cache_dir", default=str(ROOT / "checkpoints"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

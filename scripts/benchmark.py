@@ -1,16 +1,17 @@
 """The engine's speed against the machine's own ceilings, measured in one run.
 
     python scripts/benchmark.py [--shape tiny|1b|7b | --ckpt_dir DIR] [--threads N] [--reps 3]
-        [--token-by-token] [--vs-hf] [--no-pack] [--no-kernels] [--json FILE]
+        [--token-by-token] [--vs-hf] [--no-pack] [--no-kernels] [--no-graphs] [--compile] [--json FILE]
+        [--device cpu|cuda] [--dtype bfloat16|...] [--cache_dir checkpoints]
 
 Ceilings: memory read bandwidth (a large reduction) and matrix throughput (the better of two large square
 matmuls in the fastest dtype the machine has), at the start and again in turns with each figure. Engine: load
 time; prefill tokens/s (128-token prompt, batch 1 and 4); decode tokens/s (batch 1, 4, 16); decode step time
 with 128, 1024 and 4096 tokens in the cache; a mixed-length batch (prompts of 16, 64, 256 and 1000 tokens,
 64 new tokens each) end to end; peak RSS. Each figure is the median of --reps runs after a warm-up, and is
-also given as a fraction of its roofline, from the ceilings timed in turns with it:
-decode: (bytes of weights and KV cache read per step / bandwidth) / step time;
-prefill: (2 x parameters x tokens / matmul rate) / time.
+also given as a fraction of its roofline, max(bytes read / bandwidth, FLOPs / matmul rate), from the ceilings
+timed in turns with it: decode, (bytes of weights and KV cache read per step / bandwidth, or 2 x parameters x
+rows / matmul rate where that is more) / step time; prefill, (2 x parameters x tokens / matmul rate) / time.
 --token-by-token also times the mixed batch fed one token at a time from the shortest prompt (the reference's
 way); --vs-hf runs Hugging Face transformers' LlamaForCausalLM on the same weights (after checking that its
 greedy tokens equal ours in float32) and gives our speed as a ratio to its, each pair of figures timed in turns.
