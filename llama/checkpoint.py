@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Un
 import torch
 
 from . import pages
-from .model import ModelArgs
+from .model import ModelArgs, family_embed_dim
 
 # Along which dimension each weight is split across model-parallel ranks; None: replicated on every rank.
 SHARD_DIM: Dict[str, Optional[int]] = {
@@ -43,12 +43,6 @@ SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 def shard_dim(key: str, embed_dim: int = 1) -> Optional[int]:
     """The dimension key is split along; embed_dim: the embedding's (1 in Llama 1/2 shards, 0 in Llama 3's)."""
     return embed_dim if key == "tok_embeddings.weight" else SHARD_DIM[re.sub(r"^layers\.\d+\.", "", key)]
-
-
-def family_embed_dim(vocab_size: int) -> int:
-    """How Meta's code for a model of this vocabulary shards the embedding: Llama 3 (128256 tokens) on the
-    vocabulary, Llama 1/2 and Code Llama on the embedding dimension."""
-    return 0 if vocab_size >= 128000 else 1
 
 
 def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:

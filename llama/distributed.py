@@ -4,6 +4,7 @@ Meta's reference needs torchrun even for one process, and fails when ``Llama.bui
 Python session. Here a missing launcher means a one-process group, and a group that already exists is reused.
 """
 
+import atexit
 import contextlib
 import datetime
 import io
@@ -81,6 +82,15 @@ def init_process_group(device: torch.device) -> None:
     else:  # its store in the process: no port to find (or to race another process for), no network, and none of
         # the TCP store that PyTorch's Windows builds without libuv failed to make
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout())
+    # A group left to the interpreter's exit can abort the process there ("terminate called without an active
+    # exception"), and torchrun then ends the others, before rank 0 has printed: research code that builds and
+    # returns never tears it down itself.
+    atexit.register(_tear_down)
+
+
+def _tear_down() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 _MET = "llama/met/"  # the launcher's store's keys: each rank's as it comes to make the process group
@@ -172,12 +182,35 @@ def as_first_rank_has_it(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def everyones(value: T) -> List[T]:
-    """Every rank's value, by rank: a collective, which all ranks must call."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+def any_rank(flag: bool) -> bool:
+    """Whether flag holds on any rank of this model-parallel group; least(value), its smallest value there. For
+    what each rank decides from its own state (a hook that research code put on one rank only, a cache one rank
+    holds), where the ranks must go the same way or their collectives won't match: collectives, which every rank
+    of the group must call."""
+    return bool(_reduced(int(flag), dist.ReduceOp.MAX))
+
+
+def least(value: int) -> int:
+    return _reduced(value, dist.ReduceOp.MIN)
+
+
+def _reduced(value: int, op: dist.ReduceOp) -> int:
+    if not dist.is_initialized() or not mp_init.model_parallel_is_initialized() \
+            or mp_init.get_model_parallel_world_size() == 1:
+        return value
+    group = mp_init.get_model_parallel_group()
+    t = torch.tensor([value], device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
+    dist.all_reduce(t, op=op, group=group)
+    return int(t.item())
+
+
+def everyones(value: T, group: Optional[dist.ProcessGroup] = None) -> List[T]:
+    """Every rank's value (of the group, else of the world), by rank: a collective, which all its ranks must
+    call."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return [value]
-    values: List[T] = [value] * dist.get_world_size()
-    dist.all_gather_object(values, value)
+    values: List[T] = [value] * dist.get_world_size(group)
+    dist.all_gather_object(values, value, group=group)
     return values
 
 
@@ -207,8 +240,10 @@ def agree(doing: str, **values: object) -> None:
     """Raise Disagreement on every rank where the ranks were given different values for doing something
     together: each machine's command is typed on its own, and ranks computing on different arguments would wait
     forever in collectives that don't match, or compute nonsense together without an error. Equal values written
-    differently agree (0 and 0.0; a params.json's keys in another order)."""
-    given = everyones({name: _canonical(value) for name, value in values.items()})
+    differently agree (0 and 0.0; a params.json's keys in another order). Over the model-parallel group: groups
+    of their own (model_parallel_size below the world size) may be given their own prompts."""
+    group = mp_init.get_model_parallel_group() if mp_init.model_parallel_is_initialized() else None
+    given = everyones({name: _canonical(value) for name, value in values.items()}, group)
     for name in values:
         if any(g[name] != given[0][name] for g in given):
             each = ", ".join(f"rank {r}: {g[name][:200]}" for r, g in enumerate(given))

@@ -18,7 +18,8 @@ from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dia
 from .graphs import GraphedDecoder
 from .linear import can_pack, packed_for
 from .research import edit_count, hook_dicts, replaced
-from .model import ModelArgs, Transformer, compute_dtype_for, cpu_has_native_bf16, is_int, is_number
+from .model import (ModelArgs, Transformer, compute_dtype_for, cpu_has_native_bf16, family_embed_dim, is_int,
+                    is_number)
 from .sampling import sample, sample_top_p
 from .tokenizer import Tokenizer
 
@@ -209,7 +210,7 @@ class Llama:
         try:
             pack, graphs = _build_flags(device, world, dtype, compute, pack_weights, cuda_graphs, compile_elementwise)
             check_fits(args, world, dtype, compute, device)
-            state = ckpt.load_rank(args, rank, world, dtype, device)
+            state = ckpt.load_rank(args, rank, world, dtype, device, embed_dim=family_embed_dim(args.vocab_size))
             del ckpt  # unmaps what the model doesn't use
             model = Transformer(args)
             model.load_state_dict(state, strict=True, assign=True)
@@ -298,7 +299,7 @@ class Llama:
         feed-forward (``llama.research.replaced``), grouped by length first: those take Meta's arguments, which
         can't say that a row is left-padded. (Hooks don't group them: a batch of many lengths would take as many
         turns, slower than Meta's code; they get the engine's Window in a ragged batch's passes.)"""
-        by_length = replaced([self.model, *self.model.replaceable_modules()])
+        by_length = distributed.any_rank(replaced([self.model, *self.model.replaceable_modules()]))
         groups: Dict[int, List[int]] = {}
         for i, p in enumerate(prompt_tokens):
             groups.setdefault(len(p) if by_length else 0, []).append(i)
@@ -477,7 +478,7 @@ class Llama:
                 return
         max_gen_len = self._gen_len([ids], max_gen_len)
         self._check_generate_args([ids], max_gen_len, temperature, top_p, None, echo=False)
-        cached = self._cached_prefix(ids) if keep_cache else 0
+        cached = distributed.least(self._cached_prefix(ids) if keep_cache else 0)  # (a weight edited on one rank)
         self._kept = None
         batch = _Batch.of([ids], max_gen_len, self.model.params.max_seq_len, self.device, logprobs=False)
         # Only the tokens from the last one already said are decoded each step (with it, for what comes between

@@ -101,6 +101,12 @@ class ModelArgs:
         return swiglu_width(4 * self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
 
+def family_embed_dim(vocab_size: int) -> int:
+    """How Meta's code for a model of this vocabulary shards the embedding: Llama 3 (128256 tokens) on the
+    vocabulary, Llama 1/2 and Code Llama on the embedding dimension."""
+    return 0 if vocab_size >= 128000 else 1
+
+
 def is_int(x) -> bool:
     """An integer of Python's or numpy's; not a bool, which is one to Python, not to a user."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
@@ -521,7 +527,7 @@ class Transformer(nn.Module):
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
         with _skip_fairscale_init():
-            self.tok_embeddings = fs_layers.ParallelEmbedding(params.vocab_size, params.dim, init_method=_as_loaded)
+            self.tok_embeddings = self._embedding(params)(params.vocab_size, params.dim, init_method=_as_loaded)
             self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
             self.norm = RMSNorm(params.dim, params.norm_eps)
             self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_as_loaded)
@@ -533,6 +539,14 @@ class Transformer(nn.Module):
         self.runs = 0  # forward passes, decoding steps and caches made: each changes what the KV cache holds
         self._sized: Tuple[List[torch.Tensor], Tuple[int, int]] = ([], (0, 0))  # caches, their fewest rows, positions
         self._compiled: Optional[tuple[Callable, ...]] = None  # compiled_elementwise
+
+    @staticmethod
+    def _embedding(params: ModelArgs) -> type:
+        """The embedding split as Meta's code splits it for this family (``family_embed_dim``), so that its
+        shards load as they are: on the vocabulary for Llama 3 (whose lookup masks other ranks' tokens, waiting
+        for the device: one process, whose CUDA graphs allow none, takes it whole either way)."""
+        split_vocabulary = family_embed_dim(params.vocab_size) == 0 and get_model_parallel_world_size() > 1
+        return fs_layers.VocabParallelEmbedding if split_vocabulary else fs_layers.ParallelEmbedding
 
     def setup_cache(self, max_batch_size: Optional[int] = None, max_seq_len: Optional[int] = None,
                     compute_dtype: Optional[torch.dtype] = None) -> None:
@@ -764,8 +778,8 @@ class Transformer(nn.Module):
                    first_key)
         h = self.tok_embeddings(tokens).to(self.compute_dtype)
         # Only the last position goes through the final norm and output, unless hooks on them would see it (they
-        # see every position, as on Meta's model).
-        tail = last_only and not hooked((self.norm, self.output))
+        # see every position, as on Meta's model), on any rank: the output's gather takes the same on every rank.
+        tail = last_only and not distributed.any_rank(hooked((self.norm, self.output)))
         if self.runs_metas_way():  # each block and norm called, with Meta's arguments where they can say the pass
             args = self._metas_arguments(w, start, left_pad, h.dtype) or (w,)
             for layer in self.layers:

@@ -252,3 +252,78 @@ def test_more_processes_on_a_machine_than_its_gpus_is_a_clear_error(monkeypatch)
         with pytest.raises(ValueError, match=r"2 processes on this machine, but torch sees 1 GPU\(s\).*"
                                              r"--nproc_per_node 1.*--device cpu"):
             distributed.pick_device(None)
+
+
+ONE_RANK_SCRIPT = '''
+import json, sys
+import torch
+from llama import Llama, ModelArgs, Transformer
+
+ckpt, llama3, tokenizer, out = sys.argv[1:5]
+g = Llama.build(ckpt, tokenizer, max_seq_len=64, max_batch_size=2, device="cpu", dtype="float32")
+rank = torch.distributed.get_rank()
+if rank == 0:  # a logging hook, put on one rank only
+    g.model.output.register_forward_hook(lambda module, args, logits: None)
+hooked = g.generate([g.tokenizer.encode("The sea was calm", bos=True, eos=False)], 8, temperature=0)[0][0]
+dialog = [{"role": "user", "content": "Who made the sea?"}]
+first = "".join(g.stream(dialog, temperature=0, max_gen_len=6, keep_cache=True))
+if rank == 1:  # the slice of a weight that this rank holds, edited here only
+    g.model.layers[0].feed_forward.w1.weight.data[-1] *= 0.5
+dialog += [{"role": "assistant", "content": first}, {"role": "user", "content": "And the land?"}]
+streamed = "".join(g.stream(dialog, temperature=0, max_gen_len=6, keep_cache=True))
+whole = g.chat_completion([dialog], temperature=0, max_gen_len=6)[0]["generation"]["content"]
+# Llama 3's shards loaded as Meta's Llama 3 build loads them, each rank its own
+params = json.load(open(llama3 + "/params.json"))
+model = Transformer(ModelArgs.from_params(params, max_seq_len=16, max_batch_size=1))
+state = torch.load(f"{llama3}/consolidated.{rank:02d}.pth", weights_only=True)
+model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+logits = model.forward(torch.tensor([[1, 5, 9, 200]]), 0)[0]
+if rank == 0:
+    json.dump({"hooked": hooked, "streamed": streamed, "whole": whole}, open(out, "w"))
+    torch.save(logits, out + ".pt")
+'''
+
+
+def test_ranks_that_differ_in_hooks_edits_and_shard_layouts_go_together(make_ckpt, tokenizer_path, tmp_path):
+    """On two processes: a hook research code put on one rank only (the ranks still send the same collectives:
+    tokens as the reference's), a weight slice edited on one rank between two turns of a stream with keep_cache
+    (the ranks agree to prefill again: the answer is chat_completion's), and a Transformer built directly loading
+    Llama 3's shards as they are (its embedding split on the vocabulary, as Meta's): logits as the reference's."""
+    from test_llama3 import LLAMA3
+
+    gqa, state = make_ckpt(GQA, mp=2)
+    llama3, state3 = make_ckpt(LLAMA3, mp=2)
+    script, out = tmp_path / "one_rank.py", tmp_path / "out.json"
+    script.write_text(ONE_RANK_SCRIPT)
+    result = torchrun(2, str(script), gqa, llama3, tokenizer_path, str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(out.read_text())
+    from llama import Tokenizer
+    prompt = Tokenizer(tokenizer_path).encode("The sea was calm", bos=True, eos=False)
+    assert got["hooked"] == greedy(state, {**GQA, "vocab_size": VOCAB}, prompt, 8, stop=2)
+    assert got["streamed"] == got["whole"] and got["whole"]
+    from reference import logits as reference_logits
+    want = reference_logits(state3, LLAMA3, [1, 5, 9, 200])
+    torch.testing.assert_close(torch.load(str(out) + ".pt", weights_only=True).double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_groups_of_their_own_may_be_given_their_own_prompts(make_ckpt, tokenizer_path, tmp_path):
+    """model_parallel_size=1 on two processes: each holds the whole model and generates for its own prompt,
+    where the ranks' check of their arguments had refused different prompts across the world."""
+    ckpt, state = make_ckpt(GQA)
+    script = tmp_path / "own_prompts.py"
+    script.write_text(f'''
+import json, os, sys
+from llama import Llama
+g = Llama.build({ckpt!r}, {tokenizer_path!r}, 64, 1, model_parallel_size=1, device="cpu", dtype="float32")
+prompt = g.tokenizer.encode(["The sea was calm", "A tale of two cities"][int(os.environ["RANK"])], True, False)
+print("TOKENS", json.dumps([g.generate([prompt], 6, temperature=0)[0][0]]), flush=True)
+''')
+    result = torchrun(2, str(script))
+    assert result.returncode == 0, result.stderr[-3000:]
+    from llama import Tokenizer
+    tok = Tokenizer(tokenizer_path)
+    lines = sorted(line.split("TOKENS ", 1)[1] for line in result.stdout.splitlines() if "TOKENS " in line)
+    want = sorted(json.dumps([greedy(state, {**GQA, "vocab_size": VOCAB}, tok.encode(p, True, False), 6, stop=2)])
+                  for p in ("The sea was calm", "A tale of two cities"))
+    assert lines == want, result.stdout[-3000:]
