@@ -28,8 +28,9 @@ family: give it with --family.
 Options:
   --url URL          the signed URL from the email; put it in single quotes
   --family NAME      llama2 (default), codellama or llama3
-  --models LIST      comma-separated list of the family's models, or "all"
-                     (asked for when the URL is typed in; otherwise all):
+  --models LIST      the family's models, separated by commas or blanks, or
+                     "all" (asked for when not given and the URL is typed in
+                     or stdin is a terminal; otherwise all):
                        llama2:    7B,13B,70B,7B-chat,13B-chat,70B-chat
                        codellama: 7b,13b,34b,70b, each also as -Python and
                                   -Instruct (7b-Python, 70b-Instruct, ...)
@@ -66,10 +67,13 @@ Layout in the target directory, as Meta's scripts make it:
 
 Files are written as FILE.partial and renamed once they verify against the
 checklist, so an interrupted or corrupt download never looks complete. Run
-the same command again to resume: verified files are skipped.
+the same command again to resume: verified files are skipped. A file that
+fails verification is fetched once more from the start; a checklist that
+lacks a file's md5 is fetched once more. Only one run at a time writes into
+a target directory (it holds DIR/.download.lock meanwhile).
 
 Exit status: 0 when every requested file verified, 1 when anything failed,
-2 on a usage error.
+2 on a usage error, 130 when stopped by a signal (Ctrl-C, kill).
 EOF
 }
 
@@ -203,19 +207,19 @@ model_dir() {
     esac
 }
 
-# Sets MODEL_DIRS (space-separated folder names) from a comma-separated list.
+# Sets MODEL_DIRS (space-separated folder names) from a list separated by
+# commas or blanks.
 parse_models() {
     local list=$1 tok lc dir rest
     MODEL_DIRS=""
-    lc=$(printf '%s' "$list" | tr '[:upper:]' '[:lower:]')
+    lc=$(printf '%s' "$list" | tr '[:upper:]' '[:lower:]' | tr ' \t' ',,')
     case $lc in
-        *[!a-z0-9,\ -]*) usage_error "invalid model list (valid for $FAMILY: $ALL_MODELS)" ;;
+        *[!a-z0-9,-]*) usage_error "invalid model list (valid for $FAMILY: $ALL_MODELS)" ;;
     esac
     rest="$lc,"
     while [ -n "$rest" ]; do
         tok=${rest%%,*}
         rest=${rest#*,}
-        tok=$(printf '%s' "$tok" | tr -d ' ')
         case $tok in
             '') continue ;;
             all)
@@ -326,7 +330,7 @@ human() {
 # True when the first non-blank byte of the file is '<' (an HTML/XML page).
 looks_like_html() {
     local c
-    c=$(head -c 256 "$1" 2>/dev/null | tr -d ' \t\r\n\000' | head -c 1)
+    c=$(head -c 256 <"$1" 2>/dev/null | tr -d ' \t\r\n\000' | head -c 1)
     [ "$c" = "<" ]
 }
 
@@ -392,14 +396,36 @@ pick_md5() {
     esac
 }
 
+# Sets MD5_SUM to the md5 of FILE in lower case. Returns 1 when it cannot
+# be computed, with MD5_ERR saying why. The tool runs as a child that a
+# signal stops at once (run_child).
 md5_of() {
-    local out
+    local file=$1 out="$WORKDIR/md5.out" errs="$WORKDIR/md5.err" rc
+    case $file in -*) file="./$file" ;; esac
+    MD5_SUM="" MD5_ERR=""
+    if [ ! -r "$file" ]; then
+        MD5_ERR="it cannot be read (permission denied)"
+        return 1
+    fi
+    : >"$out"
+    : >"$errs"
     case $MD5_TOOL in
-        md5sum) out=$(md5sum <"$1") ;;
-        md5) out=$(md5 -r "$1") ;;
-        *) out=$("$MD5_TOOL" -c "$PY_MD5" "$1") ;;
-    esac || return 1
-    printf '%s' "${out%% *}" | tr 'A-F' 'a-f'
+        md5sum) md5sum 2>"$errs" <"$file" >"$out" & ;;
+        md5) md5 -r "$file" 2>"$errs" >"$out" & ;;
+        *) "$MD5_TOOL" -c "$PY_MD5" "$file" 2>"$errs" >"$out" & ;;
+    esac
+    run_child "$!"
+    rc=$?
+    MD5_SUM=$(awk 'NR == 1 { print tolower($1) }' "$out" 2>/dev/null)
+    case $MD5_SUM in
+        *[!0-9a-f]* | '') ;;
+        ????????????????????????????????) [ "$rc" != 0 ] || return 0 ;;
+    esac
+    MD5_SUM=""
+    MD5_ERR=$(awk 'NF { e = $0 } END { print e }' "$errs" 2>/dev/null)
+    MD5_ERR="$MD5_TOOL failed${MD5_ERR:+: $MD5_ERR}"
+    [ "$rc" = 0 ] || MD5_ERR="$MD5_ERR (exit status $rc)"
+    return 1
 }
 
 # --------------------------------------------------------------- downloading
@@ -422,28 +448,48 @@ pick_downloader() {
     esac
 }
 
+KIDS=""  # the background children run_child waits for; on_signal stops them
+
+# Waits for the background children PIDS and returns the first one's status.
+# Long commands run in the background so that a signal is acted on at once:
+# bash runs a trap only when the foreground command is over.
+run_child() {
+    local rc
+    KIDS="$*"
+    wait "$1"
+    rc=$?
+    shift
+    [ $# = 0 ] || wait "$@"
+    KIDS=""
+    return "$rc"
+}
+
 # One attempt at fetching URL into PART (appending to it: a Range request
 # when it is not empty). The URL goes to the tool on stdin, so it shows in
-# neither the process list nor the messages; the tool's output is masked.
+# neither the process list nor the messages; the tool's output is masked on
+# its way to LOG (through the pipe $WORKDIR/out, so that both are children
+# that on_signal can stop).
 fetch_once() {
-    local url=$1 part=$2 log=$3
+    local url=$1 part=$2 log=$3 pipe="$WORKDIR/out" mask
+    (
+        trap '' INT QUIT  # left to the script, as in progress_loop
+        mask_stream
+    ) <"$pipe" >"$log" &
+    mask=$!
     case $DOWNLOADER in
         curl)
-            printf 'url = "%s"\n' "$url" |
-                curl -q --config - --silent --show-error --fail --location \
-                    --connect-timeout 30 --speed-limit 1 --speed-time 120 \
-                    --continue-at - --output "$part" --dump-header - 2>&1 |
-                mask_stream >"$log"
-            return "${PIPESTATUS[1]}"
+            curl -q --config - --silent --show-error --fail --location \
+                --connect-timeout 30 --speed-limit 1 --speed-time 120 \
+                --continue-at - --output "$part" --dump-header - \
+                >"$pipe" 2>&1 < <(printf 'url = "%s"\n' "$url") &
             ;;
         wget)
-            printf '%s\n' "$url" |
-                wget --input-file=- --continue --server-response --tries=1 \
-                    --timeout=60 --progress=dot:giga --output-document="$part" 2>&1 |
-                mask_stream >"$log"
-            return "${PIPESTATUS[1]}"
+            wget --input-file=- --continue --server-response --tries=1 \
+                --timeout=60 --progress=dot:giga --output-document="$part" \
+                >"$pipe" 2>&1 < <(printf '%s\n' "$url") &
             ;;
     esac
+    run_child "$!" "$mask"
 }
 
 # Last HTTP status code in a downloader log.
@@ -462,6 +508,16 @@ expected_total() {
     ' "$1" 2>/dev/null
 }
 
+# Media type of the last response in LOG, in lower case (text/html, ...).
+content_type() {
+    awk '
+        { sub(/\r$/, "") }
+        $1 ~ /^HTTP\/[0-9.]+$/ { t = "" }
+        tolower($1) == "content-type:" { t = tolower($2); sub(/;.*/, "", t) }
+        END { print t }
+    ' "$1" 2>/dev/null
+}
+
 # The downloader's own description of what went wrong (already masked).
 last_error() {
     awk '
@@ -472,14 +528,29 @@ last_error() {
     ' "$1" 2>/dev/null
 }
 
-# Sorts the result of an attempt into FAIL_KIND: ok, complete (nothing was
-# left to fetch), transient, forbidden, notfound, disk, norange (the server
-# cannot resume this file) or fatal; FAIL_MSG explains.
+# Sorts the result of an attempt that started with a partial file of BEFORE
+# bytes into FAIL_KIND: ok, complete (nothing was left to fetch), transient,
+# forbidden, notfound, disk, norange (the server cannot resume this file),
+# page (a page or an error text came instead of the rest of the file) or
+# fatal; FAIL_MSG explains.
 classify() {
-    local rc=$1 log=$2 part=$3 code
+    local rc=$1 log=$2 part=$3 before=${4:-0} code len
     code=$(http_status "$log")
     FAIL_KIND=fatal
     FAIL_MSG=""
+    if [ "$before" -gt 0 ] && [ "$code" = 200 ]; then
+        # A whole body for a resume request: the file from its start, or what
+        # an expired link is answered with, which must not cost the partial
+        # file (curl exits 33; wget says "already fully retrieved" when it is
+        # shorter than the partial, else appends all but its first BEFORE
+        # bytes, as it does for a server that cannot resume).
+        len=$(expected_total "$log")
+        case $len in *[!0-9]*) len="" ;; esac
+        if [ "$(content_type "$log")" = text/html ] || { [ -n "$len" ] && [ "$len" -lt "$before" ]; }; then
+            FAIL_KIND=page
+            return
+        fi
+    fi
     if [ "$rc" = 0 ]; then
         FAIL_KIND=ok
         return
@@ -540,11 +611,15 @@ progress_line() {
 }
 
 # Runs in the background until stop_progress; the sleep runs as a job so
-# that the TERM from stop_progress ends the loop at once.
+# that the TERM from stop_progress ends the loop at once. Ctrl-C and Ctrl-\
+# are left to the script (a child of its killed by SIGINT would make bash
+# put off its trap), and the loop ends by itself once the script is gone
+# (killed with -9).
 progress_loop() {
     local nap=""
+    trap '' INT QUIT
     trap '[ -n "$nap" ] && kill "$nap" 2>/dev/null; exit 0' TERM
-    while :; do
+    while kill -0 "$$" 2>/dev/null; do
         progress_line "$3" "$(file_size "$1")" "$(expected_total "$2")"
         sleep 1 &
         nap=$!
@@ -572,55 +647,36 @@ keep_partial() {
     if [ "$(file_size "$1")" -gt 0 ]; then
         say "  the partial download is kept as $1; run the same command again${2:-} to resume it" >&2
     else
-        rm -f "$1"
+        rm -f -- "$1"
     fi
 }
 
-# get_file REL KIND [MD5]: puts release file REL at TARGET/REL.
-#   KIND plain:     any file that is not an HTML page (LICENSE, USE_POLICY.md)
-#   KIND checklist: must look like an md5 checklist
-#   KIND checked:   must match MD5
-# Returns 1 on failure; sets FATAL=1 when the remaining files cannot work
-# either (dead link, full disk).
-get_file() {
-    local rel=$1 kind=$2 want=${3:-} dest part log tag rc attempt=0 delay got
-    dest="$TARGET/$rel"
-    part="$dest.partial"
-    log="$WORKDIR/fetch.log"
-    FILE_INDEX=$((FILE_INDEX + 1))
-    tag="[$FILE_INDEX/$FILE_COUNT] $rel"
+# True when FILE can stand as a file fetched before: not empty (a failed
+# wget -O leaves an empty one) and not an HTML page.
+plain_ok() {
+    [ -s "$1" ] && ! looks_like_html "$1"
+}
 
-    if [ -f "$dest" ]; then
-        if [ "$kind" = checked ]; then
-            got=$(md5_of "$dest")
-            if [ -n "$got" ] && [ "$got" = "$want" ]; then
-                say "$tag: already verified, skipped"
-                return 0
-            fi
-            # e.g. left half-done by another script: continue it as a partial
-            if [ "$(file_size "$dest")" -gt "$(file_size "$part")" ]; then
-                mv -f "$dest" "$part" || return 1
-            else
-                rm -f "$dest"
-            fi
-            say "$tag: present but does not match the checklist; continuing it as $rel.partial"
-        elif ! looks_like_html "$dest" && { [ "$kind" != checklist ] || is_checklist "$dest"; }; then
-            say "$tag: already present, skipped"
-            return 0
-        else
-            rm -f "$dest"
-            say "$tag: present but not valid; fetching it again"
-        fi
-    fi
+# The delay before retry ATTEMPT: BACKOFF doubled on each further retry, at
+# most 60 seconds.
+backoff_delay() {
+    local delay=$BACKOFF i=1
+    while [ "$i" -lt "$1" ] && [ "$delay" -gt 0 ] && [ "$delay" -lt 60 ]; do
+        delay=$((delay * 2))
+        i=$((i + 1))
+    done
+    [ "$delay" -le 60 ] || delay=60
+    echo "$delay"
+}
 
-    if [ "$(file_size "$part")" -gt 0 ]; then
-        say "$tag: resuming after $(human "$(file_size "$part")")"
-    else
-        say "$tag: downloading"
-    fi
-
+# fetch_file REL PART: fetches release file REL into PART, resuming what is
+# there and retrying transient errors. Says what went wrong and returns 1 on
+# failure, with FATAL=1 when the remaining files cannot work either.
+fetch_file() {
+    local rel=$1 part=$2 log="$WORKDIR/fetch.log" rc attempt=0 delay before
     while :; do
         : >"$log"
+        before=$(file_size "$part")
         start_progress "$part" "$log" "$rel"
         fetch_once "$(file_url "$(release_path "$rel")")" "$part" "$log"
         rc=$?
@@ -629,11 +685,20 @@ get_file() {
             progress_line "$rel" "$(file_size "$part")" "$(expected_total "$log")"
             printf '\n' >&2
         fi
-        classify "$rc" "$log" "$part"
+        classify "$rc" "$log" "$part" "$before"
         case $FAIL_KIND in
-            ok | complete) break ;;
+            ok | complete) return 0 ;;
             forbidden)
                 err "access denied (HTTP $(http_status "$log")): the signed URL has expired or has been used too often; request a new one from Meta (while fetching $rel)"
+                keep_partial "$part" " with the new URL"
+                FATAL=1
+                return 1 ;;
+            page)
+                if [ "$(file_size "$part")" -gt "$before" ]; then
+                    # what wget appended: cut the partial back to its length
+                    dd if=/dev/null of="$part" bs=1 seek="$before" count=0 2>/dev/null || rm -f -- "$part"
+                fi
+                err "the server returned an HTML page or an error text instead of the rest of $rel; the link has probably expired or is wrong: request a new one"
                 keep_partial "$part" " with the new URL"
                 FATAL=1
                 return 1 ;;
@@ -651,7 +716,7 @@ get_file() {
                 keep_partial "$part"
                 return 1 ;;
             norange)
-                rm -f "$part" ;;
+                rm -f -- "$part" ;;
         esac
         attempt=$((attempt + 1))
         if [ "$attempt" -gt "$RETRIES" ]; then
@@ -659,38 +724,108 @@ get_file() {
             keep_partial "$part"
             return 1
         fi
-        delay=$((BACKOFF * (1 << (attempt - 1))))
-        [ "$delay" -le 60 ] || delay=60
+        delay=$(backoff_delay "$attempt")
         warn "$rel: ${FAIL_MSG:-transfer failed}; retry $attempt of $RETRIES in ${delay}s"
-        sleep "$delay"
+        sleep "$delay" &
+        run_child "$!"
     done
+}
 
-    if [ ! -f "$part" ]; then
-        # a zero-byte body leaves no file behind with curl
-        : >"$part" || { err "disk full or not writable: free space in $TARGET"; FATAL=1; return 1; }
-    fi
-    if looks_like_html "$part"; then
-        rm -f "$part"
-        err "the server returned an HTML page instead of $rel; the link has probably expired or is wrong: request a new one (the page was deleted)"
-        FATAL=1
-        return 1
-    fi
-    case $kind in
-        checklist)
-            if ! is_checklist "$part"; then
-                rm -f "$part"
-                err "$rel does not look like an md5 checklist (deleted it); the link is probably wrong: request a new one"
+# get_file REL KIND [MD5]: puts release file REL at TARGET/REL.
+#   KIND plain:     any file that is neither empty nor an HTML page (LICENSE,
+#                   USE_POLICY.md)
+#   KIND checklist: must look like an md5 checklist; with MD5 "again", one
+#                   in place is fetched anew (and stays until the new one is in)
+#   KIND checked:   must match MD5; a file that does not is fetched once more
+#                   from the start
+# Returns 1 on failure; sets FATAL=1 when the remaining files cannot work
+# either (dead link, full disk). Sets GOT to skipped or fetched.
+get_file() {
+    local rel=$1 kind=$2 want=${3:-} dest part tag anew=0
+    dest="$TARGET/$rel"
+    part="$dest.partial"
+    FILE_INDEX=$((FILE_INDEX + 1))
+    tag="[$FILE_INDEX/$FILE_COUNT] $rel"
+    GOT=skipped
+
+    if [ "$kind:$want" = checklist:again ]; then
+        rm -f -- "$part"  # small: fetched whole, not resumed
+    elif [ -f "$dest" ]; then
+        if [ "$kind" = checked ]; then
+            if ! md5_of "$dest"; then
+                err "cannot compute the md5 of $rel: $MD5_ERR; the file is left as it is"
                 return 1
-            fi ;;
-        checked)
-            got=$(md5_of "$part")
-            if [ -z "$got" ] || [ "$got" != "$want" ]; then
-                rm -f "$part"
-                err "$rel FAILED verification (md5 ${got:-unknown}, checklist says $want); the corrupt download was deleted: run the same command again to fetch it anew"
-                return 1
-            fi ;;
-    esac
-    if ! mv -f "$part" "$dest"; then
+            fi
+            if [ "$MD5_SUM" = "$want" ]; then
+                say "$tag: already verified, skipped"
+                return 0
+            fi
+            # e.g. left half-done by another script: continue it as a partial
+            if [ "$(file_size "$dest")" -gt "$(file_size "$part")" ]; then
+                mv -f -- "$dest" "$part" || return 1
+            else
+                rm -f -- "$dest"
+            fi
+            say "$tag: present but does not match the checklist; continuing it as $rel.partial"
+        elif plain_ok "$dest" && { [ "$kind" != checklist ] || is_checklist "$dest"; }; then
+            say "$tag: already present, skipped"
+            return 0
+        else
+            rm -f -- "$dest"
+            say "$tag: present but empty or not valid; fetching it again"
+        fi
+    fi
+
+    GOT=fetched
+    while :; do
+        if [ "$(file_size "$part")" -gt 0 ]; then
+            say "$tag: resuming after $(human "$(file_size "$part")")"
+        else
+            say "$tag: downloading"
+        fi
+        fetch_file "$rel" "$part" || return 1
+        if [ ! -f "$part" ]; then
+            # a zero-byte body leaves no file behind with curl
+            : >"$part" || { err "disk full or not writable: free space in $TARGET"; FATAL=1; return 1; }
+        fi
+        if looks_like_html "$part"; then
+            rm -f -- "$part"
+            err "the server returned an HTML page instead of $rel; the link has probably expired or is wrong: request a new one (the page was deleted)"
+            FATAL=1
+            return 1
+        fi
+        case $kind in
+            plain)
+                if [ ! -s "$part" ]; then
+                    rm -f -- "$part"
+                    err "the server returned an empty file for $rel; the link is probably wrong: request a new one"
+                    return 1
+                fi ;;
+            checklist)
+                if ! is_checklist "$part"; then
+                    rm -f -- "$part"
+                    err "$rel does not look like an md5 checklist (deleted it); the link is probably wrong: request a new one"
+                    return 1
+                fi ;;
+            checked)
+                if ! md5_of "$part"; then
+                    err "cannot compute the md5 of $rel.partial: $MD5_ERR; it is left as it is: run the same command again to verify it"
+                    return 1
+                fi
+                if [ "$MD5_SUM" != "$want" ]; then
+                    rm -f -- "$part"
+                    if [ "$anew" = 0 ]; then
+                        anew=1
+                        warn "$rel does not match the checklist (md5 $MD5_SUM, checklist says $want); fetching it again from the start"
+                        continue
+                    fi
+                    err "$rel FAILED verification again (md5 $MD5_SUM, checklist says $want); the corrupt download was deleted: run the same command again to fetch it anew, or request a new link if it keeps failing"
+                    return 1
+                fi ;;
+        esac
+        break
+    done
+    if ! mv -f -- "$part" "$dest"; then
         err "cannot rename $part: disk full or not writable: free space in $TARGET"
         FATAL=1
         return 1
@@ -702,21 +837,49 @@ get_file() {
     fi
 }
 
+# get_checklist REL NAME...: get_file REL checklist; when a checklist that
+# was in place already (it may have arrived short in an earlier run) has no
+# md5 for one of the NAMEs, the files next to it, it is fetched once more.
+# Returns 1 on failure.
+get_checklist() {
+    local rel=$1 chk="$TARGET/$1" name lacking=""
+    shift
+    get_file "$rel" checklist || return 1
+    [ "$GOT" = skipped ] || return 0
+    for name in "$@"; do
+        [ -n "$(checklist_md5 "$chk" "$name")" ] || lacking="$lacking $name"
+    done
+    [ -n "$lacking" ] || return 0
+    say "  $rel has no md5 for$lacking; fetching it again"
+    FILE_INDEX=$((FILE_INDEX - 1))
+    get_file "$rel" checklist again
+}
+
 # Downloads and checks one model folder; returns 1 if anything failed.
 get_model() {
-    local dir=$1 chk name want failed=0
-    mkdir -p "$TARGET/$dir" || {
+    local dir=$1 chk name want failed=0 needed=""
+    mkdir -p -- "$TARGET/$dir" || {
         err "cannot create $TARGET/$dir: disk full or not writable"
         FATAL=1
         return 1
     }
     chk="$TARGET/$dir/checklist.chk"
-    get_file "$dir/checklist.chk" checklist || return 1
+    for name in $(model_files "$dir"); do
+        # a tokenizer in place may stay unlisted (see below)
+        [ "$name" = tokenizer.model ] && plain_ok "$TARGET/$dir/$name" && continue
+        needed="$needed $name"
+    done
+    # shellcheck disable=SC2086  # file names have no blanks
+    get_checklist "$dir/checklist.chk" $needed || return 1
     for name in $(model_files "$dir"); do
         want=$(checklist_md5 "$chk" "$name")
         if [ -z "$want" ] && [ "$name" = tokenizer.model ]; then
             # as Meta's script, which verifies what the checklist lists
-            warn "$dir/checklist.chk has no md5 for tokenizer.model: it is fetched but can't be verified"
+            if plain_ok "$TARGET/$dir/$name"; then
+                warn "$dir/checklist.chk has no md5 for tokenizer.model: the one in place is kept but can't be verified"
+            else
+                warn "$dir/checklist.chk has no md5 for tokenizer.model: it is fetched but can't be verified"
+            fi
             get_file "$dir/$name" plain || failed=1
             [ "$FATAL" = 1 ] && return 1
             continue
@@ -742,7 +905,7 @@ get_top_files() {
         [ "$FATAL" = 1 ] && return 1
     done
     [ "$FAMILY" = llama2 ] || return "$failed"
-    if get_file tokenizer_checklist.chk checklist; then
+    if get_checklist tokenizer_checklist.chk tokenizer.model; then
         want=$(checklist_md5 "$TARGET/tokenizer_checklist.chk" tokenizer.model)
         if [ -n "$want" ]; then
             get_file tokenizer.model checked "$want" || failed=1
@@ -763,11 +926,11 @@ check_space() {
     for dir in $MODEL_DIRS; do
         need=$((need + $(model_kib "$dir")))
         if [ -d "$TARGET/$dir" ]; then
-            used=$(du -sk "$TARGET/$dir" 2>/dev/null | awk '{ print $1 }')
+            used=$(du -sk -- "$TARGET/$dir" 2>/dev/null | awk '{ print $1 }')
             need=$((need - ${used:-0}))
         fi
     done
-    have_kib=$(df -Pk "$TARGET" 2>/dev/null | awk 'NR == 2 { print $4 }')
+    have_kib=$(df -Pk -- "$TARGET" 2>/dev/null | awk 'NR == 2 { print $4 }')
     case $have_kib in
         '' | *[!0-9]*) return 0 ;;
     esac
@@ -776,11 +939,47 @@ check_space() {
     fi
 }
 
-# --------------------------------------------------------------------- main
+LOCK=""  # TARGET's lock directory while this run holds it
+
+# Takes the lock of TARGET, a directory (mkdir is atomic) holding the pid of
+# the run, so that two runs do not write the same files; one left behind by
+# a run that was killed is taken over.
+take_lock() {
+    local lock="$TARGET/.download.lock" pid round=0
+    while ! mkdir -- "$lock" 2>/dev/null; do
+        if [ ! -d "$lock" ]; then
+            err "cannot write into $TARGET: not writable or disk full"
+            exit 1
+        fi
+        pid=""
+        read -r pid 2>/dev/null <"$lock/pid"
+        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+            err "another download.sh (process $pid) is writing into $TARGET: let it finish or stop it, then run this again (if process $pid is no download.sh, remove $lock)"
+            exit 1
+        fi
+        round=$((round + 1))
+        if [ "$round" -gt 3 ]; then
+            err "cannot take the lock $lock: remove it if no download.sh is running"
+            exit 1
+        fi
+        if [ -z "$pid" ] && [ "$round" = 1 ]; then
+            sleep 1  # it may be being taken this instant: look again
+            continue
+        fi
+        rm -rf -- "$lock"  # left by a run that was killed
+    done
+    LOCK=$lock
+    printf '%s\n' "$$" >"$lock/pid"
+}
 
 # shellcheck disable=SC2317,SC2329  # invoked by trap
 on_signal() {
     stop_progress
+    if [ -n "$KIDS" ]; then
+        # shellcheck disable=SC2086  # a list of process ids
+        { kill $KIDS; wait $KIDS; } 2>/dev/null
+        KIDS=""
+    fi
     printf '\n' >&2
     err "interrupted: partial files are kept as *.partial; run the same command again to resume"
     exit 130
@@ -792,12 +991,21 @@ cleanup() {
     if [ -n "${WORKDIR:-}" ]; then
         rm -rf "$WORKDIR"
     fi
+    if [ -n "$LOCK" ]; then
+        rm -rf -- "$LOCK"
+    fi
 }
 
+# Checks that VALUE, the value of NAME, is a whole number and sets COUNT to
+# it, read in base 10 (a leading 0 does not make it octal).
 check_count() {
-    case $2 in
+    local n=$2
+    case $n in
         '' | *[!0-9]*) usage_error "$1 must be a whole number of seconds or retries, not '$2'" ;;
     esac
+    n=${n#"${n%%[!0]*}"}
+    [ "${#n}" -le 9 ] || usage_error "$1 is too large: '$2'"
+    COUNT=${n:-0}
 }
 
 main() {
@@ -829,10 +1037,10 @@ main() {
         esac
     done
 
-    RETRIES=${LLAMA_DOWNLOAD_RETRIES:-5}
-    BACKOFF=${LLAMA_DOWNLOAD_BACKOFF:-2}
-    check_count LLAMA_DOWNLOAD_RETRIES "$RETRIES"
-    check_count LLAMA_DOWNLOAD_BACKOFF "$BACKOFF"
+    check_count LLAMA_DOWNLOAD_RETRIES "${LLAMA_DOWNLOAD_RETRIES:-5}"
+    RETRIES=$COUNT
+    check_count LLAMA_DOWNLOAD_BACKOFF "${LLAMA_DOWNLOAD_BACKOFF:-2}"
+    BACKOFF=$COUNT
     case ${LLAMA_DOWNLOAD_PROGRESS:-auto} in
         1 | yes | true) SHOW_PROGRESS=1 ;;
         0 | no | false) SHOW_PROGRESS=0 ;;
@@ -903,13 +1111,15 @@ main() {
     fi
     say "Downloader: $DOWNLOADER; md5: $MD5_TOOL"
 
-    mkdir -p "$TARGET" || { err "cannot create $TARGET: disk full or not writable"; exit 1; }
+    mkdir -p -- "$TARGET" || { err "cannot create $TARGET: disk full or not writable"; exit 1; }
     WORKDIR=$(mktemp -d "${TMPDIR:-/tmp}/llama-download.XXXXXX") || {
         err "cannot create a temporary directory"
         exit 1
     }
     trap cleanup EXIT
-    trap on_signal INT TERM
+    trap on_signal HUP INT QUIT TERM
+    mkfifo "$WORKDIR/out" || { err "cannot create a pipe in $WORKDIR"; exit 1; }
+    take_lock
     check_space
 
     FATAL=0

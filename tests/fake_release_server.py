@@ -13,15 +13,20 @@ Failure modes, set per test through attributes of :class:`FakeRelease`:
 * ``cut``: ``{path: n}`` - on the first request for *path*, send the full
   headers, then only *n* bytes, then drop the connection;
 * ``html``: paths answered with a 200 HTML page instead of the file;
+* ``error_text``: paths answered with a 200 plain-text error message;
 * ``corrupt``: paths served with one byte flipped;
 * ``missing``: paths answered with 404;
-* ``flaky``: ``{path: k}`` - the first *k* requests for *path* get a 503.
+* ``flaky``: ``{path: k}`` - the first *k* requests for *path* get a 503;
+* ``stall``: ``{path: n}`` - on the first request for *path*, send the full
+  headers and *n* bytes, then nothing more until the client goes away
+  (recorded in ``dropped``) or ``unstall`` is set (then drop the connection).
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import select
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -52,6 +57,8 @@ HTML_PAGE = (
     b"<!DOCTYPE html>\n<html><head><title>Access denied</title></head>"
     b"<body><h1>This link has expired</h1></body></html>\n"
 )
+
+ERROR_TEXT = b"AccessDenied: Request has expired\n"
 
 
 def _md5(data: bytes) -> str:
@@ -91,9 +98,13 @@ class FakeRelease:
         self.forbidden = False
         self.cut: dict[str, int] = {}
         self.html: set[str] = set()
+        self.error_text: set[str] = set()
         self.corrupt: set[str] = set()
         self.missing: set[str] = set()
         self.flaky: dict[str, int] = {}
+        self.stall: dict[str, int] = {}
+        self.unstall = threading.Event()
+        self.dropped: list[str] = []  # stalled paths whose client closed the connection
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -115,6 +126,7 @@ class FakeRelease:
         return self
 
     def stop(self) -> None:
+        self.unstall.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -179,6 +191,7 @@ class _Handler(BaseHTTPRequestHandler):
         with rel.lock:
             rel.requests.append((self.command, path or parts.path, rng))
             cut = rel.cut.pop(path, None) if path is not None else None
+            stall = rel.stall.pop(path, None) if path is not None else None
             flaky = rel.flaky.get(path, 0) if path is not None else 0
             if flaky:
                 rel.flaky[path] = flaky - 1
@@ -194,6 +207,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if path in rel.html:
             self._send(200, HTML_PAGE, "text/html; charset=utf-8", body)
+            return
+        if path in rel.error_text:
+            self._send(200, ERROR_TEXT, "text/plain", body)
             return
         data = rel.files[path]
         if path in rel.corrupt:
@@ -224,6 +240,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
+        if stall is not None:
+            self.wfile.write(data[:stall])
+            self.wfile.flush()
+            self._stall(path)
+            return
         if cut is not None:
             self.wfile.write(data[:cut])
             self.wfile.flush()
@@ -235,3 +256,24 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
             return
         self.wfile.write(data)
+
+    def _stall(self, path: str) -> None:
+        """Sends nothing more until the client closes the connection or the test sets ``unstall``."""
+        rel = self.release
+        while not rel.unstall.is_set():
+            readable, _, _ = select.select([self.connection], [], [], 0.05)
+            if not readable:
+                continue
+            try:
+                gone = self.connection.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                gone = True
+            if gone:
+                with rel.lock:
+                    rel.dropped.append(path)
+                break
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

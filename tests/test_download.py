@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ SHARD_7B = "llama-2-7b/consolidated.00.pth"
 DOWNLOADERS = [d for d in ("curl", "wget") if shutil.which(d)]
 
 # tools download.sh needs besides a downloader and an md5 tool
-BASE_TOOLS = ["awk", "cat", "df", "du", "grep", "head", "mkdir", "mktemp", "mv", "rm",
+BASE_TOOLS = ["awk", "cat", "dd", "df", "du", "grep", "head", "mkdir", "mkfifo", "mktemp", "mv", "rm",
               "sleep", "tr", "wc"]
 
 
@@ -35,18 +37,74 @@ def server():
         srv.stop()
 
 
-def run(args=(), *, env=None, stdin="", cwd=None, timeout=60):
-    """Runs download.sh; checks that the signature never shows in its output."""
+def script_env(env=None):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_")}
     full_env["LLAMA_DOWNLOAD_BACKOFF"] = "0"
     full_env.update(env or {})
+    return full_env
+
+
+def run(args=(), *, env=None, stdin="", cwd=None, timeout=60):
+    """Runs download.sh; checks that the signature never shows in its output."""
     proc = subprocess.run(
         [BASH, str(SCRIPT), *args], input=stdin, capture_output=True, text=True,
-        env=full_env, cwd=cwd, timeout=timeout,
+        env=script_env(env), cwd=cwd, timeout=timeout,
     )
     assert SIGNATURE not in proc.stdout
     assert SIGNATURE not in proc.stderr
     return proc
+
+
+@pytest.fixture
+def launch(tmp_path_factory):
+    """Starts download.sh in the background, in a process group of its own (as a shell job); its output
+    goes to files (proc.out(), proc.err()). Whatever is left of the group is killed at the end."""
+    procs = []
+    logs = tmp_path_factory.mktemp("logs")
+
+    def start(args, env=None):
+        n = len(procs)
+        out, err = logs / f"stdout{n}.txt", logs / f"stderr{n}.txt"
+        with open(out, "w") as o, open(err, "w") as e:
+            proc = subprocess.Popen([BASH, str(SCRIPT), *args], stdin=subprocess.DEVNULL, stdout=o,
+                                    stderr=e, env=script_env(env), start_new_session=True)
+        proc.out, proc.err = out.read_text, err.read_text
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        assert SIGNATURE not in proc.out() + proc.err()
+
+
+def wait_for(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def partial_started(path: Path):
+    """True once the download has written to path (curl buffers, so not every byte received is there)."""
+    return lambda: path.exists() and path.stat().st_size > 0
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group pgid."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(pid))
+    return found
 
 
 def model_paths(model: str) -> list[str]:
@@ -236,10 +294,26 @@ def test_a_tokenizer_the_checklist_does_not_list_is_fetched_with_a_warning(famil
     srv = family_server
     chk = srv.files["CodeLlama-7b/checklist.chk"].decode().splitlines(keepends=True)
     srv.files["CodeLlama-7b/checklist.chk"] = "".join(c for c in chk if "tokenizer" not in c).encode()
-    proc = run(["--url", srv.url, "--family", "codellama", "--models", "7b", "--target", str(tmp_path)])
+    args = ["--url", srv.url, "--family", "codellama", "--models", "7b", "--target", str(tmp_path)]
+    proc = run(args)
     assert proc.returncode == 0, proc.stderr
     assert "has no md5 for tokenizer.model: it is fetched but can't be verified" in proc.stderr
-    assert (tmp_path / "CodeLlama-7b/tokenizer.model").read_bytes() == srv.files["CodeLlama-7b/tokenizer.model"]
+    tokenizer = tmp_path / "CodeLlama-7b/tokenizer.model"
+    assert tokenizer.read_bytes() == srv.files["CodeLlama-7b/tokenizer.model"]
+    # the next run keeps it, and says so
+    srv.reset_log()
+    again = run(args)
+    assert again.returncode == 0, again.stderr
+    assert srv.requests == []
+    assert "has no md5 for tokenizer.model: the one in place is kept but can't be verified" in again.stderr
+    assert "it is fetched" not in again.stderr
+    # an empty one, as wget -O leaves after a 403, is not a tokenizer: fetched (the checklist once more too)
+    tokenizer.write_bytes(b"")
+    srv.reset_log()
+    third = run(args)
+    assert third.returncode == 0, third.stderr
+    assert srv.requested_paths() == ["CodeLlama-7b/checklist.chk", "CodeLlama-7b/tokenizer.model"]
+    assert tokenizer.read_bytes() == srv.files["CodeLlama-7b/tokenizer.model"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -308,6 +382,41 @@ def test_complete_partial_is_verified_without_refetch(server, tmp_path, download
     assert_release(tmp_path, server, ["llama-2-7b"])
 
 
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
+def test_complete_file_that_fails_md5_is_fetched_anew_in_the_same_run(server, tmp_path, downloader):
+    args = ["--url", server.url, "--models", "7B", "--target", str(tmp_path), "--downloader", downloader]
+    assert run(args).returncode == 0
+    damaged = bytearray(server.files[SHARD_7B])
+    damaged[1000] ^= 0xFF
+    (tmp_path / SHARD_7B).write_bytes(damaged)
+    server.reset_log()
+    proc = run(args)
+    assert proc.returncode == 0, proc.stderr
+    # continued as a partial (answered 416), then fetched from the start
+    assert server.ranges_for(SHARD_7B) == [f"bytes={64 * 1024}-", None]
+    assert "fetching it again from the start" in proc.stderr
+    assert_release(tmp_path, server, ["llama-2-7b"])
+
+
+@pytest.mark.parametrize("page, have", [("html", 30000), ("html", 50), ("error_text", 30000)])
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
+def test_page_in_reply_to_a_resume_keeps_the_partial(server, tmp_path, downloader, page, have):
+    # an expired link answered with a 200 page: not the file from its start
+    (tmp_path / "llama-2-7b").mkdir()
+    part = tmp_path / f"{SHARD_7B}.partial"
+    part.write_bytes(server.files[SHARD_7B][:have])
+    setattr(server, page, {SHARD_7B})
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path),
+                "--downloader", downloader])
+    assert proc.returncode == 1
+    assert (f"the server returned an HTML page or an error text instead of the rest of {SHARD_7B}; "
+            "the link has probably expired or is wrong: request a new one") in proc.stderr
+    assert "run the same command again with the new URL to resume it" in proc.stderr
+    assert part.read_bytes() == server.files[SHARD_7B][:have]
+    assert server.ranges_for(SHARD_7B) == [f"bytes={have}-"]
+    no_complete_looking(tmp_path, SHARD_7B)
+
+
 def test_transient_server_errors_are_retried(server, tmp_path):
     server.flaky = {SHARD_7B: 2}
     proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path)])
@@ -369,6 +478,48 @@ def test_corrupt_file_fails_verification(server, tmp_path, downloader):
     assert_release(tmp_path, server, ["llama-2-7b", "llama-2-7b-chat"])
 
 
+def test_md5_tool_that_fails_leaves_verified_files_as_they_are(server, tmp_path):
+    target = tmp_path / "t"
+    args = ["--url", server.url, "--models", "7B", "--target", str(target)]
+    assert run(args).returncode == 0
+    failing = "#!/bin/sh\necho 'md5sum: -: Input/output error' >&2\nexit 1\n"
+    path = restricted_path(tmp_path, BASE_TOOLS + DOWNLOADERS[:1], {"md5sum": failing})
+    server.reset_log()
+    proc = run(args, env={"PATH": path})
+    assert proc.returncode == 1
+    assert (f"cannot compute the md5 of {SHARD_7B}: md5sum failed: md5sum: -: Input/output error "
+            "(exit status 1); the file is left as it is") in proc.stderr
+    assert server.requests == []
+    assert_release(target, server, ["llama-2-7b"])  # nothing moved or deleted
+
+
+def test_checklist_in_place_without_a_needed_md5_is_fetched_once_more(server, tmp_path):
+    args = ["--url", server.url, "--models", "7B", "--target", str(tmp_path)]
+    assert run(args).returncode == 0
+    # as left by an earlier run that got them short
+    chk = tmp_path / "llama-2-7b/checklist.chk"
+    chk.write_text("".join(line for line in chk.read_text().splitlines(keepends=True) if "params" not in line))
+    (tmp_path / "tokenizer_checklist.chk").write_text(f"{'0' * 32}  something-else.model\n")
+    server.reset_log()
+    proc = run(args)
+    assert proc.returncode == 0, proc.stderr
+    assert server.requested_paths() == ["tokenizer_checklist.chk", "llama-2-7b/checklist.chk"]
+    assert "llama-2-7b/checklist.chk has no md5 for params.json; fetching it again" in proc.stdout
+    assert_release(tmp_path, server, ["llama-2-7b"])
+
+
+def test_empty_files_in_place_are_fetched(server, tmp_path):
+    args = ["--url", server.url, "--models", "7B", "--target", str(tmp_path)]
+    assert run(args).returncode == 0
+    for name in ("LICENSE", "USE_POLICY.md"):  # what wget -O leaves after a 403
+        (tmp_path / name).write_bytes(b"")
+    server.reset_log()
+    proc = run(args)
+    assert proc.returncode == 0, proc.stderr
+    assert server.requested_paths() == ["LICENSE", "USE_POLICY.md"]
+    assert_release(tmp_path, server, ["llama-2-7b"])
+
+
 def test_corrupt_checklist_is_rejected(server, tmp_path):
     server.files["llama-2-7b/checklist.chk"] = b"this is not a checklist\n"
     proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path)])
@@ -393,6 +544,78 @@ def test_disk_full_is_reported(server, tmp_path):
     assert proc.returncode == 1
     assert f"disk full or not writable: free space in {tmp_path}" in proc.stderr
     no_complete_looking(tmp_path, SHARD_7B)
+
+
+# ------------------------------------------------- signals and concurrent runs
+
+SIGNAL_CASES = [(d, "SIGTERM", False) for d in DOWNLOADERS] + [
+    (DOWNLOADERS[0], "SIGQUIT", True), (DOWNLOADERS[0], "SIGINT", True)]
+
+
+@pytest.mark.parametrize("downloader, signame, to_group", SIGNAL_CASES)
+def test_signal_stops_a_download_at_once(server, tmp_path, launch, downloader, signame, to_group):
+    # SIGTERM as kill sends it (to the script); Ctrl-\ and Ctrl-C to the whole foreground group, with
+    # the progress line on, as in a terminal
+    server.stall = {SHARD_7B: 20000}
+    part = tmp_path / f"{SHARD_7B}.partial"
+    proc = launch(["--url", server.url, "--models", "7B", "--target", str(tmp_path),
+                   "--downloader", downloader], env={"LLAMA_DOWNLOAD_PROGRESS": "1" if to_group else "0"})
+    wait_for(partial_started(part))
+    start = time.monotonic()
+    (os.killpg if to_group else os.kill)(proc.pid, getattr(signal, signame))
+    assert proc.wait(timeout=5) == 130
+    assert time.monotonic() - start < 2.5
+    assert "interrupted: partial files are kept as *.partial" in proc.err()
+    wait_for(lambda: SHARD_7B in server.dropped, 2)  # the downloader was stopped too
+    kept = part.read_bytes()
+    assert 0 < len(kept) <= 20000 and kept == server.files[SHARD_7B][:len(kept)]
+    no_complete_looking(tmp_path, SHARD_7B)
+    assert not (tmp_path / ".download.lock").exists()
+
+
+def test_signal_cuts_a_backoff_short_and_the_delay_is_decimal(server, tmp_path, launch):
+    server.flaky = {SHARD_7B: 1}
+    proc = launch(["--url", server.url, "--models", "7B", "--target", str(tmp_path)],
+                  env={"LLAMA_DOWNLOAD_BACKOFF": "08"})  # not octal
+    wait_for(lambda: "retry 1 of 5 in 8s" in proc.err())
+    start = time.monotonic()
+    proc.terminate()
+    assert proc.wait(timeout=5) == 130
+    assert time.monotonic() - start < 2.5
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_progress_line_ends_with_a_killed_script(server, tmp_path, launch):
+    server.stall = {SHARD_7B: 20000}
+    proc = launch(["--url", server.url, "--models", "7B", "--target", str(tmp_path)],
+                  env={"LLAMA_DOWNLOAD_PROGRESS": "1"})
+    wait_for(partial_started(tmp_path / f"{SHARD_7B}.partial"))
+    proc.kill()
+    proc.wait()
+    server.unstall.set()  # the orphaned downloader's transfer ends
+    wait_for(lambda: not group_members(proc.pid), 4)
+
+
+def test_second_run_into_the_same_folder_is_refused(server, tmp_path, launch):
+    server.stall = {SHARD_7B: 20000}
+    args = ["--url", server.url, "--models", "7B", "--target", str(tmp_path)]
+    first = launch(args)
+    wait_for(partial_started(tmp_path / f"{SHARD_7B}.partial"))
+    server.reset_log()
+    second = run(args)
+    assert second.returncode == 1
+    assert f"another download.sh (process {first.pid}) is writing into {tmp_path}" in second.stderr
+    assert server.requests == []
+    first.terminate()
+    assert first.wait(timeout=5) == 130
+    # a lock left by a run that was killed is taken over
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / ".download.lock").mkdir()
+    (tmp_path / ".download.lock/pid").write_text(f"{dead.pid}\n")
+    third = run(args)
+    assert third.returncode == 0, third.stderr
+    assert_release(tmp_path, server, ["llama-2-7b"])  # the lock is gone too
 
 
 # --------------------------------------------------------------- URL and usage
@@ -427,6 +650,19 @@ def test_unknown_model_is_rejected(server, tmp_path):
     assert server.requests == []
 
 
+def test_blanks_separate_models_as_commas(server, tmp_path):
+    proc = run(["--url", server.url, "--models", "7B 13B,\t70b-chat", "--target", str(tmp_path),
+                "--dry-run"])
+    assert proc.returncode == 0, proc.stderr
+    assert "Models:     llama-2-7b llama-2-13b llama-2-70b-chat" in proc.stdout
+
+
+def test_target_that_starts_with_a_dash(server, tmp_path):
+    proc = run(["--url", server.url, "--models", "7B", "--target", "-dash"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert_release(tmp_path / "-dash", server, ["llama-2-7b"])
+
+
 def test_stray_argument_is_not_echoed(server, tmp_path):
     proc = run(["--url", server.url, f"Signature={SIGNATURE}"])
     assert proc.returncode == 2
@@ -439,6 +675,22 @@ def test_help_documents_environment():
     for name in ("--url", "--models", "--target", "--dry-run", "LLAMA_DOWNLOAD_URL",
                  "LLAMA_MODELS", "LLAMA_TARGET_DIR", "LLAMA_DOWNLOAD_BACKOFF"):
         assert name in proc.stdout
+    assert "asked for when not given and the URL is typed in\n                     or stdin is a terminal" in proc.stdout
+
+
+def test_models_are_asked_for_in_a_terminal_even_with_a_url(server, tmp_path):
+    # as the help says: a forgotten --models must not mean every model
+    master, slave = os.openpty()
+    try:
+        os.write(master, b"7B\n")
+        proc = subprocess.run([BASH, str(SCRIPT), "--url", server.url, "--target", str(tmp_path), "--dry-run"],
+                              stdin=slave, capture_output=True, text=True, env=script_env(), timeout=30)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert proc.returncode == 0, proc.stderr
+    assert "Enter the list of models" in proc.stderr
+    assert "Models:     llama-2-7b\n" in proc.stdout
 
 
 # ------------------------------------------------------- tools that may be missing
