@@ -689,7 +689,7 @@ fetch_file() {
         case $FAIL_KIND in
             ok | complete) return 0 ;;
             forbidden)
-                err "access denied (HTTP $(http_status "$log")): the signed URL has expired or has been used too often; request a new one from Meta (while fetching $rel)"
+                err "access denied (HTTP $(http_status "$log")): the signed URL has expired or has been used too often; request a new one from Meta (while fetching $rel). A link for another family than $FAMILY is refused the same way: pass its --family (llama2, codellama or llama3)"
                 keep_partial "$part" " with the new URL"
                 FATAL=1
                 return 1 ;;

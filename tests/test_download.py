@@ -436,6 +436,7 @@ def test_forbidden_link(server, tmp_path, downloader):
     assert proc.returncode == 1
     assert ("access denied (HTTP 403): the signed URL has expired or has been used "
             "too often; request a new one from Meta") in proc.stderr
+    assert "A link for another family than llama2 is refused the same way: pass its --family" in proc.stderr
     assert len(server.requests) == 1  # no retries, no further files
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
     assert "llama-2-7b: FAILED" in proc.stdout
