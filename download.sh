@@ -1067,7 +1067,7 @@ main() {
     MODELS=${OPT_MODELS:-${LLAMA_MODELS:-}}
     if [ -z "$MODELS" ]; then
         if [ "$url_src" = prompt ] || [ -t 0 ]; then
-            printf 'Enter the list of models to download without spaces (%s), or press Enter for all: ' "$ALL_MODELS" >&2
+            printf 'Enter the models to download, separated by commas or blanks (%s), or press Enter for all: ' "$ALL_MODELS" >&2
             IFS= read -r MODELS || true
         fi
         MODELS=${MODELS:-all}
