@@ -167,7 +167,7 @@ def test_interactive_prompts_from_stdin(server, tmp_path):
     proc = run([], stdin=f"{server.url}\n7B-chat\n", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     assert "Enter the URL from email" in proc.stderr
-    assert "Enter the list of models" in proc.stderr
+    assert "Enter the models to download, separated by commas or blanks" in proc.stderr
     # the default target is the current directory
     assert_release(workdir, server, ["llama-2-7b-chat"])
 
@@ -690,7 +690,7 @@ def test_models_are_asked_for_in_a_terminal_even_with_a_url(server, tmp_path):
         os.close(slave)
         os.close(master)
     assert proc.returncode == 0, proc.stderr
-    assert "Enter the list of models" in proc.stderr
+    assert "Enter the models to download, separated by commas or blanks" in proc.stderr
     assert "Models:     llama-2-7b\n" in proc.stdout
 
 
