@@ -9,12 +9,12 @@ masked): a few dozen captures over a long generation, each one step's time.
 """
 
 from contextlib import nullcontext
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from .research import hook_dicts, module_sets, replaced
-from .model import Transformer
+from .model import Caches, Transformer
 
 BUCKET = 256  # cache positions per captured graph: at most this many more read per step than needed
 
@@ -37,8 +37,7 @@ class GraphedDecoder:
         self.pool = None  # one memory pool for all the graphs: steps never run at the same time
         self.inputs: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # batch -> tokens, pos, pad
         self.graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (batch, keys) -> ...
-        self.caches: List[torch.Tensor] = []  # the attentions' caches that the graphs write
-        self.positions = 0  # the fewest positions any of them holds
+        self.caches: Optional[Caches] = None  # the attentions' caches that the graphs write
         # The hooks' dicts, checked at every step: checking them costs a few microseconds where walking all the
         # modules costs hundreds, out of a 5 ms step; walked again only when a module has been set anywhere.
         # (Checking for replaced forwards walks five modules a layer: 20 us for a 7B model on a slow CPU.)
@@ -55,9 +54,9 @@ class GraphedDecoder:
             return self.model.forward(tokens, pos, left_pad=left_pad, last_only=True)
         bsz = tokens.shape[0]
         caches = self.model._check_cache(bsz, pos + 1)  # allocated on first use; a clear error if too small
-        if len(caches) != len(self.caches) or any(c is not held for c, held in zip(caches, self.caches)):
+        if caches is not self.caches:
             self.graphs.clear()  # a cache made anew (setup_cache, or research code's cache_k of another size)
-            self.caches, self.positions = caches, min((c.shape[3] for c in caches), default=pos + 1)
+            self.caches = caches
         if bsz not in self.inputs:
             self.inputs[bsz] = (torch.empty_like(tokens), torch.empty((), dtype=torch.long, device=tokens.device),
                                 torch.empty(bsz, dtype=torch.long, device=tokens.device))
@@ -68,7 +67,7 @@ class GraphedDecoder:
             static_pad.zero_()
         else:
             static_pad.copy_(left_pad)
-        keys = min(self.positions, (pos // BUCKET + 1) * BUCKET)
+        keys = min(caches.positions, (pos // BUCKET + 1) * BUCKET)
         if (bsz, keys) not in self.graphs:
             if not self.graphs:  # a pool whose graphs are all gone is released, and can't be captured into again
                 self.pool = torch.cuda.graph_pool_handle()

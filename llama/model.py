@@ -12,7 +12,7 @@ import operator
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -481,6 +481,13 @@ class FeedForward(nn.Module):
 BLOCK_PARTS = ("attention_norm", "ffn_norm", "attention", "feed_forward")
 
 
+class Caches(NamedTuple):
+    """The attentions' KV caches (``Transformer._check_cache``), and the fewest rows and positions any holds."""
+    tensors: List[torch.Tensor]
+    rows: int
+    positions: int
+
+
 @own_forward
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
@@ -537,7 +544,7 @@ class Transformer(nn.Module):
         self.compute_dtype: Optional[torch.dtype] = None  # set with the KV cache
         self.cache_made_for: Optional[Tuple[torch.device, torch.dtype]] = None  # the weights' device and dtype then
         self.runs = 0  # forward passes, decoding steps and caches made: each changes what the KV cache holds
-        self._sized: Tuple[List[torch.Tensor], Tuple[int, int]] = ([], (0, 0))  # caches, their fewest rows, positions
+        self._caches = Caches([], 0, 0)  # as _check_cache found them last
         self._compiled: Optional[tuple[Callable, ...]] = None  # compiled_elementwise
 
     @staticmethod
@@ -734,10 +741,11 @@ class Transformer(nn.Module):
                 raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {int(low)}..{int(high)}")
         return start_pos
 
-    def _check_cache(self, rows: int, positions: int) -> List[torch.Tensor]:
+    def _check_cache(self, rows: int, positions: int) -> "Caches":
         """Allocate the cache on first use, and again where ``.to()`` has moved or converted the weights since (as
         Meta's cache follows its activations): on their device, computing in ``compute_dtype_for`` their dtype,
-        holding what it held. Fail clearly if it is too small. Returns the attentions' caches."""
+        holding what it held. Fail clearly if it is too small. Returns the attentions' caches: the same object
+        until one of them is made anew."""
         weight = self.output.weight
         attentions = self.attentions()
         held = [a.cache_kv for a in attentions]
@@ -748,13 +756,15 @@ class Transformer(nn.Module):
                 if old is not None and old is not attention.cache_kv:
                     attention.cache_kv.copy_(old)
             held = [a.cache_kv for a in attentions]
-        if len(held) != len(self._sized[0]) or not all(map(operator.is_, held, self._sized[0])):  # sizes: 16 us
-            self._sized = (held, (min(c.shape[1] for c in held), min(c.shape[3] for c in held)) if held else (0, 0))
-        size = self._sized[1]
-        if held and (rows > size[0] or positions > size[1]):
+        known = self._caches.tensors
+        if len(held) != len(known) or not all(map(operator.is_, held, known)):  # their sizes read again: 16 us
+            self._caches = Caches(held, min((c.shape[1] for c in held), default=0),
+                                  min((c.shape[3] for c in held), default=0))
+        c = self._caches
+        if held and (rows > c.rows or positions > c.positions):
             raise ValueError(f"batch {rows} x positions up to {positions} exceed the KV cache "
-                             f"({size[0]} x {size[1]}): raise max_batch_size / max_seq_len")
-        return held
+                             f"({c.rows} x {c.positions}): raise max_batch_size / max_seq_len")
+        return c
 
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, keys: int, first_row: int,
              left_pad: Optional[torch.Tensor], masked: bool, last_only: bool, first_key: int = 0,

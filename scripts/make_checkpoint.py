@@ -3,9 +3,10 @@
     python scripts/make_checkpoint.py --out_dir checkpoints/tiny [--shape tiny|1b|7b] [--mp N]
         [--tokenizer_path FILE] [--seed S]
 
-The folder gets params.json, consolidated.NN.pth (bf16; with rope.freqs for a Llama 1/2 vocabulary, as Meta's), checklist.chk and tokenizer.model:
-the one given, or, without --tokenizer_path, a small SentencePiece model trained here on this project's own
-source text (random weights speak gibberish anyway; the point is a complete checkpoint with no download).
+The folder gets params.json, consolidated.NN.pth (bf16; with rope.freqs for a Llama 1/2 vocabulary, as
+Meta's), checklist.chk and tokenizer.model: the one given, or, without --tokenizer_path, a small SentencePiece
+model trained here on this project's own source text (random weights speak gibberish anyway; the point is a
+complete checkpoint with no download).
 """
 
 import argparse
