@@ -183,14 +183,14 @@ def as_first_rank_has_it(t: torch.Tensor) -> torch.Tensor:
 
 
 def any_rank(flag: bool) -> bool:
-    """Whether flag holds on any rank of this model-parallel group; least(value), its smallest value there. For
-    what each rank decides from its own state (a hook that research code put on one rank only, a cache one rank
+    """Whether flag holds on any rank of this model-parallel group. For what each rank decides from its own state (a hook that research code put on one rank only, a cache one rank
     holds), where the ranks must go the same way or their collectives won't match: collectives, which every rank
     of the group must call."""
     return bool(_reduced(int(flag), dist.ReduceOp.MAX))
 
 
 def least(value: int) -> int:
+    """value's smallest on any rank of this model-parallel group (as ``any_rank``, for the ranks to agree)."""
     return _reduced(value, dist.ReduceOp.MIN)
 
 

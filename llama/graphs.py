@@ -53,7 +53,7 @@ class GraphedDecoder:
         if any(self.hooks) or replaced(self.model.replaceable_modules()):  # which a replay would skip
             return self.model.forward(tokens, pos, left_pad=left_pad, last_only=True)
         bsz = tokens.shape[0]
-        caches = self.model._check_cache(bsz, pos + 1)  # allocated on first use; a clear error if too small
+        caches = self.model.ready_cache(bsz, pos + 1)  # allocated on first use; a clear error if too small
         if caches is not self.caches:
             self.graphs.clear()  # a cache made anew (setup_cache, or research code's cache_k of another size)
             self.caches = caches

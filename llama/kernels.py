@@ -87,13 +87,11 @@ def build(flags: Optional[tuple[str, ...]] = None) -> ctypes.CDLL:
     lib.swiglu.restype = None
     lib.rope.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
     lib.rope.restype = None
-    lib.linear_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.linear_bf16.restype = None
-    lib.linear_packed_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.linear_packed_f32.restype = None
-    if lib.has_linear_packed_bf16():
-        lib.linear_packed_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-        lib.linear_packed_bf16.restype = None
+    products = ["linear_bf16", "linear_packed_f32"] + (["linear_packed_bf16"] if lib.has_linear_packed_bf16() else [])
+    for name in products:
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        fn.restype = None
     return lib
 
 

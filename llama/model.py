@@ -6,6 +6,7 @@ Module names equal the keys of Meta's checkpoints, and the tensor-parallel layer
 
 import dataclasses
 import functools
+import logging
 import math
 import numbers
 import operator
@@ -46,8 +47,8 @@ class ModelArgs:
         """Build from a params.json dict; keys this engine doesn't know are ignored with a warning."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - known)
-        if unknown:
-            warnings.warn(f"params.json: ignoring unknown keys {unknown}", stacklevel=2)
+        if unknown and distributed.rank() == 0:  # one line, not a warning's echo of this source line per rank
+            logging.getLogger("llama").warning("params.json: ignoring unknown keys %s", unknown)
         return cls(**{k: v for k, v in params.items() if k in known}, **overrides)
 
     def check(self) -> None:
@@ -318,12 +319,12 @@ def rotate_and_cache(qkv: torch.Tensor, rotations: torch.Tensor, cache: torch.Te
 @dataclass
 class Window:
     """Where one forward pass sits: the cache positions of its tokens (None: training, no cache), the cache
-    positions first_key..keys its attention reads, the cache rows, and the rotary rotations and additive
+    positions first_key..key_end its attention reads, the cache rows, and the rotary rotations and additive
     attention mask for its tokens (None for several tokens: causal from first_key, the rows' tokens a prompt
     of their own with only padding before it). Positions are a tensor on the device, so that a step's kernels
     don't depend on where it is (``Transformer.decode``)."""
     positions: Optional[torch.Tensor]
-    keys: int
+    key_end: int
     rows: slice
     rotations: torch.Tensor
     mask: Optional[torch.Tensor]
@@ -443,10 +444,10 @@ class Attention(nn.Module):
                                                  is_causal=True, enable_gqa=gqa)
         else:
             q = self.rotate_and_cache(qkv, w.rotations, self.cache_kv[:, w.rows], w.positions, heads)
-            keys, values = self.cache_kv[:, w.rows, :, w.first_key:w.keys]
+            keys, values = self.cache_kv[:, w.rows, :, w.first_key:w.key_end]
             if seqlen == 1:
                 # Decoding: the query heads that share a KV head go in as the queries of one head (the mask,
-                # (bsz, 1, 1, keys), broadcasts over them). enable_gqa's CPU kernel is 10-20x slower here.
+                # (bsz, 1, 1, key_end), broadcasts over them). enable_gqa's CPU kernel is 10-20x slower here.
                 group = q.reshape(bsz, kv_heads, -1, self.head_dim)
                 out = kernels.decode_attention(group, keys, values, w.mask)  # on a CPU; None elsewhere
                 if out is None:
@@ -482,7 +483,7 @@ BLOCK_PARTS = ("attention_norm", "ffn_norm", "attention", "feed_forward")
 
 
 class Caches(NamedTuple):
-    """The attentions' KV caches (``Transformer._check_cache``), and the fewest rows and positions any holds."""
+    """The attentions' KV caches (``Transformer.ready_cache``), and the fewest rows and positions any holds."""
     tensors: List[torch.Tensor]
     rows: int
     positions: int
@@ -544,7 +545,7 @@ class Transformer(nn.Module):
         self.compute_dtype: Optional[torch.dtype] = None  # set with the KV cache
         self.cache_made_for: Optional[Tuple[torch.device, torch.dtype]] = None  # the weights' device and dtype then
         self.runs = 0  # forward passes, decoding steps and caches made: each changes what the KV cache holds
-        self._caches = Caches([], 0, 0)  # as _check_cache found them last
+        self._caches = Caches([], 0, 0)  # as ready_cache found them last
         self._compiled: Optional[tuple[Callable, ...]] = None  # compiled_elementwise
 
     @staticmethod
@@ -652,10 +653,8 @@ class Transformer(nn.Module):
         and cuDNN.
         For capturing CUDA graphs (``llama.graphs``): a replayed step runs the compiled kernels without the
         host-side cost of calling them, which makes eager calls such as a prefill slower (7b shape on an H100,
-        a 128-token prefill: 12 ms eager, 48 ms compiled). Compiled once per model, for any batch size. The sum
-        and the norm as one kernel (in each layer's second), and the rotation as one instead of three: a graphed
-        7b step on an H200 4.93-4.98 -> 4.66-4.80 ms. Since then also the first norm with the sum before it
-        (``TransformerBlock.residuals``), and both cache writes with the rotation, not yet timed on a GPU."""
+        a 128-token prefill: 12 ms eager, 48 ms compiled). Compiled once per model, for any batch size. What it
+        gained on a GPU: docs/performance.md."""
         if self._compiled is None:
             rotate = functools.partial(rotate_and_cache, rope=real_rope, one_write=True)
             self._compiled = tuple(torch.compile(f, dynamic=True)
@@ -696,7 +695,7 @@ class Transformer(nn.Module):
         """
         start_pos = self._check_input(tokens, start_pos)
         bsz, seqlen = tokens.shape
-        self._check_cache(first_row + bsz, start_pos + seqlen)
+        self.ready_cache(first_row + bsz, start_pos + seqlen)
         positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
         # Rows whose every position before start_pos is padding (a prompt from position 0, or each of a group of
         # equal-length prompts left-padded to a longer one's end, as Llama.generate prefills them) are prompts of
@@ -712,14 +711,14 @@ class Transformer(nn.Module):
                          first_key=start_pos if fresh else 0, start=start_pos)
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, left_pad: torch.Tensor, keys: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, left_pad: torch.Tensor, key_end: int) -> torch.Tensor:
         """Logits (batch, 1, vocab) of one decoding step, like ``forward(tokens, pos, left_pad=left_pad,
         last_only=True)``, but with nothing in it that depends on the position's value: pos is a 0-dim tensor on
-        the device, and attention reads the first ``keys`` cache positions with those after pos masked. So one
-        capture of its kernels (a CUDA graph, ``llama.graphs``) serves every position below keys. The caller
-        keeps pos < keys (checking it here would wait for the device)."""
-        self._check_cache(tokens.shape[0], keys)
-        return self._run(tokens, pos.view(1), keys, 0, left_pad, masked=True, last_only=True)
+        the device, and attention reads the first ``key_end`` cache positions with those after pos masked. So one
+        capture of its kernels (a CUDA graph, ``llama.graphs``) serves every position below key_end. The caller
+        keeps pos < key_end (checking it here would wait for the device)."""
+        self.ready_cache(tokens.shape[0], key_end)
+        return self._run(tokens, pos.view(1), key_end, 0, left_pad, masked=True, last_only=True)
 
     def _check_input(self, tokens: torch.Tensor, start_pos: int) -> int:
         """start_pos as an int, or an error saying what is wrong with the arguments. Token ids are checked on a
@@ -741,11 +740,11 @@ class Transformer(nn.Module):
                 raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {int(low)}..{int(high)}")
         return start_pos
 
-    def _check_cache(self, rows: int, positions: int) -> "Caches":
-        """Allocate the cache on first use, and again where ``.to()`` has moved or converted the weights since (as
-        Meta's cache follows its activations): on their device, computing in ``compute_dtype_for`` their dtype,
-        holding what it held. Fail clearly if it is too small. Returns the attentions' caches: the same object
-        until one of them is made anew."""
+    def ready_cache(self, rows: int, positions: int) -> "Caches":
+        """The attentions' caches, ready for rows x positions (a clear error where they are too small): allocated
+        on first use, and again where ``.to()`` has moved or converted the weights since (as Meta's cache follows
+        its activations), on their device, computing in ``compute_dtype_for`` their dtype, holding what it held.
+        The same object until one of them is made anew, so a caller can tell by identity."""
         weight = self.output.weight
         attentions = self.attentions()
         held = [a.cache_kv for a in attentions]
@@ -766,25 +765,25 @@ class Transformer(nn.Module):
                              f"({c.rows} x {c.positions}): raise max_batch_size / max_seq_len")
         return c
 
-    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, keys: int, first_row: int,
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, key_end: int, first_row: int,
              left_pad: Optional[torch.Tensor], masked: bool, last_only: bool, first_key: int = 0,
              start: Optional[int] = None) -> torch.Tensor:
         """The forward pass of tokens at cache positions (a tensor; start, the first, where the caller knows it
-        on the host), attention reading cache positions first_key..keys."""
+        on the host), attention reading cache positions first_key..key_end."""
         self.runs += 1
         bsz = tokens.shape[0]
         pad = left_pad if left_pad is not None else torch.zeros(bsz, dtype=torch.long, device=tokens.device)
         rope_pos = (positions[None, :] - pad[:, None]).clamp(min=0)  # (bsz, seqlen)
         mask = None
         if masked:
-            k_pos = torch.arange(keys, device=tokens.device)[None, None, :]
+            k_pos = torch.arange(key_end, device=tokens.device)[None, None, :]
             q_pos = positions[None, :, None]
             # Causal, and no key in a row's padding, except a padding query's own slot (avoids all-masked rows).
             allowed = ((k_pos <= q_pos) & ((k_pos >= pad[:, None, None]) | (k_pos == q_pos))).unsqueeze(1)
             # Additive, made once here: given as booleans, attention would convert them in every layer.
             mask = torch.zeros(allowed.shape, dtype=self.compute_dtype, device=tokens.device)
             mask.masked_fill_(allowed.logical_not(), float("-inf"))
-        w = Window(positions, keys, slice(first_row, first_row + bsz), self.freqs_cis[rope_pos].unsqueeze(2), mask,
+        w = Window(positions, key_end, slice(first_row, first_row + bsz), self.freqs_cis[rope_pos].unsqueeze(2), mask,
                    first_key)
         h = self.tok_embeddings(tokens).to(self.compute_dtype)
         # Only the last position goes through the final norm and output, unless hooks on them would see it (they

@@ -52,11 +52,12 @@ def fused(group, *layers: nn.Module):
     return group if group is not None and group.layers == layers else None
 
 
-_module_sets = [0]
+_module_sets = 0
 
 
 def _count_module_set(module: nn.Module, name: str, submodule: nn.Module) -> None:
-    _module_sets[0] += 1
+    global _module_sets
+    _module_sets += 1
 
 
 nn_module.register_module_module_registration_hook(_count_module_set)
@@ -66,7 +67,7 @@ def module_sets() -> int:
     """How many submodules have been set on modules in this process so far (building a model sets its own, and
     research code putting one in the place of another, ``model.layers[0].attention.wq = Wrapper(...)``, one
     more): a CUDA graph captured before such a change would replay the module that was there."""
-    return _module_sets[0]
+    return _module_sets
 
 
 class WatchedParameter(nn.Parameter):

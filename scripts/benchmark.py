@@ -294,7 +294,7 @@ def main() -> None:
           f"{', decoding from CUDA graphs' if g.decoder else ''}"
           f"{', C kernels of llama/kernels.c' if device.type == 'cpu' and kernels.library() else ''}"
           f"{', element-wise kernels compiled' if args.compile else ''}; "
-          f"{n_params / 1e9:.2f} B parameters, {weight_bytes / 1e9:.2f} GB")
+          f"{n_params / 1e6:,.1f} M parameters, {weight_bytes / 1e6:,.1f} MB")
     _, bandwidth, matmul = ceil.in_turns_with({}, args.reps)
     first = {"bandwidth": bandwidth, "matmul": matmul}
     print(f"ceilings at the start: read {first['bandwidth'] / 1e9:.1f} GB/s, matmul {first['matmul'] / 1e9:.0f} "

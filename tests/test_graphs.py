@@ -71,7 +71,7 @@ def test_decode_reading_a_fixed_key_count_matches_reference(make_ckpt, params):
     model.forward(torch.tensor([[0] * 7 + rows[0], rows[1]]), 0, left_pad=pad)
     for pos in range(12, 20):
         nxt = [pos * 7 % VOCAB, pos * 13 % VOCAB]
-        got = model.decode(torch.tensor([[t] for t in nxt]), torch.tensor(pos), pad, keys=48)
+        got = model.decode(torch.tensor([[t] for t in nxt]), torch.tensor(pos), pad, key_end=48)
         for row, t, logits in zip(rows, nxt, got):
             row.append(t)
             want = reference_logits(state, {**params, "vocab_size": VOCAB}, row)[-1]
