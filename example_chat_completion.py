@@ -11,7 +11,7 @@ from typing import List, Optional
 
 from llama import Dialog, Llama
 from llama.cli import DEMO_MAX_GEN_LEN, checkpoint_or_demo, print0, run
-from llama.generation import check_sampling
+from llama.sampling import check_sampling
 
 DIALOGS: List[Dialog] = [
     [{"role": "user", "content": "Who was the first man, and what was his work in the garden?"}],

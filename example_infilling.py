@@ -10,7 +10,7 @@ from typing import Optional
 from llama import Llama, Tokenizer
 from llama.chat import check_infilling
 from llama.cli import print0, run
-from llama.generation import check_sampling
+from llama.sampling import check_sampling
 
 PREFIXES = [
     'def fibonacci(n: int) -> int:\n    """The n-th Fibonacci number, from fibonacci(0) = 0."""\n    ',

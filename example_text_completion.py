@@ -9,7 +9,7 @@ from typing import Optional
 
 from llama import Llama
 from llama.cli import checkpoint_or_demo, print0, run
-from llama.generation import check_sampling
+from llama.sampling import check_sampling
 
 PROMPTS = [
     # A plain continuation.

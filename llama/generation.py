@@ -2,7 +2,6 @@
 
 import hashlib
 import logging
-import math
 import numbers
 import os
 import time
@@ -18,9 +17,8 @@ from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dia
 from .graphs import GraphedDecoder
 from .linear import can_pack, packed_for
 from .research import edit_count, hook_dicts, replaced
-from .model import (ModelArgs, Transformer, compute_dtype_for, cpu_has_native_bf16, family_embed_dim, is_int,
-                    is_number)
-from .sampling import sample, sample_top_p
+from .model import ModelArgs, Transformer, compute_dtype_for, cpu_has_native_bf16, family_embed_dim, is_int
+from .sampling import check_sampling, sample, sample_top_p
 from .tokenizer import Tokenizer
 
 # With Meta's names that research code imports from its generation.py.
@@ -85,7 +83,8 @@ def one_compute_dtype(weights: torch.dtype, compute: torch.dtype) -> torch.dtype
     return compute if len({c for _, c in picks}) == 1 else torch.float32
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or what decides the CPU's speed: its instruction set and whether it computes in bf16."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU {torch.backends.cpu.get_cpu_capability()}, native bf16: {'yes' if cpu_has_native_bf16() else 'no'}"
@@ -138,17 +137,6 @@ def _build_flags(device: torch.device, world: int, dtype: torch.dtype, compute: 
                          f"and one process (here {device}, {world} process(es)) and cuda_graphs not False: leave "
                          "compile_elementwise unset")
     return packable and pack_weights is not False, graphs
-
-
-def check_sampling(max_gen_len: Optional[int], temperature: float, top_p: float) -> None:
-    """Fail on sampling arguments that can't be used (max_gen_len None: the default; 0: none, as Meta's, for
-    scoring prompts with echo and logprobs), before any work is done."""
-    if max_gen_len is not None and (not is_int(max_gen_len) or max_gen_len < 0):
-        raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
-    if not is_number(temperature) or not 0 <= temperature < math.inf:  # NaN fails too
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if not is_number(top_p) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
 def _listed(prompt_tokens: List[List[int]]) -> List[List[int]]:
@@ -224,14 +212,15 @@ class Llama:
             error = e
         distributed.raise_if_any_failed(error, "to load the checkpoint")
         if distributed.rank() == 0:
-            log.info("loaded %s on %d process(es) in %.2f s: %s, weights in %s%s, computing in %s%s%s%s%s", ckpt_dir,
-                     world, time.perf_counter() - start, device, str(dtype).removeprefix("torch."),
-                     f" ({packed} packed for {packed_for(model.compute_dtype)})" if packed else "",
-                     str(model.compute_dtype).removeprefix("torch."),
-                     " (every process does: not all their CPUs have native bf16)" if compute != own else "",
+            weights = str(dtype).removeprefix("torch.") + (f" ({packed} packed for {packed_for(compute)})"
+                                                           if packed else "")
+            notes = [" (every process does: not all their CPUs have native bf16)" if compute != own else "",
                      ", decoding from CUDA graphs" if graphs else "",
                      ", with the C kernels of llama/kernels.c" if native else "",
-                     "" if requested else f" (picked for this machine: {_device_name(device)})")
+                     "" if requested else f" (picked for this machine: {device_name(device)})"]
+            log.info("loaded %s on %d process(es) in %.2f s: %s, weights in %s, computing in %s%s", ckpt_dir, world,
+                     time.perf_counter() - start, device, weights, str(compute).removeprefix("torch."),
+                     "".join(notes))
         return Llama(model, tokenizer, seed, cuda_graphs=graphs, compile_elementwise=compile_elementwise)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, cuda_graphs: bool = False,

@@ -1,8 +1,22 @@
 """Choosing the next token from logits: greedy at temperature 0, else temperature plus nucleus (top-p)."""
 
+import math
 from typing import Optional, Tuple
 
 import torch
+
+from .model import is_int, is_number
+
+
+def check_sampling(max_gen_len: Optional[int], temperature: float, top_p: float) -> None:
+    """Fail on sampling arguments that can't be used (max_gen_len None: the default; 0: none, as Meta's, for
+    scoring prompts with echo and logprobs), before any work is done."""
+    if max_gen_len is not None and (not is_int(max_gen_len) or max_gen_len < 0):
+        raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
+    if not is_number(temperature) or not 0 <= temperature < math.inf:  # NaN fails too
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if not is_number(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float,

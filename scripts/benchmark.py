@@ -39,7 +39,8 @@ from llama import Llama, kernels  # noqa: E402
 from llama.cli import one_line_errors, positive_int  # noqa: E402
 from llama.distributed import pick_device  # noqa: E402
 from llama.linear import packed_for  # noqa: E402
-from llama.model import compute_dtype_for, cpu_has_native_bf16  # noqa: E402
+from llama.generation import device_name  # noqa: E402
+from llama.model import compute_dtype_for  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -286,9 +287,8 @@ def main() -> None:
     n_params = sum(t.numel() for t in g.model.parameters())
     weight_bytes = sum(t.numel() * t.element_size() for t in g.model.parameters())
     kv_per_pos = 2 * p.n_layers * p.kv_heads * p.head_dim * g.model.compute_dtype.itemsize
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU {torch.backends.cpu.get_cpu_capability()} (native bf16: {cpu_has_native_bf16()})"
     packed = g.model.packed_weights() > 0
+    machine = device_name(device)
     print(f"machine: {machine}, {torch.get_num_threads()} threads; weights {g.model.output.weight.dtype}"
           f"{f' (packed for {packed_for(g.model.compute_dtype)})' if packed else ''}, compute {g.model.compute_dtype}"
           f"{', decoding from CUDA graphs' if g.decoder else ''}"

@@ -19,7 +19,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llama import Dialog, Llama, distributed  # noqa: E402
 from llama.cli import DEMO_MAX_GEN_LEN, checkpoint_or_demo, print0, run  # noqa: E402
-from llama.generation import check_sampling  # noqa: E402
+from llama.sampling import check_sampling  # noqa: E402
 
 
 def read_message() -> Optional[str]:

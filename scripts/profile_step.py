@@ -26,6 +26,7 @@ from make_checkpoint import SHAPES, cached  # noqa: E402
 from llama import Llama, kernels  # noqa: E402
 from llama.cli import one_line_errors, positive_int  # noqa: E402
 from llama.distributed import pick_device  # noqa: E402
+from llama.generation import device_name  # noqa: E402
 
 # llama/kernels.c's calls, which the profiler can't see inside: each is recorded under its name.
 KERNELS = ("decode_attention", "rms_norm", "add_rms_norm", "swiglu", "rope", "linear_bf16", "linear_packed_f32",
@@ -83,7 +84,7 @@ def main() -> None:
     events.sort(key=own, reverse=True)
     total = sum(own(e) for e in events) / args.steps
     what = f"prefill of {args.cached} tokens" if args.prefill else f"decoding step, {args.cached} cached"
-    print(f"{what}, batch {args.batch}, on {torch.cuda.get_device_name(device) if gpu else 'the CPU'}: "
+    print(f"{what}, batch {args.batch} ({device_name(device)}): "
           f"{wall * 1e3:.3f} ms a step (wall), {total / 1e3:.3f} ms of " + ("kernels" if gpu else "operations"))
     print(f"{'us / step':>10} {'share':>6} {'calls':>6}   name")
     for e in events[:args.rows]:
