@@ -10,7 +10,7 @@ from Meta's shards as they are, with their products made fast where torch's are 
 """
 
 import threading
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -165,15 +165,16 @@ class Packable:
         be a second one of the weights): they compute from the weight."""
         return {k: v for k, v in self.__dict__.items() if k != "blocked"}
 
+    def valid(self) -> bool:
+        """Whether the packed copy is still the weight's (freed where it is not)."""
+        if self.blocked is not None and self.blocked[2:] != (self.weight.data_ptr(), edit_count(self.weight)):
+            self.blocked = None
+        return self.blocked is not None
+
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if self.blocked is not None:
-            copy, compute, ptr, version = self.blocked
-            if ptr != w.data_ptr() or version != edit_count(w):
-                self.blocked = None
-            elif x.dtype == compute and not torch.is_grad_enabled():
-                return packed_product(x, copy)
-        return linear(x, w)
+        if self.valid() and x.dtype == self.blocked[1] and not torch.is_grad_enabled():
+            return packed_product(x, self.blocked[0])
+        return linear(x, self.weight)
 
 
 class PackedFused:
@@ -211,10 +212,45 @@ class PackedFused:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The layers' outputs, concatenated on the last dimension."""
-        if (self.valid() and x.dtype == self.compute and not torch.is_grad_enabled() and not hooked(self.layers)
-                and not replaced(self.layers)):
+        if self.valid() and x.dtype == self.compute and not one_by_one(self.layers):
             return packed_product(x, self.blocked)
         return torch.cat([layer(x) for layer in self.layers], dim=-1)
+
+
+class Fused:
+    """Column-parallel layers fed the same input (wq, wk, wv; w1, w3), their weights made views of one
+    concatenated tensor: one product for all of them. On a GPU that is fewer kernels, each closer to the
+    bandwidth (a graphed decoding step of the 7b shape on an H100: 8.08 ms unfused, 6.79 ms fused). The layers keep
+    their own weights, names and state_dict entries. Where any layer's weight is no longer the view made here
+    (replaced, or moved with ``.to``), the concatenation is freed and each layer computes alone, as it does with
+    autograd. (``Transformer.setup_cache`` fuses moved weights again.)"""
+
+    def __init__(self, *layers: "ColumnParallelLinear"):
+        self.layers = layers
+        self.weight: Optional[torch.Tensor] = torch.cat([layer.weight.detach() for layer in layers])
+        self.sizes = [layer.weight.shape[0] for layer in layers]
+        for layer, part in zip(layers, self.weight.split(self.sizes)):
+            layer.weight = WatchedParameter(part, requires_grad=layer.weight.requires_grad)
+        self.views = [layer.weight.data_ptr() for layer in layers]
+
+    def valid(self) -> bool:
+        """Whether the layers' weights are still views of the concatenation (freed where they are not: after
+        ``.half()`` on a GPU it would hold two thirds of the old weights)."""
+        if self.weight is not None and [layer.weight.data_ptr() for layer in self.layers] != self.views:
+            self.weight = None
+        return self.weight is not None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers' outputs, concatenated on the last dimension."""
+        if not self.valid() or one_by_one(self.layers):
+            return torch.cat([layer(x) for layer in self.layers], dim=-1)
+        return linear(x, self.weight)
+
+
+def one_by_one(layers: Tuple[nn.Module, ...]) -> bool:
+    """Whether fused layers must each compute alone: for autograd (the gradient of each weight), a hook on one,
+    or a forward of research code's own in its place."""
+    return torch.is_grad_enabled() or hooked(layers) or replaced(layers)
 
 
 # On one rank fairscale's mappings are identities, but each is an autograd function call, 155 a decoding step of
@@ -238,34 +274,3 @@ class RowParallelLinear(Packable, fs_layers.RowParallelLinear):
         if self.input_size_per_partition == self.in_features:  # one rank
             return self.product(x)
         return mappings.reduce_from_model_parallel_region(self.product(x))
-
-
-class Fused:
-    """Column-parallel layers fed the same input (wq, wk, wv; w1, w3), their weights made views of one
-    concatenated tensor: one product for all of them. On a GPU that is fewer kernels, each closer to the
-    bandwidth (a graphed decoding step of the 7b shape on an H100: 8.08 ms unfused, 6.79 ms fused). The layers keep
-    their own weights, names and state_dict entries. Where any layer's weight is no longer the view made here
-    (replaced, or moved with ``.to``), the concatenation is freed and each layer computes alone, as it does with
-    autograd. (``Transformer.setup_cache`` fuses moved weights again.)"""
-
-    def __init__(self, *layers: ColumnParallelLinear):
-        self.layers = layers
-        self.weight: Optional[torch.Tensor] = torch.cat([layer.weight.detach() for layer in layers])
-        self.sizes = [layer.weight.shape[0] for layer in layers]
-        for layer, part in zip(layers, self.weight.split(self.sizes)):
-            layer.weight = WatchedParameter(part, requires_grad=layer.weight.requires_grad)
-        self.views = [layer.weight.data_ptr() for layer in layers]
-
-    def valid(self) -> bool:
-        """Whether the layers' weights are still views of the concatenation (freed where they are not: after
-        ``.half()`` on a GPU it would hold two thirds of the old weights)."""
-        if self.weight is not None and [layer.weight.data_ptr() for layer in self.layers] != self.views:
-            self.weight = None
-        return self.weight is not None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The layers' outputs, concatenated on the last dimension."""
-        if not self.valid() or torch.is_grad_enabled() or hooked(self.layers) or replaced(self.layers):
-            return torch.cat([layer(x) for layer in self.layers], dim=-1)
-        return linear(x, self.weight)
-

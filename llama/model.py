@@ -679,7 +679,7 @@ class Transformer(nn.Module):
     def packed_weights(self) -> int:
         """How many weights have a packed copy now, of their own or shared (``pack_weights``; edits and
         replacements drop them)."""
-        alone = sum(isinstance(m, Packable) and m.blocked is not None for m in self.modules())
+        alone = sum(isinstance(m, Packable) and m.valid() for m in self.modules())
         groups = [getattr(owner, name) for owner, name, _ in self._fusable()]
         return alone + sum(len(g.layers) for g in groups if isinstance(g, PackedFused) and g.valid())
 

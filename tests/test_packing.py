@@ -122,6 +122,7 @@ def test_edited_or_replaced_weight_is_used_not_its_stale_copy(make_ckpt):
         wk.weight.mul_(-2)  # in place, one of a group sharing a copy
     new_output = torch.randn(model.output.weight.shape, generator=torch.Generator().manual_seed(3)) * 0.05
     model.output.weight = nn.Parameter(new_output.bfloat16())  # replaced
+    assert model.packed_weights() == len(packables(model)) - 2 - 3  # counted stale before any product
     edited = {**state, "layers.1.feed_forward.w2.weight": state["layers.1.feed_forward.w2.weight"] * -3,
               "layers.0.attention.wk.weight": state["layers.0.attention.wk.weight"] * -2,
               "output.weight": new_output.bfloat16().float()}
