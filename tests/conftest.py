@@ -18,6 +18,15 @@ from llama.checkpoint import random_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 LLAMA2_TOKENIZER = FIXTURES / "llama2" / "tokenizer.model"
+LLAMA3_TOKENIZER = FIXTURES / "llama3" / "tokenizer.model"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Most tests read the real tokenizers: without them, say so once instead of failing each test its own way."""
+    missing = [str(p) for p in (LLAMA2_TOKENIZER, LLAMA3_TOKENIZER) if not p.is_file()]
+    if missing:
+        pytest.exit(f"missing test fixtures {missing}: the real Llama 2 and Llama 3 tokenizers, in shared/fixtures/ "
+                    "beside the clone (see the README's tests section)", returncode=1)
 
 # Small shapes of each kind: multi-head, grouped-query, Code Llama's rope_theta. vocab_size -1 as Meta writes it.
 MHA = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": -1}
@@ -47,8 +56,6 @@ def process_group():
 
 @pytest.fixture(scope="session")
 def tokenizer_path() -> str:
-    if not LLAMA2_TOKENIZER.is_file():
-        pytest.fail(f"missing test fixture {LLAMA2_TOKENIZER} (the real Llama 2 tokenizer, in shared/fixtures)")
     return str(LLAMA2_TOKENIZER)
 
 
