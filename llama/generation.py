@@ -353,7 +353,8 @@ class Llama:
     def _not_finite(self, prompt: int, token: int) -> str:
         why = ("float16 holds values up to 65504 and the activations went past it: build with dtype='bfloat16' "
                "(or 'float32')" if self.model.compute_dtype == torch.float16 else
-               "the checkpoint's weights may hold NaN or infinity")
+               "the checkpoint's weights may hold NaN or infinity (a shard damaged on disk or in the download: "
+               "check them with `md5sum -c checklist.chk` in the checkpoint's folder)")
         return (f"prompt {prompt}: the logits for generated token {token} are not finite (NaN, +infinity, or "
                 f"-infinity for every token): {why}")
 

@@ -321,7 +321,8 @@ def test_logits_that_are_not_finite_end_generation_with_a_clear_error(make_ckpt,
     prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in ["poisoned", "Fine words, and many more of them"]]
     g.model.tok_embeddings.weight.data[prompts[0][-1]] = float("nan")
     for temperature in (0, 0.6):
-        with pytest.raises(ValueError, match=r"prompt 0: the logits for generated token 1 are not finite .* NaN"):
+        with pytest.raises(ValueError, match=r"prompt 0: the logits for generated token 1 are not finite .* NaN.*"
+                           r"md5sum -c checklist.chk"):
             g.generate(prompts, max_gen_len=4, temperature=temperature)
     pieces = []
     with pytest.raises(ValueError, match="prompt 0: the logits for generated token 1 are not finite"):
