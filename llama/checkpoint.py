@@ -38,6 +38,8 @@ SHARD_DIM: Dict[str, Optional[int]] = {
 }
 IGNORED_KEYS = {"rope.freqs"}  # in Llama 1/2 shards; the model computes its rotary tables itself
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
+LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)  # how torch's old (non-zip) format begins
+REDOWNLOAD = "download it again and check it with md5sum -c checklist.chk"
 
 
 def shard_dim(key: str, embed_dim: int = 1) -> Optional[int]:
@@ -71,6 +73,27 @@ def shard_shape(shape: Tuple[int, ...], dim: Optional[int], n: int) -> Tuple[int
     return shape[:dim] + (shape[dim] // n,) + shape[dim + 1:]
 
 
+def cannot_read(path: Union[str, Path], error: OSError) -> ValueError:
+    """The error for an OSError met reading path: the file and the OS's reason. Downloading the file again would
+    not help, so unlike a damaged file's error this one doesn't say to."""
+    reason = (error.strerror or str(error)).lower()
+    if isinstance(error, PermissionError):
+        reason += "; your user needs read access to it (ls -l shows its owner and mode)"
+    elif isinstance(error, IsADirectoryError):
+        reason = "it is a folder, not a file"
+    elif os.path.islink(path) and not os.path.exists(path):
+        reason = f"it is a symbolic link to {os.readlink(path)}, which does not exist"
+    return ValueError(f"cannot read {path}: {reason}")
+
+
+def _read_text(path: Path, errors: str = "strict") -> str:
+    """path's text, without the byte order mark that some Windows editors begin a file with."""
+    try:
+        return path.read_text(encoding="utf-8-sig", errors=errors)
+    except OSError as e:
+        raise cannot_read(path, e) from None
+
+
 def read_params(ckpt_dir: str) -> dict:
     path = Path(ckpt_dir) / "params.json"
     if not Path(ckpt_dir).is_dir():
@@ -81,7 +104,7 @@ def read_params(ckpt_dir: str) -> dict:
         raise ValueError(f"{path}: missing; a checkpoint folder holds params.json and consolidated.NN.pth"
                          + _hugging_face_hint(Path(ckpt_dir)))
     try:
-        params = json.loads(path.read_text())
+        params = json.loads(_read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(params, dict):
@@ -95,51 +118,85 @@ def _hugging_face_hint(folder: Path) -> str:
     if (original / "params.json").is_file():
         return (f". {original} holds them, as the Hugging Face Hub's copies of Meta's releases keep them: pass "
                 f"--ckpt_dir {original} (and --tokenizer_path {original / 'tokenizer.model'})")
-    if (folder / "config.json").is_file() or any(folder.glob("*.safetensors")):
-        return (". This folder holds a Hugging Face transformers checkpoint (config.json, *.safetensors), "
-                "which this engine does not read: on the Hub, Meta's own files are in the original/ folder of "
-                "Llama 3's repositories (huggingface-cli download REPO --include 'original/*') and in the "
-                "repositories without -hf of Llama 2's (meta-llama/Llama-2-7b, not meta-llama/Llama-2-7b-hf)")
+    transformers = ("config.json", "*.safetensors", "pytorch_model*.bin")
+    if any(next(folder.glob(pattern), None) for pattern in transformers):
+        return (". This folder holds a Hugging Face transformers checkpoint (config.json, *.safetensors, "
+                "pytorch_model.bin), which this engine does not read: on the Hub, Meta's own files are in the "
+                "original/ folder of Llama 3's repositories (huggingface-cli download REPO --include 'original/*') "
+                "and in the repositories without -hf of Llama 2's (meta-llama/Llama-2-7b, not "
+                "meta-llama/Llama-2-7b-hf)")
     return ""
 
 
 def shard_paths(ckpt_dir: str) -> List[Path]:
     """The shards, in order; they must be numbered 00 .. k-1."""
-    paths = sorted(Path(ckpt_dir).glob("*.pth"))
+    paths = sorted(Path(ckpt_dir).glob("*.pth"))  # in numeric order too, once each name has two digits
     if not paths:
         raise ValueError(f"{ckpt_dir}: no consolidated.NN.pth shards found")
-    numbers = []
-    for p in paths:
-        m = SHARD_NAME.fullmatch(p.name)
-        if not m:
-            raise ValueError(f"{p}: unexpected file; shards are named consolidated.00.pth, consolidated.01.pth, ...")
-        numbers.append(int(m.group(1)))
-    if sorted(numbers) != list(range(len(paths))):
-        raise ValueError(f"{ckpt_dir}: shards must be numbered 00 .. {len(paths) - 1:02d}, found "
-                         f"{[p.name for p in paths]}")
+    numbers = {_shard_number(p) for p in paths}
+    gaps = [f"consolidated.{j:02d}.pth" for j in range(max(numbers)) if j not in numbers]
+    if gaps:
+        raise ValueError(f"{ckpt_dir}: {', '.join(gaps)} {'is' if len(gaps) == 1 else 'are'} missing (found "
+                         f"{', '.join(p.name for p in paths)}): the download or copy is incomplete")
     checklist = Path(ckpt_dir) / "checklist.chk"
     if checklist.is_file():  # the last shards missing leave the others numbered 00 .. k-1 too
-        listed = {line.split()[-1] for line in checklist.read_text(errors="replace").splitlines() if line.strip()}
+        # md5sum -b marks each name with a * (binary mode): "HASH *consolidated.00.pth"
+        listed = {line.split()[-1].removeprefix("*") for line in _read_text(checklist, "replace").splitlines()
+                  if line.strip()}
         missing = sorted(name for name in listed - {p.name for p in paths} if SHARD_NAME.fullmatch(name))
         if missing:
             raise ValueError(f"{ckpt_dir}: checklist.chk lists {missing}, not there: the download or copy is "
                              "incomplete (download.sh resumes a download)")
-    return sorted(paths, key=lambda p: int(SHARD_NAME.fullmatch(p.name).group(1)))
+    return paths
+
+
+def _shard_number(path: Path) -> int:
+    """The number in a shard's name. Meta's have two digits: consolidated.0.pth is a shard renamed, which
+    checklist.chk would otherwise call missing."""
+    m = SHARD_NAME.fullmatch(path.name)
+    if not m:
+        raise ValueError(f"{path}: unexpected file; shards are named consolidated.00.pth, consolidated.01.pth, ...")
+    if len(m.group(1)) != 2:
+        raise ValueError(f"{path}: misnamed: Meta's shards are numbered with two digits, consolidated.00.pth, "
+                         f"consolidated.01.pth, ...; rename it consolidated.{int(m.group(1)):02d}.pth")
+    return int(m.group(1))
 
 
 def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     """Memory-map one shard. Only tensors and plain containers unpickle: a pickle that would run code is refused."""
     try:
+        with open(path, "rb") as f:
+            head = f.read(len(LEGACY_MAGIC))  # what the file is, where torch.load fails on it
+    except OSError as e:
+        raise cannot_read(path, e) from None
+    try:
         shard = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused to load: the file's pickle asks to run code or build objects other "
-                         f"than tensors, which a checkpoint never needs ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"{path}: truncated or corrupted, can't be read ({str(e).splitlines()[0]}); "
-                         "download it again and check it with checklist.chk") from None
+    except pickle.UnpicklingError:  # torch's message says to load it with weights_only=False: never
+        raise ValueError(f"{path}: refused to load: the file's pickle holds something other than tensors, which a "
+                         f"checkpoint never does: it is damaged, or was made to run code; {REDOWNLOAD}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: {_why_unloadable(path, head, e)}") from None
     if not isinstance(shard, dict) or not all(isinstance(t, torch.Tensor) for t in shard.values()):
         raise ValueError(f"{path}: expected a dict of tensors")
+    if any(key.startswith("module.") for key in shard):
+        raise ValueError(f"{path}: its keys carry a 'module.' prefix, as a checkpoint saved from a "
+                         "DistributedDataParallel wrapper does; strip it before saving")
     return shard
+
+
+def _why_unloadable(path: Path, head: bytes, error: Exception) -> str:
+    """What is wrong with a shard torch.load failed on, told from its first bytes: downloading it again mends a
+    truncated or corrupted file, not one written in another format."""
+    if not head:
+        return f"empty (0 bytes): its download or copy was cut short; {REDOWNLOAD}"
+    if head == LEGACY_MAGIC:
+        return ("saved in torch's old (non-zip) format, which can't be memory-mapped: load it with "
+                "torch.load(path, weights_only=True) and re-save it with a current torch.save")
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:  # a header's length, then it
+        return ("a safetensors file (Hugging Face's format) named .pth; this engine reads Meta's consolidated.NN.pth, "
+                "which torch.save writes")
+    detail = f" ({str(error).splitlines()[0]})" if head.startswith(b"PK") else ""  # a zip, as torch.save writes
+    return f"truncated or corrupted, can't be read{detail}; {REDOWNLOAD}"
 
 
 def check_split(args: ModelArgs, n: int, replicate_kv: bool = True, unit: str = "processes") -> None:
@@ -215,7 +272,9 @@ class Checkpoint:
         self.shards = [load_shard(p) for p in self.paths]
 
     def model_args(self, **overrides) -> ModelArgs:
-        """ModelArgs from params.json, with the vocabulary size the shards hold where it says -1."""
+        """ModelArgs from params.json, with the vocabulary size the shards hold where it says -1, checked against
+        the shards' shapes: a params.json of another model fails here, saying what disagrees, rather than later
+        as a model too large for the memory (or, where the shapes agree, one that computes garbage)."""
         for key, kind in UNSUPPORTED.items():
             if key in self.params:
                 raise ValueError(f"{self.dir}/params.json has {key}: this is {kind}, which this engine doesn't run; "
@@ -225,19 +284,47 @@ class Checkpoint:
             raise ValueError(f"{self.dir} has {scales[0]}: this is Meta's FP8 release, whose weights are scaled by "
                              "those files, which this engine doesn't apply; use the bf16 release of the model")
         args = ModelArgs.from_params({**self.params, **overrides})
-        if "output.weight" not in self.shards[0]:
-            raise ValueError(f"{self.paths[0]}: missing keys ['output.weight']")
-        saved_vocab = self.shards[0]["output.weight"].shape[0] * len(self.shards)
+        saved_vocab = self._saved_vocab()
         if args.vocab_size == -1:
             args.vocab_size = saved_vocab
-        elif args.vocab_size != saved_vocab:
-            raise ValueError(f"{self.dir}/params.json says vocab_size {args.vocab_size} but the shards hold "
-                             f"{saved_vocab} rows of output.weight")
         try:
-            args.check()
+            args.check()  # before comparing: "32000" is not 32000, and must not be said to differ from it
         except ValueError as e:
             raise ValueError(f"{self.dir}/params.json: {e}") from None
+        if args.vocab_size != saved_vocab:
+            raise ValueError(f"{self.dir}/params.json says vocab_size {args.vocab_size} but the shards hold "
+                             f"{saved_vocab} rows of output.weight")
+        self._check_params_match(args)
+        validate(self.paths, self.shards, args, self.embed_dim(args))
         return args
+
+    def _saved_vocab(self) -> int:
+        """The vocabulary size output.weight's rows make across the shards."""
+        out = self.shards[0].get("output.weight")
+        if out is None:
+            raise ValueError(f"{self.paths[0]}: missing keys ['output.weight']")
+        if out.dim() != 2:
+            raise ValueError(f"{self.paths[0]}: output.weight has shape {tuple(out.shape)}, expected 2 dimensions "
+                             "(the vocabulary, dim)")
+        return out.shape[0] * len(self.shards)
+
+    def _check_params_match(self, args: ModelArgs) -> None:
+        """Name the params.json values the shards contradict where their shapes tell (validate names only the
+        first weight that doesn't fit): the layers, the width, and the head dimension, which Llama 1/2's rope.freqs
+        (head_dim / 2 long) gives where no weight's shape does (n_heads 8 for 4 reshapes the same weights)."""
+        shard = self.shards[0]
+        layers = len({m.group(1) for key in shard if (m := re.match(r"layers\.(\d+)\.", key))})
+        norm, freqs = shard.get("norm.weight"), shard.get("rope.freqs")
+        wrong = []
+        if layers != args.n_layers:
+            wrong.append(f"params.json says n_layers {args.n_layers}, the shards hold {layers} layers")
+        if norm is not None and norm.dim() == 1 and norm.shape[0] != args.dim:
+            wrong.append(f"params.json says dim {args.dim}, the shards' weights are {norm.shape[0]} wide (norm.weight)")
+        elif freqs is not None and freqs.dim() == 1 and 2 * freqs.shape[0] != args.head_dim:
+            wrong.append(f"params.json's n_heads {args.n_heads} gives head_dim {args.head_dim}, but the shards' "
+                         f"rope.freqs is for head_dim {2 * freqs.shape[0]}")
+        if wrong:
+            raise ValueError(f"{self.dir}: {'; '.join(wrong)}: pass the params.json that came with these shards")
 
     def embed_dim(self, args: ModelArgs) -> int:
         """The dimension the saved embedding is split along, read off the shards' shapes where there are

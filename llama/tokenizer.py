@@ -27,6 +27,7 @@ from sentencepiece import SentencePieceProcessor
 
 from .chat import Dialog, Message, Role
 from .chat import Llama3ChatFormat as ChatFormat
+from .checkpoint import cannot_read
 
 # With the names research code for Llama 3 imports from Meta's tokenizer.py.
 __all__ = ["Tokenizer", "SentencePieceTokenizer", "TiktokenTokenizer", "ChatFormat", "Dialog", "Message", "Role"]
@@ -117,8 +118,13 @@ def _utf8(s: object) -> str:
 
 
 def _check_file(model_path) -> None:
-    """A clear error where model_path is not a file (a folder holding one is named in it)."""
+    """A clear error where model_path is not a file (a folder holding one is named in it) or can't be read, which
+    SentencePiece's loader would call an invalid model."""
     if isinstance(model_path, (str, os.PathLike)) and os.path.isfile(model_path):
+        try:
+            open(model_path, "rb").close()
+        except OSError as e:
+            raise cannot_read(model_path, e) from None
         return
     folder = isinstance(model_path, (str, os.PathLike)) and os.path.isdir(model_path)
     found = [p for p in ("tokenizer.model", "original/tokenizer.model")

@@ -1,12 +1,17 @@
 """Loading: any shard count on any number of processes, resharding, and a clear error for every broken
 checkpoint, raised on every rank without hanging."""
 
+import builtins
+import errno
+import io
 import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -199,10 +204,10 @@ def broken_copy(ckpt, tmp_path) -> Path:
     return dst
 
 
-def resave(path: Path, change) -> None:
+def resave(path: Path, change, legacy: bool = False) -> None:
     shard = torch.load(path, weights_only=True)
     change(shard)
-    torch.save(shard, path)
+    torch.save(shard, path, _use_new_zipfile_serialization=not legacy)
 
 
 def hugging_face_folder(d: Path, keep_original: bool) -> None:
@@ -220,13 +225,21 @@ BROKEN = {
     # Folders from the Hugging Face Hub: transformers' files, with or without Meta's own in original/.
     "Hugging Face folder": (lambda d: hugging_face_folder(d, keep_original=False),
                             r"params.json: missing.*Hugging Face transformers checkpoint.*original/"),
+    "Hugging Face folder of pytorch_model.bin alone": (
+        lambda d: ([p.unlink() for p in d.iterdir()], torch.save({}, d / "pytorch_model.bin")),
+        r"params.json: missing.*Hugging Face transformers checkpoint"),
     "Hugging Face folder, Meta's files in original/": (
         lambda d: hugging_face_folder(d, keep_original=True),
         r"params.json: missing.*broken/original holds them.*--ckpt_dir .*broken/original "),
     "invalid JSON": (lambda d: (d / "params.json").write_text('{"dim": 64,'), r"params.json: not valid JSON"),
     "no shards": (lambda d: [p.unlink() for p in d.glob("*.pth")], r"no consolidated.NN.pth shards"),
     "shards misnumbered": (lambda d: (d / "consolidated.01.pth").rename(d / "consolidated.02.pth"),
-                           r"numbered 00 .. 01"),
+                           r"consolidated.01.pth is missing \(found consolidated.00.pth, consolidated.02.pth\)"),
+    "shard named with three digits": (lambda d: (d / "consolidated.00.pth").rename(d / "consolidated.000.pth"),
+                                      r"consolidated.000.pth: misnamed: .*rename it consolidated.00.pth"),
+    "last shard missing, checklist.chk of md5sum -b": (lambda d: (
+        (d / "checklist.chk").write_text((d / "checklist.chk").read_text().replace("  ", " *")),
+        (d / "consolidated.01.pth").unlink()), r"checklist.chk lists \['consolidated.01.pth'\], not there"),
     "last shard missing": (lambda d: (d / "consolidated.01.pth").unlink(),
                            r"checklist.chk lists \['consolidated.01.pth'\], not there: the download or copy is "),
     "wrong shape": (lambda d: resave(d / "consolidated.01.pth", lambda s: s.update(
@@ -242,6 +255,34 @@ BROKEN = {
                         r"consolidated.00.pth: truncated or corrupted"),
     "vocab mismatch": (lambda d: (d / "params.json").write_text(json.dumps({**GQA, "vocab_size": 32016})),
                        r"vocab_size 32016 but the shards hold 32000"),
+    # Shards that fail to load for another reason than damage: each said, not "download it again".
+    "shard is a folder": (lambda d: ((d / "consolidated.01.pth").unlink(), (d / "consolidated.01.pth").mkdir()),
+                          r"cannot read .*consolidated.01.pth: it is a folder, not a file$"),
+    "empty shard": (lambda d: (d / "consolidated.01.pth").write_bytes(b""), r"consolidated.01.pth: empty \(0 bytes\)"),
+    "broken symbolic link": (lambda d: ((d / "consolidated.01.pth").unlink(),
+                                        (d / "consolidated.01.pth").symlink_to(d / "moved.pth")),
+                             r"cannot read .*consolidated.01.pth: it is a symbolic link to .*moved.pth, which does "),
+    "torch's old format": (lambda d: resave(d / "consolidated.01.pth", lambda s: None, legacy=True),
+                           r"consolidated.01.pth: saved in torch's old \(non-zip\) format.*re-save it with a current"),
+    "safetensors named .pth": (lambda d: (d / "consolidated.01.pth").write_bytes(
+        struct.pack("<Q", 2) + b"{}"), r"consolidated.01.pth: a safetensors file"),
+    "keys of a DistributedDataParallel wrapper": (lambda d: resave(d / "consolidated.00.pth", lambda s: s.update(
+        {f"module.{k}": s.pop(k) for k in list(s)})), r"consolidated.00.pth: its keys carry a 'module.' prefix"),
+    "output.weight of no dimensions": (lambda d: resave(d / "consolidated.00.pth", lambda s: s.update(
+        {"output.weight": torch.tensor(1.0, dtype=torch.bfloat16)})),
+        r"consolidated.00.pth: output.weight has shape \(\), expected 2 dimensions"),
+    # A params.json of another model: what disagrees with the shards, not that the model it says is too large.
+    "params.json of Llama 2 70B": (lambda d: (d / "params.json").write_text(json.dumps(
+        {"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8,
+         "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1})),
+        r"params.json says n_layers 80, the shards hold 2 layers; params.json says dim 8192, the shards' weights "
+        r"are 64 wide"),
+    "a dim too large for any tensor": (lambda d: (d / "params.json").write_text(json.dumps({**GQA, "dim": 10 ** 20})),
+                                       r"params.json says dim 100000000000000000000, the shards' weights are 64 wide"),
+    # 4 heads of 16 over 1 KV head make the very shapes of 8 heads of 8 over 2: Llama 2's rope.freqs tells them apart.
+    "n_heads that rope.freqs contradicts": (lambda d: (d / "params.json").write_text(json.dumps(
+        {**GQA, "n_heads": 4, "n_kv_heads": 1})),
+        r"params.json's n_heads 4 gives head_dim 16, but the shards' rope.freqs is for head_dim 8"),
     # Llama 3.2's quantized releases, its vision models and Llama 4: told apart by params.json, before any weight.
     "quantized release": (lambda d: (d / "params.json").write_text(json.dumps(
         {**GQA, "quantization_args": {"group_size": 32}, "lora_args": {"rank": 16, "scale": 2.0}})),
@@ -262,6 +303,7 @@ BROKEN = {
         lambda d, key=key, value=value: (d / "params.json").write_text(json.dumps({**GQA, key: value})),
         rf"params.json: ModelArgs.{key} must be {said}") for key, value, said in (
             ("n_heads", "8", "an integer >= 1"), ("dim", 64.0, "an integer >= 1"), ("multiple_of", 0, "an integer"),
+            ("vocab_size", "32000", "a positive integer"),
             ("norm_eps", None, "a positive number"), ("rope_theta", "1e4", "a positive number"),
             ("ffn_dim_multiplier", "x", "a positive number"), ("use_scaled_rope", "yes", "true or false"))},
     "Llama 4": (lambda d: (d / "params.json").write_text(json.dumps(
@@ -280,11 +322,54 @@ def test_broken_checkpoint_gets_a_clear_error(make_ckpt, tokenizer_path, tmp_pat
         Llama.build(str(d), tokenizer_path, 32, 1)
 
 
+@pytest.fixture
+def unreadable(monkeypatch):
+    """unreadable(path): opening path fails as for a user without read permission, which chmod can't make it for
+    the root user the tests may run as."""
+    def make(path: Path) -> None:
+        real_open, target = builtins.open, os.path.realpath(path)
+
+        def fake_open(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and os.path.realpath(file) == target:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+            return real_open(file, *args, **kwargs)
+        monkeypatch.setattr(builtins, "open", fake_open)
+        monkeypatch.setattr(io, "open", fake_open)  # pathlib's
+    return make
+
+
+@pytest.mark.parametrize("name", ["params.json", "checklist.chk", "consolidated.01.pth", "tokenizer.model"])
+def test_a_file_that_cannot_be_read_is_named_with_the_reason(make_ckpt, tokenizer_path, tmp_path, unreadable, name):
+    ckpt, _ = make_ckpt(GQA, mp=2)
+    d = broken_copy(ckpt, tmp_path)
+    shutil.copyfile(tokenizer_path, d / "tokenizer.model")
+    unreadable(d / name)
+    with pytest.raises(ValueError, match=rf"^cannot read {re.escape(str(d / name))}: permission denied; your user "
+                                         "needs read access"):
+        Llama.build(str(d), str(d / "tokenizer.model"), 32, 1)
+
+
+def test_params_json_with_a_byte_order_mark_loads(make_ckpt, tmp_path):
+    ckpt, _ = make_ckpt(GQA, mp=2)
+    d = broken_copy(ckpt, tmp_path)
+    (d / "params.json").write_bytes(b"\xef\xbb\xbf" + (d / "params.json").read_bytes())
+    assert checkpoint.Checkpoint(str(d)).model_args().dim == GQA["dim"]
+
+
 def test_tokenizer_of_another_vocabulary_is_refused(tmp_path, tokenizer_path):
     d = tmp_path / "ck"
     checkpoint.random_checkpoint(str(d), GQA, vocab_size=32016)  # a Code Llama-sized vocabulary
     with pytest.raises(ValueError, match="tokenizer has 32000 tokens but the model .* has a vocabulary of 32016"):
         Llama.build(str(d), tokenizer_path, 32, 1)
+
+
+def damaged_pickle(path: Path) -> None:
+    """path's data.pkl, the pickle that lists its tensors, replaced by bytes that are no pickle."""
+    with zipfile.ZipFile(path) as z:
+        entries = [(info, z.read(info)) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for info, data in entries:
+            z.writestr(info, b"\x80\x02damaged" if info.filename.endswith("data.pkl") else data)
 
 
 class RunsCode:
@@ -295,14 +380,21 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_pickle_that_would_run_code_is_refused_and_never_run(make_ckpt, tokenizer_path, tmp_path):
+@pytest.mark.parametrize("made", ["to run code", "damaged"])
+def test_a_pickle_that_would_run_code_or_is_damaged_is_refused_and_never_run(make_ckpt, tokenizer_path, tmp_path,
+                                                                               made):
+    """Refused without a word of torch's advice to load it with weights_only=False, which would run the code."""
     ckpt, _ = make_ckpt(GQA, mp=1)
     d = broken_copy(ckpt, tmp_path)
     marker = tmp_path / "code-was-run"
-    resave(d / "consolidated.00.pth", lambda s: s.update({"payload": RunsCode(marker)}))
-    with pytest.raises(ValueError, match=r"consolidated.00.pth: refused to load: the file's pickle asks to run code"):
+    if made == "damaged":
+        damaged_pickle(d / "consolidated.00.pth")
+    else:
+        resave(d / "consolidated.00.pth", lambda s: s.update({"payload": RunsCode(marker)}))
+    with pytest.raises(ValueError, match=r"consolidated.00.pth: refused to load: the file's pickle holds something "
+                                         r"other than tensors.*md5sum -c checklist.chk") as error:
         Llama.build(str(d), tokenizer_path, 32, 1)
-    assert not marker.exists()
+    assert "weights_only" not in str(error.value) and not marker.exists()
 
 
 def test_a_kv_cache_that_cannot_fit_fails_before_allocating(make_ckpt, tokenizer_path):
