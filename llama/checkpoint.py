@@ -42,6 +42,12 @@ LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)  # how
 REDOWNLOAD = "download it again and check it with md5sum -c checklist.chk"
 
 
+def rope_freqs(args: ModelArgs) -> torch.Tensor:
+    """The ``rope.freqs`` of Meta's Llama 1/2 shards, for writing checkpoints as theirs (the engine never reads it
+    but to check head_dim): each rotary frequency, unscaled, in bf16."""
+    return (1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))).to(torch.bfloat16)
+
+
 def shard_dim(key: str, embed_dim: int = 1) -> Optional[int]:
     """The dimension key is split along; embed_dim: the embedding's (1 in Llama 1/2 shards, 0 in Llama 3's)."""
     return embed_dim if key == "tok_embeddings.weight" else SHARD_DIM[re.sub(r"^layers\.\d+\.", "", key)]
@@ -500,7 +506,6 @@ def random_checkpoint(out_dir: str, params: dict, mp: int = 1, seed: int = 0, vo
         state[key] = (1 + 0.1 * x if len(shape) == 1 else x / shape[-1] ** 0.5).to("cpu", torch.bfloat16)
     embed_dim = family_embed_dim(args.vocab_size)
     if embed_dim == 1:
-        freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
-        state["rope.freqs"] = freqs.to(torch.bfloat16)
+        state["rope.freqs"] = rope_freqs(args)
     save(split(state, mp, embed_dim), params, out_dir)
     return state

@@ -218,8 +218,7 @@ def save(model: Transformer, params: dict, tokenizer: bytes, out_dir: Path) -> N
     and tokenizer_checklist.chk."""
     args = model.params
     state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
-    state["rope.freqs"] = freqs.to(torch.bfloat16)
+    state["rope.freqs"] = checkpoint.rope_freqs(args)
     expected = set(checkpoint.full_shapes(args)) | {"rope.freqs"}
     if set(state) != expected:
         raise RuntimeError(f"state dict keys differ from Meta's: {sorted(set(state) ^ expected)[:5]}")
