@@ -10,6 +10,7 @@ import logging
 import re
 import shutil
 import signal
+import socket
 import sys
 import typing
 from pathlib import Path
@@ -41,6 +42,12 @@ def one_line_errors() -> Iterator[None]:
     except BaseException as e:  # a crash, or an exit: the other ranks mustn't wait for this one either
         if not (isinstance(e, SystemExit) and e.code in (None, 0)):
             distributed.tell_the_others(e)
+        lost = distributed.lost_peer(e)
+        if lost:  # the crash was another rank's: its traceback is the one to read
+            sys.stderr.write(f"error: rank {distributed.rank()} (on {socket.gethostname()}) lost the other processes "
+                             f"mid-run ({lost}): one of them failed or was killed, and its error is above, or in its "
+                             "machine's log\n")
+            sys.exit(1)
         raise
     finally:
         if dist.is_initialized():

@@ -11,6 +11,7 @@ import io
 import math
 import numbers
 import os
+import re
 import socket
 import time
 from typing import List, Mapping, Optional, TypeVar, Union
@@ -125,6 +126,18 @@ def tell_the_others(error: BaseException) -> None:
     with contextlib.suppress(Exception):
         store, _, _ = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=10)))
         store.compare_set(_FAILED, "", message)  # the first rank's error, not a waiting rank's echo of it
+
+
+def lost_peer(error: BaseException) -> Optional[str]:
+    """Where error is this rank's collective failing because another process of the run went away (gloo's
+    "Connection closed by peer", or the launcher's store gone with rank 0), a consequence and not the cause:
+    what it says of that, in a few words. Else None."""
+    if not dist.is_initialized() or not isinstance(error, RuntimeError):
+        return None
+    said = re.search(r"Connection (closed|reset) by peer \S*", str(error))
+    if said:
+        return said.group(0).rstrip(".")
+    return str(error).splitlines()[0] if isinstance(error, dist.DistNetworkError) else None
 
 
 def cpu_threads(env: Mapping[str, str], cpus: int) -> Optional[int]:
