@@ -231,6 +231,15 @@ def infilling_prompt(tokenizer, prefix: str, suffix: str, suffix_first: bool = F
             + tokenizer.encode_infilling(suffix) + [mid])
 
 
+# The names Meta's codellama gives these in its llama/generation.py, where research code imports them from.
+infilling_prompt_tokens = infilling_prompt
+
+
+def dialog_prompt_tokens(tokenizer, dialog: Dialog) -> List[int]:
+    """Meta's codellama's prompt of a Code Llama 70B dialog (``CodeLlama70bChatFormat``)."""
+    return CodeLlama70bChatFormat(tokenizer).encode_dialog(dialog)
+
+
 def check_infilling(tokenizer) -> None:
     """Fail unless the tokenizer has Code Llama's infilling pieces."""
     if None in (tokenizer.prefix_id, tokenizer.suffix_id, tokenizer.middle_id, tokenizer.eot_id):

@@ -13,7 +13,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_
 
 from . import checkpoint, distributed, kernels
 from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dialog, Message, Role, chat_format,
-                   infilling_prompt)
+                   dialog_prompt_tokens, infilling_prompt, infilling_prompt_tokens)
 from .graphs import GraphedDecoder
 from .linear import can_pack, packed_for
 from .research import edit_count, hook_dicts, replaced
@@ -23,7 +23,8 @@ from .tokenizer import Tokenizer
 
 # With Meta's names that research code imports from its generation.py.
 __all__ = ["Llama", "CompletionPrediction", "ChatPrediction", "InfillingPrediction", "Role", "Message", "Dialog",
-           "B_INST", "E_INST", "B_SYS", "E_SYS", "SPECIAL_TAGS", "UNSAFE_ERROR", "sample_top_p"]
+           "B_INST", "E_INST", "B_SYS", "E_SYS", "SPECIAL_TAGS", "UNSAFE_ERROR", "sample_top_p",
+           "infilling_prompt_tokens", "dialog_prompt_tokens"]
 
 log = logging.getLogger("llama")
 
@@ -245,16 +246,24 @@ class Llama:
 
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False,
-                 stop_tokens: Optional[Collection[int]] = None) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+                 stop_tokens: Union[Collection[int], int, None] = None, *,
+                 stop_token: Optional[int] = None) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt; returns the new tokens (with the prompt's when echo), cut at the first stop
         token (``stop_tokens``, by default the tokenizer's), and with logprobs=True the log-probability of each
-        returned token (0.0 for a prompt's first).
+        returned token (0.0 for a prompt's first). One stop token may be given as an id, in place of the set, or
+        as ``stop_token``, as to Meta's codellama.
 
         The prompts are left-padded to a common end, so that the batch decodes in step; each group of prompts
         of one length is prefilled in one forward pass over its own tokens only. Each row stops at its own stop
         token and the loop ends when all rows have. More prompts than max_batch_size (the KV cache's rows) are
         continued max_batch_size at a time, in the order given, where Meta's code fails an assert.
         """
+        if stop_token is not None:
+            if stop_tokens is not None:
+                raise ValueError("pass stop_tokens or stop_token (one of them, as Meta's codellama names it), not both")
+            stop_tokens = stop_token
+        if is_int(stop_tokens):
+            stop_tokens = (stop_tokens,)
         tokens, probs, _ = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, stop_tokens)
         return tokens, probs
 

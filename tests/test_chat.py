@@ -7,6 +7,7 @@ from llama import Llama, ModelArgs, Tokenizer, Transformer
 from sentencepiece import SentencePieceProcessor
 
 from llama.chat import UNSAFE_ERROR, CodeLlama70bChatFormat, Llama2ChatFormat, Llama3ChatFormat, chat_format
+from llama.generation import dialog_prompt_tokens
 
 from conftest import FIXTURES, LLAMA2_TOKENIZER
 
@@ -226,7 +227,7 @@ def test_code_llama_70b_prompt_built_by_hand(code_llama_70b_tokenizer_path, toke
             + reply + sp.encode("\n\n sorted(xs)") + [step]
             + sp.encode(" Source: user") + sp.encode("\n\n In C?") + [step] + reply + sp.encode("\n\n "))
     fmt = chat_format(tok)
-    assert fmt.encode_dialog(dialog) == want
+    assert fmt.encode_dialog(dialog) == want == dialog_prompt_tokens(tok, dialog)  # Meta's codellama's function
     system = [{"role": "system", "content": "Be terse."}, dialog[2]]
     assert fmt.encode_dialog(system) == ([1] + sp.encode(" Source: system") + sp.encode("\n\n Be terse.") + [step]
                                          + sp.encode(" Source: user") + sp.encode("\n\n In C?") + [step]

@@ -128,8 +128,11 @@ def test_each_row_stops_at_its_own_eos(gqa):
         g.tokenizer.eos_id = saved
     assert tokens[0] == target[:2]
     assert tokens[1] == greedy(state, PARAMS, prompts[1], 6, stop=target[2])
-    # The same stop token given to generate, the tokenizer's left alone.
+    # The same stop token given to generate, the tokenizer's left alone; one id alone, or by Meta's codellama's
+    # stop_token, positional there as stop_tokens is here.
     assert g.generate(prompts, max_gen_len=6, temperature=0, stop_tokens=[target[2]])[0] == tokens
+    assert g.generate(prompts, 6, 0, 0.9, False, False, target[2])[0] == tokens
+    assert g.generate(prompts, 6, temperature=0, stop_token=target[2])[0] == tokens
 
 
 def test_logprobs_and_echo(gqa):
@@ -254,7 +257,8 @@ def test_chat_logprobs(gqa):
     (lambda g: g.generate([[]], 4), "prompt 0 is empty"),
     (lambda g: g.generate([[1, VOCAB]], 4), "token ids"),
     (lambda g: g.generate([[1, 2]], 4, stop_tokens=[VOCAB]), "stop_tokens"),
-    (lambda g: g.generate([[1, 2]], 4, stop_tokens=2), "stop_tokens"),
+    (lambda g: g.generate([[1, 2]], 4, stop_tokens=VOCAB), "stop_tokens"),
+    (lambda g: g.generate([[1, 2]], 4, stop_tokens=[2], stop_token=2), "stop_tokens or stop_token"),
     (lambda g: g.chat_completion([[{"role": "assistant", "content": "x"}]]), "roles must be"),
     (lambda g: g.chat_completion([[{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]]),
      "roles must be"),

@@ -9,6 +9,7 @@ from sentencepiece import SentencePieceProcessor
 
 from llama import Llama, Tokenizer
 from llama.chat import infilling_prompt
+from llama.generation import infilling_prompt_tokens
 from llama.checkpoint import random_checkpoint
 
 from conftest import FIXTURES, GQA, run_cmd, torchrun
@@ -62,7 +63,7 @@ def test_infilling_prompt_in_both_orders(code_llama_tokenizer_path):
     ids = infilling_prompt(tok, PREFIX, SUFFIX)
     assert ids[:2] == [1, PRE] and ids[2:2 + len(pre)] == pre and ids[2 + len(pre)] == SUF and ids[-1] == MID
     assert spelled(sp, ids[3 + len(pre):-1]) == SUFFIX
-    ids = infilling_prompt(tok, PREFIX, SUFFIX, suffix_first=True)
+    ids = infilling_prompt_tokens(tok, PREFIX, SUFFIX, suffix_first=True)  # by Meta's codellama's name
     middle = ids.index(MID)
     assert ids[:3] == [1, PRE, SUF] and spelled(sp, ids[3:middle]) == SUFFIX and ids[middle + 1:] == pre
 
