@@ -4,6 +4,7 @@ import hashlib
 import logging
 import numbers
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Collection, Dict, Iterator, List, Optional, Tuple, TypedDict, Union
@@ -234,6 +235,8 @@ class Llama:
         self.generator = torch.Generator(self.device).manual_seed(int(seed))
         self.decoder = GraphedDecoder(model, compile_elementwise) if cuda_graphs else None
         self._kept: Optional[Tuple[List[int], tuple]] = None  # stream's keep_cache: row 0's tokens, the model then
+        # One model and KV cache for every thread that calls this object: their calls take turns (``_steps``).
+        self._turn = threading.RLock()
 
     def decode_step(self, tokens: torch.Tensor, pos: int, left_pad: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (batch, 1, vocab) of tokens (batch, 1) at cache position pos in cache rows 0..batch: the model's
@@ -278,17 +281,18 @@ class Llama:
         tokens: List[List[int]] = [[] for _ in range(n)]
         probs: List[List[float]] = [[] for _ in range(n)]
         ends: List[Optional[int]] = [None] * n
-        for rows in self._row_groups(prompt_tokens):
-            batch = _Batch.of([prompt_tokens[i] for i in rows], max_gen_len, self.model.params.max_seq_len,
-                              self.device, logprobs, rows)
-            end = batch.prompt_len
-            for pos in self._steps(batch, temperature, top_p, stop, score_prompts=logprobs and echo):
-                end = pos + 1
-            more_tokens, more_probs, more_ends = batch.results(end, stop, echo)
-            for j, i in enumerate(rows):
-                tokens[i], ends[i] = more_tokens[j], more_ends[j]
-                if more_probs is not None:
-                    probs[i] = more_probs[j]
+        with self._turn:  # whole: another thread's call waits for it, and it for theirs
+            for rows in self._row_groups(prompt_tokens):
+                batch = _Batch.of([prompt_tokens[i] for i in rows], max_gen_len, self.model.params.max_seq_len,
+                                  self.device, logprobs, rows)
+                end = batch.prompt_len
+                for pos in self._steps(batch, temperature, top_p, stop, score_prompts=logprobs and echo):
+                    end = pos + 1
+                more_tokens, more_probs, more_ends = batch.results(end, stop, echo)
+                for j, i in enumerate(rows):
+                    tokens[i], ends[i] = more_tokens[j], more_ends[j]
+                    if more_probs is not None:
+                        probs[i] = more_probs[j]
         return tokens, (probs if logprobs else None), ends
 
     def _row_groups(self, prompt_tokens: List[List[int]]) -> Iterator[List[int]]:
@@ -310,34 +314,58 @@ class Llama:
         """Prefill the batch's prompts, then sample each row's next token into ``batch.tokens`` at each position
         from the prompts' end, yielding the position once it is there; stops when every row has sampled a stop
         token, or at the batch's last position. score_prompts: the prompts' own log-probabilities too. cached:
-        how many of a one-prompt batch's first tokens the cache holds already (stream's keep_cache)."""
-        tokens, pad, prompts, prompt_len = batch.tokens, batch.pad, batch.prompts, batch.prompt_len
-        logits = self._prefill(batch, score_prompts, cached)
+        how many of a one-prompt batch's first tokens the cache holds already (stream's keep_cache).
+
+        Each step is taken in its turn (``self._turn``), and fails where anything else ran on the model since the
+        one before it (``Transformer.runs``: a stream's caller, or another thread, generating or calling forward
+        between its pieces), which wrote over the cache that the step would read: a clear error, not another
+        text's continuation."""
+        with self._turn:
+            logits = self._prefill(batch, score_prompts, cached)
+            batch.runs = self.model.runs
         stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=self.device)
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
-        for pos in range(prompt_len, tokens.shape[1]):
-            # NaN or +infinity in a row's logits (a float16 overflow, say), or -infinity everywhere, are garbage to
+        done = torch.zeros(len(batch.prompts), dtype=torch.bool, device=self.device)
+        prompt_len = batch.prompt_len
+        for pos in range(prompt_len, batch.tokens.shape[1]):
+            with self._turn:
+                all_done = self._step(batch, pos, logits if pos == prompt_len else None, temperature, top_p,
+                                      stop_ids, done)
+            yield pos
+            if all_done:
+                return
+
+    def _step(self, batch: "_Batch", pos: int, logits: Optional[torch.Tensor], temperature: float, top_p: float,
+              stop_ids: torch.Tensor, done: torch.Tensor) -> bool:
+        """Sample each row's token at pos into ``batch.tokens``, from logits (the prefill's), or None: the
+        decoding step of the tokens before it. Whether every row has now sampled a stop token."""
+        tokens, prompt_len = batch.tokens, batch.prompt_len
+        if self.model.runs != batch.runs:
+            raise ValueError("something else ran on this model between two steps of a generation (another "
+                             "generation, stream or forward pass, in this thread or another), writing over the KV "
+                             "cache that the generation continues from: finish or close() a stream before calling "
+                             "the model again, and give each thread that streams a Llama of its own")
+        if logits is None:
+            logits = self.decode_step(tokens[:, pos - 1:pos], pos - 1, left_pad=batch.pad)[:, -1]
+        # NaN or +infinity in a row's logits (a float16 overflow, say), or -infinity everywhere, are garbage to
             # argmax, and multinomial fails on them, on a GPU with a device-side assert that ends the process: such
             # a row samples from zeros instead, and the step's one sync with the host, below, raises the error
             # before its token is seen. (-infinity for some tokens is research code's way of banning them.)
-            finite = logits.amax(dim=-1).isfinite()
-            if temperature > 0:
-                logits = logits.where(finite[:, None], 0.0)
-            next_token = sample(logits, temperature, top_p, self.generator)
-            if temperature > 0:  # greedy picks alike on every rank: the gathered logits are the same bits
-                distributed.as_first_rank_has_it(next_token)
-            tokens[:, pos] = next_token
-            if batch.logprobs is not None:
-                batch.logprobs[:, pos] = _logprobs_of(logits, next_token)
-            done |= torch.isin(next_token, stop_ids)
-            all_done, all_finite = torch.stack((done.all(), finite.all())).tolist()
-            if not all_finite:
-                raise ValueError(self._not_finite(batch.index[batch.order[int(finite.logical_not().nonzero()[0])]],
-                                                  pos - prompt_len + 1))
-            yield pos
-            if pos + 1 == tokens.shape[1] or all_done:
-                return
-            logits = self.decode_step(tokens[:, pos:pos + 1], pos, left_pad=pad)[:, -1]
+        finite = logits.amax(dim=-1).isfinite()
+        if temperature > 0:
+            logits = logits.where(finite[:, None], 0.0)
+        next_token = sample(logits, temperature, top_p, self.generator)
+        if temperature > 0:  # greedy picks alike on every rank: the gathered logits are the same bits
+            distributed.as_first_rank_has_it(next_token)
+        tokens[:, pos] = next_token
+        if batch.logprobs is not None:
+            batch.logprobs[:, pos] = _logprobs_of(logits, next_token)
+        done |= torch.isin(next_token, stop_ids)
+        all_done, all_finite = torch.stack((done.all(), finite.all())).tolist()
+        if not all_finite:
+            raise ValueError(self._not_finite(batch.index[batch.order[int(finite.logical_not().nonzero()[0])]],
+                                              pos - prompt_len + 1))
+        batch.runs = self.model.runs
+        return all_done
 
     def _prefill(self, batch: "_Batch", score_prompts: bool, cached: int) -> torch.Tensor:
         """Each row's logits (rows, vocab) after its prompt: one forward pass per group of prompts of one length
@@ -495,8 +523,9 @@ class Llama:
                 if len(text) > len(said):  # (a token may add no text of its own)
                     yield text[len(said):]
                 window, said = window[-1:], self.tokenizer.decode(window[-1:])
-        if keep_cache:  # the cache holds the tokens before pos: its own token was sampled, never fed
-            self._kept = (batch.tokens[0, :pos].tolist(), self._model_state())
+        with self._turn:
+            if keep_cache and self.model.runs == batch.runs:  # the cache holds the tokens before pos (not its own)
+                self._kept = (batch.tokens[0, :pos].tolist(), self._model_state())
         text = self.tokenizer.decode(window)
         if len(text) > len(said):
             yield text[len(said):]
@@ -544,6 +573,7 @@ class _Batch:
     pad: torch.Tensor  # (rows,): each row's padding
     logprobs: Optional[torch.Tensor]  # (rows, positions): each token's log-probability, with logprobs=True
     index: List[int]  # the caller's index of each of the batch's prompts
+    runs: int = 0  # the model's runs (``Transformer.runs``) after the batch's last step
 
     @staticmethod
     def of(prompt_tokens: List[List[int]], max_gen_len: int, max_seq_len: int, device: torch.device,

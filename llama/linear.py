@@ -81,17 +81,23 @@ def _buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 ATEN_BF16_GEMV = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
+_MKLDNN_SWITCH = threading.Lock()
+
+
 def _product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear, with oneDNN turned off for one row of bf16 on the CPUs above (decoding one sequence, which is
-    nothing but such products)."""
+    """F.linear, with oneDNN turned off for one row of bf16 on the CPUs above (decoding one sequence from weights
+    not packed, which is nothing but such products). The switch is the process's: one thread at a time turns it,
+    or one could turn it back to another's off, and leave oneDNN off for good (the user's own bf16 products
+    then 40x slower)."""
     if not ATEN_BF16_GEMV or x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.numel() != x.shape[-1]:
         return F.linear(x, weight)
-    enabled = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        return F.linear(x, weight)
-    finally:
-        torch._C._set_mkldnn_enabled(enabled)
+    with _MKLDNN_SWITCH:
+        enabled = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(False)
+        try:
+            return F.linear(x, weight)
+        finally:
+            torch._C._set_mkldnn_enabled(enabled)
 
 
 # oneDNN's bf16 products (on CPUs with native bf16) reorder the weight into a blocked layout on every call. With

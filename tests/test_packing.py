@@ -3,13 +3,14 @@ blocked layout, or kernels.c's order for float32 products. The same function as 
 weights, and never a stale copy used after the weight changed."""
 
 import copy
+import threading
 
 import pytest
 import torch
 from torch import nn
 
 import llama.model
-from llama import Llama, Transformer, kernels
+from llama import Llama, Transformer, kernels, linear
 from llama.checkpoint import Checkpoint
 from llama.linear import PackedFused, Packable, can_pack
 
@@ -241,3 +242,23 @@ def test_no_packing_for_products_in_another_dtype(make_ckpt):
     tokens = prompt(6, 2)
     assert_close_bf16(model.forward(torch.tensor([tokens]), 0)[0],
                       reference_logits(state, {**CONFIG, "vocab_size": VOCAB}, tokens))
+
+
+@pytest.mark.skipif(not linear.ATEN_BF16_GEMV, reason="oneDNN is switched off for one-row products on AVX-512 only")
+def test_threads_decoding_unpacked_weights_leave_onednn_on(make_ckpt, tokenizer_path):
+    """One-row bf16 products of unpacked weights switch oneDNN off around them, a switch of the whole process:
+    two models decoding in two threads could each turn it back to the other's off, leaving it off for good (and
+    the user's own bf16 products 40x slower)."""
+    ckpt, _ = make_ckpt(GQA)
+    models = [Llama.build(ckpt, tokenizer_path, 64, 1, dtype="bfloat16", pack_weights=False) for _ in range(2)]
+
+    def decode(g: Llama) -> None:
+        for _ in range(3):
+            g.text_completion(["In the beginning"], temperature=0, max_gen_len=40)
+
+    threads = [threading.Thread(target=decode, args=(g,)) for g in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch._C._get_mkldnn_enabled()

@@ -3,6 +3,7 @@ chat_completion's whole text for the same seed, the float64 reference's greedy t
 are split across tokens (SentencePiece's byte pieces, tiktoken's byte-level pieces)."""
 
 import sys
+import threading
 import time
 import types
 
@@ -244,3 +245,52 @@ def test_chat_drops_the_oldest_exchanges_that_leave_no_room(llama2):
     assert length(system + dialog[-7:]) > g.model.params.max_seq_len - room  # one more exchange would not
     short = system + turns[:2] + dialog[-1:]
     assert length(short) <= g.model.params.max_seq_len - 8 and fit(g, short, 8) == short
+
+
+def test_a_stream_that_something_else_ran_between_fails_clearly(llama2):
+    """A stream paused while the same Llama runs something else (a notebook's next cell, a zip of two streams, a
+    forward pass) would continue from a KV cache written over by it, another text's: its next piece is an error
+    instead, and the Llama computes right afterwards."""
+    g, state = llama2
+    ids = g.tokenizer.encode("In the beginning", bos=True, eos=False)
+    want = greedy(state, {**GQA, "vocab_size": VOCAB}, ids, 24, stop=g.tokenizer.eos_id)
+    assert len(want) == 24  # pieces to come after the first
+    for other in (lambda: g.text_completion(["Once upon a time"], temperature=0, max_gen_len=8),
+                  lambda: next(g.stream("Once upon a time", temperature=0)),
+                  lambda: g.model.forward(torch.tensor([[1, 2, 3]]), 0)):
+        paused = g.stream("In the beginning", temperature=0, max_gen_len=24, keep_cache=True)
+        next(paused)
+        other()
+        with pytest.raises(ValueError, match="something else ran on this model between two steps of a generation"):
+            list(paused)
+        assert "".join(g.stream("In the beginning", temperature=0, max_gen_len=24)) == g.tokenizer.decode(want)
+
+
+def test_threads_sharing_a_llama_take_turns(llama2):
+    """Threads generating on one Llama at once (a notebook's background thread, a small server) each get their
+    own text, as alone: their calls take turns on the one KV cache, where they interleaved and traded
+    continuations. A stream another thread's call came between fails instead of going on wrong."""
+    g, _ = llama2
+    prompts = ["In the beginning", "Once upon a time"]
+    alone = {p: g.text_completion([p], temperature=0, max_gen_len=30)[0]["generation"] for p in prompts}
+    got = {p: [] for p in prompts}
+    streamed = []
+
+    def complete(p: str) -> None:
+        for _ in range(4):
+            got[p].append(g.text_completion([p], temperature=0, max_gen_len=30)[0]["generation"])
+
+    def stream() -> None:
+        for _ in range(4):
+            try:
+                streamed.append("".join(g.stream(prompts[0], temperature=0, max_gen_len=30)))
+            except ValueError as e:
+                streamed.append(str(e)[:40])
+
+    threads = [threading.Thread(target=complete, args=(p,)) for p in prompts] + [threading.Thread(target=stream)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {p: [alone[p]] * 4 for p in prompts}
+    assert set(streamed) <= {alone[prompts[0]], "something else ran on this model between"}
