@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_checkpoint import SHAPES, cached  # noqa: E402
 
-from llama import Llama, kernels  # noqa: E402
+from llama import Llama, Tokenizer, kernels  # noqa: E402
+from llama.checkpoint import read_params  # noqa: E402
 from llama.cli import one_line_errors, positive_int  # noqa: E402
 from llama.distributed import pick_device  # noqa: E402
 from llama.linear import packed_for  # noqa: E402
@@ -277,6 +278,9 @@ def main() -> None:
         os.environ["LLAMA_KERNELS"] = "0"
     device = pick_device(args.device)
     ckpt = Path(args.ckpt_dir) if args.ckpt_dir else cached(Path(args.cache_dir), args.shape, str(device))
+    if args.ckpt_dir:  # a mistyped path fails now, not after the ceilings' seconds of probes
+        Tokenizer(str(ckpt / "tokenizer.model"))
+        read_params(args.ckpt_dir)
     ceil = Ceilings(device, args.reps)
     start = time.perf_counter()
     g = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=4160, max_batch_size=16,

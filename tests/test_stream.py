@@ -182,7 +182,8 @@ def test_chat_script_answers_each_turn_as_chat_completion(processes):
     the first reading it): each answer is chat_completion's for the dialog so far, its earlier answers in it;
     an empty line is skipped, a message with [INST] is not sent, /reset starts again."""
     stdin = "\n".join(CHAT_INPUT) + "\n"
-    args = ["scripts/chat.py", "--temperature", "0", "--device", "cpu", "--dtype", "float32"]  # 2 processes round alike
+    args = ["scripts/chat.py", "--temperature", "0", "--device", "cpu", "--dtype", "float32",  # 2 processes round alike
+            "--max_gen_len", "24"]
     result = run_cmd([sys.executable, *args], input=stdin) if processes == 1 else torchrun(2, *args, input=stdin)
     assert result.returncode == 0, result.stderr[-3000:]
     shown = [text.strip("\n") for text in result.stdout.split("> ")[1:]]
@@ -192,9 +193,9 @@ def test_chat_script_answers_each_turn_as_chat_completion(processes):
     want, dialog = [], []
     for message in (CHAT_INPUT[0], CHAT_INPUT[2]):
         dialog.append({"role": "user", "content": message})
-        dialog.append(g.chat_completion([dialog], temperature=0, max_gen_len=64)[0]["generation"])
+        dialog.append(g.chat_completion([dialog], temperature=0, max_gen_len=24)[0]["generation"])
         want.append(dialog[-1]["content"])
-    fresh = g.chat_completion([[{"role": "user", "content": CHAT_INPUT[5]}]], temperature=0, max_gen_len=64)
+    fresh = g.chat_completion([[{"role": "user", "content": CHAT_INPUT[5]}]], temperature=0, max_gen_len=24)
     assert shown[0] == want[0] and shown[1] == "" and shown[2] == want[1]
     assert shown[3].startswith("(not sent: the chat format's own tags") and shown[4] == "(the dialog starts again)"
     assert shown[5] == fresh[0]["generation"]["content"] and shown[6] == "" and len(shown) == 7
