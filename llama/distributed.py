@@ -196,9 +196,9 @@ def as_first_rank_has_it(t: torch.Tensor) -> torch.Tensor:
 
 
 def any_rank(flag: bool) -> bool:
-    """Whether flag holds on any rank of this model-parallel group. For what each rank decides from its own state (a hook that research code put on one rank only, a cache one rank
-    holds), where the ranks must go the same way or their collectives won't match: collectives, which every rank
-    of the group must call."""
+    """Whether flag holds on any rank of this model-parallel group. For what each rank decides from its own state
+    (a hook that research code put on one rank only, a cache one rank holds), where the ranks must go the same way
+    or their collectives won't match: a collective, which every rank of the group must call."""
     return bool(_reduced(int(flag), dist.ReduceOp.MAX))
 
 

@@ -347,9 +347,9 @@ class Llama:
         if logits is None:
             logits = self.decode_step(tokens[:, pos - 1:pos], pos - 1, left_pad=batch.pad)[:, -1]
         # NaN or +infinity in a row's logits (a float16 overflow, say), or -infinity everywhere, are garbage to
-            # argmax, and multinomial fails on them, on a GPU with a device-side assert that ends the process: such
-            # a row samples from zeros instead, and the step's one sync with the host, below, raises the error
-            # before its token is seen. (-infinity for some tokens is research code's way of banning them.)
+        # argmax, and multinomial fails on them, on a GPU with a device-side assert that ends the process: such a
+        # row samples from zeros instead, and the step's one sync with the host, below, raises the error before
+        # its token is seen. (-infinity for some tokens is research code's way of banning them.)
         finite = logits.amax(dim=-1).isfinite()
         if temperature > 0:
             logits = logits.where(finite[:, None], 0.0)
