@@ -654,7 +654,7 @@ static inline __attribute__((always_inline)) void widened_tile(const float *x, c
             if (ahead)
                 for (int64_t o = 0; o < UNROLL * step; o += 64)
                     __builtin_prefetch(ahead + b * K * 4 * W + k * step + o);
-#pragma GCC unroll 8
+#pragma GCC unroll 8 /* UNROLL, which the pragma can't take by name */
             for (int u = 0; u < UNROLL; u++)
                 widened_step(x, w + b * K * W, K, k + u, lo[b], hi[b], R);
         }
