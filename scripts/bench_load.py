@@ -15,6 +15,7 @@ import json
 import os
 import re
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -67,16 +68,27 @@ def worker(ckpt: str, dtype: str, no_pack: bool) -> None:
 
 
 def run(nproc: int, ckpt: Path, dtype: str, no_pack: bool) -> list:
-    args = [str(Path(__file__).resolve()), "--worker", "--ckpt", str(ckpt), "--dtype", dtype] + \
+    """Each rank's figures, the ranks started as a launcher starts them (its environment variables), not under
+    torchrun, whose agent process would import torch beside them: seconds that are no part of loading."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--ckpt", str(ckpt), "--dtype", dtype] + \
         (["--no-pack"] if no_pack else [])
+    with socket.socket() as s:  # a free port for rank 0's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    cmd = [sys.executable, *args] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if out.returncode:
-        sys.exit(f"error: the load run with {nproc} process(es) failed:\n{out.stderr[-3000:]}")
-    # The ranks share one pipe: their lines can run into each other, so each record is found on its own.
-    return sorted((json.loads(m) for m in re.findall(r"BENCH (\{[^{}]*\})", out.stdout)), key=lambda r: r["rank"])
+    ranks = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
+        **env, **({} if nproc == 1 else {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
+                                         "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+                                         "MASTER_PORT": str(port)})}) for r in range(nproc)]
+    records = []
+    for r, p in enumerate(ranks):
+        out, err = p.communicate()
+        if p.returncode:
+            for other in ranks:
+                other.kill()
+            sys.exit(f"error: the load run with {nproc} process(es) failed on rank {r}:\n{err[-3000:]}")
+        records += [json.loads(m) for m in re.findall(r"BENCH (\{[^{}]*\})", out)]
+    return sorted(records, key=lambda r: r["rank"])
 
 
 def main() -> None:

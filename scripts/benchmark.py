@@ -81,8 +81,10 @@ class Ceilings:
     figure is compared with what the machine could do at the time. The probe tensors stay allocated through
     the run; ``nbytes`` is taken off the peak RSS."""
 
-    def __init__(self, device: torch.device, reps: int):
-        self.device, self.reps = device, reps
+    def __init__(self, device: torch.device, reps: int, small: bool = False):
+        """small: matrices of at most 512² for a trial run (the tiny shape), whose fractions say little: the
+        large ones, timed again with every figure, took 35 of its 50 s on a 2-core AVX2 machine."""
+        self.device, self.reps, self.small = device, reps, small
         self.x = torch.ones((512 if device.type == "cpu" else 4096) << 18, device=device)  # 512 MiB / 4 GiB fp32
         best = {str(d).removeprefix("torch."): self._fastest(d) for d in (torch.float32, torch.bfloat16,
                                                                            torch.float16)}
@@ -97,7 +99,8 @@ class Ceilings:
         machine (here 2048² ran 10-15 % faster than 4096²). Smaller sizes where the CPU only emulates the
         dtype (it is slow), larger ones on a GPU (it needs them to be busy)."""
         emulated = compute_dtype_for(dtype, self.device) != dtype  # the engine computes in float32 there
-        sizes = (512, 1024) if emulated else (2048, 4096) if self.device.type == "cpu" else (4096, 8192)
+        sizes = ((256, 512) if self.small else (512, 1024) if emulated else (2048, 4096) if self.device.type == "cpu"
+                 else (4096, 8192))
         matrices = [torch.randn(n, n, device=self.device).to(dtype) for n in sizes]
         return max(((self._rate(a), a) for a in matrices), key=lambda r: r[0])
 
@@ -281,7 +284,7 @@ def main() -> None:
     if args.ckpt_dir:  # a mistyped path fails now, not after the ceilings' seconds of probes
         Tokenizer(str(ckpt / "tokenizer.model"))
         read_params(args.ckpt_dir)
-    ceil = Ceilings(device, args.reps)
+    ceil = Ceilings(device, args.reps, small=args.shape == "tiny" and not args.ckpt_dir)
     start = time.perf_counter()
     g = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=4160, max_batch_size=16,
                     device=device, dtype=args.dtype, pack_weights=False if args.no_pack else None,
