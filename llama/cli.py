@@ -92,8 +92,13 @@ def run(main: Callable) -> None:
     logging.basicConfig(level=logging.INFO if distributed.rank() == 0 else logging.WARNING,
                         format="%(message)s")
     with one_line_errors():
-        check_flags(main, sys.argv[1:])
-        fire.Fire(typed(main))
+        call(main, sys.argv[1:])
+
+
+def call(main: Callable, argv: List[str]) -> object:
+    """main given a command line's arguments as fire gives them, its flags checked first (check_flags, typed)."""
+    check_flags(main, argv)
+    return fire.Fire(typed(main), command=argv)
 
 
 def typed(main: Callable) -> Callable:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cmd, torchrun
-from llama import Llama
+from conftest import ROOT, launch, program, run_cmd
+from llama import Llama, cli
 from llama.checkpoint import random_checkpoint
 
 DEMO = ROOT / "models" / "demo"
@@ -125,7 +125,7 @@ def test_text_example_runs_the_demo_by_default(one_process_text_example):
 
 def test_text_example_on_two_processes_prints_the_same_as_one(one_process_text_example):
     """The one shard, resharded to two model-parallel ranks at load, gives the same greedy text."""
-    two = torchrun(2, "example_text_completion.py", "--temperature", "0", "--dtype", "float32")
+    two = launch(2, "example_text_completion.py", "--temperature", "0", "--dtype", "float32")
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout == one_process_text_example.stdout
 
@@ -154,11 +154,14 @@ def test_examples_want_both_checkpoint_arguments_or_neither():
     ("example_infilling.py", ["--ckpt_dir", str(DEMO), "--tokenizer_path", str(DEMO / "tokenizer.model")],
      "error: infilling needs a Code Llama tokenizer"),
 ])
-def test_a_bad_flag_fails_before_the_model_loads(script, args, said):
-    """Not after a whole run (fire's way with a flag it doesn't know), nor after the load (bad sampling values)."""
-    result = run_cmd([sys.executable, script, *args], input="hello\n")
-    assert result.returncode == 1 and result.stdout == "", result.stdout[-3000:]
-    assert result.stderr.startswith(said) and "loaded" not in result.stderr, result.stderr[-3000:]
+def test_a_bad_flag_fails_before_the_model_loads(script, args, said, monkeypatch, capsys):
+    """Not after a whole run (fire's way with a flag it doesn't know), nor after the load (bad sampling values).
+    In this process, the program's main given the arguments as its command line gives them (the error's one line
+    and exit code, of every program, are tested as processes)."""
+    monkeypatch.setattr(Llama, "build", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError) as error:
+        cli.call(program(script).main, args)
+    assert f"error: {error.value}".startswith(said) and capsys.readouterr().out == ""
 
 
 def test_settings_the_scripts_cannot_use_are_one_line_errors():
