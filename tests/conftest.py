@@ -1,4 +1,6 @@
 import contextlib
+import functools
+import importlib.util
 import os
 import shutil
 import socket
@@ -6,8 +8,10 @@ import struct
 import subprocess
 import sys
 import tempfile
+import unittest.mock
 from pathlib import Path
-from typing import List
+from types import ModuleType
+from typing import List, Tuple
 
 import pytest
 import torch
@@ -117,6 +121,23 @@ def make_ckpt(tmp_path_factory):
     return make
 
 
+@functools.lru_cache(maxsize=None)
+def program(path: str) -> ModuleType:
+    """The program at path (from the repository's root) as a module, its main() not run."""
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_").removesuffix(".py"), ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def script_main(name: str, *args: str) -> None:
+    """scripts/<name>.py's main() in this process, given these arguments: what the script does, without the
+    3-4 s a new process spends importing torch on a 2-core AVX2 machine. Bad input raises the ValueError that
+    the script's one line on stderr is made of (each script's one-line errors are tested as a process)."""
+    with unittest.mock.patch.object(sys, "argv", [f"scripts/{name}.py", *args]):
+        program(f"scripts/{name}.py").main()
+
+
 def run_cmd(args, timeout=180, env=None, **kwargs) -> subprocess.CompletedProcess:
     """Run a command from the repository root with no launcher variables inherited; a hang fails the test."""
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
@@ -146,19 +167,19 @@ def torchrun_started(nproc: int, *args, env=None) -> subprocess.Popen:
                             env={**_unlaunched_env(), **(env or {})})
 
 
-def torchrun_machines(*args_per_machine, timeout=120) -> List[subprocess.CompletedProcess]:
-    """Launch as on several machines, here on one: a torchrun per machine (--nnodes, its own --node_rank, one
-    process each) meeting at a local address, each with its own arguments. A hang fails the test."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a free port for the first machine's store
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = _unlaunched_env()
+        return s.getsockname()[1]
+
+
+def _run_together(commands: List[Tuple[list, dict]], timeout: float) -> List[subprocess.CompletedProcess]:
+    """Start every (command, environment) at once and wait for all; output to files, not pipes that could fill
+    while the test waits on another process. A hang fails the test, and kills them all."""
     with contextlib.ExitStack() as stack:
         launched = []
-        for node, args in enumerate(args_per_machine):
-            out, err = (stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))  # no pipe to fill
-            cmd = [_torchrun_exe(), "--nnodes", str(len(args_per_machine)), "--node_rank", str(node),
-                   "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), *args]
+        for cmd, env in commands:
+            out, err = (stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
             launched.append((cmd, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True),
                              out, err))
             stack.callback(launched[-1][1].kill)
@@ -168,6 +189,37 @@ def torchrun_machines(*args_per_machine, timeout=120) -> List[subprocess.Complet
             out.seek(0), err.seek(0)
             done.append(subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read()))
         return done
+
+
+def torchrun_machines(*args_per_machine, timeout=120) -> List[subprocess.CompletedProcess]:
+    """Launch as on several machines, here on one: a torchrun per machine (--nnodes, its own --node_rank, one
+    process each) meeting at a local address, each with its own arguments."""
+    port, env = _free_port(), _unlaunched_env()
+    return _run_together([([_torchrun_exe(), "--nnodes", str(len(args_per_machine)), "--node_rank", str(node),
+                            "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), *args],
+                           env) for node, args in enumerate(args_per_machine)], timeout)
+
+
+def launch_ranks(*args_per_rank, timeout=120) -> List[subprocess.CompletedProcess]:
+    """The ranks of one run started as a launcher other than torchrun starts them (SLURM's srun, mpirun): the
+    environment variables set (rank 0 then hosts the store the ranks meet at), no agent process. Each rank has
+    its own arguments, as if typed on its own machine. torchrun's agent imports torch too: 3-4 s of a run on a
+    2-core AVX2 machine, most of what a test of the ranks' behaviour costs. The examples' tests run under
+    torchrun itself."""
+    port, world = _free_port(), len(args_per_rank)
+    return _run_together([([sys.executable, *args], {
+        **_unlaunched_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        for rank, args in enumerate(args_per_rank)], timeout)
+
+
+def launch(nproc: int, *args, timeout=120) -> subprocess.CompletedProcess:
+    """``launch_ranks`` of nproc ranks with the same arguments, as one result, as torchrun's: each rank's output
+    after the one before's, and the first failing rank's exit code."""
+    ranks = launch_ranks(*[args] * nproc, timeout=timeout)
+    failed = [r.returncode for r in ranks if r.returncode]
+    return subprocess.CompletedProcess(ranks[0].args, failed[0] if failed else 0,
+                                       "".join(r.stdout for r in ranks), "".join(r.stderr for r in ranks))
 
 
 @pytest.fixture(autouse=True)

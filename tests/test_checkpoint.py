@@ -20,7 +20,7 @@ import torch
 from llama import Llama
 from llama import checkpoint
 
-from conftest import GQA, VOCAB, run_cmd, torchrun
+from conftest import GQA, VOCAB, launch, run_cmd, script_main
 from reference import greedy
 from reference import logits as reference_logits
 
@@ -53,7 +53,7 @@ def test_k_shards_on_one_process(make_ckpt, tokenizer_path, k):
 def test_k_shards_on_n_processes(make_ckpt, tokenizer_path, tmp_path, params, k, n):
     ckpt, state = make_ckpt(params, mp=k)
     out = tmp_path / "logits.pt"
-    result = torchrun(n, "tests/generate_driver.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
+    result = launch(n, "tests/generate_driver.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
                       "--prompts", json.dumps(PROMPTS), "--logits_out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     tokens = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("TOKENS "))[7:])
@@ -95,13 +95,17 @@ def test_model_parallel_size_defaults_to_world_size_not_shard_count(make_ckpt, t
 
 
 def test_reshard_round_trip(make_ckpt, tmp_path):
+    """1 -> 4 shards by the script run as a program, 4 -> 2 -> 1 by its main() here."""
     ckpt, _ = make_ckpt(MP4, mp=1)
     dirs = [Path(ckpt)]
     for mp in (4, 2, 1):
         dirs.append(tmp_path / f"mp{mp}")
-        r = run_cmd([sys.executable, "scripts/reshard.py", "--ckpt_dir", str(dirs[-2]), "--out_dir", str(dirs[-1]),
-                     "--mp", str(mp)])
-        assert r.returncode == 0, r.stderr
+        args = ["--ckpt_dir", str(dirs[-2]), "--out_dir", str(dirs[-1]), "--mp", str(mp)]
+        if mp == 4:
+            r = run_cmd([sys.executable, "scripts/reshard.py", *args])
+            assert r.returncode == 0 and r.stdout.startswith("wrote 4 shard(s)"), r.stderr
+        else:
+            script_main("reshard", *args)
         assert sorted(p.name for p in dirs[-1].glob("*.pth")) == [f"consolidated.{j:02d}.pth" for j in range(mp)]
         assert json.loads((dirs[-1] / "params.json").read_text()) == json.loads((Path(ckpt) / "params.json").read_text())
         if shutil.which("md5sum"):
@@ -122,13 +126,14 @@ def test_reshard_refuses_a_non_empty_out_dir_unless_forced(make_ckpt, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    args = [sys.executable, "scripts/reshard.py", "--ckpt_dir", ckpt, "--out_dir", str(out), "--mp", "2"]
-    r = run_cmd(args)
-    assert r.returncode == 1 and "not empty" in r.stderr and not list(out.glob("*.pth"))
-    assert run_cmd(args + ["--force"]).returncode == 0 and (out / "notes.txt").read_text() == "mine"
-    r = run_cmd([sys.executable, "scripts/reshard.py", "--ckpt_dir", ckpt, "--out_dir", str(tmp_path / "o3"),
-                 "--mp", "3"])
-    assert r.returncode == 1 and "can't be split across 3" in r.stderr
+    args = ["--ckpt_dir", ckpt, "--out_dir", str(out), "--mp", "2"]
+    with pytest.raises(ValueError, match="not empty"):
+        script_main("reshard", *args)
+    assert not list(out.glob("*.pth"))
+    script_main("reshard", *args, "--force")
+    assert (out / "notes.txt").read_text() == "mine" and len(list(out.glob("*.pth"))) == 2
+    with pytest.raises(ValueError, match="can't be split across 3"):
+        script_main("reshard", "--ckpt_dir", ckpt, "--out_dir", str(tmp_path / "o3"), "--mp", "3")
 
 
 @pytest.mark.parametrize("link", ["hard", "symbolic"])
@@ -143,9 +148,7 @@ def test_reshard_forced_over_links_to_its_input_leaves_the_input_whole(make_ckpt
     for f in src.iterdir():
         (out / f.name).hardlink_to(f) if link == "hard" else (out / f.name).symlink_to(f)
     before = {f.name: f.read_bytes() for f in src.iterdir()}
-    r = run_cmd([sys.executable, "scripts/reshard.py", "--ckpt_dir", str(src), "--out_dir", str(out), "--mp", "2",
-                 "--force"])
-    assert r.returncode == 0, r.stderr
+    script_main("reshard", "--ckpt_dir", str(src), "--out_dir", str(out), "--mp", "2", "--force")
     assert {f.name: f.read_bytes() for f in src.iterdir()} == before
     assert sorted(f.name for f in out.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
     half = torch.load(out / "consolidated.01.pth", weights_only=True)["layers.0.attention.wq.weight"]
@@ -162,9 +165,7 @@ def test_reshard_forced_over_another_checkpoint_leaves_none_of_it(make_ckpt, tmp
     shutil.copytree(old, out)
     (out / "tokenizer.model").write_bytes(b"another model's")
     shutil.copyfile(tokenizer_path, Path(ckpt) / "tokenizer.model")
-    r = run_cmd([sys.executable, "scripts/reshard.py", "--ckpt_dir", ckpt, "--out_dir", str(out), "--mp", "2",
-                 "--force"])
-    assert r.returncode == 0, r.stderr
+    script_main("reshard", "--ckpt_dir", ckpt, "--out_dir", str(out), "--mp", "2", "--force")
     assert sorted(f.name for f in out.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
     assert (out / "tokenizer.model").read_bytes() == Path(tokenizer_path).read_bytes()
     listed = [line.split()[1] for line in (out / "checklist.chk").read_text().splitlines()]
@@ -187,13 +188,11 @@ def test_scripts_refuse_an_out_dir_that_is_a_file(tmp_path, make_ckpt):
 def test_make_checkpoint_leaves_nothing_behind_when_it_fails(tmp_path, tokenizer_path):
     """A failed run writes no half checkpoint, which the next run would refuse as a folder not empty."""
     out = tmp_path / "made"
-    r = run_cmd([sys.executable, "scripts/make_checkpoint.py", "--out_dir", str(out), "--mp", "3",
-                 "--tokenizer_path", tokenizer_path])
-    assert r.returncode == 1 and "can't be split across 3 shards" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(ValueError, match="can't be split across 3 shards"):
+        script_main("make_checkpoint", "--out_dir", str(out), "--mp", "3", "--tokenizer_path", tokenizer_path)
     assert not out.exists()
-    r = run_cmd([sys.executable, "scripts/make_checkpoint.py", "--out_dir", str(out), "--mp", "2",
-                 "--tokenizer_path", tokenizer_path])
-    assert r.returncode == 0 and len(list(out.glob("consolidated.*.pth"))) == 2, r.stderr
+    script_main("make_checkpoint", "--out_dir", str(out), "--mp", "2", "--tokenizer_path", tokenizer_path)
+    assert len(list(out.glob("consolidated.*.pth"))) == 2
 
 
 # ---- broken checkpoints: each gets one clear error naming the file and the problem
@@ -404,7 +403,7 @@ def test_a_kv_cache_that_cannot_fit_fails_before_allocating(make_ckpt, tokenizer
 
 
 @pytest.mark.parametrize("case", ["wrong shape", "truncated shard", "injected failure on rank 1"])
-def test_broken_checkpoint_under_torchrun_exits_non_zero_without_hanging(make_ckpt, tokenizer_path, tmp_path, case):
+def test_broken_checkpoint_on_two_processes_exits_non_zero_without_hanging(make_ckpt, tokenizer_path, tmp_path, case):
     ckpt, _ = make_ckpt(GQA, mp=2)
     d = broken_copy(ckpt, tmp_path)
     extra = []
@@ -413,7 +412,7 @@ def test_broken_checkpoint_under_torchrun_exits_non_zero_without_hanging(make_ck
         message = BROKEN[case][1]
     else:
         extra, message = ["--fail_on_rank", "1"], r"rank 1 \(on [^)]+\) failed to load the checkpoint: injected"
-    result = torchrun(2, "tests/generate_driver.py", "--ckpt_dir", str(d), "--tokenizer_path", tokenizer_path,
+    result = launch(2, "tests/generate_driver.py", "--ckpt_dir", str(d), "--tokenizer_path", tokenizer_path,
                       "--prompts", json.dumps(PROMPTS), *extra, timeout=90)
     assert result.returncode != 0
     assert re.search(message, result.stderr), result.stderr[-3000:]

@@ -12,7 +12,7 @@ from llama.chat import infilling_prompt
 from llama.generation import infilling_prompt_tokens
 from llama.checkpoint import random_checkpoint
 
-from conftest import FIXTURES, GQA, run_cmd, torchrun
+from conftest import FIXTURES, GQA, launch, run_cmd
 from reference import greedy
 from reference import logits as reference_logits
 
@@ -126,7 +126,7 @@ def test_example_infilling_on_two_processes_equals_one(code_ckpt, code_llama_tok
     args = ["example_infilling.py", "--ckpt_dir", code_ckpt[0], "--tokenizer_path", code_llama_tokenizer_path,
             "--max_gen_len", "8", "--dtype", "float32"]
     one = run_cmd([sys.executable, *args])
-    two = torchrun(2, *args)
+    two = launch(2, *args)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     assert "the model's middle" in one.stdout and one.stdout == two.stdout
 

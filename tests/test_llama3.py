@@ -1,16 +1,15 @@
 """Llama 3 / 3.1 and Code Llama checkpoints: their shapes, rotary settings and shard layouts."""
 
 import json
-import sys
 
 import pytest
 import torch
 
-from llama import ModelArgs, Transformer
+from llama import Llama, ModelArgs, Transformer
 from llama.checkpoint import Checkpoint, random_checkpoint
 from llama.model import precompute_freqs_cis, scale_rope_freqs
 
-from conftest import FIXTURES, run_cmd, torchrun
+from conftest import FIXTURES, launch, script_main
 from reference import greedy, scaled_freq
 from reference import logits as reference_logits
 
@@ -119,8 +118,7 @@ def test_llama3_shards_split_the_embedding_on_the_vocabulary(ckpts, tmp_path):
     # reshard.py keeps the family's layout: 2 -> 1 -> 2 gives the same files' tensors back.
     one, two = tmp_path / "one", tmp_path / "two"
     for src, out, mp in ((ckpt, one, 1), (one, two, 2)):
-        r = run_cmd([sys.executable, "scripts/reshard.py", "--ckpt_dir", str(src), "--out_dir", str(out), "--mp", str(mp)])
-        assert r.returncode == 0, r.stderr
+        script_main("reshard", "--ckpt_dir", str(src), "--out_dir", str(out), "--mp", str(mp))
     again = torch.load(two / "consolidated.00.pth", weights_only=True)
     assert again.keys() == shard.keys() and all(torch.equal(again[k], shard[k]) for k in shard)
 
@@ -139,7 +137,9 @@ def test_llama3_mp2_on_one_and_two_processes_gives_reference_greedy_tokens(ckpts
     want = [greedy(state, LLAMA3, tok.encode(p, bos=True, eos=False), 8, stop=tok.eos_id) for p in prompts]
     args = ["tests/generate_driver.py", "--ckpt_dir", ckpt, "--tokenizer_path", LLAMA3_TOKENIZER,
             "--prompts", json.dumps(prompts)]
-    for result in (torchrun(2, *args), run_cmd([sys.executable, *args])):
-        assert result.returncode == 0, result.stderr[-3000:]
-        line = next(line for line in result.stdout.splitlines() if line.startswith("TOKENS "))
-        assert json.loads(line[7:]) == want
+    result = launch(2, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("TOKENS "))
+    assert json.loads(line[7:]) == want
+    g = Llama.build(ckpt, LLAMA3_TOKENIZER, max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32")
+    assert g.generate([tok.encode(p, bos=True, eos=False) for p in prompts], 8, temperature=0)[0] == want
