@@ -176,14 +176,14 @@ def test_a_chat_given_different_system_prompts_stops_saying_so(make_ckpt, tokeni
 
 
 @pytest.mark.parametrize("example", ["example_text_completion.py", "example_chat_completion.py"])
-def test_examples_under_torchrun_and_without(make_ckpt, tokenizer_path, example):
+def test_examples_under_torchrun(make_ckpt, tokenizer_path, example):
+    """As the README launches them (without a launcher, tests/test_demo.py runs them on the demo model)."""
     ckpt, _ = make_ckpt(GQA, mp=2)
-    args = [example, "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path, "--max_gen_len", "6"]
-    for result in (torchrun(2, *args), run_cmd([sys.executable, *args])):
-        assert result.returncode == 0, result.stderr[-3000:]
-        # Only rank 0 prints: three prompts/dialogs, each answered once.
-        assert result.stdout.count("==================================") == 3
-        assert sum(line.startswith("> ") for line in result.stdout.splitlines()) == 3
+    result = torchrun(2, example, "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path, "--max_gen_len", "6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Only rank 0 prints: three prompts/dialogs, each answered once.
+    assert result.stdout.count("==================================") == 3
+    assert sum(line.startswith("> ") for line in result.stdout.splitlines()) == 3
 
 
 def test_bad_checkpoint_exits_1_on_every_rank_without_hanging(tmp_path, tokenizer_path):
