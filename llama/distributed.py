@@ -95,37 +95,57 @@ def _tear_down() -> None:
 
 
 _MET = "llama/met/"  # the launcher's store's keys: each rank's as it comes to make the process group
-_FAILED = "llama/failed"  # and a rank's error, where it failed before
+_FAILED = "llama/failed"  # a rank's error, where it failed before
+_TOLD = "llama/told/"  # and each rank's, once it has read that error (or had its own)
+_LINGER = 15.0  # seconds a failed rank 0 holding the store waits for the others to read its error
+
+
+class PeerFailed(ValueError):
+    """Another rank's error before the process group, as this rank read it from the store: not to tell again."""
 
 
 def _meet(store: dist.Store, rank: int, world: int, limit: datetime.timedelta) -> None:
     """Wait until every rank has come to make the process group, or one has said it failed before it
     (``tell_the_others``): then fail with its message. Making the group would wait the limit for a rank that had
     exited, then fail saying nothing of it (one machine given a misspelt flag: the others waited ten minutes)."""
-    store.set(f"{_MET}{rank}", socket.gethostname())
     everyone = [f"{_MET}{r}" for r in range(world)]
     deadline = time.monotonic() + limit.total_seconds()
-    while not store.check(everyone):
-        if store.check([_FAILED]):
-            raise ValueError(store.get(_FAILED).decode())
-        if time.monotonic() > deadline:
-            missing = [r for r in range(world) if not store.check([f"{_MET}{r}"])]
-            raise RuntimeError(f"rank(s) {missing} did not come to make the process group within {limit}: they "
-                               "exited or hung before it (their output says why), or can't reach MASTER_ADDR")
-        time.sleep(0.05)
+    try:
+        store.set(f"{_MET}{rank}", socket.gethostname())
+        while not store.check(everyone):
+            if store.check([_FAILED]):
+                failed = store.get(_FAILED).decode()
+                store.set(f"{_TOLD}{rank}", "")
+                raise PeerFailed(failed)
+            if time.monotonic() > deadline:
+                missing = [r for r in range(world) if not store.check([f"{_MET}{r}"])]
+                raise RuntimeError(f"rank(s) {missing} did not come to make the process group within {limit}: "
+                                   "they exited or hung before it (their output says why), or can't reach "
+                                   "MASTER_ADDR")
+            time.sleep(0.05)
+    except dist.DistError as e:  # the store is gone: rank 0 held it (a launcher other than torchrun) and exited
+        raise ValueError(f"rank 0, which held the store the ranks meet at (MASTER_ADDR {os.environ.get('MASTER_ADDR')}, "
+                         f"MASTER_PORT {os.environ.get('MASTER_PORT')}), went away before the process group was "
+                         "made: its output says why") from e
 
 
 def tell_the_others(error: BaseException) -> None:
     """Where this rank fails before the process group exists (a bad flag on one machine), leave its error for
-    the ranks waiting to meet it (``_meet``), so that they fail with it at once. Best effort: a rank that can't
-    reach the launcher's store leaves the others to time out."""
-    if dist.is_initialized() or not launched():
+    the ranks waiting to meet it (``_meet``), so that they fail with it at once. Rank 0 holds the store itself
+    where the launcher is not torchrun (whose agent holds it): it waits for the others to read the error before
+    its exit takes the store away. Best effort: a rank that can't reach the store leaves the others to time out."""
+    if dist.is_initialized() or not launched() or isinstance(error, PeerFailed):
         return
     message = f"rank {rank()} (on {socket.gethostname()}) failed before the process group was made: " + (
         str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}")
     with contextlib.suppress(Exception):
-        store, _, _ = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=10)))
+        store, me, world = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=10)))
         store.compare_set(_FAILED, "", message)  # the first rank's error, not a waiting rank's echo of it
+        store.set(f"{_TOLD}{me}", "")
+        if me == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            deadline = time.monotonic() + _LINGER
+            while not store.check([f"{_TOLD}{r}" for r in range(world)]) and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 def lost_peer(error: BaseException) -> Optional[str]:
