@@ -201,8 +201,8 @@ def torchrun_machines(*args_per_machine, timeout=120) -> List[subprocess.Complet
 
 
 def launch_ranks(*args_per_rank, timeout=120) -> List[subprocess.CompletedProcess]:
-    """The ranks of one run started as a launcher other than torchrun starts them (SLURM's srun, mpirun): the
-    environment variables set (rank 0 then hosts the store the ranks meet at), no agent process. Each rank has
+    """The ranks of one run started as a launcher other than torchrun may start them (a SLURM or MPI job script):
+    the environment variables set (rank 0 then hosts the store the ranks meet at), no agent process. Each rank has
     its own arguments, as if typed on its own machine. torchrun's agent imports torch too: 3-4 s of a run on a
     2-core AVX2 machine, most of what a test of the ranks' behaviour costs. The examples' tests run under
     torchrun itself."""
