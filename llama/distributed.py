@@ -101,7 +101,8 @@ _LINGER = 15.0  # seconds a failed rank 0 holding the store waits for the others
 
 
 class PeerFailed(ValueError):
-    """Another rank's error before the process group, as this rank read it from the store: not to tell again."""
+    """Another rank's failure before the process group, as this rank learnt of it: not to tell again (telling
+    would reach for a store that may be gone with that rank, retrying for seconds)."""
 
 
 def _meet(store: dist.Store, rank: int, world: int, limit: datetime.timedelta) -> None:
@@ -124,9 +125,9 @@ def _meet(store: dist.Store, rank: int, world: int, limit: datetime.timedelta) -
                                    "MASTER_ADDR")
             time.sleep(0.05)
     except dist.DistError as e:  # the store is gone: rank 0 held it (a launcher other than torchrun) and exited
-        raise ValueError(f"rank 0, which held the store the ranks meet at (MASTER_ADDR {os.environ.get('MASTER_ADDR')}, "
-                         f"MASTER_PORT {os.environ.get('MASTER_PORT')}), went away before the process group was "
-                         "made: its output says why") from e
+        where = f"MASTER_ADDR {os.environ.get('MASTER_ADDR')}, MASTER_PORT {os.environ.get('MASTER_PORT')}"
+        raise PeerFailed(f"rank 0, which held the store the ranks meet at ({where}), went away before the process "
+                         "group was made: its output says why") from e
 
 
 def tell_the_others(error: BaseException) -> None:

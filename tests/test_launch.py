@@ -149,6 +149,25 @@ def test_a_machine_failing_before_the_process_group_stops_the_other_at_once(make
     assert "frame #" not in other and (launcher is torchrun_machines or "Traceback" not in other), other[-3000:]
 
 
+def test_a_rank_0_gone_before_the_ranks_meet_is_one_line_on_the_others(make_ckpt, tokenizer_path):
+    """Under a launcher other than torchrun rank 0 holds the store: killed (or crashed) before the ranks meet,
+    it takes the store with it, and rank 1 says so at once in one line, where it printed a traceback of the
+    store's socket (and had it told the others, it would have tried to reach the store again for 10 s)."""
+    ckpt, _ = make_ckpt(GQA, mp=2)
+    rank0 = ["-c", "import torch.distributed as d, time\nstore, _, _ = next(d.rendezvous('env://'))\n"
+             "while not store.check(['llama/met/1']): time.sleep(0.05)\nimport os; os._exit(9)"]
+    start = time.monotonic()
+    first, second = launch_ranks(rank0, ["example_text_completion.py", "--ckpt_dir", ckpt, "--tokenizer_path",
+                                         tokenizer_path], timeout=60)
+    assert first.returncode == 9 and second.returncode == 1 and time.monotonic() - start < 12, second.stderr[-3000:]
+    assert re.search(r"(^|\n)error: rank 0, which held the store the ranks meet at \(MASTER_ADDR 127.0.0.1, "
+                     r"MASTER_PORT \d+\), went away before the process group was made", second.stderr), \
+        second.stderr[-3000:]
+    # no traceback of ours (the store's own C++ warning of the lost connection comes before, with its frames)
+    assert "Traceback" not in second.stderr and second.stderr.rstrip().endswith("its output says why"), \
+        second.stderr[-3000:]
+
+
 @pytest.mark.parametrize("second, differs", [
     (["--temperature", "0.6"], "temperature to generate"), (["--max_gen_len", "40"], "max_gen_len to generate"),
     (["--max_seq_len", "24"], "max_seq_len to load"), (["--model", "mha"], "params to load")])
