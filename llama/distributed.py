@@ -100,6 +100,11 @@ _TOLD = "llama/told/"  # and each rank's, once it has read that error (or had it
 _LINGER = 15.0  # seconds a failed rank 0 holding the store waits for the others to read its error
 
 
+def _store_holder() -> str:
+    """Who holds the store the ranks meet at: torchrun's agent, or else (another launcher) rank 0 itself."""
+    return "torchrun's agent" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "rank 0"
+
+
 class PeerFailed(ValueError):
     """Another rank's failure before the process group, as this rank learnt of it: not to tell again (telling
     would reach for a store that may be gone with that rank, retrying for seconds)."""
@@ -124,10 +129,10 @@ def _meet(store: dist.Store, rank: int, world: int, limit: datetime.timedelta) -
                                    "they exited or hung before it (their output says why), or can't reach "
                                    "MASTER_ADDR")
             time.sleep(0.05)
-    except dist.DistError as e:  # the store is gone: rank 0 held it (a launcher other than torchrun) and exited
+    except dist.DistError as e:  # the store is gone with the process that held it
         where = f"MASTER_ADDR {os.environ.get('MASTER_ADDR')}, MASTER_PORT {os.environ.get('MASTER_PORT')}"
-        raise PeerFailed(f"rank 0, which held the store the ranks meet at ({where}), went away before the process "
-                         "group was made: its output says why") from e
+        raise PeerFailed(f"{_store_holder()}, which held the store the ranks meet at ({where}), went away before "
+                         "the process group was made: its output says why") from e
 
 
 def tell_the_others(error: BaseException) -> None:
@@ -143,7 +148,7 @@ def tell_the_others(error: BaseException) -> None:
         store, me, world = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=10)))
         store.compare_set(_FAILED, "", message)  # the first rank's error, not a waiting rank's echo of it
         store.set(f"{_TOLD}{me}", "")
-        if me == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        if me == 0 and _store_holder() == "rank 0":
             deadline = time.monotonic() + _LINGER
             while not store.check([f"{_TOLD}{r}" for r in range(world)]) and time.monotonic() < deadline:
                 time.sleep(0.05)
