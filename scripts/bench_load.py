@@ -11,6 +11,7 @@ by default (see its pack_weights); --no-pack measures loading without it.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import resource
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,18 +78,21 @@ def run(nproc: int, ckpt: Path, dtype: str, no_pack: bool) -> list:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    ranks = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
-        **env, **({} if nproc == 1 else {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
-                                         "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
-                                         "MASTER_PORT": str(port)})}) for r in range(nproc)]
     records = []
-    for r, p in enumerate(ranks):
-        out, err = p.communicate()
-        if p.returncode:
-            for other in ranks:
-                other.kill()
-            sys.exit(f"error: the load run with {nproc} process(es) failed on rank {r}:\n{err[-3000:]}")
-        records += [json.loads(m) for m in re.findall(r"BENCH (\{[^{}]*\})", out)]
+    with contextlib.ExitStack() as stack:  # output to files: a rank's full pipe can't stall it while we wait
+        files = [[stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2)] for _ in range(nproc)]
+        ranks = [subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env={
+            **env, **({} if nproc == 1 else {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
+                                             "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+                                             "MASTER_PORT": str(port)})}) for r, (out, err) in enumerate(files)]
+        for r, (p, (out, err)) in enumerate(zip(ranks, files)):
+            if p.wait():
+                for other in ranks:
+                    other.kill()
+                err.seek(0)
+                sys.exit(f"error: the load run with {nproc} process(es) failed on rank {r}:\n{err.read()[-3000:]}")
+            out.seek(0)
+            records += [json.loads(m) for m in re.findall(r"BENCH (\{[^{}]*\})", out.read())]
     return sorted(records, key=lambda r: r["rank"])
 
 
