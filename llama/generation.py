@@ -18,7 +18,8 @@ from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dia
 from .graphs import GraphedDecoder
 from .linear import can_pack, packed_for
 from .research import edit_count, hook_dicts, replaced
-from .model import ModelArgs, Transformer, compute_dtype_for, cpu_has_native_bf16, family_embed_dim, is_int
+from .model import (ModelArgs, Transformer, cache_dtype_for, compute_dtype_for, cpu_has_native_bf16, family_embed_dim,
+                    is_int)
 from .sampling import check_sampling, sample, sample_top_p
 from .tokenizer import Tokenizer
 
@@ -199,7 +200,7 @@ class Llama:
                           vocabulary=tokenizer.n_words, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         try:
             pack, graphs = _build_flags(device, world, dtype, compute, pack_weights, cuda_graphs, compile_elementwise)
-            check_fits(args, world, dtype, compute, device)
+            check_fits(args, world, dtype, cache_dtype_for(dtype, compute), device)
             state = ckpt.load_rank(args, rank, world, dtype, device, embed_dim=family_embed_dim(args.vocab_size))
             del ckpt  # unmaps what the model doesn't use
             model = Transformer(args)
@@ -217,6 +218,8 @@ class Llama:
             weights = str(dtype).removeprefix("torch.") + (f" ({packed} packed for {packed_for(compute)})"
                                                            if packed else "")
             notes = [" (every process does: not all their CPUs have native bf16)" if compute != own else "",
+                     f", KV cache in {str(model.cache_dtype).removeprefix('torch.')}"
+                     if model.cache_dtype != compute else "",
                      ", decoding from CUDA graphs" if graphs else "",
                      ", with the C kernels of llama/kernels.c" if native else "",
                      "" if requested else f" (picked for this machine: {device_name(device)})"]

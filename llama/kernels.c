@@ -306,23 +306,27 @@ static inline __attribute__((always_inline)) void weigh(float *acc, const float 
 }
 
 /* One (row, KV head): G queries q (G x D) against n cached keys and values (n x D each, rows D apart), mask
- * (n, additive, or NULL), into out (G x D). */
+ * (n, additive, or NULL), into out (G x D). qb: q, mask and out are bf16; kb: the keys and values are. */
 static inline __attribute__((always_inline)) void head(const void *q, const void *k, const void *v, const void *mask,
                                                        void *out, int64_t G, int64_t D, int64_t n, float scale,
-                                                       int bf16) {
-    const int64_t size = bf16 ? 2 : 4;
+                                                       int qb, int kb) {
+    const int64_t size = kb ? 2 : 4;
     vf qp[2 * MAX_G * MAX_D / W];
     float acc[G * D], s[G * BLOCK], bias[BLOCK], m[G], l[G];
-    prepare(q, G, D, qp, bf16);
+    prepare(q, G, D, qp, qb);
     for (int64_t i = 0; i < G * D; i += W)
         store(acc, i, (vf){0}, 0);
     for (int64_t g = 0; g < G; g++)
         m[g] = -INFINITY, l[g] = 0;
-    for (int64_t t0 = 0; t0 < n; t0 += BLOCK) {
+    int64_t first = 0; /* a left-padded row's padding, masked, is not read: a short prompt batched with a long one
+                        * reads its own positions, not the long one's count */
+    while (mask && first < n && scalar(mask, first, qb) == -INFINITY)
+        first++;
+    for (int64_t t0 = first; t0 < n; t0 += BLOCK) {
         const int64_t nb = n - t0 < BLOCK ? n - t0 : BLOCK;
-        scores(qp, (const char *)k + t0 * D * size, (const char *)v + t0 * D * size, nb, G, D, scale, s, bf16);
+        scores(qp, (const char *)k + t0 * D * size, (const char *)v + t0 * D * size, nb, G, D, scale, s, kb);
         for (int64_t t = 0; t < BLOCK; t++) /* padding past nb: -inf, to weigh nothing */
-            bias[t] = t >= nb ? -INFINITY : mask ? scalar(mask, t0 + t, bf16) : 0.0f;
+            bias[t] = t >= nb ? -INFINITY : mask ? scalar(mask, t0 + t, qb) : 0.0f;
         for (int64_t g = 0; g < G; g++) {
             float *sg = s + g * BLOCK;
             vf top = broadcast(m[g]);
@@ -349,56 +353,57 @@ static inline __attribute__((always_inline)) void head(const void *q, const void
             }
             l[g] += hsum(sum);
         }
-        weigh(acc, s, (const char *)v + t0 * D * size, nb, G, D, bf16);
+        weigh(acc, s, (const char *)v + t0 * D * size, nb, G, D, kb);
     }
     for (int64_t g = 0; g < G; g++) {
         const float inv = l[g] > 0 ? 1.0f / l[g] : 0.0f;
         for (int64_t i = g * D; i < (g + 1) * D; i += W)
-            store(out, i, load(acc, i, 0) * inv, bf16);
+            store(out, i, load(acc, i, 0) * inv, qb);
     }
 }
 
 /* q, out: (B, H, G, D) contiguous. k, v: the cache, key (b, h, t, d) at b * kv_b + h * kv_h + t * D + d.
- * mask: (B, n) with rows mask_b apart, or NULL. D a multiple of 64, at most MAX_D; G at most MAX_G. */
+ * mask: (B, n) with rows mask_b apart, or NULL. D a multiple of 64, at most MAX_D; G at most MAX_G. qb: q, mask
+ * and out are bf16, else float32; kb: k and v are (float32 queries reading a bf16 cache: half the bytes). */
 static inline __attribute__((always_inline)) void attend(const void *q, const void *k, const void *v,
                                                          const void *mask, void *out, int64_t B, int64_t H,
                                                          int64_t G, int64_t D, int64_t n, int64_t kv_b, int64_t kv_h,
-                                                         int64_t mask_b, float scale, int threads, int bf16) {
-    const int64_t size = bf16 ? 2 : 4;
+                                                         int64_t mask_b, float scale, int threads, int qb, int kb) {
+    const int64_t size = qb ? 2 : 4, kv_size = kb ? 2 : 4;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) {
-            const int64_t at = (b * H + h) * G * D, kv = b * kv_b + h * kv_h;
-            const void *qh = (const char *)q + at * size, *kh = (const char *)k + kv * size;
-            const void *vh = (const char *)v + kv * size, *mh = mask ? (const char *)mask + b * mask_b * size : NULL;
+            const int64_t at = (b * H + h) * G * D, kv = (b * kv_b + h * kv_h) * kv_size;
+            const void *qh = (const char *)q + at * size, *kh = (const char *)k + kv, *vh = (const char *)v + kv;
+            const void *mh = mask ? (const char *)mask + b * mask_b * size : NULL;
             void *oh = (char *)out + at * size;
-            /* The dtype and Llama's head sizes as constants here, inside the loop that OpenMP moves to a function
+            /* The dtypes and Llama's head sizes as constants here, inside the loop that OpenMP moves to a function
              * of its own (which would otherwise test them at run time, in the innermost loops) */
-            if (bf16 && D == 64)
-                head(qh, kh, vh, mh, oh, G, 64, n, scale, 1);
-            else if (bf16 && D == 128)
-                head(qh, kh, vh, mh, oh, G, 128, n, scale, 1);
-            else if (bf16)
-                head(qh, kh, vh, mh, oh, G, D, n, scale, 1);
-            else if (D == 64)
-                head(qh, kh, vh, mh, oh, G, 64, n, scale, 0);
-            else if (D == 128)
-                head(qh, kh, vh, mh, oh, G, 128, n, scale, 0);
+#define HEAD(qb_, kb_)                                                                                               \
+    (D == 64    ? head(qh, kh, vh, mh, oh, G, 64, n, scale, qb_, kb_)                                                \
+     : D == 128 ? head(qh, kh, vh, mh, oh, G, 128, n, scale, qb_, kb_)                                               \
+                : head(qh, kh, vh, mh, oh, G, D, n, scale, qb_, kb_))
+            if (qb)
+                HEAD(1, 1);
+            else if (kb)
+                HEAD(0, 1);
             else
-                head(qh, kh, vh, mh, oh, G, D, n, scale, 0);
+                HEAD(0, 0);
+#undef HEAD
         }
 }
 
-void decode_attention_f32(const float *q, const float *k, const float *v, const float *mask, float *out, int64_t B,
+/* Called with q's dtype in the name; bf16_cache: the keys and values are bf16 (always, for bf16 queries). */
+void decode_attention_f32(const float *q, const void *k, const void *v, const float *mask, float *out, int64_t B,
                           int64_t H, int64_t G, int64_t D, int64_t n, int64_t kv_b, int64_t kv_h, int64_t mask_b,
-                          float scale, int threads) {
-    attend(q, k, v, mask, out, B, H, G, D, n, kv_b, kv_h, mask_b, scale, threads, 0);
+                          float scale, int threads, int bf16_cache) {
+    attend(q, k, v, mask, out, B, H, G, D, n, kv_b, kv_h, mask_b, scale, threads, 0, bf16_cache);
 }
 
 void decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *mask,
                            uint16_t *out, int64_t B, int64_t H, int64_t G, int64_t D, int64_t n, int64_t kv_b,
                            int64_t kv_h, int64_t mask_b, float scale, int threads) {
-    attend(q, k, v, mask, out, B, H, G, D, n, kv_b, kv_h, mask_b, scale, threads, 1);
+    attend(q, k, v, mask, out, B, H, G, D, n, kv_b, kv_h, mask_b, scale, threads, 1, 1);
 }
 
 /* rms_norm: each row of x times 1 / sqrt(mean of its squares + eps), times the weight, summed in float32 and rounded

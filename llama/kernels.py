@@ -77,9 +77,9 @@ def build(flags: Optional[tuple[str, ...]] = None) -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
-    for name in ("decode_attention_f32", "decode_attention_bf16"):
+    for name, flags in (("decode_attention_f32", 2), ("decode_attention_bf16", 1)):  # threads (, bf16_cache)
         fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int]
+        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float] + [ctypes.c_int] * flags
         fn.restype = None
     lib.rms_norm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float] + [ctypes.c_int] * 3
     lib.rms_norm.restype = None
@@ -121,12 +121,13 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Attention of one query token per row, the query heads that share a KV head grouped: q (batch, kv_heads,
     group, head_dim); keys and values (batch, kv_heads, positions, head_dim), each position's head_dim
-    contiguous (views into the KV cache); mask additive, (batch, 1, 1, positions), or None. Returns
-    (batch, kv_heads, group, head_dim) like ``scaled_dot_product_attention`` with the default scale, or None
-    where the kernel doesn't apply (not on the CPU, dtype, layout, autograd, or no kernels), for the caller to
-    use torch's."""
+    contiguous (views into the KV cache), of q's dtype or bf16; mask additive, (batch, 1, 1, positions), or
+    None. Returns (batch, kv_heads, group, head_dim) like ``scaled_dot_product_attention`` with the default
+    scale, or None where the kernel doesn't apply (not on the CPU, dtypes, layout, autograd, or no kernels), for
+    the caller to use torch's."""
     bsz, kv_heads, group, dim = q.shape
-    applies = (q.device.type == "cpu" and q.dtype in _DTYPES and keys.dtype == values.dtype == q.dtype
+    applies = (q.device.type == "cpu" and q.dtype in _DTYPES and keys.dtype == values.dtype
+               and keys.dtype in (q.dtype, torch.bfloat16)
                and dim % 64 == 0 and dim <= MAX_HEAD_DIM and group <= MAX_GROUP and keys.shape == values.shape
                and keys.stride() == values.stride() and keys.stride(2) == dim and keys.stride(3) == 1
                and not (torch.is_grad_enabled() and q.requires_grad)
@@ -137,10 +138,13 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         return None
     q = q.contiguous()
     out = torch.empty_like(q)
-    fn = getattr(lib, f"decode_attention_{_DTYPES[q.dtype]}")
-    fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), 0 if mask is None else mask.data_ptr(), out.data_ptr(),
-       bsz, kv_heads, group, dim, keys.shape[2], keys.stride(0), keys.stride(1),
-       0 if mask is None else mask.stride(0), dim ** -0.5, torch.get_num_threads())
+    args = (q.data_ptr(), keys.data_ptr(), values.data_ptr(), 0 if mask is None else mask.data_ptr(), out.data_ptr(),
+            bsz, kv_heads, group, dim, keys.shape[2], keys.stride(0), keys.stride(1),
+            0 if mask is None else mask.stride(0), dim ** -0.5, torch.get_num_threads())
+    if q.dtype == torch.float32:
+        lib.decode_attention_f32(*args, int(keys.dtype == torch.bfloat16))
+    else:
+        lib.decode_attention_bf16(*args)
     return out
 
 

@@ -162,6 +162,14 @@ def compute_dtype_for(weights: torch.dtype, device: torch.device) -> torch.dtype
     return weights
 
 
+def cache_dtype_for(weights: torch.dtype, compute: torch.dtype) -> torch.dtype:
+    """The dtype of the KV cache: the compute dtype, except bf16 weights computing in float32 (a CPU without native
+    bf16) keep bf16 keys and values, as Meta's cache is in its weights' dtype. Decoding reads the whole cache at
+    each step: half the bytes made a step at 4096 cached positions of the 1b shape ~7 ms faster on such a CPU
+    (docs/performance.md). Attention widens them as it reads them."""
+    return torch.bfloat16 if weights == torch.bfloat16 and compute == torch.float32 else compute
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """One call, which sums the squares in float32 whatever x's dtype (bf16 sums lose too much) and rounds once,
     after the weight; Meta's rounds to x's dtype before it, which costs three more kernels on a GPU. On a CPU,
@@ -301,18 +309,18 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 def rotate_and_cache(qkv: torch.Tensor, rotations: torch.Tensor, cache: torch.Tensor, positions: torch.Tensor,
                      heads: int, rope: Callable = apply_rope, one_write: bool = False) -> torch.Tensor:
     """Rotate the queries and keys of qkv, (batch, seq, heads + 2 * kv_heads, head_dim), in one call; write the
-    keys and values into cache, (2, batch, kv_heads, cache positions, head_dim), at positions; return the
-    queries. one_write: keys and values stacked and written by one ``index_copy_``, for Inductor
+    keys and values into cache, (2, batch, kv_heads, cache positions, head_dim), at positions, in its dtype;
+    return the queries. one_write: keys and values stacked and written by one ``index_copy_``, for Inductor
     (``Transformer.compiled_elementwise``), which makes one kernel of the stack and the write; else one write
     each, as eager is best: there the stack would be one more copy, and one more allocation in every layer."""
     kv_heads = (qkv.shape[2] - heads) // 2
     qk = rope(qkv[:, :, :heads + kv_heads], rotations)
     k, v = qk[:, :, heads:], qkv[:, :, heads + kv_heads:]  # (batch, seq, kv_heads, head_dim)
     if one_write:
-        cache.index_copy_(3, positions, torch.stack((k, v)).transpose(2, 3))
+        cache.index_copy_(3, positions, torch.stack((k, v)).transpose(2, 3).to(cache.dtype))
     else:
-        cache[0].index_copy_(2, positions, k.transpose(1, 2))
-        cache[1].index_copy_(2, positions, v.transpose(1, 2))
+        cache[0].index_copy_(2, positions, k.transpose(1, 2).to(cache.dtype))
+        cache[1].index_copy_(2, positions, v.transpose(1, 2).to(cache.dtype))
     return qk[:, :, :heads]
 
 
@@ -402,13 +410,15 @@ class Attention(nn.Module):
     def _meta_view(self, i: int) -> torch.Tensor:
         if self.cache_kv is None:
             w = next(self.parameters())
-            self.allocate_cache(*self.cache_size, compute_dtype_for(w.dtype, w.device), w.device)
+            self.allocate_cache(*self.cache_size, cache_dtype_for(w.dtype, compute_dtype_for(w.dtype, w.device)),
+                                w.device)
         return self.cache_kv[i].transpose(1, 2)
 
     def _assign(self, i: int, value: torch.Tensor) -> None:
         """Meta's ``attention.cache_k = t``: t's contents copied into the cache attention reads (the engine keeps
-        keys and values in one tensor, of its dtype and device), the cache made t's batch x positions where t is
-        another size (what both held kept)."""
+        keys and values in one tensor, on its device), the cache made t's batch x positions where t is another
+        size, and t's dtype where t is another (what both held kept): Meta's attention code makes its cache its
+        queries' dtype so (``self.cache_k = self.cache_k.to(xq)``), and then computes with what it reads back."""
         now = self._meta_view(i)
         if not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[2:] != now.shape[2:]:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -417,9 +427,9 @@ class Attention(nn.Module):
         if (value.data_ptr(), value.shape, value.stride(), value.dtype) == (now.data_ptr(), now.shape, now.stride(),
                                                                            now.dtype):
             return  # itself (Meta's ``self.cache_k = self.cache_k.to(xq)``)
-        if value.shape != now.shape:
+        if value.shape != now.shape or value.dtype != now.dtype:
             old = self.cache_kv
-            self.allocate_cache(value.shape[0], value.shape[1], old.dtype, old.device)
+            self.allocate_cache(value.shape[0], value.shape[1], value.dtype, old.device)
             rows, positions = min(old.shape[1], value.shape[0]), min(old.shape[3], value.shape[1])
             self.cache_kv[:, :rows, :, :positions] = old[:, :rows, :, :positions]
         self.cache_kv[i] = value.transpose(1, 2)
@@ -451,11 +461,11 @@ class Attention(nn.Module):
                 group = q.reshape(bsz, kv_heads, -1, self.head_dim)
                 out = kernels.decode_attention(group, keys, values, w.mask)  # on a CPU; None elsewhere
                 if out is None:
-                    out = F.scaled_dot_product_attention(group, keys, values, attn_mask=w.mask)
+                    out = F.scaled_dot_product_attention(group, keys.to(q.dtype), values.to(q.dtype), attn_mask=w.mask)
                 out = out.reshape(bsz, heads, 1, self.head_dim)  # CUDA's kernels return it strided
             else:
-                out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=w.mask,
-                                                     is_causal=w.mask is None, enable_gqa=gqa)
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype),
+                                                     attn_mask=w.mask, is_causal=w.mask is None, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -543,6 +553,7 @@ class Transformer(nn.Module):
         # made again on the weights' device by setup_cache.
         self.freqs_cis = self._rotations(2 * params.max_seq_len, torch.device("cpu"))
         self.compute_dtype: Optional[torch.dtype] = None  # set with the KV cache
+        self.cache_dtype: Optional[torch.dtype] = None  # the KV cache's when made (research code may assign another)
         self.cache_made_for: Optional[Tuple[torch.device, torch.dtype]] = None  # the weights' device and dtype then
         self.runs = 0  # forward passes, decoding steps and caches made: each changes what the KV cache holds
         self._caches = Caches([], 0, 0)  # as ready_cache found them last
@@ -557,19 +568,21 @@ class Transformer(nn.Module):
         return fs_layers.VocabParallelEmbedding if split_vocabulary else fs_layers.ParallelEmbedding
 
     def setup_cache(self, max_batch_size: Optional[int] = None, max_seq_len: Optional[int] = None,
-                    compute_dtype: Optional[torch.dtype] = None) -> None:
+                    compute_dtype: Optional[torch.dtype] = None, cache_dtype: Optional[torch.dtype] = None) -> None:
         """Allocate the KV cache and rotary tables on the weights' device: each attention's cache kept where it is
         already of this size, dtype and device (research code may hold views of it: ``Attention.cache_k``), and the
         table where it is long enough (research code may have put its own there, as on Meta's model).
 
-        compute_dtype: the dtype of activations and KV cache, by default ``compute_dtype_for`` the weights' dtype
-        and device. Weights stored narrower (bf16 on a CPU without native bf16, computing in float32) are
-        converted as ``linear`` needs them.
+        compute_dtype: the dtype of activations, by default ``compute_dtype_for`` the weights' dtype and device.
+        Weights stored narrower (bf16 on a CPU without native bf16, computing in float32) are converted as
+        ``linear`` needs them. cache_dtype: the KV cache's, by default ``cache_dtype_for`` those two (float32
+        keeps keys and values unrounded where bf16 weights compute in float32, for twice the bytes).
         """
         p = self.params
         max_batch_size, max_seq_len = max_batch_size or p.max_batch_size, max_seq_len or p.max_seq_len
         weight = self.output.weight
         self.compute_dtype = compute_dtype or compute_dtype_for(weight.dtype, weight.device)
+        self.cache_dtype = cache_dtype or cache_dtype_for(weight.dtype, self.compute_dtype)
         watch(self)  # edits through .data seen by packed copies (pack_weights) and stream's kept cache
         for owner, name, members in self._fusable():  # weights fused, then moved or converted by .to(): again
             group = getattr(owner, name)
@@ -578,7 +591,7 @@ class Transformer(nn.Module):
         self.cache_made_for = (weight.device, weight.dtype)
         self.runs += 1
         for attention in self.attentions():
-            attention.allocate_cache(max_batch_size, max_seq_len, self.compute_dtype, weight.device)
+            attention.allocate_cache(max_batch_size, max_seq_len, self.cache_dtype, weight.device)
         if self.freqs_cis.shape[0] < 2 * max_seq_len:
             self.freqs_cis = self._rotations(2 * max_seq_len, weight.device)
         else:  # kept, as Meta's forward keeps it: research code may have put a table of its own there

@@ -293,11 +293,12 @@ def main() -> None:
     p = g.model.params
     n_params = sum(t.numel() for t in g.model.parameters())
     weight_bytes = sum(t.numel() * t.element_size() for t in g.model.parameters())
-    kv_per_pos = 2 * p.n_layers * p.kv_heads * p.head_dim * g.model.compute_dtype.itemsize
+    kv_per_pos = 2 * p.n_layers * p.kv_heads * p.head_dim * g.model.cache_dtype.itemsize
     packed = g.model.packed_weights() > 0
     machine = device_name(device)
     print(f"machine: {machine}, {torch.get_num_threads()} threads; weights {g.model.output.weight.dtype}"
           f"{f' (packed for {packed_for(g.model.compute_dtype)})' if packed else ''}, compute {g.model.compute_dtype}"
+          f", KV cache {g.model.cache_dtype}"
           f"{', decoding from CUDA graphs' if g.decoder else ''}"
           f"{', C kernels of llama/kernels.c' if device.type == 'cpu' and kernels.library() else ''}"
           f"{', element-wise kernels compiled' if args.compile else ''}; "

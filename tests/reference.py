@@ -41,10 +41,11 @@ def rotate(x, positions, theta, scaled=False, factor=8):
     return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)[:, None, :]).reshape(x.shape)
 
 
-def logits(state: dict, p: dict, tokens: list, layer_out=None) -> torch.Tensor:
+def logits(state: dict, p: dict, tokens: list, layer_out=None, cache=None) -> torch.Tensor:
     """float64 logits (seq, vocab) of one sequence of token ids, every position seeing all before it.
     layer_out(i, x), where given, sees each layer's output x (seq, dim) and returns what goes on (x, or x
-    edited), as a forward hook on Meta's block does."""
+    edited), as a forward hook on Meta's block does. cache: a dtype that the keys and values are rounded to, as
+    a KV cache of that dtype holds them."""
     w = {k: v.double() for k, v in state.items()}
     n_heads, n_kv = p["n_heads"], p.get("n_kv_heads") or p["n_heads"]
     hd, eps, theta = p["dim"] // n_heads, p.get("norm_eps", 1e-5), p.get("rope_theta", 10000.0)
@@ -59,6 +60,8 @@ def logits(state: dict, p: dict, tokens: list, layer_out=None) -> torch.Tensor:
         q = rotate((h @ L("attention.wq").T).view(T, n_heads, hd), pos, *rope)
         k = rotate((h @ L("attention.wk").T).view(T, n_kv, hd), pos, *rope)
         v = (h @ L("attention.wv").T).view(T, n_kv, hd)
+        if cache is not None:
+            k, v = k.to(cache).double(), v.to(cache).double()
         k, v = (t.repeat_interleave(n_heads // n_kv, dim=1) for t in (k, v))
         out = torch.empty(T, n_heads, hd, dtype=torch.float64)
         for head in range(n_heads):

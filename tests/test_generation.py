@@ -1,5 +1,7 @@
 """Llama.build / generate / text_completion / chat_completion against the float64 reference."""
 
+import logging
+
 import pytest
 import torch
 
@@ -29,15 +31,20 @@ def test_build_does_not_change_torch_defaults(make_ckpt, tokenizer_path):
     assert torch.empty(1).dtype == torch.float32 and torch.empty(1).device.type == "cpu"
 
 
-def test_default_dtype_is_picked_for_the_machine(make_ckpt, tokenizer_path):
+def test_default_dtype_is_picked_for_the_machine(make_ckpt, tokenizer_path, caplog):
     from llama.generation import cpu_has_native_bf16
     ckpt, _ = make_ckpt(MHA)
-    g = Llama.build(ckpt, tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu")
+    with caplog.at_level(logging.INFO, logger="llama"):
+        g = Llama.build(ckpt, tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu")
     x86 = torch.backends.cpu.get_cpu_capability().startswith("AVX")
     assert g.model.output.weight.dtype == (torch.bfloat16 if x86 else torch.float32)
-    # Without native bf16, products and the KV cache are float32 (bf16 matrix products are emulated there).
+    # Without native bf16, products are float32 (bf16 matrix products are emulated there); the KV cache is the
+    # weights' dtype, as it is read, not multiplied as a matrix.
     want = torch.bfloat16 if x86 and cpu_has_native_bf16() else torch.float32
-    assert g.model.compute_dtype == want and g.model.layers[0].attention.cache_k.dtype == want
+    assert g.model.compute_dtype == want
+    assert g.model.layers[0].attention.cache_k.dtype == g.model.output.weight.dtype == g.model.cache_dtype
+    assert f"computing in {str(want).removeprefix('torch.')}" in caplog.text
+    assert ("KV cache in bfloat16" in caplog.text) == (g.model.cache_dtype != want)  # said where it differs
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["ampere_on", "t4_v100"])
@@ -55,7 +62,8 @@ def test_bf16_weights_with_float32_compute_match_reference(make_ckpt, tokenizer_
     monkeypatch.setattr(llama.linear, "CONVERT_BYTES", convert_bytes)  # a weight converted in one block or many
     ckpt, state = make_ckpt(GQA)
     g = Llama.build(ckpt, tokenizer_path, 64, 4, device="cpu", dtype="bfloat16")
-    g.model.setup_cache(compute_dtype=torch.float32)  # the CPU-without-native-bf16 path, on any machine
+    # The CPU-without-native-bf16 path, on any machine; the KV cache float32, not rounding what is compared
+    g.model.setup_cache(compute_dtype=torch.float32, cache_dtype=torch.float32)
     prompt = g.tokenizer.encode("The quick brown fox jumps over", bos=True, eos=False)
     # Wide products (the prompt) convert the bf16 weights; narrow ones (one token) run in bf16.
     logits = g.model.forward(torch.tensor([prompt]), 0)[0].double()

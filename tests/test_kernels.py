@@ -53,15 +53,16 @@ def cache_views(bsz, kv_heads, n, dim, dtype, seed):
 
 @needs_kernels
 @pytest.mark.parametrize("built", BUILDS, ids=lambda f: next(x for x in f if x.startswith("-march")), indirect=True)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype,cache", [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float32, torch.bfloat16)],
+                         ids=["fp32", "bf16", "fp32-bf16_cache"])
 @pytest.mark.parametrize("bsz,kv_heads,group,dim,n", [
     (1, 4, 8, 64, 200),   # the 1b shape's heads, several blocks of positions
     (3, 2, 1, 128, 65),   # multi-head (one query per KV head), one block and one position
     (2, 1, 7, 64, 1),     # a group taken as 4 + 2 + 1 queries, not dividing a vector; a single position
     (1, 2, 16, 256, 97),  # the largest group and head the kernel takes
 ])
-def test_matches_naive_attention(built, dtype, bsz, kv_heads, group, dim, n):
-    keys, values = cache_views(bsz, kv_heads, n, dim, dtype, seed=n)
+def test_matches_naive_attention(built, dtype, cache, bsz, kv_heads, group, dim, n):
+    keys, values = cache_views(bsz, kv_heads, n, dim, cache, seed=n)
     # Large queries: scores far apart, so that a block's maximum rising past an earlier one's must rescale; and
     # larger, so that some probabilities underflow float32's exp.
     q = torch.randn(bsz, kv_heads, group, dim, generator=torch.Generator().manual_seed(1))
@@ -80,6 +81,9 @@ def test_declines_what_it_does_not_take():
     q, keys, values = torch.randn(1, 2, 4, 64), *cache_views(1, 2, 10, 64, torch.float32, seed=0)
     assert kernels.decode_attention(q[..., :48], keys[..., :48], values[..., :48], None) is None  # head_dim
     assert kernels.decode_attention(q.half(), keys.half(), values.half(), None) is None  # dtype
+    assert kernels.decode_attention(q, keys.half(), values.half(), None) is None  # the cache's dtype
+    assert kernels.decode_attention(q.bfloat16(), keys, values, None) is None  # a cache wider than the queries
+    assert kernels.decode_attention(q, keys.bfloat16(), values, None) is None  # keys and values apart
     assert kernels.decode_attention(q, keys.transpose(2, 3), values, None) is None  # layout
     with torch.enable_grad():
         assert kernels.decode_attention(q.requires_grad_(), keys, values, None) is None  # autograd
@@ -268,14 +272,14 @@ def test_linear_packed_f32_matches_float64(built):
 def test_bf16_weights_decode_a_batch_in_float32_through_the_kernel(make_ckpt, monkeypatch, batch):
     """bf16 weights computed in float32 (a CPU without native bf16): a batch of 1, 3 or 16 decodes through
     linear_bf16, every product of the step, and keeps float32's accuracy against the float64 reference on the
-    same bf16 weights (the activations are no longer rounded to bf16 for these products). 16 rows go through in
-    groups of 7, 7 and 2."""
+    same bf16 weights (the activations are no longer rounded to bf16 for these products; the KV cache is float32
+    here, not rounding them either). 16 rows go through in groups of 7, 7 and 2."""
     computed = []
     linear_bf16 = kernels.linear_bf16
     monkeypatch.setattr(kernels, "linear_bf16", lambda *a: computed.append(linear_bf16(*a)) or computed[-1])
     ckpt, state = make_ckpt(WIDE)
     model = build_model(ckpt, state, max_batch_size=batch, dtype=torch.bfloat16)
-    model.setup_cache(compute_dtype=torch.float32)
+    model.setup_cache(compute_dtype=torch.float32, cache_dtype=torch.float32)
     bf16_state = {k: v.bfloat16().double() for k, v in state.items()}
     rows = [prompt(9, seed) for seed in range(batch)]
     model.forward(torch.tensor(rows), 0)
@@ -288,6 +292,34 @@ def test_bf16_weights_decode_a_batch_in_float32_through_the_kernel(make_ckpt, mo
             want = reference_logits(bf16_state, {**WIDE, "vocab_size": VOCAB}, row)[-1]
             torch.testing.assert_close(logits[0].double(), want, rtol=1e-4, atol=1e-4)
     assert len(computed) == 3 * (7 * WIDE["n_layers"] + 1) and all(out is not None for out in computed)
+
+
+@needs_kernels
+def test_float32_decoding_reads_a_bf16_cache_through_the_kernel(make_ckpt, monkeypatch):
+    """bf16 weights computed in float32 keep their KV cache in bf16, half the bytes that each step reads: a
+    left-padded batch decodes past a block of positions through the kernel reading it, against the float64
+    reference whose keys and values are rounded to bf16 as the cache holds them. (1e-3: a float32 key and its
+    float64 value that lie either side of a rounding boundary round a bf16 step apart.)"""
+    computed = []
+    decode_attention = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: computed.append(decode_attention(*a)) or computed[-1])
+    ckpt, state = make_ckpt(WIDE)
+    model = build_model(ckpt, state, max_batch_size=2, max_seq_len=96, dtype=torch.bfloat16)
+    model.setup_cache(compute_dtype=torch.float32)
+    assert model.cache_dtype == model.layers[0].attention.cache_kv.dtype == torch.bfloat16
+    bf16_state = {k: v.bfloat16().double() for k, v in state.items()}
+    rows, pad = [prompt(20, 3), prompt(60, 4)], torch.tensor([40, 0])
+    model.forward(torch.tensor([[0] * 40 + rows[0], rows[1]]), 0, left_pad=pad)
+    computed.clear()
+    for pos in range(60, 75):  # past 64 cached positions: two of the kernel's blocks
+        nxt = [pos * 7 % VOCAB, pos * 13 % VOCAB]
+        got = model.forward(torch.tensor([[t] for t in nxt]), pos, left_pad=pad)
+        for row, t, logits in zip(rows, nxt, got):
+            row.append(t)
+            if pos % 5 == 4:
+                want = reference_logits(bf16_state, {**WIDE, "vocab_size": VOCAB}, row, cache=torch.bfloat16)[-1]
+                torch.testing.assert_close(logits[0].double(), want, rtol=1e-3, atol=1e-3)
+    assert len(computed) == 15 * WIDE["n_layers"] and all(out is not None for out in computed)
 
 
 @needs_kernels

@@ -27,12 +27,13 @@ compute = torch.bfloat16  # the way under test's, set by the fixture below
 
 def mapped_model(ckpt_dir: str) -> Transformer:
     """The model as Llama.build loads a bf16 checkpoint: its weights memory-mapped from the shard, computed in
-    the dtype of the way under test."""
+    the dtype of the way under test, its KV cache too (in float32, no keys or values rounded: the products are
+    what is compared)."""
     ckpt = Checkpoint(ckpt_dir)
     args = ckpt.model_args(max_batch_size=4, max_seq_len=64)
     model = Transformer(args)
     model.load_state_dict(ckpt.load_rank(args, 0, 1, torch.bfloat16, torch.device("cpu")), strict=True, assign=True)
-    model.setup_cache(compute_dtype=compute)
+    model.setup_cache(compute_dtype=compute, cache_dtype=compute)
     return model
 
 

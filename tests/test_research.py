@@ -399,6 +399,26 @@ def test_an_attention_put_in_place_and_a_transformer_forward_of_metas_signature(
     torch.testing.assert_close(torch.tensor(got_probs), torch.tensor(want_probs), rtol=1e-4, atol=1e-4)
 
 
+def test_metas_attention_code_where_bf16_weights_compute_in_float32(make_ckpt, tokenizer_path, monkeypatch):
+    """There the KV cache is bf16 (``cache_dtype_for``). Meta's attention code makes its cache its queries' dtype
+    (``self.cache_k = self.cache_k.to(xq)``) and computes with what it reads back: that layer's cache becomes
+    float32, as the code asks, and a prompt and a step after it give the reference's logits on the same bf16
+    weights, up to the rounding of the other layers' keys and values."""
+    ckpt, state = make_ckpt(GQA)
+    g = Llama.build(ckpt, tokenizer_path, 64, 4, device="cpu", dtype="bfloat16")
+    g.model.setup_cache(compute_dtype=torch.float32)
+    attention = g.model.layers[1].attention
+    attention.kept = []
+    monkeypatch.setattr(attention, "forward", types.MethodType(metas_attention, attention), raising=False)
+    tokens = prompt(9, seed=12)
+    got = torch.cat([g.model.forward(torch.tensor([tokens[:8]]), 0), g.model.forward(torch.tensor([tokens[8:]]), 8)],
+                    dim=1)[0].double()
+    assert [start for start, _ in attention.kept] == [0, 8]
+    assert attention.cache_k.dtype == torch.float32 and g.model.layers[0].attention.cache_k.dtype == torch.bfloat16
+    want = reference_logits({k: v.bfloat16().double() for k, v in state.items()}, PARAMS, tokens)
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+
+
 def test_replaced_tells_a_module_of_another_class_or_forward():
     args = ModelArgs(**PARAMS)
     block = TransformerBlock(0, args)
