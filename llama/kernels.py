@@ -2,7 +2,8 @@
 
 - ``decode_attention``: torch's ``scaled_dot_product_attention`` reads a long KV cache at about a tenth of the
   memory bandwidth when one query token attends to it, which made a step at 4096 cached positions 30 % slower
-  than one at 128 on the 1b shape. This reads it in one blocked pass.
+  than one at 128 on the 1b shape. This reads it in one blocked pass, a bf16 cache with float32 queries too
+  (``model.cache_dtype_for``), and not a row's left padding.
 - ``rms_norm``, ``swiglu``, ``rope``: torch's are chains of small operations on the CPU (seven for RMSNorm, three
   for the gate, seven for the rotation, each 5-70 us there), 4 and 6 calls a layer of each decoding step; each of
   these is one. torch's RMSNorm alone cost 4 ms of a 107 ms step of the 1b shape on an Intel Xeon.

@@ -11,7 +11,8 @@
 2. Decoding attention for one layer of the 1b shape: 8 grouped queries per KV head (4 KV heads, head_dim 64)
    against 128 and 4096 cached positions in bf16, with 22 layers' caches in turn so they come from memory: the
    time and the rate it reads the cache at, of torch's scaled_dot_product_attention and of llama/kernels.c's
-   kernel (which the engine uses where it can be built).
+   kernel (which the engine uses where it can be built). The queries in the dtype the engine computes in on
+   this CPU: bf16, or float32 where it has no native bf16 (torch's way then widens the cache first).
 3. The products where the CPU has no native bf16 (float32 activations, bf16 weights): 1, 2, 4, 8, 16 and 128
    rows against 24 bf16 weights of 2048 x 5632 in turn, as torch computes them (below 8 rows, rows rounded to
    bf16 and a bf16 product; from 8, a float32 product of the weight converted a block at a time), as
@@ -36,6 +37,7 @@ from benchmark import read_rate, timed  # noqa: E402
 from llama import kernels, sampling  # noqa: E402
 from llama.cli import one_line_errors, positive_int  # noqa: E402
 from llama.linear import PACK_ROWS, can_pack, packed_product, torch_linear  # noqa: E402
+from llama.model import compute_dtype_for  # noqa: E402
 
 LAYERS, KV_HEADS, GROUP, HEAD_DIM, POSITIONS = 22, 4, 8, 64, 4096
 CPU = torch.device("cpu")
@@ -68,9 +70,10 @@ def products(reps: int, probe: torch.Tensor) -> None:
 def attention(reps: int) -> None:
     shape = (1, KV_HEADS, POSITIONS + 64, HEAD_DIM)
     caches = [(torch.randn(shape).bfloat16(), torch.randn(shape).bfloat16()) for _ in range(LAYERS)]
-    q = torch.randn(1, KV_HEADS, GROUP, HEAD_DIM).bfloat16()
-    print(f"decoding attention, one layer, {KV_HEADS} KV heads x {GROUP} queries, bf16:")
-    ways = {"torch": F.scaled_dot_product_attention}
+    q = torch.randn(1, KV_HEADS, GROUP, HEAD_DIM).to(compute_dtype_for(torch.bfloat16, CPU))
+    print(f"decoding attention, one layer, {KV_HEADS} KV heads x {GROUP} queries, bf16 cache, "
+          f"{str(q.dtype).removeprefix('torch.')} queries:")
+    ways = {"torch": lambda q, k, v: F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))}
     if kernels.library():
         ways["kernels.c"] = lambda q, k, v: kernels.decode_attention(q, k, v, None)
     for n in (128, POSITIONS):
