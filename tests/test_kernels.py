@@ -90,14 +90,21 @@ def test_declines_what_it_does_not_take():
 
 
 @needs_kernels
-def test_model_decodes_through_the_kernel(make_ckpt, monkeypatch):
+@pytest.mark.parametrize("cache", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_cache"])
+def test_model_decodes_through_the_kernel(make_ckpt, monkeypatch, cache):
     """A left-padded batch decoding past several blocks of positions over a cache full of noise, against the
-    float64 reference; the kernel, not torch's attention, computing every step."""
+    float64 reference; the kernel, not torch's attention, computing every step. bf16_cache: bf16 weights
+    computed in float32 keep their KV cache in bf16 (half the bytes each step reads), against the reference on
+    those weights with its keys and values rounded to bf16 as the cache holds them (1e-3: a float32 key and its
+    float64 value on either side of a rounding boundary round a bf16 step apart)."""
     computed = []  # per call: whether the kernel computed it
     decode_attention = kernels.decode_attention
     monkeypatch.setattr(kernels, "decode_attention", lambda *a: computed.append(decode_attention(*a)) or computed[-1])
     ckpt, state = make_ckpt(WIDE)
-    model = build_model(ckpt, state, max_batch_size=2, max_seq_len=160)
+    model = build_model(ckpt, state, max_batch_size=2, max_seq_len=160, dtype=cache)
+    model.setup_cache(compute_dtype=torch.float32)
+    assert model.cache_dtype == model.layers[0].attention.cache_kv.dtype == cache
+    state = {k: v.to(cache).double() for k, v in state.items()}
     fill_cache_with_noise(model)
     rows = [prompt(20, 3), prompt(90, 4)]
     pad = torch.tensor([70, 0])
@@ -109,8 +116,9 @@ def test_model_decodes_through_the_kernel(make_ckpt, monkeypatch):
         for row, t, logits in zip(rows, nxt, got):
             row.append(t)
             if pos % 10 == 9:
-                want = reference_logits(state, {**WIDE, "vocab_size": VOCAB}, row)[-1]
-                torch.testing.assert_close(logits[0].double(), want, rtol=1e-4, atol=1e-4)
+                want = reference_logits(state, {**WIDE, "vocab_size": VOCAB}, row, cache=cache)[-1]
+                tol = 1e-4 if cache == torch.float32 else 1e-3
+                torch.testing.assert_close(logits[0].double(), want, rtol=tol, atol=tol)
     assert len(computed) == 50 * WIDE["n_layers"] and all(out is not None for out in computed)
 
 
@@ -292,34 +300,6 @@ def test_bf16_weights_decode_a_batch_in_float32_through_the_kernel(make_ckpt, mo
             want = reference_logits(bf16_state, {**WIDE, "vocab_size": VOCAB}, row)[-1]
             torch.testing.assert_close(logits[0].double(), want, rtol=1e-4, atol=1e-4)
     assert len(computed) == 3 * (7 * WIDE["n_layers"] + 1) and all(out is not None for out in computed)
-
-
-@needs_kernels
-def test_float32_decoding_reads_a_bf16_cache_through_the_kernel(make_ckpt, monkeypatch):
-    """bf16 weights computed in float32 keep their KV cache in bf16, half the bytes that each step reads: a
-    left-padded batch decodes past a block of positions through the kernel reading it, against the float64
-    reference whose keys and values are rounded to bf16 as the cache holds them. (1e-3: a float32 key and its
-    float64 value that lie either side of a rounding boundary round a bf16 step apart.)"""
-    computed = []
-    decode_attention = kernels.decode_attention
-    monkeypatch.setattr(kernels, "decode_attention", lambda *a: computed.append(decode_attention(*a)) or computed[-1])
-    ckpt, state = make_ckpt(WIDE)
-    model = build_model(ckpt, state, max_batch_size=2, max_seq_len=96, dtype=torch.bfloat16)
-    model.setup_cache(compute_dtype=torch.float32)
-    assert model.cache_dtype == model.layers[0].attention.cache_kv.dtype == torch.bfloat16
-    bf16_state = {k: v.bfloat16().double() for k, v in state.items()}
-    rows, pad = [prompt(20, 3), prompt(60, 4)], torch.tensor([40, 0])
-    model.forward(torch.tensor([[0] * 40 + rows[0], rows[1]]), 0, left_pad=pad)
-    computed.clear()
-    for pos in range(60, 75):  # past 64 cached positions: two of the kernel's blocks
-        nxt = [pos * 7 % VOCAB, pos * 13 % VOCAB]
-        got = model.forward(torch.tensor([[t] for t in nxt]), pos, left_pad=pad)
-        for row, t, logits in zip(rows, nxt, got):
-            row.append(t)
-            if pos % 5 == 4:
-                want = reference_logits(bf16_state, {**WIDE, "vocab_size": VOCAB}, row, cache=torch.bfloat16)[-1]
-                torch.testing.assert_close(logits[0].double(), want, rtol=1e-3, atol=1e-3)
-    assert len(computed) == 15 * WIDE["n_layers"] and all(out is not None for out in computed)
 
 
 @needs_kernels
