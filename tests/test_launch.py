@@ -201,13 +201,13 @@ def test_a_chat_given_different_system_prompts_stops_saying_so(make_ckpt, tokeni
             in result.stderr, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("example", ["example_text_completion.py", "example_chat_completion.py"])
-def test_examples_under_torchrun(make_ckpt, tokenizer_path, example):
-    """As the README launches them (without a launcher, tests/test_demo.py runs them on the demo model)."""
+def test_chat_example_under_torchrun(make_ckpt, tokenizer_path):
+    """As the README launches it, on a checkpoint of two shards (the text example: tests/test_demo.py)."""
     ckpt, _ = make_ckpt(GQA, mp=2)
-    result = torchrun(2, example, "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path, "--max_gen_len", "6")
+    result = torchrun(2, "example_chat_completion.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
+                      "--max_gen_len", "6")
     assert result.returncode == 0, result.stderr[-3000:]
-    # Only rank 0 prints: three prompts/dialogs, each answered once.
+    # Only rank 0 prints: three dialogs, each answered once.
     assert result.stdout.count("==================================") == 3
     assert sum(line.startswith("> ") for line in result.stdout.splitlines()) == 3
 

@@ -2,6 +2,8 @@
 chat_completion's whole text for the same seed, the float64 reference's greedy tokens, and characters whose bytes
 are split across tokens (SentencePiece's byte pieces, tiktoken's byte-level pieces)."""
 
+import os
+import select
 import sys
 import threading
 import time
@@ -201,18 +203,31 @@ def test_chat_script_answers_each_turn_as_chat_completion(processes):
     assert shown[5] == fresh[0]["generation"]["content"] and shown[6] == "" and len(shown) == 7
 
 
+def prompted(p, timeout: float = 120) -> str:
+    """p's output up to its first prompt ("> "), read as it comes: the chat is loaded and waiting for a line."""
+    out, deadline = b"", time.monotonic() + timeout
+    while not out.endswith(b"> ") and time.monotonic() < deadline:
+        if select.select([p.stdout], [], [], 1)[0]:
+            byte = os.read(p.stdout.fileno(), 1)
+            if not byte:  # it ended
+                break
+            out += byte
+    return out.decode()
+
+
 def test_chat_under_torchrun_waits_for_typing_longer_than_the_collectives_time_limit():
     """The second process waits for the first one's input past LLAMA_DIST_TIMEOUT (here 2 s, 600 by default),
     which would end a collective of the run's group: a person may take longer than that to type."""
     args = ["scripts/chat.py", "--temperature", "0", "--max_gen_len", "4"]
     p = torchrun_started(2, *args, env={"LLAMA_DIST_TIMEOUT": "2"})
     try:
-        time.sleep(8)  # the model loads in under a second, then both processes wait for the first line
+        first = prompted(p)
+        time.sleep(3)  # both processes waiting for the first line, past the time limit
         out, err = p.communicate(CHAT_INPUT[0] + "\n/exit\n", timeout=120)
     finally:
         p.kill()
     assert p.returncode == 0, err[-3000:]
-    assert len([text for text in out.split("> ")[1:] if text.strip()]) == 1  # the answer
+    assert first.endswith("> ") and len([text for text in (first + out).split("> ")[1:] if text.strip()]) == 1
 
 
 def test_chat_takes_bytes_that_are_not_utf8(tmp_path):
