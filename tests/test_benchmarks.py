@@ -15,7 +15,7 @@ import pytest
 from llama import kernels
 from llama.cli import one_line_errors
 
-from conftest import kernels_expected, run_cmd, script_main
+from conftest import kernels_expected, program, run_cmd, script_main
 
 FIGURES = [
     "load", "bandwidth", "matmul", "prefill 128 tokens, batch 1", "prefill 128 tokens, batch 4",
@@ -62,10 +62,10 @@ def test_bench_load_reports_each_rank_from_disk_and_warm(cache_dir):
     assert all(float(v) >= 0 for r in rows for v in r[3:]) and all(float(r[7]) > 0 for r in rows), rows  # RSS
 
 
-def test_bench_kernels_times_the_products_and_the_attention_both_ways():
-    result = run_cmd([sys.executable, "scripts/bench_kernels.py", "--reps", "1", "--threads", "2"], timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
+def test_bench_kernels_times_the_products_and_the_attention_both_ways(capsys):
+    """In this process (its entry point is tested with the scripts' errors), with torch's threads as they are."""
+    script_main("bench_kernels", "--reps", "1")
+    out = capsys.readouterr().out
     ways = ("torch", r"kernels\.c") if kernels_expected() else ("torch",)
     assert all(re.search(rf"^\s+{n} positions, {way}\s+\d+ us", out, re.M) for n in (128, 4096) for way in ways), out
     rows = ("torch", "linear_bf16", "packed") if kernels_expected() else ("torch",)
@@ -79,11 +79,12 @@ def test_bench_kernels_times_the_products_and_the_attention_both_ways():
 
 
 @pytest.mark.parametrize("what", [[], ["--prefill", "--cached", "16"]], ids=["decoding_step", "prefill"])
-def test_profile_step_names_where_the_time_goes(cache_dir, what):
-    result = run_cmd([sys.executable, "scripts/profile_step.py", "--shape", "tiny", "--steps", "2", "--threads", "2",
-                      "--cache_dir", str(cache_dir), *what], timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()  # after the checkpoint's line, where it was written
+def test_profile_step_names_where_the_time_goes(cache_dir, what, capsys, monkeypatch):
+    """In this process, as bench_kernels; the kernels it wraps in named ranges are put back after it."""
+    for name in program("scripts/profile_step.py").KERNELS:
+        monkeypatch.setattr(kernels, name, getattr(kernels, name))
+    script_main("profile_step", "--shape", "tiny", "--steps", "2", "--cache_dir", str(cache_dir), *what)
+    lines = capsys.readouterr().out.strip().splitlines()  # after the checkpoint's line, where it was written
     at = next(i for i, line in enumerate(lines) if " ms a step (wall)" in line)
     head, rows = lines[at], lines[at + 2:]
     wall, ops = map(float, re.search(r"([\d.]+) ms a step \(wall\), ([\d.]+) ms of operations", head).groups())
