@@ -48,8 +48,8 @@ def test_k_shards_on_one_process(make_ckpt, tokenizer_path, k):
     assert got == want_tokens
 
 
-@pytest.mark.parametrize("params, k, n", [(MP4, 1, 2), (MP4, 4, 2), (GQA, 1, 4)],
-                         ids=["split-1-to-2", "merge-4-to-2", "split-1-to-4-replicating-kv-heads"])
+@pytest.mark.parametrize("params, k, n", [(MP4, 1, 2), (MP4, 4, 2), ({**GQA, "n_kv_heads": 1}, 1, 2)],
+                         ids=["split-1-to-2", "merge-4-to-2", "split-1-to-2-replicating-its-kv-head"])
 def test_k_shards_on_n_processes(make_ckpt, tokenizer_path, tmp_path, params, k, n):
     ckpt, state = make_ckpt(params, mp=k)
     out = tmp_path / "logits.pt"
