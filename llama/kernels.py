@@ -78,9 +78,9 @@ def build(flags: Optional[tuple[str, ...]] = None) -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
-    for name, flags in (("decode_attention_f32", 2), ("decode_attention_bf16", 1)):  # threads (, bf16_cache)
+    for name, ints in (("decode_attention_f32", 2), ("decode_attention_bf16", 1)):  # threads (, bf16_cache)
         fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float] + [ctypes.c_int] * flags
+        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float] + [ctypes.c_int] * ints
         fn.restype = None
     lib.rms_norm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float] + [ctypes.c_int] * 3
     lib.rms_norm.restype = None
