@@ -93,14 +93,17 @@ def test_profile_step_names_where_the_time_goes(cache_dir, what, capsys, monkeyp
     assert any(n.startswith("kernels.") for n in names) == kernels_expected(), names  # kernels.c's calls, named
 
 
-@pytest.mark.parametrize("args, code, said", [
+SCRIPT_ERRORS = [
     (["scripts/benchmark.py", "--ckpt_dir", "/nonexistent"], 1, "error: tokenizer file '/nonexistent/tokenizer.model'"),
     (["scripts/profile_step.py", "--shape", "tiny", "--device", "tpu"], 1, "error: unknown device 'tpu'"),
     (["scripts/bench_load.py", "--shape", "13b"], 2, "argument --shape: invalid choice: '13b'"),
     (["scripts/benchmark.py", "--json", "/nonexistent/figures.json"], 1, "error: --json /nonexistent/figures.json: "
      "can't write that file"),
     (["scripts/bench_kernels.py", "--reps", "0"], 2, "argument --reps: must be at least 1, got 0"),
-])
+]
+
+
+@pytest.mark.parametrize("args, code, said", SCRIPT_ERRORS)
 def test_scripts_say_what_is_wrong_in_one_line(args, code, said, capsys, monkeypatch):
     """Each script's main() as its entry point runs it (``one_line_errors``), here in this process; the first case
     also as a process, the script's own entry point (3-4 s each on a 2-core machine)."""
@@ -109,6 +112,6 @@ def test_scripts_say_what_is_wrong_in_one_line(args, code, said, capsys, monkeyp
         script_main(Path(args[0]).stem, *args[1:])
     err = capsys.readouterr().err
     assert ended.value.code == code and said in err and "Traceback" not in err, err
-    if args[0] == "scripts/benchmark.py" and code == 1 and "--ckpt_dir" in args:
+    if (args, code, said) == SCRIPT_ERRORS[0]:
         result = run_cmd([sys.executable, *args], timeout=60)
         assert result.returncode == code and result.stderr == err, result.stderr

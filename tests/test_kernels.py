@@ -110,6 +110,7 @@ def test_model_decodes_through_the_kernel(make_ckpt, monkeypatch, cache):
     pad = torch.tensor([70, 0])
     model.forward(torch.tensor([[0] * 70 + rows[0], rows[1]]), 0, left_pad=pad)
     computed.clear()
+    tol = 1e-4 if cache == torch.float32 else 1e-3
     for pos in range(90, 140):  # past 128 cached positions: three of the kernel's blocks
         nxt = [pos * 7 % VOCAB, pos * 13 % VOCAB]
         got = model.forward(torch.tensor([[t] for t in nxt]), pos, left_pad=pad)
@@ -117,7 +118,6 @@ def test_model_decodes_through_the_kernel(make_ckpt, monkeypatch, cache):
             row.append(t)
             if pos % 10 == 9:
                 want = reference_logits(state, {**WIDE, "vocab_size": VOCAB}, row, cache=cache)[-1]
-                tol = 1e-4 if cache == torch.float32 else 1e-3
                 torch.testing.assert_close(logits[0].double(), want, rtol=tol, atol=tol)
     assert len(computed) == 50 * WIDE["n_layers"] and all(out is not None for out in computed)
 
