@@ -464,8 +464,11 @@ class Attention(nn.Module):
                     out = F.scaled_dot_product_attention(group, keys.to(q.dtype), values.to(q.dtype), attn_mask=w.mask)
                 out = out.reshape(bsz, heads, 1, self.head_dim)  # CUDA's kernels return it strided
             else:
-                out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype),
-                                                     attn_mask=w.mask, is_causal=w.mask is None, enable_gqa=gqa)
+                q = q.transpose(1, 2)
+                out = kernels.prefill_attention(q, keys, values) if w.mask is None else None  # CPU, float32
+                if out is None:
+                    out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=w.mask,
+                                                         is_causal=w.mask is None, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 

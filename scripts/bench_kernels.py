@@ -13,6 +13,9 @@
    time and the rate it reads the cache at, of torch's scaled_dot_product_attention and of llama/kernels.c's
    kernel (which the engine uses where it can be built). The queries in the dtype the engine computes in on
    this CPU: bf16, or float32 where it has no native bf16 (torch's way then widens the cache first).
+   Then a prompt's attention for one layer (4096 and 1000 tokens, causal, float32 queries, the keys and values
+   from a bf16 cache), as torch computes it and as llama/kernels.c's prefill_attention does (which the engine
+   uses where the CPU computes in float32), in GFLOP/s.
 3. The products where the CPU has no native bf16 (float32 activations, bf16 weights): 1, 2, 4, 8, 16 and 128
    rows against 24 bf16 weights of 2048 x 5632 in turn, as torch computes them (below 8 rows, rows rounded to
    bf16 and a bf16 product; from 8, a float32 product of the weight converted a block at a time), as
@@ -83,6 +86,22 @@ def attention(reps: int) -> None:
             print(f"  {n:5} positions, {name:9} {t * 1e6:7.0f} us  (reads the cache at {nbytes / t / 1e9:.1f} GB/s)")
 
 
+def prefill_attention(reps: int) -> None:
+    print(f"prefill attention, one layer, {KV_HEADS} KV heads x {GROUP} queries, bf16 cache, float32 queries:")
+    for tokens in (1000, POSITIONS):
+        g = torch.Generator().manual_seed(tokens)
+        q = torch.randn(1, tokens, KV_HEADS * GROUP, HEAD_DIM, generator=g).transpose(1, 2)
+        keys, values = (torch.randn(1, KV_HEADS, tokens, HEAD_DIM, generator=g).bfloat16() for _ in range(2))
+        ways = {"torch": lambda q, k, v: F.scaled_dot_product_attention(q, k.float(), v.float(), is_causal=True,
+                                                                        enable_gqa=True)}
+        if kernels.library():
+            ways["kernels.c"] = kernels.prefill_attention
+        flops = 4 * KV_HEADS * GROUP * HEAD_DIM * tokens * (tokens + 1) / 2  # the causal half's products
+        for name, attend in ways.items():
+            t = timed(lambda f=attend, q=q, k=keys, v=values: f(q, k, v), CPU, reps)
+            print(f"  {tokens:5} tokens, {name:9} {t * 1e3:7.1f} ms  ({flops / t / 1e9:.0f} GFLOP/s)")
+
+
 def float32_rows(reps: int) -> None:
     """torch's ways, linear_bf16 on the weights as stored (up to 16 rows), and linear_packed_f32 on packed ones."""
     k, n = 2048, 5632
@@ -130,6 +149,7 @@ def main() -> None:
           f"read bandwidth {read_rate(probe, CPU, args.reps) / 1e9:.1f} GB/s")
     products(args.reps, probe)
     attention(args.reps)
+    prefill_attention(args.reps)
     float32_rows(args.reps)
     sample_steps(args.reps)
 

@@ -1,4 +1,4 @@
-"""The C kernels (llama/kernels.c) against float64: decoding attention computed naively, products of a few rows, on
+"""The C kernels (llama/kernels.c) against float64: decoding and prefill attention computed naively, products, on
 their own and inside the model; and their fallback to torch's operations where they can't be built. Skipped
 where they are turned off (LLAMA_KERNELS=0) or there is no C compiler; with one, a build that fails fails them."""
 
@@ -87,6 +87,65 @@ def test_declines_what_it_does_not_take():
     assert kernels.decode_attention(q, keys.transpose(2, 3), values, None) is None  # layout
     with torch.enable_grad():
         assert kernels.decode_attention(q.requires_grad_(), keys, values, None) is None  # autograd
+
+
+@needs_kernels
+@pytest.mark.parametrize("built", BUILDS, ids=lambda f: next(x for x in f if x.startswith("-march")), indirect=True)
+@pytest.mark.parametrize("cache", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_cache"])
+@pytest.mark.parametrize("bsz,kv_heads,group,dim,tokens", [
+    (1, 4, 8, 64, 200),   # the 1b shape's heads: 8 tokens a work item, keys in four blocks, the last partial
+    (2, 2, 1, 128, 65),   # multi-head: 64 tokens a work item, one key past a block
+    (1, 1, 7, 64, 1),     # one token; 7 rows, tiles of 6 and 1
+    (2, 2, 3, 256, 70),   # the largest head; 63 rows a work item
+    (1, 2, 16, 64, 130),  # 16 heads a KV head: 4 tokens a work item
+])
+def test_prefill_attention_matches_naive(built, cache, bsz, kv_heads, group, dim, tokens):
+    keys, values = cache_views(bsz, kv_heads, tokens, dim, cache, seed=tokens)
+    heads = kv_heads * group
+    g = torch.Generator().manual_seed(2)
+    # The queries as the model passes them: the rotated part of a (batch, tokens, heads + 2 kv_heads, dim) product,
+    # transposed; large, so that a later block's maximum rises past an earlier one's and must rescale.
+    q = (torch.randn(bsz, tokens, heads + 2 * kv_heads, dim, generator=g) * 4)[:, :, :heads].transpose(1, 2)
+    got = kernels.prefill_attention(q, keys, values)
+    assert got is not None and got.shape == q.shape and got.transpose(1, 2).is_contiguous()
+    causal = torch.full((tokens, tokens), float("-inf")).triu(1)
+    want = naive(q.reshape(bsz, kv_heads, group, tokens, dim), keys[:, :, None], values[:, :, None], causal)
+    torch.testing.assert_close(got.double(), want.reshape(got.shape), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_prefill_attention_declines_what_it_does_not_take():
+    keys, values = cache_views(1, 2, 10, 64, torch.float32, seed=0)
+    q = torch.randn(1, 10, 4, 64).transpose(1, 2)
+    assert kernels.prefill_attention(q.bfloat16(), keys.bfloat16(), values.bfloat16()) is None  # bf16 queries: torch's
+    assert kernels.prefill_attention(q, keys.half(), values.half()) is None  # the cache's dtype
+    assert kernels.prefill_attention(q, keys.bfloat16(), values) is None  # keys and values apart
+    assert kernels.prefill_attention(q[:, :, 1:], keys, values) is None  # fewer queries than keys: not causal alone
+    assert kernels.prefill_attention(q[:, :3], keys, values) is None  # heads not a multiple of the KV heads'
+    assert kernels.prefill_attention(q[..., :48], keys[..., :48], values[..., :48]) is None  # head_dim
+    assert kernels.prefill_attention(q.transpose(2, 3).transpose(2, 3).contiguous(), keys, values) is None  # layout
+    with torch.enable_grad():
+        assert kernels.prefill_attention(q.clone().requires_grad_(), keys, values) is None  # autograd
+
+
+@needs_kernels
+def test_model_prefills_through_the_kernel(make_ckpt, monkeypatch):
+    """Prompts of several lengths, alone and in a batch, through the prefill kernel in every layer, against the
+    float64 reference at every position."""
+    computed = []
+    prefill_attention = kernels.prefill_attention
+    monkeypatch.setattr(kernels, "prefill_attention", lambda *a: computed.append(prefill_attention(*a)) or computed[-1])
+    ckpt, state = make_ckpt(WIDE)
+    model = build_model(ckpt, state, max_batch_size=2, max_seq_len=160, dtype=torch.float32)
+    fill_cache_with_noise(model)
+    state = {k: v.double() for k, v in state.items()}
+    for rows in ([prompt(150, 5)], [prompt(70, 6), prompt(70, 7)]):
+        computed.clear()
+        got = model.forward(torch.tensor(rows), 0)
+        assert len(computed) == WIDE["n_layers"] and all(out is not None for out in computed)
+        for row, logits in zip(rows, got):
+            want = reference_logits(state, {**WIDE, "vocab_size": VOCAB}, row)
+            torch.testing.assert_close(logits.double(), want, rtol=1e-4, atol=1e-4)
 
 
 @needs_kernels
