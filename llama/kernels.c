@@ -417,47 +417,29 @@ void decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t 
 #define QROWS 64
 #define RT 6 /* query rows of a tile: 12 sums, two vectors of keys or values and a broadcast, in AVX2's 16 */
 
-/* s (rows r0..r0+R, BLOCK apart) = qs's rows (D apart) times nb keys kt (D x BLOCK, transposed). */
-static inline __attribute__((always_inline)) void score_tile(const float *qs, const float *kt, float *s, int64_t D,
-                                                             int64_t nb, int64_t r0, const int R) {
-    for (int64_t c = 0; c < nb; c += 2 * W) {
-        vf a[RT][2];
+/* Rows r0..r0+R of c (ldc apart), columns 0..n rounded up to 2W = those of a (lda apart) times b (inner rows,
+ * ldb apart), plus c's own where add: the outer product that matrix products are made of, RT rows x 2W columns
+ * of sums in registers. The scores are the queries times the keys transposed; the output, the probabilities
+ * times the values. */
+static inline __attribute__((always_inline)) void outer_tile(const float *a, int64_t lda, const float *b, int64_t ldb,
+                                                             float *c, int64_t ldc, int64_t inner, int64_t n,
+                                                             int add, int64_t r0, const int R) {
+    for (int64_t j = 0; j < n; j += 2 * W) {
+        vf sums[RT][2];
         for (int r = 0; r < R; r++)
-            a[r][0] = a[r][1] = (vf){0};
-        for (int64_t d = 0; d < D; d++) {
-            const vf k0 = load(kt, d * BLOCK + c, 0), k1 = load(kt, d * BLOCK + c + W, 0);
+            for (int h = 0; h < 2; h++)
+                sums[r][h] = add ? load(c, (r0 + r) * ldc + j + h * W, 0) : (vf){0};
+        for (int64_t i = 0; i < inner; i++) {
+            const vf b0 = load(b, i * ldb + j, 0), b1 = load(b, i * ldb + j + W, 0);
             for (int r = 0; r < R; r++) {
-                const vf x = broadcast(qs[(r0 + r) * D + d]);
-                a[r][0] += x * k0;
-                a[r][1] += x * k1;
+                const vf x = broadcast(a[(r0 + r) * lda + i]);
+                sums[r][0] += x * b0;
+                sums[r][1] += x * b1;
             }
         }
-        for (int r = 0; r < R; r++) {
-            store(s, (r0 + r) * BLOCK + c, a[r][0], 0);
-            store(s, (r0 + r) * BLOCK + c + W, a[r][1], 0);
-        }
-    }
-}
-
-/* acc (rows r0..r0+R, D apart) += p's rows (BLOCK apart) times nb values x (nb x D, float32). */
-static inline __attribute__((always_inline)) void value_tile(const float *p, const float *x, float *acc, int64_t D,
-                                                             int64_t nb, int64_t r0, const int R) {
-    for (int64_t c = 0; c < D; c += 2 * W) {
-        vf a[RT][2];
         for (int r = 0; r < R; r++)
-            a[r][0] = load(acc, (r0 + r) * D + c, 0), a[r][1] = load(acc, (r0 + r) * D + c + W, 0);
-        for (int64_t j = 0; j < nb; j++) {
-            const vf v0 = load(x, j * D + c, 0), v1 = load(x, j * D + c + W, 0);
-            for (int r = 0; r < R; r++) {
-                const vf w = broadcast(p[(r0 + r) * BLOCK + j]);
-                a[r][0] += w * v0;
-                a[r][1] += w * v1;
-            }
-        }
-        for (int r = 0; r < R; r++) {
-            store(acc, (r0 + r) * D + c, a[r][0], 0);
-            store(acc, (r0 + r) * D + c + W, a[r][1], 0);
-        }
+            for (int h = 0; h < 2; h++)
+                store(c, (r0 + r) * ldc + j + h * W, sums[r][h], 0);
     }
 }
 
@@ -494,7 +476,7 @@ static inline __attribute__((always_inline)) void prefill_block(const float *q, 
     for (int64_t k0 = 0; k0 < end; k0 += BLOCK) {
         const int64_t nb = end - k0 < BLOCK ? end - k0 : BLOCK;
         const float *kb = kt + k0 * D, *xb = x + k0 * D;
-#define SCORES(r0, n) score_tile(qs, kb, s, D, nb, r0, n)
+#define SCORES(r0, n) outer_tile(qs, D, kb, BLOCK, s, BLOCK, D, nb, 0, r0, n)
         TILES(SCORES, R);
 #undef SCORES
         for (int64_t r = 0; r < R; r++) {
@@ -522,7 +504,7 @@ static inline __attribute__((always_inline)) void prefill_block(const float *q, 
             }
             l[r] += hsum(sum);
         }
-#define VALUES(r0, n) value_tile(s, xb, acc, D, nb, r0, n)
+#define VALUES(r0, n) outer_tile(s, BLOCK, xb, D, acc, D, nb, D, 1, r0, n)
         TILES(VALUES, R);
 #undef VALUES
     }
