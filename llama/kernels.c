@@ -306,6 +306,37 @@ static inline __attribute__((always_inline)) void weigh(float *acc, const float 
         weigh_rows(acc, p, x, nb, D, g0, 1);
 }
 
+/* A query's running softmax: its largest score so far, and the sum of exp(score - max) over its scores so far. */
+typedef struct {
+    float max, sum;
+} running;
+
+/* One query's step of the running softmax over a block (decoding's and a prompt's): its scores s (BLOCK, the
+ * masked ones -inf) made the block's weights, given top, their maximum with the running one; where that rose,
+ * the query's weighed values so far (acc, D of them) and its sum rescaled to it. Returns the running softmax
+ * after the block. */
+static inline __attribute__((always_inline)) running softmax_step(float *s, vf top, running so_far, float *acc,
+                                                                  int64_t D) {
+    float peak = hmax(top);
+    if (peak == -INFINITY) /* all masked so far: exp(-inf - 0) = 0 below */
+        peak = 0;
+    else if (peak > so_far.max) { /* rescale what came before to the new maximum */
+        const float shrink = expf(so_far.max - peak);
+        so_far.sum *= shrink;
+        for (int64_t i = 0; i < D; i += W)
+            store(acc, i, load(acc, i, 0) * shrink, 0);
+        so_far.max = peak;
+    }
+    vf sum = {0};
+    for (int64_t t = 0; t < BLOCK; t += W) {
+        vf p = vexp(load(s, t, 0) - peak);
+        store(s, t, p, 0);
+        sum += p;
+    }
+    so_far.sum += hsum(sum);
+    return so_far;
+}
+
 /* One (row, KV head): G queries q (G x D) against n cached keys and values (n x D each, rows D apart), mask
  * (n, additive, or NULL), into out (G x D). qb: q, mask and out are bf16; kb: the keys and values are. */
 static inline __attribute__((always_inline)) void head(const void *q, const void *k, const void *v, const void *mask,
@@ -313,12 +344,13 @@ static inline __attribute__((always_inline)) void head(const void *q, const void
                                                        int qb, int kb) {
     const int64_t size = kb ? 2 : 4;
     vf qp[2 * MAX_G * MAX_D / W];
-    float acc[G * D], s[G * BLOCK], bias[BLOCK], m[G], l[G];
+    float acc[G * D], s[G * BLOCK], bias[BLOCK];
+    running run[G];
     prepare(q, G, D, qp, qb);
     for (int64_t i = 0; i < G * D; i += W)
         store(acc, i, (vf){0}, 0);
     for (int64_t g = 0; g < G; g++)
-        m[g] = -INFINITY, l[g] = 0;
+        run[g] = (running){-INFINITY, 0};
     int64_t first = 0; /* a left-padded row's padding, masked, is not read: a short prompt batched with a long one
                         * reads its own positions, not the long one's count */
     while (mask && first < n && scalar(mask, first, qb) == -INFINITY)
@@ -330,34 +362,18 @@ static inline __attribute__((always_inline)) void head(const void *q, const void
             bias[t] = t >= nb ? -INFINITY : mask ? scalar(mask, t0 + t, qb) : 0.0f;
         for (int64_t g = 0; g < G; g++) {
             float *sg = s + g * BLOCK;
-            vf top = broadcast(m[g]);
+            vf top = broadcast(run[g].max);
             for (int64_t t = 0; t < BLOCK; t += W) {
                 vf x = load(sg, t, 0) + load(bias, t, 0);
                 store(sg, t, x, 0);
                 top = vmax(x, top);
             }
-            float peak = hmax(top);
-            if (peak == -INFINITY) /* all masked so far: exp(-inf - 0) = 0 below */
-                peak = 0;
-            else if (peak > m[g]) { /* rescale what came before to the new maximum */
-                const float shrink = expf(m[g] - peak);
-                l[g] *= shrink;
-                for (int64_t i = g * D; i < (g + 1) * D; i += W)
-                    store(acc, i, load(acc, i, 0) * shrink, 0);
-                m[g] = peak;
-            }
-            vf sum = {0};
-            for (int64_t t = 0; t < BLOCK; t += W) {
-                vf p = vexp(load(sg, t, 0) - peak);
-                store(sg, t, p, 0);
-                sum += p;
-            }
-            l[g] += hsum(sum);
+            run[g] = softmax_step(sg, top, run[g], acc + g * D, D);
         }
         weigh(acc, s, (const char *)v + t0 * D * size, nb, G, D, kb);
     }
     for (int64_t g = 0; g < G; g++) {
-        const float inv = l[g] > 0 ? 1.0f / l[g] : 0.0f;
+        const float inv = run[g].sum > 0 ? 1.0f / run[g].sum : 0.0f;
         for (int64_t i = g * D; i < (g + 1) * D; i += W)
             store(out, i, load(acc, i, 0) * inv, qb);
     }
@@ -464,13 +480,14 @@ static inline __attribute__((always_inline)) void prefill_block(const float *q, 
                                                                 float *out, int64_t q_t, int64_t o_t, int64_t t0,
                                                                 int64_t tokens, int64_t G, int64_t D, float scale) {
     const int64_t R = tokens * G, end = t0 + tokens;
-    float qs[R * D], acc[R * D], s[R * BLOCK], m[R], l[R];
+    float qs[R * D], acc[R * D], s[R * BLOCK];
+    running run[R];
     for (int64_t r = 0; r < R; r++) {
         for (int64_t d = 0; d < D; d += W) {
             store(qs, r * D + d, load(q, r / G * q_t + r % G * D + d, 0) * scale, 0);
             store(acc, r * D + d, (vf){0}, 0);
         }
-        m[r] = -INFINITY, l[r] = 0;
+        run[r] = (running){-INFINITY, 0};
     }
     const vi lanes = {LANES};
     for (int64_t k0 = 0; k0 < end; k0 += BLOCK) {
@@ -482,27 +499,13 @@ static inline __attribute__((always_inline)) void prefill_block(const float *q, 
         for (int64_t r = 0; r < R; r++) {
             float *sr = s + r * BLOCK;
             const int64_t own = t0 + r / G - k0 + 1, seen = own < nb ? own : nb; /* keys up to the row's token */
-            vf top = broadcast(m[r]);
+            vf top = broadcast(run[r].max);
             for (int64_t t = 0; t < BLOCK; t += W) {
                 const vf y = choose(lanes + (int32_t)t < (int32_t)seen, load(sr, t, 0), broadcast(-INFINITY));
                 store(sr, t, y, 0);
                 top = vmax(y, top);
             }
-            const float peak = hmax(top); /* finite: each row sees its own token's key */
-            if (peak > m[r]) {
-                const float shrink = expf(m[r] - peak);
-                l[r] *= shrink;
-                for (int64_t i = r * D; i < (r + 1) * D; i += W)
-                    store(acc, i, load(acc, i, 0) * shrink, 0);
-                m[r] = peak;
-            }
-            vf sum = {0};
-            for (int64_t t = 0; t < BLOCK; t += W) {
-                const vf p = vexp(load(sr, t, 0) - peak);
-                store(sr, t, p, 0);
-                sum += p;
-            }
-            l[r] += hsum(sum);
+            run[r] = softmax_step(sr, top, run[r], acc + r * D, D);
         }
 #define VALUES(r0, n) outer_tile(s, BLOCK, xb, D, acc, D, nb, D, 1, r0, n)
         TILES(VALUES, R);
@@ -510,7 +513,7 @@ static inline __attribute__((always_inline)) void prefill_block(const float *q, 
     }
     for (int64_t r = 0; r < R; r++)
         for (int64_t d = 0; d < D; d += W)
-            store(out, r / G * o_t + r % G * D + d, load(acc, r * D + d, 0) * (1.0f / l[r]), 0);
+            store(out, r / G * o_t + r % G * D + d, load(acc, r * D + d, 0) * (1.0f / run[r].sum), 0);
 }
 
 /* One (row, KV head)'s T keys transposed BLOCK at a time into kt (D x BLOCK each, zeros past T), its values
