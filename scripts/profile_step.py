@@ -29,8 +29,8 @@ from llama.distributed import pick_device  # noqa: E402
 from llama.generation import device_name  # noqa: E402
 
 # llama/kernels.c's calls, which the profiler can't see inside: each is recorded under its name.
-KERNELS = ("decode_attention", "rms_norm", "add_rms_norm", "swiglu", "rope", "linear_bf16", "linear_packed_f32",
-           "linear_packed_bf16")
+KERNELS = ("decode_attention", "prefill_attention", "rms_norm", "add_rms_norm", "swiglu", "rope", "linear_bf16",
+           "linear_packed_f32", "linear_packed_bf16")
 
 
 def name_kernels() -> None:
