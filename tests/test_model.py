@@ -83,6 +83,28 @@ def test_incremental_decoding_equals_full_forward(make_ckpt, params):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("params", [MHA, GQA], ids=["mha", "gqa"])
+def test_last_position_only_matches_reference(make_ckpt, params):
+    """forward(last_only=True) runs its last block for the last position alone (that query attends, wo and the
+    feed-forward take one row) yet caches every position's keys and values: its logits, and the step decoded
+    after it, match the reference, for prompts on their own (causal, no mask) and beside a left-padded one
+    (masked)."""
+    ckpt, state = make_ckpt(params)
+    model = build_model(ckpt, state)
+    p = {**params, "vocab_size": VOCAB}
+    for rows, pad in (([prompt(24, 6), prompt(24, 7)], None), ([prompt(5, 3), prompt(12, 4)], [7, 0])):
+        end = max(map(len, rows))
+        tokens = torch.tensor([[0] * (end - len(r)) + r for r in rows])
+        left_pad = torch.tensor(pad) if pad else None
+        got = model.forward(tokens, 0, left_pad=left_pad, last_only=True)
+        step = model.forward(torch.tensor([[11], [13]]), end, left_pad=left_pad, last_only=True)
+        assert got.shape == step.shape == (2, 1, VOCAB)
+        for i, (row, nxt) in enumerate(zip(rows, (11, 13))):
+            want = reference_logits(state, p, row + [nxt])
+            torch.testing.assert_close(got[i, 0].double(), want[-2], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(step[i, 0].double(), want[-1], rtol=1e-4, atol=1e-4)
+
+
 def test_left_padded_rows_equal_unpadded(make_ckpt):
     ckpt, state = make_ckpt(GQA)
     model = build_model(ckpt, state)
