@@ -29,6 +29,8 @@
                    * 4096-position cache at half the speed, and a block's worth at once, 20 % slower */
 #define MAX_D 256
 #define MAX_G 16
+#define TILE_ROWS 6 /* rows of an outer-product tile (prefill_attention's, linear_packed_f32's): 12 sums, two vectors
+                     * of the other side, a broadcast and a load in AVX2's 16 registers */
 
 #if defined(__AVX512F__)
 #define W 16 /* floats per vector */
@@ -427,21 +429,21 @@ void decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t 
  * or bf16), as products of matrices: torch's flash attention for the CPU ran a 1000-token prompt of the 1b shape
  * at 60-70 GFLOP/s on an AMD Zen 3 (AVX2), a third of its multiply-add rate; this at 95-115. A work item is up to
  * QROWS query rows (whole tokens times the G heads that share a KV head) against BLOCK keys at a time, with a
- * running softmax: the scores an outer product of the queries and the block's keys transposed, RT rows by 2W
- * keys of sums in registers; the values weighed the same way, RT rows by 2W of D. lay_out transposes the keys
- * and widens the values once for all the work items that read them (each item doing it for itself: 20 % slower). */
+ * running softmax: the scores an outer product of the queries and the block's keys transposed, TILE_ROWS rows by
+ * 2W keys of sums in registers; the values weighed the same way, TILE_ROWS rows by 2W of D. lay_out transposes the
+ * keys and widens the values once for all the work items that read them (each item doing it for itself: 20 %
+ * slower). */
 #define QROWS 64
-#define RT 6 /* query rows of a tile: 12 sums, two vectors of keys or values and a broadcast, in AVX2's 16 */
 
 /* Rows r0..r0+R of c (ldc apart), columns 0..n rounded up to 2W = those of a (lda apart) times b (inner rows,
- * ldb apart), plus c's own where add: the outer product that matrix products are made of, RT rows x 2W columns
- * of sums in registers. The scores are the queries times the keys transposed; the output, the probabilities
+ * ldb apart), plus c's own where add: the outer product that matrix products are made of, TILE_ROWS rows x 2W
+ * columns of sums in registers. The scores are the queries times the keys transposed; the output, the probabilities
  * times the values. */
 static inline __attribute__((always_inline)) void outer_tile(const float *a, int64_t lda, const float *b, int64_t ldb,
                                                              float *c, int64_t ldc, int64_t inner, int64_t n,
                                                              int add, int64_t r0, const int R) {
     for (int64_t j = 0; j < n; j += 2 * W) {
-        vf sums[RT][2];
+        vf sums[TILE_ROWS][2];
         for (int r = 0; r < R; r++)
             for (int h = 0; h < 2; h++)
                 sums[r][h] = add ? load(c, (r0 + r) * ldc + j + h * W, 0) : (vf){0};
@@ -459,12 +461,13 @@ static inline __attribute__((always_inline)) void outer_tile(const float *a, int
     }
 }
 
-/* tile(r0, n) over R rows: RT at a time, then the rest, each count a constant for the sums to stay in registers. */
+/* tile(r0, n) over R rows: TILE_ROWS at a time, then the rest, each count a constant for the sums to stay in
+ * registers. */
 #define TILES(tile, R)                                                                                               \
     do {                                                                                                             \
         int64_t r0 = 0;                                                                                              \
-        for (; r0 + RT <= (R); r0 += RT)                                                                             \
-            tile(r0, RT);                                                                                            \
+        for (; r0 + TILE_ROWS <= (R); r0 += TILE_ROWS)                                                               \
+            tile(r0, TILE_ROWS);                                                                                     \
         switch ((R) - r0) {                                                                                          \
         case 5: tile(r0, 5); break;                                                                                  \
         case 4: tile(r0, 4); break;                                                                                  \
@@ -771,7 +774,6 @@ void linear_bf16(const float *x, const uint16_t *w, float *y, int64_t R, int64_t
  * which reads several weight rows at once; two, as fast. The rows go ROW_BLOCK at a time (their x, 768 KB at
  * K = 2048, stays in L2 for all the columns): 1000 rows as one block read x from L3 once per block of columns,
  * 20-30 % slower. */
-#define TILE_ROWS 6 /* 12 sums, 2 weight vectors, x's broadcast and the mask's load: AVX2's 16 registers */
 #define ROW_BLOCK 96
 #define UNROLL 8 /* steps a turn of a tile's loop, its prefetches issued once a turn. One step a turn, with a test
                   * and a branch for the prefetch at each, kept an AMD Zen 3 (AVX2 only) at 55-60 % of its

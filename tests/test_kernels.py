@@ -3,7 +3,9 @@ their own and inside the model; and their fallback to torch's operations where t
 where they are turned off (LLAMA_KERNELS=0) or there is no C compiler; with one, a build that fails fails them."""
 
 import logging
+import os
 import platform
+import subprocess
 
 import pytest
 import torch
@@ -374,3 +376,19 @@ def test_a_shared_cache_keeps_one_library_per_cpu(monkeypatch, tmp_path):
     kernels.build(flags)
     assert len(list(tmp_path.glob("kernels-*.so"))) == 2
     assert not [p for p in tmp_path.iterdir() if not p.name.startswith("kernels-")]  # no temporary files left
+
+
+@needs_kernels
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the x86 instruction sets' builds")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64-v4", "sapphirerapids"])
+def test_kernels_compile_for_each_x86_kind(march, tmp_path):
+    """kernels.c holds code for AVX2, AVX-512 and AVX-512 BF16 with AMX, and a machine builds only its own
+    (-march=native): each is compiled here, not run, so that a change made on one CPU kind can't break another's
+    build unseen (a macro once took the name of a parameter in AVX-512 BF16's code). Unoptimised: a second each."""
+    flags = [f"-march={march}" if f == "-march=native" else "-O0" if f == "-O3" else f for f in kernels.FLAGS]
+    cc = os.environ.get("CC", "cc")
+    done = subprocess.run([cc, *flags, "-o", str(tmp_path / "kernels.so"), str(kernels.SOURCE), "-lm"],
+                          capture_output=True, text=True)
+    if done.returncode and f"-march={march}" in done.stderr and "bad value" in done.stderr:
+        pytest.skip(f"{cc} does not know -march={march}")
+    assert done.returncode == 0, done.stderr
