@@ -459,7 +459,7 @@ class Attention(nn.Module):
             keys, values = self.cache_kv[:, w.rows, :, w.first_key:w.key_end]
             mask = w.mask
             if last_only and seqlen > 1:
-                q, mask, seqlen = q[:, -1:], mask[:, :, -1:] if mask is not None else None, 1
+                q, mask, seqlen = q[:, -1:], mask[..., -1:, :] if mask is not None else None, 1
             if seqlen == 1:
                 # Decoding: the query heads that share a KV head go in as the queries of one head (the mask,
                 # (bsz, 1, 1, key_end), broadcasts over them). enable_gqa's CPU kernel is 10-20x slower here.
