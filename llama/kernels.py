@@ -124,6 +124,16 @@ def library() -> Optional[ctypes.CDLL]:
         return None
 
 
+def _reads_the_cache(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """What both attention kernels ask of their arguments: on the CPU, a head_dim they take (q's last; a multiple
+    of 64, at most MAX_HEAD_DIM), keys and values of one dtype, shape and layout, each position's head_dim
+    contiguous, and no autograd."""
+    dim = q.shape[-1]
+    return (q.device.type == "cpu" and dim % 64 == 0 and dim <= MAX_HEAD_DIM and keys.dtype == values.dtype
+            and keys.shape == values.shape and keys.stride() == values.stride() and keys.stride(2) == dim
+            and keys.stride(3) == 1 and not (torch.is_grad_enabled() and q.requires_grad))
+
+
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Attention of one query token per row, the query heads that share a KV head grouped: q (batch, kv_heads,
@@ -133,11 +143,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     scale, or None where the kernel doesn't apply (not on the CPU, dtypes, layout, autograd, or no kernels), for
     the caller to use torch's."""
     bsz, kv_heads, group, dim = q.shape
-    applies = (q.device.type == "cpu" and q.dtype in _DTYPES and keys.dtype == values.dtype
-               and keys.dtype in (q.dtype, torch.bfloat16)
-               and dim % 64 == 0 and dim <= MAX_HEAD_DIM and group <= MAX_GROUP and keys.shape == values.shape
-               and keys.stride() == values.stride() and keys.stride(2) == dim and keys.stride(3) == 1
-               and not (torch.is_grad_enabled() and q.requires_grad)
+    applies = (_reads_the_cache(q, keys, values) and q.dtype in _DTYPES and keys.dtype in (q.dtype, torch.bfloat16)
+               and group <= MAX_GROUP
                and (mask is None or (mask.dtype == q.dtype and mask.shape == (bsz, 1, 1, keys.shape[2])
                                      and mask.stride(3) == 1)))
     lib = library() if applies else None
@@ -164,12 +171,9 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
     or no kernels), for the caller to use torch's. bf16 queries (a CPU with native bf16) are left to torch."""
     bsz, heads, tokens, dim = q.shape
     kv_heads = keys.shape[1]
-    applies = (q.device.type == "cpu" and q.dtype == torch.float32 and keys.dtype == values.dtype
-               and keys.dtype in _DTYPES and keys.shape == values.shape == (bsz, kv_heads, tokens, dim)
-               and heads % kv_heads == 0 and dim % 64 == 0 and dim <= MAX_HEAD_DIM
-               and q.stride(3) == 1 and q.stride(1) == dim and keys.stride() == values.stride()
-               and keys.stride(2) == dim and keys.stride(3) == 1
-               and not (torch.is_grad_enabled() and q.requires_grad))
+    applies = (_reads_the_cache(q, keys, values) and q.dtype == torch.float32 and keys.dtype in _DTYPES
+               and keys.shape == (bsz, kv_heads, tokens, dim) and heads % kv_heads == 0
+               and q.stride(3) == 1 and q.stride(1) == dim)
     lib = library() if applies else None
     if lib is None:
         return None
