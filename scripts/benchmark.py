@@ -19,6 +19,7 @@ each pair of figures timed in turns.
 """
 
 import argparse
+import functools
 import inspect
 import json
 import os
@@ -50,6 +51,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def seconds(fn: Callable, device: torch.device) -> float:
+    """Seconds of one call of fn, the device's queued work waited for before and after it."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def timed(fn: Callable, device: torch.device, reps: int) -> float:
     """Median seconds of reps calls, after one warm-up call."""
     return timed_in_turns({0: fn}, device, reps)[0]
@@ -61,12 +71,9 @@ def timed_in_turns(fns: Dict[Hashable, Callable], device: torch.device, reps: in
     times: Dict[Hashable, list] = {key: [] for key in fns}
     for rep in range(reps + 1):
         for key, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
+            t = seconds(fn, device)
             if rep:
-                times[key].append(time.perf_counter() - start)
+                times[key].append(t)
     return {key: statistics.median(t) for key, t in times.items()}
 
 
@@ -145,16 +152,13 @@ def mixed_batch(g: Llama, reps: int, token_by_token: bool = False) -> Tuple[floa
     of the reference's way, timed halfway through them: a drift of the host's speed over the minutes between
     then moves both alike, and their ratio (a target) holds."""
     prompts = mixed_prompts(g)
-    g.generate(prompts, 64, temperature=0)
+    run = functools.partial(g.generate, prompts, 64, temperature=0)
+    run()
     times, t_ref = [], None
     for rep in range(reps):
         if token_by_token and rep == reps // 2:
             t_ref = mixed_token_by_token(g)
-        sync(g.device)
-        start = time.perf_counter()
-        g.generate(prompts, 64, temperature=0)
-        sync(g.device)
-        times.append(time.perf_counter() - start)
+        times.append(seconds(run, g.device))
     return statistics.median(times), t_ref
 
 
