@@ -177,9 +177,9 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
     lib = library() if applies else None
     if lib is None:
         return None
-    out = torch.empty(bsz, tokens, heads, dim)
+    out = torch.empty(bsz, tokens, heads, dim, dtype=torch.float32)  # whatever torch's default dtype is
     span = -(-tokens // BLOCK) * BLOCK * dim  # keys transposed BLOCK positions at a time
-    scratch = torch.empty(2 * bsz * kv_heads * span)
+    scratch = torch.empty(2 * bsz * kv_heads * span, dtype=torch.float32)
     lib.prefill_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), scratch.data_ptr(), bsz,
                           tokens, kv_heads, heads // kv_heads, dim, q.stride(0), q.stride(2), keys.stride(0),
                           keys.stride(1), dim ** -0.5, torch.get_num_threads(), int(keys.dtype == torch.bfloat16))

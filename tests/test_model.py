@@ -36,6 +36,25 @@ def test_logits_match_float64_reference(make_ckpt, params):
         torch.testing.assert_close(row.double(), want, rtol=1e-4, atol=1e-4)
 
 
+def test_logits_do_not_depend_on_torch_default_dtype(make_ckpt, default_dtype_guard):
+    """Research code sets torch's default dtype (Meta's scripts set a default tensor type) and then calls the
+    model: what the model allocates for itself keeps its own dtype. head_dim 64: a prompt's attention runs in
+    kernels.c's prefill_attention, whose buffers once took the default (float64: wrong logits; bf16: a heap
+    overrun)."""
+    params = {"dim": 128, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 32, "norm_eps": 1e-5,
+              "vocab_size": -1}
+    ckpt, state = make_ckpt(params)
+    model = build_model(ckpt, state)
+    tokens = prompt(20)
+    want = reference_logits(state, {**params, "vocab_size": VOCAB}, tokens)
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = model.forward(torch.tensor([tokens]), 0)[0]
+    finally:
+        torch.set_default_dtype(torch.float32)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
 def test_hidden_dim_matches_meta_shapes():
     # Llama 2 7B, 13B, 70B and Code Llama 34B: the SwiGLU widths of Meta's released weights.
     assert ModelArgs(dim=4096, multiple_of=256).hidden_dim == 11008
