@@ -274,28 +274,42 @@ class Llama:
         return tokens, probs
 
     def _generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float,
-                  logprobs: bool, echo: bool, stop_tokens: Optional[Collection[int]]
+                  logprobs: bool, echo: bool, stop_tokens: Optional[Collection[int]],
+                  names: Optional[List[str]] = None
                   ) -> Tuple[List[List[int]], Optional[List[List[float]]], List[Optional[int]]]:
-        """generate's results, and the stop token each prompt's generation ended with (None where none did)."""
+        """generate's results, and the stop token each prompt's generation ended with (None where none did).
+
+        Each prompt gets up to min(max_gen_len, max_seq_len - its length) tokens, as in Meta's code, whatever else
+        is in its batch: a row that the batch's longest prompt leaves less room (its rows end at one position) and
+        that reaches the cache's end before its own limit or a stop token is continued afterwards, its prompt and
+        tokens so far prefilled as a new prompt. names: what errors call each prompt ("prompt i" by default)."""
         prompt_tokens = _listed(prompt_tokens)
-        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop_tokens, echo)
+        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop_tokens, echo, names)
         stop = self.tokenizer.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
-        n = len(prompt_tokens)
+        n, max_seq_len = len(prompt_tokens), self.model.params.max_seq_len
+        prompts, room = list(prompt_tokens), [min(max_gen_len, max_seq_len - len(p)) for p in prompt_tokens]
         tokens: List[List[int]] = [[] for _ in range(n)]
         probs: List[List[float]] = [[] for _ in range(n)]
         ends: List[Optional[int]] = [None] * n
+        todo, first = list(range(n)), True
         with self._turn:  # whole: another thread's call waits for it, and it for theirs
-            for rows in self._row_groups(prompt_tokens):
-                batch = _Batch.of([prompt_tokens[i] for i in rows], max_gen_len, self.model.params.max_seq_len,
-                                  self.device, logprobs, rows)
-                end = batch.prompt_len
-                for pos in self._steps(batch, temperature, top_p, stop, score_prompts=logprobs and echo):
-                    end = pos + 1
-                more_tokens, more_probs, more_ends = batch.results(end, stop, echo)
-                for j, i in enumerate(rows):
-                    tokens[i], ends[i] = more_tokens[j], more_ends[j]
-                    if more_probs is not None:
-                        probs[i] = more_probs[j]
+            while todo:
+                cut_short = []
+                for group in self._row_groups([prompts[i] for i in todo]):
+                    rows = [todo[k] for k in group]
+                    batch = _Batch.of([prompts[i] for i in rows], [room[i] for i in rows], max_seq_len, self.device,
+                                      logprobs, rows, names)
+                    end = batch.prompt_len
+                    for pos in self._steps(batch, temperature, top_p, stop, score_prompts=logprobs and echo and first):
+                        end = pos + 1
+                    for i, row, row_probs, ends[i] in batch.results(end, stop, echo and first):
+                        tokens[i] += row
+                        probs[i] += row_probs
+                        new = row[len(prompts[i]):] if echo and first else row
+                        if ends[i] is None and len(new) < room[i]:  # the cache's end came first
+                            prompts[i], room[i] = prompts[i] + new, room[i] - len(new)
+                            cut_short.append(i)
+                todo, first = cut_short, False
         return tokens, (probs if logprobs else None), ends
 
     def _row_groups(self, prompt_tokens: List[List[int]]) -> Iterator[List[int]]:
@@ -362,11 +376,10 @@ class Llama:
         tokens[:, pos] = next_token
         if batch.logprobs is not None:
             batch.logprobs[:, pos] = _logprobs_of(logits, next_token)
-        done |= torch.isin(next_token, stop_ids)
+        done |= torch.isin(next_token, stop_ids) | (batch.last <= pos)
         all_done, all_finite = torch.stack((done.all(), finite.all())).tolist()
         if not all_finite:
-            raise ValueError(self._not_finite(batch.index[batch.order[int(finite.logical_not().nonzero()[0])]],
-                                              pos - prompt_len + 1))
+            raise ValueError(self._not_finite(batch.name(int(finite.logical_not().nonzero()[0])), pos - prompt_len + 1))
         batch.runs = self.model.runs
         return all_done
 
@@ -390,16 +403,17 @@ class Llama:
             last.append(logits[:, -1])
         return torch.cat(last)
 
-    def _not_finite(self, prompt: int, token: int) -> str:
+    def _not_finite(self, prompt: str, token: int) -> str:
         why = ("float16 holds values up to 65504 and the activations went past it: build with dtype='bfloat16' "
                "(or 'float32')" if self.model.compute_dtype == torch.float16 else
                "the checkpoint's weights may hold NaN or infinity (a shard damaged on disk or in the download: "
                "check them with `md5sum -c checklist.chk` in the checkpoint's folder)")
-        return (f"prompt {prompt}: the logits for generated token {token} are not finite (NaN, +infinity, or "
+        return (f"{prompt}: the logits for generated token {token} are not finite (NaN, +infinity, or "
                 f"-infinity for every token): {why}")
 
     def _check_generate_args(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float,
-                             top_p: float, stop_tokens: Optional[Collection[int]], echo: bool) -> None:
+                             top_p: float, stop_tokens: Optional[Collection[int]], echo: bool,
+                             names: Optional[List[str]] = None) -> None:
         distributed.agree("to generate", prompts=hashlib.sha1(repr(prompt_tokens).encode()).hexdigest()[:12],
                           max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop_tokens=stop_tokens,
                           echo=echo)
@@ -414,15 +428,16 @@ class Llama:
         if not prompt_tokens:
             raise ValueError("no prompts given: pass at least one")
         for i, p in enumerate(prompt_tokens):
+            name = names[i] if names else f"prompt {i}"
             if not isinstance(p, (list, tuple)):
-                raise ValueError(f"prompt {i} must be a list of token ids, got {type(p).__name__}")
+                raise ValueError(f"{name} must be a list of token ids, got {type(p).__name__}")
             if not p:
-                raise ValueError(f"prompt {i} is empty: give it at least one token")
+                raise ValueError(f"{name} is empty: give it at least one token")
             if len(p) > params.max_seq_len or (len(p) == params.max_seq_len and not echo):  # echo: scoring it
-                raise ValueError(f"prompt {i} has {len(p)} tokens, which leave no room for a new one within "
+                raise ValueError(f"{name} has {len(p)} tokens, which leave no room for a new one within "
                                  f"max_seq_len {params.max_seq_len}: shorten it or build with a larger max_seq_len")
             if not in_vocab(p):
-                raise ValueError(f"prompt {i} must be a list of token ids in [0, {params.vocab_size})")
+                raise ValueError(f"{name} must be a list of token ids in [0, {params.vocab_size})")
         if max_gen_len is None:  # generate's is Meta's: no default
             raise ValueError("max_gen_len must be an integer >= 0, got None")
         check_sampling(max_gen_len, temperature, top_p)
@@ -436,7 +451,7 @@ class Llama:
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a list of strings")
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-        tokens, probs = self.generate(prompt_tokens, self._gen_len(prompt_tokens, max_gen_len), temperature,
+        tokens, probs = self.generate(prompt_tokens, self._gen_len(max_gen_len), temperature,
                                       top_p, logprobs, echo)
         return [self._prediction(self.tokenizer.decode(t), t, probs[i] if logprobs else None)
                 for i, t in enumerate(tokens)]
@@ -452,7 +467,7 @@ class Llama:
             raise ValueError("prefixes and suffixes must be two lists of strings of the same length, one suffix "
                              "per prefix")
         prompt_tokens = [infilling_prompt(self.tokenizer, p, s, suffix_first) for p, s in zip(prefixes, suffixes)]
-        tokens, probs = self.generate(prompt_tokens, self._gen_len(prompt_tokens, max_gen_len), temperature, top_p,
+        tokens, probs = self.generate(prompt_tokens, self._gen_len(max_gen_len), temperature, top_p,
                                       logprobs, stop_tokens={self.tokenizer.eot_id, self.tokenizer.eos_id})
         results: List[InfillingPrediction] = []
         for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
@@ -477,9 +492,9 @@ class Llama:
             self._prediction({**answer, "content": UNSAFE_ERROR}, [], [] if logprobs else None) for _ in dialogs]
         if safe:
             prompt_tokens = [encoded[i] for i in safe]
-            tokens, probs, ends = self._generate(prompt_tokens, self._gen_len(prompt_tokens, max_gen_len),
-                                                 temperature, top_p, logprobs, echo=False,
-                                                 stop_tokens=self.formatter.stop_tokens)
+            tokens, probs, ends = self._generate(prompt_tokens, self._gen_len(max_gen_len), temperature, top_p,
+                                                 logprobs, echo=False, stop_tokens=self.formatter.stop_tokens,
+                                                 names=[f"dialog {i}" for i in safe])
             for j, i in enumerate(safe):
                 message = self.formatter.decode_answer(tokens[j], ends[j])
                 results[i] = self._prediction(message, tokens[j], probs[j] if logprobs else None)
@@ -506,11 +521,11 @@ class Llama:
             if self.formatter.is_unsafe(prompt):
                 yield UNSAFE_ERROR
                 return
-        max_gen_len = self._gen_len([ids], max_gen_len)
+        max_gen_len = self._gen_len(max_gen_len)
         self._check_generate_args([ids], max_gen_len, temperature, top_p, None, echo=False)
         cached = distributed.least(self._cached_prefix(ids) if keep_cache else 0)  # (a weight edited on one rank)
         self._kept = None
-        batch = _Batch.of([ids], max_gen_len, self.model.params.max_seq_len, self.device, logprobs=False)
+        batch = _Batch.of([ids], [max_gen_len], self.model.params.max_seq_len, self.device, logprobs=False)
         # Only the tokens from the last one already said are decoded each step (with it, for what comes between
         # them, such as SentencePiece's spaces): text of the whole so far would cost a decode as long as it.
         window: List[int] = []
@@ -553,11 +568,9 @@ class Llama:
                 [id(h) for d in hook_dicts(self.model.modules()) for h in d.values()],
                 [(type(m), type(m).forward, m.__dict__.get("forward")) for m in self.model.replaceable_modules()])
 
-    def _gen_len(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int]) -> int:
-        """Meta's default: as much as max_seq_len leaves after the longest prompt (at least one token)."""
-        if max_gen_len is not None:
-            return max_gen_len
-        return max(1, self.model.params.max_seq_len - max((len(p) for p in prompt_tokens), default=0))
+    def _gen_len(self, max_gen_len: Optional[int]) -> int:
+        """Meta's default: max_seq_len - 1, which leaves each prompt all of max_seq_len after it."""
+        return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
 
     def _prediction(self, generation: Union[str, Message], tokens: List[int], logprobs: Optional[List[float]]) -> dict:
         if logprobs is None:
@@ -567,51 +580,55 @@ class Llama:
 
 @dataclass
 class _Batch:
-    """Prompts continued together: sorted longest first (``order[i]``: row i's place among the batch's prompts,
-    the caller's ``index[order[i]]``), left-padded to end at one position, ``prompt_len``, after which the rows
-    decode in step."""
+    """Prompts continued together: sorted longest first (``order[i]``: row i's place among the batch's prompts),
+    left-padded to end at one position, ``prompt_len``, after which the rows decode in step, each up to its own
+    number of tokens (``last[i]``: row i's last position)."""
     prompts: List[List[int]]
     order: List[int]
     tokens: torch.Tensor  # (rows, positions): the padded prompts, then the tokens sampled
     pad: torch.Tensor  # (rows,): each row's padding
+    last: torch.Tensor  # (rows,): the position of each row's last token to generate
     logprobs: Optional[torch.Tensor]  # (rows, positions): each token's log-probability, with logprobs=True
     index: List[int]  # the caller's index of each of the batch's prompts
+    names: Optional[List[str]] = None  # what errors call each of the caller's prompts, by the caller's index
     runs: int = 0  # the model's runs (``Transformer.runs``) after the batch's last step
 
     @staticmethod
-    def of(prompt_tokens: List[List[int]], max_gen_len: int, max_seq_len: int, device: torch.device,
-           logprobs: bool, index: Optional[List[int]] = None) -> "_Batch":
+    def of(prompt_tokens: List[List[int]], gen_lens: List[int], max_seq_len: int, device: torch.device,
+           logprobs: bool, index: Optional[List[int]] = None, names: Optional[List[str]] = None) -> "_Batch":
         order = sorted(range(len(prompt_tokens)), key=lambda i: -len(prompt_tokens[i]))  # equal lengths adjoin
         prompts = [prompt_tokens[i] for i in order]
         prompt_len = len(prompts[0])
-        tokens = torch.zeros((len(prompts), min(max_seq_len, prompt_len + max_gen_len)), dtype=torch.long,
+        tokens = torch.zeros((len(prompts), min(max_seq_len, prompt_len + max(gen_lens))), dtype=torch.long,
                              device=device)
         for i, p in enumerate(prompts):
             tokens[i, prompt_len - len(p):prompt_len] = torch.tensor(p, dtype=torch.long)
         pad = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
-        scores = torch.zeros(tokens.shape, device=device) if logprobs else None
-        return _Batch(prompts, order, tokens, pad, scores, index or list(range(len(prompts))))
+        last = torch.tensor([prompt_len + gen_lens[i] - 1 for i in order], device=device)
+        scores = torch.zeros(tokens.shape, dtype=torch.float32, device=device) if logprobs else None
+        return _Batch(prompts, order, tokens, pad, last, scores, index or list(range(len(prompts))), names)
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompts[0])
 
+    def name(self, row: int) -> str:
+        """What errors call row's prompt."""
+        i = self.index[self.order[row]]
+        return self.names[i] if self.names else f"prompt {i}"
+
     def results(self, end: int, stop: Collection[int], echo: bool
-                ) -> Tuple[List[List[int]], Optional[List[List[float]]], List[Optional[int]]]:
-        """Each row's tokens up to position end, cut at its first stop token after its prompt (with the prompt
-        when echo), their log-probabilities, and that stop token (None if there is none), in the caller's order."""
-        out_tokens: List[List[int]] = [[] for _ in self.prompts]
-        out_logprobs: List[List[float]] = [[] for _ in self.prompts]
-        out_ends: List[Optional[int]] = [None for _ in self.prompts]
+                ) -> Iterator[Tuple[int, List[int], List[float], Optional[int]]]:
+        """For each row, by the caller's index: its tokens up to position end or its last, cut at its first stop
+        token after its prompt (with the prompt when echo), their log-probabilities (empty without logprobs), and
+        that stop token (None if there is none)."""
+        last = self.last.tolist()
         for i, row in enumerate(self.tokens[:, :end].tolist()):
-            generated = row[self.prompt_len:]
-            last = self.prompt_len + next((j for j, t in enumerate(generated) if t in stop), len(generated))
-            first = int(self.pad[i]) if echo else self.prompt_len
-            out_tokens[self.order[i]] = row[first:last]
-            out_ends[self.order[i]] = row[last] if last < len(row) else None
-            if self.logprobs is not None:
-                out_logprobs[self.order[i]] = self.logprobs[i, first:last].tolist()
-        return out_tokens, (out_logprobs if self.logprobs is not None else None), out_ends
+            generated = row[self.prompt_len:last[i] + 1]
+            n = next((j for j, t in enumerate(generated) if t in stop), len(generated))
+            first, cut = int(self.pad[i]) if echo else self.prompt_len, self.prompt_len + n
+            probs = self.logprobs[i, first:cut].tolist() if self.logprobs is not None else []
+            yield self.index[self.order[i]], row[first:cut], probs, generated[n] if n < len(generated) else None
 
 
 def _logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

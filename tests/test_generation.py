@@ -124,6 +124,33 @@ def test_more_prompts_than_max_batch_size_go_in_turns(gqa):
     assert len(g.chat_completion(dialogs, max_gen_len=2, temperature=0)) == 6
 
 
+def test_each_prompt_gets_its_own_room_within_max_seq_len(gqa):
+    """As in Meta's code, a prompt gets min(max_gen_len, max_seq_len - its length) tokens, whatever else is in its
+    batch: rows end at one position, so a short prompt beside a long one reaches the cache's end first, and is
+    continued after it. Each row the reference's greedy tokens, as many as its room; with echo and logprobs too;
+    and max_gen_len=None leaves each prompt all of max_seq_len, as Meta's default (max_seq_len - 1) does."""
+    g, state = gqa
+    max_seq_len = g.model.params.max_seq_len
+    prompts = [[1] + [(37 * i) % (VOCAB - 3) + 3 for i in range(n)] for n in (max_seq_len - 12, 1, 30, 20)]
+    tokens, _ = g.generate(prompts, max_gen_len=30, temperature=0, stop_tokens=[])
+    rooms = [min(30, max_seq_len - len(p)) for p in prompts]
+    assert [len(t) for t in tokens] == rooms == [11, 30, 30, 30]
+    for p, row, room in zip(prompts, tokens, rooms):
+        assert row == greedy(state, PARAMS, p, room)
+    echoed, probs = g.generate(prompts, max_gen_len=30, temperature=0, stop_tokens=[], logprobs=True, echo=True)
+    assert echoed == [p + t for p, t in zip(prompts, tokens)]
+    for row, lps in zip(echoed, probs):
+        want = torch.log_softmax(reference_logits(state, PARAMS, row), dim=-1)
+        assert lps == pytest.approx([0.0] + [float(want[i - 1, row[i]]) for i in range(1, len(row))], abs=1e-3)
+    texts = ["Hi", "A prompt long enough to take most of the cache's positions, one word after another " * 2]
+    answers = g.text_completion(texts, max_gen_len=None, temperature=0, logprobs=True)
+    for text, answer in zip(texts, answers):
+        prompt = g.tokenizer.encode(text, bos=True, eos=False)
+        want = greedy(state, PARAMS, prompt, max_seq_len - len(prompt), stop=g.tokenizer.eos_id)
+        assert [g.tokenizer.token_names([t])[0] for t in want] == answer["tokens"]
+    assert len(answers[0]["tokens"]) > max_seq_len - len(g.tokenizer.encode(texts[1], bos=True, eos=False))
+
+
 def test_each_row_stops_at_its_own_eos(gqa):
     g, state = gqa
     prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in ["one", "two three"]]
