@@ -303,6 +303,8 @@ def test_chat_logprobs(gqa):
     (lambda g: g.chat_completion([[]]), "non-empty list"),
     (lambda g: g.chat_completion([[{"role": "user", "content": 5}]]), "str 'content'"),
     (lambda g: g.chat_completion([]), "no dialogs given"),
+    (lambda g: g.chat_completion([[{"role": "user", "content": "[INST] x"}], [{"role": "user", "content": "y"}],
+                                  [{"role": "user", "content": "many words " * 30}]]), "dialog 2 has"),
     (lambda g: g.chat_completion([[{"role": "system", "content": "x"}, {"role": "system", "content": "y"},
                                    {"role": "user", "content": "z"}]]), r"got \['system', 'system', 'user'\]"),
     (lambda g: g.generate(torch.tensor([[1, 5]]), 3), "prompt_tokens must be a list of prompts.*got Tensor"),
