@@ -15,8 +15,8 @@ def check_sampling(max_gen_len: Optional[int], temperature: float, top_p: float)
         raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
     if not is_number(temperature) or not 0 <= temperature < math.inf:  # NaN fails too
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if not is_number(top_p) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if not is_number(top_p) or not 0 <= top_p <= 1:  # 0: the most likely token alone, as Meta's
+        raise ValueError(f"top_p must be a number in [0, 1], got {top_p!r}")
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float,

@@ -85,10 +85,13 @@ class Tokenizer:
         return [self.decode([i]) for i in ids]
 
     def _ids(self, ids: Sequence[int]) -> List[int]:
-        """ids for decoding as a list of ints (from a 1-D tensor too), or an error naming the first bad one. The
-        padding id of Meta's generate, -1, is left out, as Code Llama's decode does."""
-        if isinstance(ids, torch.Tensor) and ids.dim() == 1 and not ids.is_floating_point():
+        """ids for decoding as a list of ints (from a 1-D tensor too, or one id alone, as Meta's generation.py
+        decodes each token of a prediction's "tokens"), or an error naming the first bad one. The padding id of
+        Meta's generate, -1, is left out, as Code Llama's decode does."""
+        if isinstance(ids, torch.Tensor) and ids.dim() <= 1 and not ids.is_floating_point():
             ids = ids.tolist()
+        if isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
+            ids = [ids]
         if isinstance(ids, (str, bytes, torch.Tensor)) or not isinstance(ids, Iterable):
             raise ValueError(f"can only decode a list of token ids, got {type(ids).__name__}")
         out = []
@@ -186,7 +189,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         ids = self.sp_model.encode(_utf8(s))
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+        return [self.bos_id] * bool(bos) + ids + [self.eos_id] * bool(eos)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp_model.decode(self._ids(ids))
@@ -366,7 +369,7 @@ class TiktokenTokenizer(Tokenizer):
                 ids += self.model.encode(part, allowed_special=allowed_special, disallowed_special=disallowed_special)
         except ValueError as e:  # tiktoken's, for a disallowed one
             raise ValueError(f"{str(e).splitlines()[0]} (refused by disallowed_special)") from None
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+        return [self.bos_id] * bool(bos) + ids + [self.eos_id] * bool(eos)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Bytes that aren't whole UTF-8 characters (ids cut mid-character) decode as U+FFFD."""

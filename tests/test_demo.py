@@ -148,7 +148,7 @@ def test_examples_want_both_checkpoint_arguments_or_neither():
     ("example_text_completion.py", ["--max_gen_length", "5"],
      "error: unknown flag --max_gen_length: did you mean --max_gen_len? the flags are --ckpt_dir, "),
     ("example_chat_completion.py", ["--temperature", "-1"], "error: temperature must be a finite number >= 0"),
-    ("scripts/chat.py", ["--top-p=0"], "error: top_p must be a number in (0, 1]"),
+    ("scripts/chat.py", ["--top-p=1.5"], "error: top_p must be a number in [0, 1]"),
     ("example_text_completion.py", ["-max_gen_length", "5"], "error: unknown flag -max_gen_length: did you mean "),
     ("example_text_completion.py", ["--ckpt_dir"], "error: --ckpt_dir needs a value"),
     ("example_infilling.py", ["--suffix_first=false"], "error: --suffix_first is true or false"),

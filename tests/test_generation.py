@@ -284,7 +284,7 @@ def test_chat_logprobs(gqa):
     (lambda g: g.text_completion(["a"], temperature=-0.1), "temperature"),
     (lambda g: g.text_completion(["a"], temperature=float("nan")), "temperature"),
     (lambda g: g.text_completion(["a"], top_p=float("nan")), "top_p"),
-    (lambda g: g.text_completion(["a"], top_p=0), "top_p"),
+    (lambda g: g.text_completion(["a"], top_p=-0.1), "top_p"),
     (lambda g: g.text_completion(["a"], top_p=1.5), "top_p"),
     (lambda g: g.text_completion(["a"], max_gen_len=-1), "max_gen_len"),
     (lambda g: g.text_completion([3]), "list of strings"),

@@ -18,8 +18,11 @@ def test_top_p_keeps_the_smallest_nucleus_and_renormalises():
     counts = torch.bincount(picks, minlength=4).double() / len(picks)
     assert counts[0] == 0 and counts[2] == 0
     assert abs(counts[1] - 0.5 / 0.75) < 0.02 and abs(counts[3] - 0.25 / 0.75) < 0.02
-    # A tiny p keeps the most likely token only.
+    # A tiny p, or 0 (which Meta's takes), keeps the most likely token only.
     assert torch.all(sample_top_p(probs[:100], 1e-6, g) == 1)
+    assert torch.all(sample_top_p(probs[:100], 0, g) == 1)
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(sample(logits, 1.0, 0.0, g), logits.argmax(-1))
 
 
 def test_temperature_flattens_the_distribution():

@@ -168,7 +168,7 @@ def test_keep_cache_after_a_stream_of_no_tokens(llama2, monkeypatch):
 
 def test_bad_input_is_a_clear_error(llama2):
     g = llama2[0]
-    for prompt, kwargs, match in (("hi", {"top_p": 0}, "top_p"), ("hi", {"max_gen_len": -1}, "max_gen_len"),
+    for prompt, kwargs, match in (("hi", {"top_p": -0.1}, "top_p"), ("hi", {"max_gen_len": -1}, "max_gen_len"),
                                   (5, {}, "dialog 0"), ([{"role": "user"}], {}, "dialog 0")):
         with pytest.raises(ValueError, match=match):
             list(g.stream(prompt, **kwargs))

@@ -6,6 +6,7 @@ import re
 import shutil
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,6 +164,15 @@ def test_bos_and_eos_flags(llama3):
         llama3.encode(b"hi", bos=False, eos=False)
 
 
+@pytest.mark.parametrize("kind", ["llama2", "llama3"])
+def test_bos_and_eos_are_flags_of_any_truth_value(kind, request):
+    """Meta's tests them with ``if``: numpy's bools, None and 2 mean what their truth does."""
+    tok = request.getfixturevalue(kind)
+    ids = tok.encode("hi", bos=False, eos=False)
+    assert tok.encode("hi", bos=np.True_, eos=None) == [tok.bos_id] + ids
+    assert tok.encode("hi", bos=0, eos=2) == ids + [tok.eos_id]
+
+
 def test_decode_survives_split_characters(llama3):
     ids = llama3.encode("😀", bos=False, eos=False)
     assert len(ids) > 1  # the emoji's 4 bytes are more than one token
@@ -210,14 +220,16 @@ def test_sentencepiece_unchanged(llama2):
 
 
 @pytest.mark.parametrize("kind", ["llama2", "llama3"])
-def test_decode_takes_a_tensor_and_refuses_what_is_not_token_ids(kind, request):
+def test_decode_takes_a_tensor_or_one_id_and_refuses_what_is_not_token_ids(kind, request):
     tok = request.getfixturevalue(kind)
     ids = tok.encode("In the beginning", bos=False, eos=False)
     assert tok.decode(torch.tensor(ids)) == tok.decode(ids) == "In the beginning"
+    # One id alone, as Meta's generation.py decodes each token of a prediction's "tokens" (SentencePiece takes it).
+    assert [tok.decode(i) for i in ids] == [tok.decode(torch.tensor(i)) for i in ids] == tok.token_names(ids)
     assert tok.decode([-1] + ids + [-1, -1]) == "In the beginning"  # Meta's padding, left out as Code Llama's
     for bad, said in ((ids + [tok.n_words], f"cannot decode {tok.n_words}"), ([-2], "cannot decode -2"),
-                      ("abc", "got str"), ([1.0], "cannot decode 1.0"), (torch.tensor(5), "got Tensor"),
-                      (7, "got int")):
+                      ("abc", "got str"), ([1.0], "cannot decode 1.0"), (1.0, "got float"),
+                      (torch.tensor([[5]]), "got Tensor"), (True, "got bool")):
         with pytest.raises(ValueError, match=said):
             tok.decode(bad)
 
