@@ -108,7 +108,7 @@ def read_params(ckpt_dir: str) -> dict:
                          "that holds params.json and consolidated.NN.pth")
     if not path.is_file():
         raise ValueError(f"{path}: missing; a checkpoint folder holds params.json and consolidated.NN.pth"
-                         + _hugging_face_hint(Path(ckpt_dir)))
+                         + (_hugging_face_hint(Path(ckpt_dir)) or _model_folders_hint(Path(ckpt_dir))))
     try:
         params = json.loads(_read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -116,6 +116,16 @@ def read_params(ckpt_dir: str) -> dict:
     if not isinstance(params, dict):
         raise ValueError(f"{path}: expected a JSON object of model parameters, got {type(params).__name__}")
     return params
+
+
+def _model_folders_hint(folder: Path) -> str:
+    """Where the folder download.sh wrote into was passed for a model's folder in it (llama-2-7b/, ...)."""
+    models = sorted(p.parent for p in folder.glob("*/params.json"))
+    if not models:
+        return ""
+    names = ", ".join(f"{m.name}/" for m in models[:6]) + (" ..." if len(models) > 6 else "")
+    return (f". The model folders in it ({names}) hold them: pass one, --ckpt_dir {models[0]}, say (with its "
+            "tokenizer.model, there or in this folder)")
 
 
 def _hugging_face_hint(folder: Path) -> str:
@@ -289,6 +299,7 @@ class Checkpoint:
         if scales:
             raise ValueError(f"{self.dir} has {scales[0]}: this is Meta's FP8 release, whose weights are scaled by "
                              "those files, which this engine doesn't apply; use the bf16 release of the model")
+        self._check_shard_count()
         args = ModelArgs.from_params({**self.params, **overrides})
         saved_vocab = self._saved_vocab()
         if args.vocab_size == -1:
@@ -303,6 +314,26 @@ class Checkpoint:
         self._check_params_match(args)
         validate(self.paths, self.shards, args, self.embed_dim(args))
         return args
+
+    def _check_shard_count(self) -> None:
+        """Fail where the shards were cut for another number of processes than there are shards: one missing that
+        no checklist.chk lists, or another checkpoint's left among them, would otherwise fail on a shape whose
+        numbers say nothing of it. The first shard's wq holds dim / k of its dim rows; norm.weight, whole in
+        every shard, is dim wide."""
+        shard = self.shards[0]
+        wq, norm = shard.get("layers.0.attention.wq.weight"), shard.get("norm.weight")
+        if (wq is None or norm is None or wq.dim() != 2 or norm.dim() != 1 or wq.shape[1] != norm.shape[0]
+                or wq.shape[0] == 0 or norm.shape[0] % wq.shape[0]):
+            return  # validate says what is wrong with them
+        cut_for, k = norm.shape[0] // wq.shape[0], len(self.shards)
+        if cut_for != k:
+            missing = [f"consolidated.{j:02d}.pth" for j in range(k, cut_for)]
+            why = (f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} missing" if missing
+                   else "shards of another checkpoint among them")
+            raise ValueError(f"{self.dir}: its shards were cut for {cut_for} processes ({self.paths[0].name} holds "
+                             f"1/{cut_for} of each split weight), but {k} {'is' if k == 1 else 'are'} here "
+                             f"({', '.join(p.name for p in self.paths)}): {why}; check the folder with md5sum -c "
+                             "checklist.chk, or download the checkpoint again")
 
     def _saved_vocab(self) -> int:
         """The vocabulary size output.weight's rows make across the shards."""
@@ -342,13 +373,16 @@ class Checkpoint:
         return 1 if k > 1 else family_embed_dim(args.vocab_size)
 
     def load_rank(self, args: ModelArgs, rank: int, world: int, dtype: Optional[torch.dtype],
-                  device: torch.device, copy: bool = False, embed_dim: int = 1) -> Dict[str, torch.Tensor]:
+                  device: torch.device, copy: bool = False,
+                  embed_dim: Optional[int] = None) -> Dict[str, torch.Tensor]:
         """This rank's slice of every weight, in ``dtype`` (None: as saved) on ``device``, whatever the number
         of shards: each weight is cut out of the concatenation of the shards along its sharded dimension.
 
-        embed_dim: the dimension to split the embedding along for these ranks, whichever the shards used.
+        embed_dim: the dimension to split the embedding along for these ranks, whichever the shards used; by
+        default the model family's (``family_embed_dim``), as the model built from args splits it.
         copy: never hand out memory-mapped tensors (for writing them elsewhere).
         """
+        embed_dim = family_embed_dim(args.vocab_size) if embed_dim is None else embed_dim
         check_split(args, world)
         saved_embed_dim = self.embed_dim(args)
         validate(self.paths, self.shards, args, saved_embed_dim)

@@ -18,8 +18,7 @@ from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dia
 from .graphs import GraphedDecoder
 from .linear import can_pack, packed_for
 from .research import edit_count, hook_dicts, replaced
-from .model import (ModelArgs, Transformer, cache_dtype_for, compute_dtype_for, cpu_has_native_bf16, family_embed_dim,
-                    is_int)
+from .model import (ModelArgs, Transformer, cache_dtype_for, compute_dtype_for, cpu_has_native_bf16, is_int)
 from .sampling import check_sampling, sample, sample_top_p
 from .tokenizer import Tokenizer
 
@@ -201,7 +200,7 @@ class Llama:
         try:
             pack, graphs = _build_flags(device, world, dtype, compute, pack_weights, cuda_graphs, compile_elementwise)
             check_fits(args, world, dtype, cache_dtype_for(dtype, compute), device)
-            state = ckpt.load_rank(args, rank, world, dtype, device, embed_dim=family_embed_dim(args.vocab_size))
+            state = ckpt.load_rank(args, rank, world, dtype, device)
             del ckpt  # unmaps what the model doesn't use
             model = Transformer(args)
             model.load_state_dict(state, strict=True, assign=True)

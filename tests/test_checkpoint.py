@@ -239,6 +239,19 @@ BROKEN = {
     "last shard missing, checklist.chk of md5sum -b": (lambda d: (
         (d / "checklist.chk").write_text((d / "checklist.chk").read_text().replace("  ", " *")),
         (d / "consolidated.01.pth").unlink()), r"checklist.chk lists \['consolidated.01.pth'\], not there"),
+    "last shard missing, no checklist.chk": (
+        lambda d: ((d / "consolidated.01.pth").unlink(), (d / "checklist.chk").unlink()),
+        r"shards were cut for 2 processes \(consolidated.00.pth holds 1/2 of each split weight\), but 1 is here "
+        r"\(consolidated.00.pth\): consolidated.01.pth missing"),
+    "shards of another checkpoint among them": (
+        lambda d: [shutil.copyfile(d / f"consolidated.0{j}.pth", d / f"consolidated.0{j + 2}.pth") for j in (0, 1)],
+        r"shards were cut for 2 processes .*but 4 are here \(consolidated.00.pth, .*consolidated.03.pth\): shards of "
+        r"another checkpoint among them"),
+    "the folder that holds the model's folder": (
+        lambda d: [p.rename((d / "llama-2-7b").mkdir(exist_ok=True) or d / "llama-2-7b" / p.name)
+                   for p in list(d.iterdir())],
+        r"params.json: missing.*The model folders in it \(llama-2-7b/\) hold them: pass one, --ckpt_dir "
+        r".*broken/llama-2-7b"),
     "last shard missing": (lambda d: (d / "consolidated.01.pth").unlink(),
                            r"checklist.chk lists \['consolidated.01.pth'\], not there: the download or copy is "),
     "wrong shape": (lambda d: resave(d / "consolidated.01.pth", lambda s: s.update(
