@@ -466,6 +466,8 @@ def save(shards: Iterable[Dict[str, torch.Tensor]], params: dict, out_dir: str) 
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for path in leftovers(out):
+        path.unlink()
     written: Dict[str, Path] = {}
     try:
         written["params.json"] = _partial(out / "params.json")
@@ -492,6 +494,15 @@ def save(shards: Iterable[Dict[str, torch.Tensor]], params: dict, out_dir: str) 
 def _partial(path: Path) -> Path:
     """Where path is written before it is renamed into place."""
     return path.with_name(f".{path.name}.partial")
+
+
+PARTIAL_NAME = re.compile(r"\.(params\.json|checklist\.chk|tokenizer\.model|consolidated\.\d+\.pth)\.partial")
+
+
+def leftovers(folder: Path) -> List[Path]:
+    """The temporary files (``_partial``) that a write killed before its end (kill -9, the kernel's OOM killer)
+    left in folder, hidden from ls: of the names only this module gives."""
+    return [p for p in folder.glob(".*.partial") if PARTIAL_NAME.fullmatch(p.name) and p.is_file()]
 
 
 def replace(path: Path, write: Callable[[Path], object]) -> None:

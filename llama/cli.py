@@ -19,7 +19,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import fire
 import torch.distributed as dist
 
-from . import distributed
+from . import checkpoint, distributed
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "models" / "demo"
 DEMO_MAX_GEN_LEN = 64  # the demo model was trained on sequences of 256 tokens: its default max_gen_len
@@ -59,11 +59,12 @@ def output_dir(path: str, force: Optional[bool] = None) -> Iterator[Path]:
     """The folder a script writes a checkpoint into: a folder or nothing yet, and empty unless force (None: the
     script has no --force). Where the writing fails, or is interrupted (Ctrl-C, or SIGTERM from ``kill``, a
     timeout or a job scheduler), a folder that was empty is emptied again (itself kept, with its permissions, or
-    the link to it) and one that was absent removed: a second try would refuse it half-written, as not empty."""
+    the link to it) and one that was absent removed: a second try would refuse it half-written, as not empty. A
+    folder holding only what a killed write left (``checkpoint.leftovers``) counts as empty."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out_dir {out} is a file: name a folder (it is made if it doesn't exist)")
-    empty = not out.exists() or not any(out.iterdir())
+    empty = not out.exists() or set(out.iterdir()) <= set(checkpoint.leftovers(out))  # (save removes those)
     if not empty and not force:
         raise ValueError(f"{out} is not empty: choose an empty --out_dir"
                          + (", or pass --force to write into it" if force is not None else ""))

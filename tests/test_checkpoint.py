@@ -175,6 +175,28 @@ def test_reshard_forced_over_another_checkpoint_leaves_none_of_it(make_ckpt, tmp
     assert got == want
 
 
+def test_what_a_killed_reshard_left_is_removed_by_the_next(make_ckpt, tmp_path, tokenizer_path):
+    """A reshard killed mid-write (kill -9, the OOM killer) leaves its hidden temporary files: the folder still
+    counts as empty for the next run, which removes them, a user's own hidden file kept."""
+    ckpt, _ = make_ckpt(MP4, mp=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    left = [".params.json.partial", ".consolidated.00.pth.partial", ".consolidated.03.pth.partial",
+            ".checklist.chk.partial", ".tokenizer.model.partial"]
+    for name in left:
+        (out / name).write_bytes(b"cut short")
+    script_main("reshard", "--ckpt_dir", ckpt, "--out_dir", str(out), "--mp", "2")
+    names = lambda: sorted(p.name for p in out.iterdir() if p.name != "tokenizer.model")  # (one may be copied)
+    assert names() == ["checklist.chk", "consolidated.00.pth", "consolidated.01.pth", "params.json"]
+    (out / ".notes.partial").write_text("mine")
+    for name in left:
+        (out / name).write_bytes(b"cut short")
+    with pytest.raises(ValueError, match="not empty"):  # a checkpoint is there
+        script_main("reshard", "--ckpt_dir", ckpt, "--out_dir", str(out), "--mp", "1")
+    script_main("reshard", "--ckpt_dir", ckpt, "--out_dir", str(out), "--mp", "1", "--force")
+    assert names() == [".notes.partial", "checklist.chk", "consolidated.00.pth", "params.json"]
+
+
 def test_scripts_refuse_an_out_dir_that_is_a_file(tmp_path, make_ckpt):
     ckpt, _ = make_ckpt(MP4, mp=1)
     f = tmp_path / "file"
