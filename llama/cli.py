@@ -42,13 +42,21 @@ def one_line_errors() -> Iterator[None]:
     except BaseException as e:  # a crash, or an exit: the other ranks mustn't wait for this one either
         if not (isinstance(e, SystemExit) and e.code in (None, 0)):
             distributed.tell_the_others(e)
-        lost = distributed.lost_peer(e)
-        if lost:  # the crash was another rank's: its traceback is the one to read
-            sys.stderr.write(f"error: rank {distributed.rank()} (on {socket.gethostname()}) lost the other processes "
-                             f"mid-run ({lost}): one of them failed or was killed, and its error is above, or in its "
-                             "machine's log\n")
-            sys.exit(1)
-        raise
+        me = f"rank {distributed.rank()} (on {socket.gethostname()})"
+        lost, late = distributed.lost_peer(e), distributed.timed_out(e)
+        if isinstance(e, distributed.OtherRankFailed):  # the crash was another rank's: its traceback is the one
+            sys.stderr.write(f"error: {e}\n")
+        elif lost:
+            sys.stderr.write(f"error: {me} lost the other processes mid-run ({lost}): one of them failed or was "
+                             "killed, and its error is above, or in its machine's log\n")
+        elif late:
+            sys.stderr.write(f"error: {me} waited for the other processes longer than LLAMA_DIST_TIMEOUT allows "
+                             f"({distributed.timeout().total_seconds():g} s; {late}): one of them is stuck, or much "
+                             "slower (a cold disk, a network file system): if it is only slow, set "
+                             "LLAMA_DIST_TIMEOUT=<seconds> higher on every machine\n")
+        else:
+            raise
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

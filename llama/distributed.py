@@ -105,6 +105,10 @@ def _store_holder() -> str:
     return "torchrun's agent" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "rank 0"
 
 
+class OtherRankFailed(RuntimeError):
+    """Another rank's crash (not bad input), as this rank learnt of it: its traceback is that rank's to print."""
+
+
 class PeerFailed(ValueError):
     """Another rank's failure before the process group, as this rank learnt of it: not to tell again (telling
     would reach for a store that may be gone with that rank, retrying for seconds)."""
@@ -164,6 +168,15 @@ def lost_peer(error: BaseException) -> Optional[str]:
     if said:
         return said.group(0).rstrip(".")
     return str(error).splitlines()[0] if isinstance(error, dist.DistNetworkError) else None
+
+
+def timed_out(error: BaseException) -> Optional[str]:
+    """Where error is this rank's collective giving up on the others after ``timeout()`` (gloo's "Timed out
+    waiting ..."): what it says, in a few words. Else None."""
+    if not dist.is_initialized() or not isinstance(error, RuntimeError):
+        return None
+    said = re.search(r"[Tt]imed out[^\n]*", str(error))
+    return said.group(0).rstrip(".") if said else None
 
 
 def cpu_threads(env: Mapping[str, str], cpus: int) -> Optional[int]:
@@ -310,10 +323,12 @@ def raise_if_any_failed(error: Optional[Exception], doing: str) -> None:
     """Raise on every rank if any rank failed ``doing`` something: a rank that failed raises its own error, the
     others the first failed rank's message, naming the rank and its host. So no rank waits for one that gave
     up, and on several machines each machine's log says what went wrong, and where."""
-    reports = everyones(None if error is None else (socket.gethostname(), isinstance(error, ValueError), str(error)))
+    bad_input = isinstance(error, ValueError)
+    reports = everyones(None if error is None else (
+        socket.gethostname(), bad_input, str(error) if bad_input else f"{type(error).__name__}: {error}"))
     if error is not None:
         raise error
     for first, report in enumerate(reports):
         if report is not None:
             host, bad_input, message = report
-            raise (ValueError if bad_input else RuntimeError)(f"rank {first} (on {host}) failed {doing}: {message}")
+            raise (ValueError if bad_input else OtherRankFailed)(f"rank {first} (on {host}) failed {doing}: {message}")

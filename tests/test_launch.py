@@ -125,6 +125,33 @@ def test_a_checkpoint_missing_on_one_machine_fails_on_both_saying_where(make_ckp
         assert "[rank" not in result.stderr and "Error:" not in result.stderr.split("error: ")[1].splitlines()[0]
 
 
+def test_a_crash_on_one_rank_is_one_line_on_the_other(make_ckpt, tokenizer_path):
+    """A rank that crashes loading (not bad input: CUDA out of memory, say) prints its traceback; the other says
+    in one line which rank failed, where, and with what, where it printed a traceback of its own too."""
+    ckpt, _ = make_ckpt(GQA, mp=2)
+    args = driver(ckpt, tokenizer_path, "--fail_on_rank", "1", "--fail_with", "RuntimeError")
+    first, second = launch_ranks(args, args)
+    assert first.returncode == second.returncode == 1
+    assert "Traceback" in second.stderr and "RuntimeError: injected failure on rank 1" in second.stderr
+    assert re.search(r"(^|\n)error: rank 1 \(on [^)]+\) failed to load the checkpoint: RuntimeError: injected "
+                     r"failure on rank 1\n$", first.stderr), first.stderr[-3000:]
+    assert "Traceback" not in first.stderr
+
+
+def test_a_rank_slower_than_the_time_limit_is_said_to_be(make_ckpt, tokenizer_path, monkeypatch):
+    """A rank that takes longer to load than LLAMA_DIST_TIMEOUT (a cold disk): the one that waited for it says
+    that it waited out the limit and how to raise it, not a traceback of gloo's; the slow one, that it lost it."""
+    ckpt, _ = make_ckpt(GQA, mp=2)
+    monkeypatch.setenv("LLAMA_DIST_TIMEOUT", "2")
+    args = driver(ckpt, tokenizer_path, "--slow_on_rank", "{1: 6}")
+    first, second = launch_ranks(args, args)
+    assert first.returncode == second.returncode == 1
+    assert re.search(r"(^|\n)error: rank 0 \(on [^)]+\) waited for the other processes longer than "
+                     r"LLAMA_DIST_TIMEOUT allows \(2 s; [Tt]imed out.*set LLAMA_DIST_TIMEOUT=<seconds> higher",
+                     first.stderr), first.stderr[-3000:]
+    assert "Traceback" not in first.stderr and "error: rank 1" in second.stderr, second.stderr[-3000:]
+
+
 @pytest.mark.parametrize("bad, launcher, failing", [(["--max_gen_length", "8"], torchrun_machines, 1),
                                                     (["--temperature", "-1"], launch_ranks, 1),
                                                     (["--temperature", "-1"], launch_ranks, 0)],
