@@ -92,12 +92,16 @@ def device_name(device: torch.device) -> str:
     return f"CPU {torch.backends.cpu.get_cpu_capability()}, native bf16: {'yes' if cpu_has_native_bf16() else 'no'}"
 
 
-def available_memory(device: torch.device) -> Optional[int]:
+def available_memory(device: torch.device, meminfo: str = "/proc/meminfo") -> Optional[int]:
+    """Bytes this device can still give: the GPU's free memory; on Linux, MemAvailable, which counts the page
+    cache the kernel would give back (MemFree does not: it is small right after a checkpoint was downloaded or
+    copied, whose pages fill the cache). None where it can't be told."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
+        with open(meminfo) as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
         return None
 
 
@@ -110,12 +114,15 @@ def check_fits(args: ModelArgs, world: int, dtype: torch.dtype, cache_dtype: tor
     weights = sum(torch.Size(s).numel() for s in checkpoint.full_shapes(args).values()) * dtype.itemsize // world
     per_slot = 2 * args.n_layers * max(1, args.kv_heads // world) * args.head_dim * cache_dtype.itemsize  # K, V
     cache = per_slot * args.max_batch_size * args.max_seq_len
+    if weights > free:
+        raise ValueError(f"not enough memory on {device}: this process's weights alone take {weights / 2**30:.2f} "
+                         f"GiB in {str(dtype).removeprefix('torch.')}, and {free / 2**30:.2f} GiB are available: "
+                         "load it on more processes (or machines), or in a smaller dtype")
     if weights + cache > free:
-        fit = max(0, (free - weights) // per_slot)
         raise ValueError(f"not enough memory on {device}: weights {weights / 2**30:.2f} GiB + KV cache "
                          f"{cache / 2**30:.2f} GiB (max_batch_size {args.max_batch_size} x max_seq_len "
-                         f"{args.max_seq_len}) > {free / 2**30:.2f} GiB free; max_batch_size x max_seq_len must be "
-                         f"at most {fit} here")
+                         f"{args.max_seq_len}) > {free / 2**30:.2f} GiB available; max_batch_size x max_seq_len must "
+                         f"be at most {(free - weights) // per_slot} here")
 
 
 def _build_flags(device: torch.device, world: int, dtype: torch.dtype, compute: torch.dtype,

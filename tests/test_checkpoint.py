@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama import checkpoint
+from llama import checkpoint, generation
 
 from conftest import GQA, VOCAB, launch, run_cmd, script_main
 from reference import greedy
@@ -431,10 +431,24 @@ def test_a_pickle_that_would_run_code_or_is_damaged_is_refused_and_never_run(mak
     assert "weights_only" not in str(error.value) and not marker.exists()
 
 
-def test_a_kv_cache_that_cannot_fit_fails_before_allocating(make_ckpt, tokenizer_path):
+def test_a_kv_cache_that_cannot_fit_fails_before_allocating(make_ckpt, tokenizer_path, monkeypatch):
     ckpt, _ = make_ckpt(GQA)
     with pytest.raises(ValueError, match=r"not enough memory on cpu: .*KV cache .* GiB .*must be at most \d+ here"):
         Llama.build(ckpt, tokenizer_path, max_seq_len=2_000_000, max_batch_size=1000)
+    monkeypatch.setattr(generation, "available_memory", lambda device: 1 << 20)  # the weights take 17 MB
+    with pytest.raises(ValueError, match=r"this process.s weights alone take 0.02 GiB in float32, and 0.00 GiB are "
+                                         r"available: load it on more processes"):
+        Llama.build(ckpt, tokenizer_path, 32, 1, dtype="float32")
+
+
+def test_available_memory_counts_the_page_cache_the_kernel_gives_back(tmp_path):
+    """MemAvailable, not MemFree: right after a checkpoint is copied, its pages fill the cache and MemFree is
+    small; a model that fits was refused."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:          800000 kB\nMemAvailable:   20000000 kB\n")
+    assert generation.available_memory(torch.device("cpu"), str(meminfo)) == 20000000 * 1024
+    meminfo.write_text("MemTotal:       24000000 kB\n")
+    assert generation.available_memory(torch.device("cpu"), str(meminfo)) is None
 
 
 @pytest.mark.parametrize("case", ["wrong shape", "truncated shard", "injected failure on rank 1"])
