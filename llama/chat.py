@@ -187,10 +187,16 @@ class CodeLlama70bChatFormat(ChatFormatBase):
 
     def encode_dialog(self, dialog: Dialog, index: int = 0) -> List[int]:
         _check_messages(dialog, index)
-        roles = [message["role"] for message in dialog]
         if dialog[0]["role"] != "system":
             dialog = [{"role": "system", "content": ""}] + dialog
-        _check_turns(dialog[1:], index, roles)
+        return self.encode_as_given(dialog, index)
+
+    def encode_as_given(self, dialog: Dialog, index: int = 0) -> List[int]:
+        """The prompt of the dialog's messages as they are, with no system message put first where it has none
+        (Meta's ``dialog_prompt_tokens``: its chat_completion puts one there before calling it)."""
+        _check_messages(dialog, index)
+        roles = [message["role"] for message in dialog]
+        _check_turns(dialog[1:] if roles[0] == "system" else dialog, index, roles)
         tokens = [self.tokenizer.bos_id]
         for message in dialog:
             tokens += self._header(message)
@@ -236,8 +242,8 @@ infilling_prompt_tokens = infilling_prompt
 
 
 def dialog_prompt_tokens(tokenizer, dialog: Dialog) -> List[int]:
-    """Meta's codellama's prompt of a Code Llama 70B dialog (``CodeLlama70bChatFormat``)."""
-    return CodeLlama70bChatFormat(tokenizer).encode_dialog(dialog)
+    """Meta's codellama's prompt of a Code Llama 70B dialog (``CodeLlama70bChatFormat``), its messages as given."""
+    return CodeLlama70bChatFormat(tokenizer).encode_as_given(dialog)
 
 
 def check_infilling(tokenizer) -> None:

@@ -227,7 +227,11 @@ def test_code_llama_70b_prompt_built_by_hand(code_llama_70b_tokenizer_path, toke
             + reply + sp.encode("\n\n sorted(xs)") + [step]
             + sp.encode(" Source: user") + sp.encode("\n\n In C?") + [step] + reply + sp.encode("\n\n "))
     fmt = chat_format(tok)
-    assert fmt.encode_dialog(dialog) == want == dialog_prompt_tokens(tok, dialog)  # Meta's codellama's function
+    assert fmt.encode_dialog(dialog) == want
+    # Meta's codellama's function takes the dialog as given: its chat_completion puts the system message first.
+    assert dialog_prompt_tokens(tok, [{"role": "system", "content": ""}] + dialog) == want
+    assert dialog_prompt_tokens(tok, dialog[2:]) == ([1] + sp.encode(" Source: user") + sp.encode("\n\n In C?")
+                                                     + [step] + reply + sp.encode("\n\n "))
     system = [{"role": "system", "content": "Be terse."}, dialog[2]]
     assert fmt.encode_dialog(system) == ([1] + sp.encode(" Source: system") + sp.encode("\n\n Be terse.") + [step]
                                          + sp.encode(" Source: user") + sp.encode("\n\n In C?") + [step]
