@@ -69,7 +69,10 @@ class ModelArgs:
                 raise ValueError(f"ModelArgs.{name} must be a positive number, got {value!r}")
         if not isinstance(self.use_scaled_rope, bool):
             raise ValueError(f"ModelArgs.use_scaled_rope must be true or false, got {self.use_scaled_rope!r}")
-        if not is_int(self.kv_heads) or self.kv_heads < 1 or self.n_heads % self.kv_heads:
+        if self.n_kv_heads is not None and (not is_int(self.n_kv_heads) or self.n_kv_heads < 1):
+            raise ValueError(f"ModelArgs.n_kv_heads must be an integer >= 1 (or None: n_heads), got "
+                             f"{self.n_kv_heads!r}")
+        if self.n_heads % self.kv_heads:
             raise ValueError(f"ModelArgs.n_kv_heads ({self.n_kv_heads!r}) must divide n_heads ({self.n_heads}): "
                              "each KV head serves a group of query heads")
         if self.dim % self.n_heads or self.head_dim % 2:
@@ -173,7 +176,8 @@ def cache_dtype_for(weights: torch.dtype, compute: torch.dtype) -> torch.dtype:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """One call, which sums the squares in float32 whatever x's dtype (bf16 sums lose too much) and rounds once,
     after the weight; Meta's rounds to x's dtype before it, which costs three more kernels on a GPU. On a CPU,
-    kernels.rms_norm's (torch's is seven small operations there)."""
+    kernels.rms_norm's (torch's is seven small operations there). (torch's rounds a weight wider than x to x's
+    dtype first: only where compute_dtype was set narrower than the weights.)"""
     out = kernels.rms_norm(x, weight, eps)
     return out if out is not None else torch_rms_norm(x, weight, eps)
 
@@ -457,7 +461,7 @@ class Attention(nn.Module):
         else:
             q = self.rotate_and_cache(qkv, w.rotations, self.cache_kv[:, w.rows], w.positions, heads)
             keys, values = self.cache_kv[:, w.rows, :, w.first_key:w.key_end]
-            mask = w.mask
+            mask = w.mask.to(q.dtype) if w.mask is not None else None  # (a hooked norm may widen x: Meta's way)
             if last_only and seqlen > 1:
                 q, mask, seqlen = q[:, -1:], mask[..., -1:, :] if mask is not None else None, 1
             if seqlen == 1:
@@ -592,7 +596,11 @@ class Transformer(nn.Module):
         keeps keys and values unrounded where bf16 weights compute in float32, for twice the bytes).
         """
         p = self.params
-        max_batch_size, max_seq_len = max_batch_size or p.max_batch_size, max_seq_len or p.max_seq_len
+        max_batch_size = p.max_batch_size if max_batch_size is None else max_batch_size
+        max_seq_len = p.max_seq_len if max_seq_len is None else max_seq_len
+        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
+            if not is_int(value) or value < 1:
+                raise ValueError(f"setup_cache: {name} must be an integer >= 1, got {value!r}")
         weight = self.output.weight
         self.compute_dtype = compute_dtype or compute_dtype_for(weight.dtype, weight.device)
         self.cache_dtype = cache_dtype or cache_dtype_for(weight.dtype, self.compute_dtype)
@@ -719,7 +727,7 @@ class Transformer(nn.Module):
         first_row: the KV cache row of the first row of tokens (to prefill part of a batch).
         last_only: return the logits of the last position only, (batch, 1, vocab): all that sampling needs.
         """
-        start_pos = self._check_input(tokens, start_pos)
+        start_pos = self._check_input(tokens, start_pos, left_pad, first_row)
         bsz, seqlen = tokens.shape
         self.ready_cache(first_row + bsz, start_pos + seqlen)
         positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
@@ -746,14 +754,29 @@ class Transformer(nn.Module):
         self.ready_cache(tokens.shape[0], key_end)
         return self._run(tokens, pos.view(1), key_end, 0, left_pad, masked=True, last_only=True)
 
-    def _check_input(self, tokens: torch.Tensor, start_pos: int) -> int:
-        """start_pos as an int, or an error saying what is wrong with the arguments. Token ids are checked on a
-        CPU only: on a GPU that would wait for the device at every step (an id out of range ends there in a
-        device-side assert, as with Meta's; ``Llama.generate`` checks the prompts' ids before)."""
+    def _check_input(self, tokens: torch.Tensor, start_pos: int, left_pad: Optional[torch.Tensor] = None,
+                     first_row: int = 0) -> int:
+        """start_pos as an int, or an error saying what is wrong with the arguments. Values in tensors (token ids,
+        left_pad) are checked on a CPU only: on a GPU that would wait for the device at every step (an id out of
+        range ends there in a device-side assert, as with Meta's; ``Llama.generate`` checks the prompts' ids
+        before)."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             got = f"a tensor of shape {tuple(tokens.shape)}, {tokens.dtype}" if isinstance(tokens, torch.Tensor) \
                 else type(tokens).__name__
             raise ValueError(f"tokens must be a (batch, seqlen) tensor of token ids, got {got}")
+        if not tokens.numel():
+            raise ValueError(f"tokens must hold at least one row and one position, got shape {tuple(tokens.shape)}")
+        if not is_int(first_row) or first_row < 0:
+            raise ValueError(f"first_row must be an integer >= 0 (the KV cache row of tokens' first), got "
+                             f"{first_row!r}")
+        if left_pad is not None and (not isinstance(left_pad, torch.Tensor) or left_pad.shape != tokens.shape[:1]
+                                     or left_pad.is_floating_point() or left_pad.dtype == torch.bool
+                                     or left_pad.device != tokens.device
+                                     or (left_pad.device.type == "cpu" and bool((left_pad < 0).any()))):
+            got = (f"a tensor of shape {tuple(left_pad.shape)}, {left_pad.dtype}, on {left_pad.device}"
+                   if isinstance(left_pad, torch.Tensor) else type(left_pad).__name__)
+            raise ValueError(f"left_pad must be a tensor of {tokens.shape[0]} integers >= 0 on {tokens.device} (each "
+                             f"row's padding), got {got}")
         try:
             start_pos = operator.index(start_pos)
         except TypeError:
@@ -787,7 +810,7 @@ class Transformer(nn.Module):
                                   min((c.shape[3] for c in held), default=0))
         c = self._caches
         if held and (rows > c.rows or positions > c.positions):
-            raise ValueError(f"batch {rows} x positions up to {positions} exceed the KV cache "
+            raise ValueError(f"cache rows up to {rows} x positions up to {positions} exceed the KV cache "
                              f"({c.rows} x {c.positions}): raise max_batch_size / max_seq_len")
         return c
 

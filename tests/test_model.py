@@ -74,6 +74,20 @@ def test_bfloat16_model_close_to_reference(make_ckpt):
     assert (got.double() - want).abs().max() < 0.05 * want.abs().max()
 
 
+def test_bfloat16_compute_on_float32_weights_with_a_hook_close_to_reference(make_ckpt):
+    """setup_cache(compute_dtype=bf16) on float32 weights, and a hook on a block (the blocks and norms then run
+    as Meta's, a norm's output as wide as its weight): the attention mask follows the queries' dtype."""
+    ckpt, state = make_ckpt(GQA)
+    model = build_model(ckpt, state)
+    model.setup_cache(compute_dtype=torch.bfloat16)
+    model.layers[0].register_forward_hook(lambda *args: None)
+    tokens = prompt(16)
+    got = torch.cat([model.forward(torch.tensor([tokens[:8]]), 0)] +
+                    [model.forward(torch.tensor([tokens[i:i + 1]]), i) for i in range(8, 16)], dim=1)[0]
+    want = reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens)
+    assert (got.double() - want).abs().max() < 0.05 * want.abs().max()
+
+
 @pytest.mark.parametrize("aten_gemv", [True, False], ids=["aten_gemv", "onednn_gemv"])
 def test_bfloat16_decoding_one_row_close_to_reference(make_ckpt, monkeypatch, aten_gemv):
     """One sequence decoded a token at a time in bf16 runs its products as matrix-vector ones, with or without
@@ -207,12 +221,31 @@ def test_bad_forward_arguments_are_clear_errors(make_ckpt):
         with pytest.raises(ValueError, match=said):
             model.forward(tokens, start_pos)
     assert torch.isfinite(model.forward(torch.tensor([prompt(4)]), torch.tensor(0))).all()  # a 0-dim tensor: as an int
+    two = torch.tensor([prompt(4)] * 2)
+    for kwargs, said in (
+            ({"left_pad": [0, 1]}, r"left_pad must be a tensor of 2 integers >= 0 on cpu .*got list"),
+            ({"left_pad": torch.tensor([0, 1, 2])}, r"left_pad must be .*got a tensor of shape \(3,\)"),
+            ({"left_pad": torch.tensor([0.0, 1.0])}, "left_pad must be .*torch.float32"),
+            ({"left_pad": torch.tensor([0, -1])}, "left_pad must be a tensor of 2 integers >= 0"),
+            ({"first_row": -2}, "first_row must be an integer >= 0"),
+            ({"first_row": 1.0}, "first_row must be an integer >= 0"),
+            ({"first_row": 1}, r"cache rows up to 3 x positions up to 4 exceed the KV cache \(2 x 16\)")):
+        with pytest.raises(ValueError, match=said):
+            model.forward(two, 0, **kwargs)
+    for empty in (torch.zeros((1, 0), dtype=torch.long), torch.zeros((0, 3), dtype=torch.long)):
+        with pytest.raises(ValueError, match="tokens must hold at least one row and one position"):
+            model.forward(empty, 0)
+    for size in ({"max_batch_size": 0}, {"max_seq_len": -4}, {"max_seq_len": 2.0}):
+        with pytest.raises(ValueError, match=f"setup_cache: {next(iter(size))} must be an integer >= 1"):
+            model.setup_cache(**size)
 
 
 @pytest.mark.parametrize("change, said", [
     ({"vocab_size": -1}, "vocab_size must be a positive integer, got -1 .*tokenizer.n_words"),
     ({"n_heads": 5}, r"dim \(64\) must be n_heads \(5\) times an even head dimension"),
     ({"n_kv_heads": 3}, r"n_kv_heads \(3\) must divide n_heads \(4\)"),
+    ({"n_kv_heads": 2.0}, r"n_kv_heads must be an integer >= 1 \(or None: n_heads\), got 2.0"),
+    ({"n_kv_heads": 0}, r"n_kv_heads must be an integer >= 1 \(or None: n_heads\), got 0"),
     ({"dim": 0}, "dim must be an integer >= 1, got 0"),
     ({"n_layers": 0}, "n_layers must be an integer >= 1, got 0"),
     ({"max_seq_len": 2.5}, "max_seq_len must be an integer"),
