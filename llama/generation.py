@@ -3,7 +3,6 @@
 import hashlib
 import logging
 import numbers
-import os
 import threading
 import time
 from dataclasses import dataclass
