@@ -36,7 +36,9 @@ _buffers = threading.local()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T in x's dtype, whatever the weight is stored in."""
+    """x @ weight.T, returned in x's dtype whatever the weight is stored in. Computed in x's dtype, except for
+    fewer than WIDE_ROWS rows where kernels.linear_bf16 doesn't apply (float16 weights on a CPU, or bf16 ones
+    without the kernels): those round x to the weight's dtype, a matrix-vector product reading half the bytes."""
     if x.dtype == weight.dtype:
         return _product(x, weight)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):  # autograd: torch's operations only
@@ -46,7 +48,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def torch_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T in x's dtype for a weight stored in another, by torch's operations alone: where
+    """``linear`` for a weight stored in another dtype than x, by torch's operations alone: where
     kernels.linear_bf16 doesn't apply (and scripts/bench_kernels.py's baseline)."""
     if x.numel() >= WIDE_ROWS * x.shape[-1]:
         return _converted_product(x, weight)
