@@ -737,16 +737,19 @@ fetch_file() {
 #   KIND checklist: must look like an md5 checklist; with MD5 "again", one
 #                   in place is fetched anew (and stays until the new one is in)
 #   KIND checked:   must match MD5; a file that does not is fetched once more
-#                   from the start
+#                   from the start; where both copies have one md5, SAME_TWICE
+#                   is set to it and the second is left as REL.partial, for
+#                   the caller to check against the checklist fetched anew
 # Returns 1 on failure; sets FATAL=1 when the remaining files cannot work
 # either (dead link, full disk). Sets GOT to skipped or fetched.
 get_file() {
-    local rel=$1 kind=$2 want=${3:-} dest part tag anew=0
+    local rel=$1 kind=$2 want=${3:-} dest part tag anew=0 first=""
     dest="$TARGET/$rel"
     part="$dest.partial"
     FILE_INDEX=$((FILE_INDEX + 1))
     tag="[$FILE_INDEX/$FILE_COUNT] $rel"
     GOT=skipped
+    SAME_TWICE=""
 
     if [ "$kind:$want" = checklist:again ]; then
         rm -f -- "$part"  # small: fetched whole, not resumed
@@ -813,12 +816,18 @@ get_file() {
                     return 1
                 fi
                 if [ "$MD5_SUM" != "$want" ]; then
-                    rm -f -- "$part"
                     if [ "$anew" = 0 ]; then
+                        rm -f -- "$part"
                         anew=1
+                        first=$MD5_SUM
                         warn "$rel does not match the checklist (md5 $MD5_SUM, checklist says $want); fetching it again from the start"
                         continue
                     fi
+                    if [ "$MD5_SUM" = "$first" ]; then
+                        SAME_TWICE=$MD5_SUM
+                        return 1
+                    fi
+                    rm -f -- "$part"
                     err "$rel FAILED verification again (md5 $MD5_SUM, checklist says $want); the corrupt download was deleted: run the same command again to fetch it anew, or request a new link if it keeps failing"
                     return 1
                 fi ;;
@@ -853,6 +862,33 @@ get_checklist() {
     say "  $rel has no md5 for$lacking; fetching it again"
     FILE_INDEX=$((FILE_INDEX - 1))
     get_file "$rel" checklist again
+}
+
+# get_checked REL CHK: get_file REL checked, against checklist CHK's md5 of
+# REL's file. Two downloads alike that the checklist does not list point at
+# the checklist (one in place from an earlier run, the release's files
+# updated since, say): it is fetched again, and the download kept if the new
+# one lists its md5. Returns 1 on failure.
+get_checked() {
+    local rel=$1 chk=$2 want got
+    want=$(checklist_md5 "$TARGET/$chk" "${rel##*/}")
+    get_file "$rel" checked "$want" && return 0
+    [ -n "$SAME_TWICE" ] || return 1
+    got=$SAME_TWICE
+    say "  $rel came twice with md5 $got, which $chk does not list: fetching $chk again, in case it is out of date"
+    FILE_INDEX=$((FILE_INDEX - 1))
+    if get_file "$chk" checklist again && [ "$(checklist_md5 "$TARGET/$chk" "${rel##*/}")" = "$got" ]; then
+        if mv -f -- "$TARGET/$rel.partial" "$TARGET/$rel"; then
+            say "  $rel: verified against the new $chk ($(human "$(file_size "$TARGET/$rel")"))"
+            return 0
+        fi
+        err "cannot rename $TARGET/$rel.partial: disk full or not writable: free space in $TARGET"
+        FATAL=1
+        return 1
+    fi
+    rm -f -- "$TARGET/$rel.partial"
+    err "$rel FAILED verification again (md5 $got twice, checklist says $want); the corrupt download was deleted: run the same command again to fetch it anew, or request a new link if it keeps failing"
+    return 1
 }
 
 # Downloads and checks one model folder; returns 1 if anything failed.
@@ -890,7 +926,7 @@ get_model() {
             failed=1
             continue
         fi
-        get_file "$dir/$name" checked "$want" || failed=1
+        get_checked "$dir/$name" "$dir/checklist.chk" || failed=1
         [ "$FATAL" = 1 ] && return 1
     done
     return "$failed"
@@ -908,7 +944,7 @@ get_top_files() {
     if get_checklist tokenizer_checklist.chk tokenizer.model; then
         want=$(checklist_md5 "$TARGET/tokenizer_checklist.chk" tokenizer.model)
         if [ -n "$want" ]; then
-            get_file tokenizer.model checked "$want" || failed=1
+            get_checked tokenizer.model tokenizer_checklist.chk || failed=1
         else
             FILE_INDEX=$((FILE_INDEX + 1))
             err "tokenizer_checklist.chk has no md5 for tokenizer.model; cannot verify it"

@@ -479,6 +479,24 @@ def test_corrupt_file_fails_verification(server, tmp_path, downloader):
     assert_release(tmp_path, server, ["llama-2-7b", "llama-2-7b-chat"])
 
 
+def test_a_stale_checklist_in_place_is_fetched_anew_when_a_file_comes_twice_alike(server, tmp_path):
+    """A checklist left by an earlier run that lists another md5 (the release's files updated since): the shard
+    comes twice with one md5, so the checklist is fetched again, and the second download verified against it and
+    kept, where each run had fetched the shard twice and deleted it."""
+    args = ["--url", server.url, "--models", "7B", "--target", str(tmp_path)]
+    chk = tmp_path / "llama-2-7b/checklist.chk"
+    chk.parent.mkdir(parents=True)
+    digest = hashlib.md5(server.files[SHARD_7B]).hexdigest()
+    chk.write_text(server.files["llama-2-7b/checklist.chk"].decode().replace(digest, "0" * 32))
+    proc = run(args)
+    assert proc.returncode == 0, proc.stderr
+    assert [p for p in server.requested_paths() if "llama-2-7b/c" in p] == [SHARD_7B, SHARD_7B,
+                                                                            "llama-2-7b/checklist.chk"]
+    assert (f"{SHARD_7B} came twice with md5 {digest}, which llama-2-7b/checklist.chk does not list: fetching "
+            "llama-2-7b/checklist.chk again") in proc.stdout
+    assert_release(tmp_path, server, ["llama-2-7b"])
+
+
 def test_md5_tool_that_fails_leaves_verified_files_as_they_are(server, tmp_path):
     target = tmp_path / "t"
     args = ["--url", server.url, "--models", "7B", "--target", str(target)]
