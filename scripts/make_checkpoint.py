@@ -31,11 +31,12 @@ SHAPES = {
 
 
 def train_tokenizer(path: Path, vocab_size: int) -> None:
-    """A byte-fallback BPE tokenizer of exactly vocab_size pieces, trained on the project's Python sources
-    (deterministic, a second). Where the text has too few merges, placeholder pieces make up the size."""
+    """A byte-fallback BPE tokenizer of exactly vocab_size pieces, trained on the package's and the scripts'
+    Python sources (deterministic, a second: not whatever else lies in the tree, a virtual environment's
+    thousands of files). Where the text has too few merges, placeholder pieces make up the size."""
     root = Path(__file__).resolve().parents[1]
-    lines = [line for f in sorted(root.glob("**/*.py")) if ".venv" not in f.parts
-             for line in f.read_text().splitlines() if line.strip()]
+    lines = [line for f in sorted([*(root / "llama").glob("*.py"), *(root / "scripts").glob("*.py")])
+             for line in f.read_text(errors="replace").splitlines() if line.strip()]
     placeholders = 0
     while True:
         model = io.BytesIO()
