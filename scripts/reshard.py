@@ -4,7 +4,7 @@
 
 OUT gets params.json (the same values), consolidated.00.pth .. N-1 (the same tensors, re-cut along each
 weight's sharded dimension, in the dtype they were saved in), a fresh checklist.chk, and IN's tokenizer.model
-where it has one. One output shard is held in memory at a time. The engine itself loads any shard count on any
+where it has one (a tokenizer.model in OUT is otherwise left as it was, with a warning). One output shard is held in memory at a time. The engine itself loads any shard count on any
 number of processes; resharding once saves that work at every start, and gives files Meta's reference code can
 load with N processes.
 """
@@ -34,6 +34,9 @@ def main() -> None:
         tokenizer = src / "tokenizer.model"
         if tokenizer.is_file():  # the checkpoint's own, in place of any there before
             replace(out / tokenizer.name, lambda tmp: shutil.copyfile(tokenizer, tmp))
+        elif (out / tokenizer.name).exists():  # the user's: kept, but it may be another model's
+            print(f"warning: {out / tokenizer.name} was there before and is kept, but {src} has no tokenizer.model "
+                  "to say it is this model's: check that it is", file=sys.stderr)
     print(f"wrote {args.mp} shard(s) to {out}")
 
 

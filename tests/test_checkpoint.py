@@ -197,6 +197,18 @@ def test_what_a_killed_reshard_left_is_removed_by_the_next(make_ckpt, tmp_path, 
     assert names() == [".notes.partial", "checklist.chk", "consolidated.00.pth", "params.json"]
 
 
+def test_reshard_forced_without_a_tokenizer_keeps_the_one_there_and_says_so(make_ckpt, tmp_path, capsys):
+    ckpt, _ = make_ckpt(MP4, mp=1)
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(ckpt, src)
+    (src / "tokenizer.model").unlink(missing_ok=True)
+    out.mkdir()
+    (out / "tokenizer.model").write_bytes(b"another model's")
+    script_main("reshard", "--ckpt_dir", str(src), "--out_dir", str(out), "--mp", "2", "--force")
+    assert (out / "tokenizer.model").read_bytes() == b"another model's"
+    assert f"warning: {out / 'tokenizer.model'} was there before and is kept" in capsys.readouterr().err
+
+
 def test_scripts_refuse_an_out_dir_that_is_a_file(tmp_path, make_ckpt):
     ckpt, _ = make_ckpt(MP4, mp=1)
     f = tmp_path / "file"
