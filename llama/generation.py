@@ -266,8 +266,10 @@ class Llama:
 
         The prompts are left-padded to a common end, so that the batch decodes in step; each group of prompts
         of one length is prefilled in one forward pass over its own tokens only. Each row stops at its own stop
-        token and the loop ends when all rows have. More prompts than max_batch_size (the KV cache's rows) are
-        continued max_batch_size at a time, in the order given, where Meta's code fails an assert.
+        token and the loop ends when all rows have. Each prompt gets up to min(max_gen_len, max_seq_len - its
+        length) tokens, as from Meta's, whatever else is in its batch. More prompts than max_batch_size (the KV
+        cache's rows) are continued max_batch_size at a time, in the order given, where Meta's code fails an
+        assert.
         """
         if stop_token is not None:
             if stop_tokens is not None:
@@ -307,11 +309,12 @@ class Llama:
                     end = batch.prompt_len
                     for pos in self._steps(batch, temperature, top_p, stop, score_prompts=logprobs and echo and first):
                         end = pos + 1
-                    for i, row, row_probs, ends[i] in batch.results(end, stop, echo and first):
+                    for i, row, row_probs, stopped_by in batch.results(end, stop, echo and first):
                         tokens[i] += row
                         probs[i] += row_probs
+                        ends[i] = stopped_by
                         new = row[len(prompts[i]):] if echo and first else row
-                        if ends[i] is None and len(new) < room[i]:  # the cache's end came first
+                        if stopped_by is None and len(new) < room[i]:  # the cache's end came first
                             prompts[i], room[i] = prompts[i] + new, room[i] - len(new)
                             cut_short.append(i)
                 todo, first = cut_short, False
