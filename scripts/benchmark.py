@@ -20,6 +20,7 @@ each pair of figures timed in turns.
 
 import argparse
 import functools
+import importlib.util
 import inspect
 import json
 import os
@@ -293,6 +294,9 @@ def main() -> None:
     if args.json and (Path(args.json).is_dir() or not os.access(Path(args.json).resolve().parent, os.W_OK)):
         raise ValueError(f"--json {args.json}: can't write that file (a folder, or in no folder that is writable): "
                          "name a file in one, before the run rather than after it")
+    if args.vs_hf and importlib.util.find_spec("transformers") is None:  # before minutes of measuring
+        raise ValueError("--vs-hf runs Hugging Face transformers, which is not installed here: pip install "
+                         "transformers")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.no_kernels:

@@ -32,6 +32,13 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("bench_cache")
 
 
+def test_vs_hf_without_transformers_fails_before_measuring(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    with pytest.raises(ValueError, match="--vs-hf runs Hugging Face transformers, which is not installed here"):
+        script_main("benchmark", "--shape", "tiny", "--vs-hf")
+
+
 def test_benchmark_reports_every_figure_against_its_roofline(cache_dir, tmp_path):
     """With --vs-hf too where transformers (a dev-only dependency) is installed."""
     out = tmp_path / "figures.json"
