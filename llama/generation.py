@@ -238,7 +238,7 @@ class Llama:
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = chat_format(tokenizer)
-        self.device = model.output.weight.device
+        self.device = model.tok_embeddings.weight.device
         # A generator of our own: sampling is reproducible without touching torch's global RNG.
         self.generator = torch.Generator(self.device).manual_seed(int(seed))
         self.decoder = GraphedDecoder(model, compile_elementwise) if cuda_graphs else None

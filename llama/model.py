@@ -601,7 +601,7 @@ class Transformer(nn.Module):
         for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
             if not is_int(value) or value < 1:
                 raise ValueError(f"setup_cache: {name} must be an integer >= 1, got {value!r}")
-        weight = self.output.weight
+        weight = self.tok_embeddings.weight  # (not the output's: research code may put nn.Identity() there)
         self.compute_dtype = compute_dtype or compute_dtype_for(weight.dtype, weight.device)
         self.cache_dtype = cache_dtype or cache_dtype_for(weight.dtype, self.compute_dtype)
         watch(self)  # edits through .data seen by packed copies (pack_weights) and stream's kept cache
@@ -628,8 +628,12 @@ class Transformer(nn.Module):
         return found
 
     def _rotations(self, end: int, device: torch.device) -> torch.Tensor:
+        """precompute_freqs_cis with the arguments of Meta's signatures alone (dim, end, theta; use_scaled where
+        it is, as Llama 3.1's), looked up at call time: research code may put its own there (RoPE scaling)."""
         p = self.params
-        return precompute_freqs_cis(p.head_dim, end, p.rope_theta, p.use_scaled_rope, device, p.rope_factor)
+        scaled = (True,) if p.use_scaled_rope else ()
+        factor = {"factor": p.rope_factor} if p.use_scaled_rope and p.rope_factor != 8.0 else {}
+        return precompute_freqs_cis(p.head_dim, end, p.rope_theta, *scaled, **factor).to(device)
 
     def pack_weights(self) -> int:
         """Give each bf16 weight mapped from a checkpoint file a packed copy for products in the compute dtype
@@ -639,7 +643,7 @@ class Transformer(nn.Module):
         where all of them can be packed. Returns how many weights were packed: none where no way can
         (``can_pack``); other weights (copied, converted, on a GPU, edited since they were mapped, or of a shape
         the product can't take) are left as they are."""
-        compute = self.compute_dtype or self.output.weight.dtype
+        compute = self.compute_dtype or self.tok_embeddings.weight.dtype
         if not can_pack(compute):
             return 0
         droppable = pages.droppable()
@@ -794,7 +798,7 @@ class Transformer(nn.Module):
         on first use, and again where ``.to()`` has moved or converted the weights since (as Meta's cache follows
         its activations), on their device, computing in ``compute_dtype_for`` their dtype, holding what it held.
         The same object until one of them is made anew, so a caller can tell by identity."""
-        weight = self.output.weight
+        weight = self.tok_embeddings.weight
         attentions = self.attentions()
         held = [a.cache_kv for a in attentions]
         if self.cache_made_for != (weight.device, weight.dtype) or any(c is None for c in held):  # or one put in
@@ -844,9 +848,11 @@ class Transformer(nn.Module):
                 h = layer(h, *args)
             logits = self.output(self.norm(h[:, -1:] if tail else h)).float()
         else:
+            # The last block for the last position alone too, unless hooks in it would see the others.
+            trim = tail and tokens.shape[1] > 1 and not distributed.any_rank(hooked(list(self.layers)[-1].modules()))
             carry = None
             for i, layer in enumerate(self.layers, 1):
-                h, carry = layer.residuals(h, carry, w, last_only=tail and i == len(self.layers))
+                h, carry = layer.residuals(h, carry, w, last_only=trim and i == len(self.layers))
             logits = self.output(self.norm.after_add(h, carry)[1]).float()
         return logits[:, -1:] if last_only and not tail else logits
 

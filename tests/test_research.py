@@ -12,6 +12,7 @@ from torch.nn.modules.module import register_module_forward_hook
 
 import llama.kernels
 import llama.linear
+import llama.model
 from llama import Llama, Tokenizer
 from llama.graphs import GraphedDecoder
 from llama.linear import Fused, PackedFused
@@ -470,6 +471,52 @@ def test_metas_rotary_helpers_match_float64():
                                        rtol=0, atol=1e-5)
     q16, _ = apply_rotary_emb(xq.bfloat16(), xk.bfloat16(), freqs)
     assert q16.dtype == torch.bfloat16
+
+
+def test_hooks_in_the_last_block_see_every_position(gqa):
+    """The engine runs the last block of a prompt's pass for its last position alone, as only its logits are
+    sampled from: hooks on that block's layers see the whole prompt all the same, as on Meta's model."""
+    g, state = gqa
+    tokens, shapes = prompt(8, seed=9), []
+    last = g.model.layers[-1]
+    with registered(*(m.register_forward_hook(lambda m, a, out: shapes.append(out.shape[1]))
+                      for m in (last.attention.wo, last.feed_forward.w2))):
+        got = g.generate([tokens], 2, temperature=0)[0][0]
+    assert shapes == [8, 8, 1, 1]
+    assert got == greedy(state, PARAMS, tokens, 2, g.tokenizer.eos_id)
+
+
+def test_an_identity_output_gives_the_hidden_states(make_ckpt):
+    """model.output = nn.Identity(), as research code takes the final hidden states from Meta's model."""
+    ckpt, state = make_ckpt(GQA)
+    model = build_model(ckpt, state)
+    head = model.output.weight.detach().double()
+    model.output = torch.nn.Identity()
+    model.setup_cache()
+    tokens = prompt(6, seed=10)
+    hidden = model.forward(torch.tensor([tokens]), 0)[0]
+    assert hidden.shape == (6, GQA["dim"])
+    torch.testing.assert_close(hidden.double() @ head.T, reference_logits(state, PARAMS, tokens), rtol=1e-4,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["llama2", "llama3.1"])
+def test_precompute_freqs_cis_put_in_place_with_metas_signature_makes_the_table(make_ckpt, monkeypatch, scaled):
+    """Research code replaces llama.model.precompute_freqs_cis with its own, of Meta's signature (dim, end,
+    theta; Llama 3.1's adds use_scaled), to scale RoPE: the model's table is what it returns, and rotates."""
+    calls = []
+
+    def linear_scaling(dim, end, theta=10000.0, *use_scaled):
+        calls.append((dim, end, theta, *use_scaled))
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+        return torch.polar(torch.ones(end, dim // 2), torch.outer(torch.arange(end).float() / 2, freqs))
+
+    monkeypatch.setattr(llama.model, "precompute_freqs_cis", linear_scaling)
+    params = {**GQA, "use_scaled_rope": scaled}
+    model = build_model(*make_ckpt(params))
+    head_dim, end = GQA["dim"] // GQA["n_heads"], 2 * model.params.max_seq_len
+    assert calls == [(head_dim, end, 10000.0, *((True,) if scaled else ()))]
+    torch.testing.assert_close(model.freqs_cis, linear_scaling(head_dim, end))
 
 
 def test_the_models_freqs_cis_rotates_by_its_rope_theta(make_ckpt):
