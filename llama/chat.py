@@ -60,7 +60,11 @@ class ChatFormatBase:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.stop_tokens = tokenizer.stop_tokens
+
+    @property
+    def stop_tokens(self) -> frozenset:
+        """The tokenizer's, as they are at the call (research code may add to Llama 3's)."""
+        return frozenset(self.tokenizer.stop_tokens)
 
     def is_unsafe(self, dialog: Dialog) -> bool:
         return any(tag in message["content"] for tag in self.tags for message in dialog)
@@ -183,7 +187,10 @@ class CodeLlama70bChatFormat(ChatFormatBase):
     def __init__(self, tokenizer):
         super().__init__(tokenizer)
         self.step = tokenizer.step_id
-        self.stop_tokens = tokenizer.stop_tokens | {self.step}
+
+    @property
+    def stop_tokens(self) -> frozenset:
+        return super().stop_tokens | {self.step}
 
     def encode_dialog(self, dialog: Dialog, index: int = 0) -> List[int]:
         _check_messages(dialog, index)

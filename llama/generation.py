@@ -292,7 +292,7 @@ class Llama:
         tokens so far prefilled as a new prompt. names: what errors call each prompt ("prompt i" by default)."""
         prompt_tokens = _listed(prompt_tokens)
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop_tokens, echo, names)
-        stop = self.tokenizer.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
+        stop = frozenset(self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens)
         n, max_seq_len = len(prompt_tokens), self.model.params.max_seq_len
         prompts, room = list(prompt_tokens), [min(max_gen_len, max_seq_len - len(p)) for p in prompt_tokens]
         tokens: List[List[int]] = [[] for _ in range(n)]
@@ -523,7 +523,7 @@ class Llama:
         prefilled. The text is then the same up to rounding (the cached keys and values were computed in other
         passes), not bit for bit."""
         if isinstance(prompt, str):
-            ids, stop = self.tokenizer.encode(prompt, bos=True, eos=False), self.tokenizer.stop_tokens
+            ids, stop = self.tokenizer.encode(prompt, bos=True, eos=False), frozenset(self.tokenizer.stop_tokens)
         else:
             ids, stop = self.formatter.encode_dialog(prompt, 0), self.formatter.stop_tokens  # checks the dialog
             if self.formatter.is_unsafe(prompt):

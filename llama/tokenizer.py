@@ -20,7 +20,7 @@ import numbers
 import os
 import re
 import unicodedata
-from typing import AbstractSet, Collection, Dict, Iterable, List, Optional, Sequence, Union
+from typing import AbstractSet, Collection, Dict, Iterable, List, Optional, Sequence, Set, Union
 
 import torch
 from sentencepiece import SentencePieceProcessor
@@ -50,16 +50,12 @@ class Tokenizer:
     middle_id: Optional[int] = None
     eot_id: Optional[int] = None  # the end of an infill (Code Llama), or of a turn (Llama 3's <|eot_id|>)
     step_id: Optional[int] = None  # Code Llama 70B's <step>, which ends each message of its chat format
+    stop_tokens: AbstractSet[int]  # the ids that end a generation (each kind's own: see it)
 
     def __new__(cls, model_path: Optional[str] = None, *args, **kwargs):
         if cls is Tokenizer:
             cls = _class_for(model_path)
         return super().__new__(cls)
-
-    @property
-    def stop_tokens(self) -> frozenset:
-        """Ids that end a generation."""
-        raise NotImplementedError
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         raise NotImplementedError
@@ -184,7 +180,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     @property
     def stop_tokens(self) -> frozenset:
-        """Ids that end a generation."""
+        """The end-of-sequence token, whatever eos_id is now (Meta's Llama 2 code stops at eos_id)."""
         return frozenset({self.eos_id})
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
@@ -350,12 +346,9 @@ class TiktokenTokenizer(Tokenizer):
         self.eot_id: int = self.special_tokens["<|eot_id|>"]
         self.eom_id: int = self.special_tokens["<|eom_id|>"]  # Llama 3.1's: a tool call waits for its output
         self.pad_id: int = -1
-
-    @property
-    def stop_tokens(self) -> frozenset:
-        """End of text (a base model's end), of turn (a chat model's) and of message (Llama 3.1's tool calls, as
-        Meta's 3.1 code stops on)."""
-        return frozenset({self.eos_id, self.eot_id, self.eom_id})
+        # End of text (a base model's end), of turn (a chat model's) and of message (Llama 3.1's tool calls, as
+        # Meta's 3.1 code stops on): a set of its own, as Meta's, which research code may add to.
+        self.stop_tokens: Set[int] = {self.eos_id, self.eot_id, self.eom_id}
 
     def encode(self, s: str, bos: bool, eos: bool, allowed_special: Union[str, AbstractSet[str]] = frozenset(),
                disallowed_special: Union[str, Collection[str]] = ()) -> List[int]:

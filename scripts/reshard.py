@@ -4,9 +4,9 @@
 
 OUT gets params.json (the same values), consolidated.00.pth .. N-1 (the same tensors, re-cut along each
 weight's sharded dimension, in the dtype they were saved in), a fresh checklist.chk, and IN's tokenizer.model
-where it has one (a tokenizer.model in OUT is otherwise left as it was, with a warning). One output shard is held in memory at a time. The engine itself loads any shard count on any
-number of processes; resharding once saves that work at every start, and gives files Meta's reference code can
-load with N processes.
+where it has one (a tokenizer.model in OUT is otherwise left as it was, with a warning). One output shard is
+held in memory at a time. The engine itself loads any shard count on any number of processes; resharding once
+saves that work at every start, and gives files Meta's reference code can load with N processes.
 """
 
 import argparse

@@ -34,7 +34,8 @@ def cache_dir(tmp_path_factory):
 
 def test_vs_hf_without_transformers_fails_before_measuring(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "transformers" else real(name, *args))
     with pytest.raises(ValueError, match="--vs-hf runs Hugging Face transformers, which is not installed here"):
         script_main("benchmark", "--shape", "tiny", "--vs-hf")
 

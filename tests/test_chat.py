@@ -163,9 +163,15 @@ def test_chat_completion_stops_at_a_stop_token(tok, stop, monkeypatch):
     tokens, _ = g.generate([prompt], max_gen_len=20, temperature=0)
     assert tokens[0] == script
     # Not vacuous: were `stop` not a stop token, the model would go on past it (with token 0, all logits 0).
-    monkeypatch.setattr(type(tok), "stop_tokens", property(lambda self: frozenset({EOT, 128001, EOM} - {stop})))
+    # The tokenizer's stop_tokens is a set of Meta's, which research code may change, and chat reads it then.
+    assert isinstance(tok.stop_tokens, set)
+    monkeypatch.setattr(tok, "stop_tokens", {EOT, 128001, EOM} - {stop})
     tokens, _ = g.generate([prompt], max_gen_len=len(script) + 3, temperature=0)
     assert tokens[0] == script + [stop, 0, 0]
+    answer = g.chat_completion(dialogs[:1], temperature=0, max_gen_len=len(script) + 3)[0]["generation"]
+    assert answer["stop_reason"] == "out_of_tokens"
+    tok.stop_tokens.add(script[2])  # (the set monkeypatch put there, undone after the test)
+    assert g.generate([prompt], max_gen_len=20, temperature=0)[0][0] == script[:2]
 
 
 def test_tool_call_answer_and_its_encoding_in_a_dialog(tok, fmt):
