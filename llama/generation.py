@@ -27,6 +27,7 @@ __all__ = ["Llama", "CompletionPrediction", "ChatPrediction", "InfillingPredicti
            "infilling_prompt_tokens", "dialog_prompt_tokens"]
 
 log = logging.getLogger("llama")
+_ENGINES_SAMPLE_TOP_P = sample_top_p  # what research code may put another in the place of (``Llama._sample``)
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -378,7 +379,7 @@ class Llama:
         finite = logits.amax(dim=-1).isfinite()
         if temperature > 0:
             logits = logits.where(finite[:, None], 0.0)
-        next_token = sample(logits, temperature, top_p, self.generator)
+        next_token = self._sample(logits, temperature, top_p)
         if temperature > 0:  # greedy picks alike on every rank: the gathered logits are the same bits
             distributed.as_first_rank_has_it(next_token)
         tokens[:, pos] = next_token
@@ -390,6 +391,14 @@ class Llama:
             raise ValueError(self._not_finite(batch.name(int(finite.logical_not().nonzero()[0])), pos - prompt_len + 1))
         batch.runs = self.model.runs
         return all_done
+
+    def _sample(self, logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+        """Each row's next token: ``sample``'s, or where research code has put a sample_top_p of its own in this
+        module (Meta's generate looks it up here at every step, to sample its own way), Meta's way with it:
+        softmax(logits / temperature), then that function."""
+        if temperature > 0 and sample_top_p is not _ENGINES_SAMPLE_TOP_P:
+            return sample_top_p(torch.softmax(logits.float() / temperature, dim=-1), top_p).reshape(-1)
+        return sample(logits, temperature, top_p, self.generator)
 
     def _prefill(self, batch: "_Batch", score_prompts: bool, cached: int) -> torch.Tensor:
         """Each row's logits (rows, vocab) after its prompt: one forward pass per group of prompts of one length

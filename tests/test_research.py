@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.nn.modules.module import register_module_forward_hook
 
+import llama.generation
 import llama.kernels
 import llama.linear
 import llama.model
@@ -636,6 +637,23 @@ def test_blocks_and_attention_in_wrappers_of_research_codes_compute(gqa):
         if isinstance(block1.attention, Recorded):
             block1.attention = block1.attention.attention
     assert g.generate([tokens], 10, temperature=0)[0][0] == plain
+
+
+def test_a_sample_top_p_put_in_place_in_generation_samples(gqa, monkeypatch):
+    """Meta's generate looks sample_top_p up in llama.generation at each step: research code puts its own there
+    to sample another way. Here one that takes the most likely token: the greedy tokens, at temperature 1."""
+    g, state = gqa
+    calls = []
+
+    def most_likely(probs, p):
+        calls.append((tuple(probs.shape), p))
+        return probs.argmax(dim=-1, keepdim=True)
+
+    monkeypatch.setattr(llama.generation, "sample_top_p", most_likely)
+    tokens = prompt(5, seed=11)
+    got = g.generate([tokens], 4, temperature=1.0, top_p=0.8)[0][0]
+    assert got == greedy(state, PARAMS, tokens, 4, g.tokenizer.eos_id) and len(got) == 4
+    assert calls == [((1, VOCAB), 0.8)] * 4
 
 
 def test_tokens_banned_with_minus_infinity_are_never_generated(gqa):
