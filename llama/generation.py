@@ -16,7 +16,7 @@ from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dia
                    dialog_prompt_tokens, infilling_prompt, infilling_prompt_tokens)
 from .graphs import GraphedDecoder
 from .linear import can_pack, packed_for
-from .research import edit_count, hook_dicts, replaced
+from .research import edit_count, hook_dicts, hooked, replaced
 from .model import (ModelArgs, Transformer, cache_dtype_for, compute_dtype_for, cpu_has_native_bf16, is_int)
 from .sampling import check_sampling, sample, sample_top_p
 from .tokenizer import Tokenizer
@@ -300,13 +300,14 @@ class Llama:
         probs: List[List[float]] = [[] for _ in range(n)]
         ends: List[Optional[int]] = [None] * n
         todo, first = list(range(n)), True
+        in_order = distributed.any_rank(hooked(self.model.modules()))  # hooks see the rows as Meta's passes hold them
         with self._turn:  # whole: another thread's call waits for it, and it for theirs
             while todo:
                 cut_short = []
                 for group in self._row_groups([prompts[i] for i in todo]):
                     rows = [todo[k] for k in group]
                     batch = _Batch.of([prompts[i] for i in rows], [room[i] for i in rows], max_seq_len, self.device,
-                                      logprobs, rows, names)
+                                      logprobs, rows, names, in_order)
                     end = batch.prompt_len
                     for pos in self._steps(batch, temperature, top_p, stop, score_prompts=logprobs and echo and first):
                         end = pos + 1
@@ -326,7 +327,7 @@ class Llama:
         given; where research code has replaced a forward of the model or of its blocks, norms, attention or
         feed-forward (``llama.research.replaced``), grouped by length first: those take Meta's arguments, which
         can't say that a row is left-padded. (Hooks don't group them: a batch of many lengths would take as many
-        turns, slower than Meta's code; they get the engine's Window in a ragged batch's passes.)"""
+        turns, slower than Meta's code; they get the engine's Window, in one pass of the rows in the order given.)"""
         by_length = distributed.any_rank(replaced([self.model, *self.model.replaceable_modules()]))
         groups: Dict[int, List[int]] = {}
         for i, p in enumerate(prompt_tokens):
@@ -401,14 +402,13 @@ class Llama:
         return sample(logits, temperature, top_p, self.generator)
 
     def _prefill(self, batch: "_Batch", score_prompts: bool, cached: int) -> torch.Tensor:
-        """Each row's logits (rows, vocab) after its prompt: one forward pass per group of prompts of one length
-        (they adjoin, longest first), over their own tokens only; with score_prompts, the prompts'
+        """Each row's logits (rows, vocab) after its prompt, in the batch's passes: sorted, one forward pass per
+        group of prompts of one length, over their own tokens only; with score_prompts, the prompts'
         log-probabilities written into ``batch.logprobs`` too."""
         tokens, prompts, prompt_len = batch.tokens, batch.prompts, batch.prompt_len
         last = []
-        starts = [i for i in range(len(prompts)) if i == 0 or len(prompts[i]) != len(prompts[i - 1])]
-        for a, b in zip(starts, starts[1:] + [len(prompts)]):
-            start = prompt_len - len(prompts[a]) + cached
+        for a, b in batch.passes:
+            start = prompt_len - max(len(p) for p in prompts[a:b]) + cached
             if replaced([self.model]):  # a forward of Meta's signature put in place (its rows: one length, from 0)
                 logits = self.model.forward(tokens[a:b, start:prompt_len], start)
             else:
@@ -597,11 +597,14 @@ class Llama:
 
 @dataclass
 class _Batch:
-    """Prompts continued together: sorted longest first (``order[i]``: row i's place among the batch's prompts),
-    left-padded to end at one position, ``prompt_len``, after which the rows decode in step, each up to its own
-    number of tokens (``last[i]``: row i's last position)."""
+    """Prompts continued together: sorted longest first, or in the order given where hooks will see the rows
+    (``order[i]``: row i's place among the batch's prompts), left-padded to end at one position, ``prompt_len``,
+    after which the rows decode in step, each up to its own number of tokens (``last[i]``: row i's last
+    position). Prefilled in ``passes``: [a, b) row ranges, one per length sorted, all rows in one given in order."""
     prompts: List[List[int]]
     order: List[int]
+    prompt_len: int
+    passes: List[Tuple[int, int]]
     tokens: torch.Tensor  # (rows, positions): the padded prompts, then the tokens sampled
     pad: torch.Tensor  # (rows,): each row's padding
     last: torch.Tensor  # (rows,): the position of each row's last token to generate
@@ -612,10 +615,13 @@ class _Batch:
 
     @staticmethod
     def of(prompt_tokens: List[List[int]], gen_lens: List[int], max_seq_len: int, device: torch.device,
-           logprobs: bool, index: Optional[List[int]] = None, names: Optional[List[str]] = None) -> "_Batch":
-        order = sorted(range(len(prompt_tokens)), key=lambda i: -len(prompt_tokens[i]))  # equal lengths adjoin
+           logprobs: bool, index: Optional[List[int]] = None, names: Optional[List[str]] = None,
+           in_order: bool = False) -> "_Batch":
+        n = len(prompt_tokens)
+        order = list(range(n)) if in_order else sorted(range(n), key=lambda i: -len(prompt_tokens[i]))
         prompts = [prompt_tokens[i] for i in order]
-        prompt_len = len(prompts[0])
+        prompt_len = max(map(len, prompts))
+        starts = [0] if in_order else [i for i in range(n) if i == 0 or len(prompts[i]) != len(prompts[i - 1])]
         tokens = torch.zeros((len(prompts), min(max_seq_len, prompt_len + max(gen_lens))), dtype=torch.long,
                              device=device)
         for i, p in enumerate(prompts):
@@ -623,11 +629,8 @@ class _Batch:
         pad = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
         last = torch.tensor([prompt_len + gen_lens[i] - 1 for i in order], device=device)
         scores = torch.zeros(tokens.shape, dtype=torch.float32, device=device) if logprobs else None
-        return _Batch(prompts, order, tokens, pad, last, scores, index or list(range(len(prompts))), names)
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompts[0])
+        return _Batch(prompts, order, prompt_len, list(zip(starts, starts[1:] + [n])), tokens, pad, last, scores,
+                      index or list(range(n)), names)
 
     def name(self, row: int) -> str:
         """What errors call row's prompt."""

@@ -95,21 +95,41 @@ def test_a_hook_that_edits_a_blocks_output_steers_generation(gqa):
 
 def test_a_ragged_batch_with_hooks_generates_as_without(gqa):
     """Meta's way (each block and norm called) and the fused one give the same ragged batch, prompts of three
-    lengths prefilled a group at a time after their padding, then decoded together. A pass that Meta's code
-    could make (one prompt, from cache row 0) gives the hook Meta's arguments: an int start_pos."""
+    lengths prefilled, with hooks, in one pass of every row in the order given (as Meta's passes hold them), then
+    decoded together. A pass that Meta's code could make (one prompt, from cache row 0) gives the hook Meta's
+    arguments: an int start_pos."""
     g, _ = gqa
     prompts = [prompt(3, 1), prompt(11, 2), prompt(7, 3)]
     fused = g.generate(prompts, 10, temperature=0, logprobs=True)
     calls = []
     with registered(g.model.layers[1].register_forward_hook(lambda module, args, out: calls.append(out.shape[:2]))):
         plain = g.generate(prompts, 10, temperature=0, logprobs=True)
-    assert plain[0] == fused[0] and calls[:3] == [(1, 11), (1, 7), (1, 3)]  # the prefills, longest first
+    assert plain[0] == fused[0] and calls[:2] == [(3, 11), (3, 1)]
     starts = []
     with registered(g.model.layers[1].register_forward_hook(lambda module, args, out: starts.append(args[1]))):
         g.generate(prompts[:1], 3, temperature=0)
     assert starts == [0, 3, 4]
     for a, b in zip(plain[1], fused[1]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
+
+
+def test_a_hook_steering_each_row_its_own_way_in_a_ragged_batch(gqa):
+    """A steering vector per prompt, added by a hook to the first block's output by row, as research code does
+    on Meta's model, whose passes hold every row in the caller's order: each prompt's tokens are those it gets
+    alone with its own vector."""
+    g, _ = gqa
+    prompts = [prompt(3, 4), prompt(11, 5), prompt(7, 6)]
+    steer = torch.randn(3, GQA["dim"], generator=torch.Generator().manual_seed(7)) * 3
+
+    def steered(rows):
+        hook = g.model.layers[0].register_forward_hook(lambda m, args, out: out + steer[rows, None, :])
+        with registered(hook):
+            return g.generate([prompts[i] for i in rows], 8, temperature=0)[0]
+
+    together = steered([0, 1, 2])
+    alone = [steered([i])[0] for i in range(3)]
+    assert together == alone
+    assert together != g.generate(prompts, 8, temperature=0)[0]  # not vacuous: the steering changes the text
 
 
 def fused_model(make_ckpt, tokenizer_path, way: str):
