@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .research import hook_dicts, module_sets, replaced
+from .research import hook_dicts, module_sets, replaced, tensor_sets
 from .model import Caches, Transformer
 
 BUCKET = 256  # cache positions per captured graph: at most this many more read per step than needed
@@ -23,10 +23,10 @@ class GraphedDecoder:
     """``decoder(tokens, pos, left_pad)`` returns what ``model.forward(tokens, pos, left_pad=left_pad,
     last_only=True)`` does, for one token per row in cache rows 0..batch, from a replayed CUDA graph.
 
-    The graphs hold the addresses of the model's weights and KV cache: a cache allocated anew (``setup_cache``)
-    or a module put in the place of another (a wrapper around a layer, say) is noticed and the graphs captured
-    again; weights replaced by other tensors after the first step are not (edit them in place, or make a new
-    decoder). Forward hooks, and forwards that research code has put in place of a block's, attention's,
+    The graphs hold the addresses of the model's weights, rotary table and KV cache: a cache allocated anew
+    (``setup_cache``), a module put in the place of another (a wrapper around a layer, say), a weight replaced by
+    another tensor (``w.weight = nn.Parameter(...)``, ``load_state_dict(..., assign=True)``, ``w.weight.data =
+    t``) or a table put in ``model.freqs_cis`` is noticed and the graphs captured again. Forward hooks, and forwards that research code has put in place of a block's, attention's,
     feed-forward's or norm's, would not run in a replay: while there are any, steps run eagerly
     (``model.forward``), calling them.
     """
@@ -43,12 +43,17 @@ class GraphedDecoder:
         # (Checking for replaced forwards walks five modules a layer: 20 us for a 7B model on a slow CPU.)
         self.module_sets = module_sets()
         self.hooks = hook_dicts(model.modules())
+        self.tensors = (tensor_sets(), model.freqs_cis)  # what the graphs read besides the cache
 
     def __call__(self, tokens: torch.Tensor, pos: int, left_pad: Optional[torch.Tensor] = None) -> torch.Tensor:
         if tokens.shape[1] != 1:
             raise ValueError(f"a decoding step takes one token per row; got tokens of shape {tuple(tokens.shape)}")
         if module_sets() != self.module_sets:  # a module put in the place of another: its hooks, and graphs to redo
             self.module_sets, self.hooks = module_sets(), hook_dicts(self.model.modules())
+            self.graphs.clear()
+        tensors = (tensor_sets(), self.model.freqs_cis)
+        if tensors[0] != self.tensors[0] or tensors[1] is not self.tensors[1]:  # a weight or table replaced
+            self.tensors = tensors
             self.graphs.clear()
         if any(self.hooks) or replaced(self.model.replaceable_modules()):  # which a replay would skip
             return self.model.forward(tokens, pos, left_pad=left_pad, last_only=True)

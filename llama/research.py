@@ -53,6 +53,7 @@ def fused(group, *layers: nn.Module):
 
 
 _module_sets = 0
+_tensor_sets = 0
 
 
 def _count_module_set(module: nn.Module, name: str, submodule: nn.Module) -> None:
@@ -60,7 +61,14 @@ def _count_module_set(module: nn.Module, name: str, submodule: nn.Module) -> Non
     _module_sets += 1
 
 
+def _count_tensor_set(*args) -> None:
+    global _tensor_sets
+    _tensor_sets += 1
+
+
 nn_module.register_module_module_registration_hook(_count_module_set)
+nn_module.register_module_parameter_registration_hook(_count_tensor_set)
+nn_module.register_module_buffer_registration_hook(_count_tensor_set)
 
 
 def module_sets() -> int:
@@ -68,6 +76,13 @@ def module_sets() -> int:
     research code putting one in the place of another, ``model.layers[0].attention.wq = Wrapper(...)``, one
     more): a CUDA graph captured before such a change would replay the module that was there."""
     return _module_sets
+
+
+def tensor_sets() -> int:
+    """How many parameters and buffers have been set on modules, and tensors given to a WatchedParameter's
+    ``.data``, in this process so far (``w.weight = nn.Parameter(...)``, ``load_state_dict(..., assign=True)``,
+    ``w.weight.data = t``): a CUDA graph captured before would replay the tensor that was there."""
+    return _tensor_sets
 
 
 class WatchedParameter(nn.Parameter):
@@ -83,6 +98,7 @@ class WatchedParameter(nn.Parameter):
     @data.setter
     def data(self, value: torch.Tensor) -> None:
         self.data_uses = getattr(self, "data_uses", 0) + 1
+        _count_tensor_set()
         torch.Tensor.data.__set__(self, value)
 
     def __deepcopy__(self, memo: dict) -> nn.Parameter:

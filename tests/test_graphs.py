@@ -207,3 +207,28 @@ def test_graphed_steps_follow_a_module_put_in_the_place_of_a_layer(make_ckpt, to
             attention.wq.register_forward_hook(lambda module, args, out: calls.append(out.shape))
         step_matches_reference(g, state, tokens, t, device)
     assert len(g.decoder.graphs) == 1 and len(calls) == 1  # captured again with the wrapper; its hook ran
+
+
+@pytest.mark.parametrize("change", ["parameter", "assign", "data", "table"])
+def test_graphed_steps_follow_weights_and_a_table_put_in_place(make_ckpt, tokenizer_path, device, change):
+    """A weight replaced by another tensor after graphs were captured (a new Parameter, load_state_dict with
+    assign=True, a tensor given to .data), or a rotary table put in model.freqs_cis: the steps are captured again
+    and compute with it, where a replay would read the old tensor's memory; logits the reference's."""
+    g, state, tokens = prefilled(make_ckpt, tokenizer_path, device, 13)
+    w2 = g.model.layers[1].feed_forward.w2
+    for pos in range(8, 12):
+        if pos == 10 and change == "table":  # the same table in new memory, the old one scrambled
+            table, g.model.freqs_cis = g.model.freqs_cis, g.model.freqs_cis.clone()
+            table.mul_(1j)
+        elif pos == 10:
+            new = w2.weight.detach() * -2
+            state = {**state, "layers.1.feed_forward.w2.weight": state["layers.1.feed_forward.w2.weight"] * -2}
+            if change == "parameter":
+                w2.weight = torch.nn.Parameter(new)
+            elif change == "assign":
+                g.model.load_state_dict({**g.model.state_dict(), "layers.1.feed_forward.w2.weight": new},
+                                        assign=True)
+            else:
+                w2.weight.data = new
+        step_matches_reference(g, state, tokens, pos * 7 % VOCAB, device)
+    assert len(g.decoder.graphs) == 1
