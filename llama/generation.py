@@ -19,12 +19,12 @@ from .linear import can_pack, packed_for
 from .research import edit_count, hook_dicts, hooked, replaced
 from .model import (ModelArgs, Transformer, cache_dtype_for, compute_dtype_for, cpu_has_native_bf16, is_int)
 from .sampling import check_sampling, sample, sample_top_p
-from .tokenizer import Tokenizer
+from .tokenizer import ChatFormat, Tokenizer
 
-# With Meta's names that research code imports from its generation.py.
+# With Meta's names that research code imports from its generation.py (ChatFormat: Llama 3's).
 __all__ = ["Llama", "CompletionPrediction", "ChatPrediction", "InfillingPrediction", "Role", "Message", "Dialog",
            "B_INST", "E_INST", "B_SYS", "E_SYS", "SPECIAL_TAGS", "UNSAFE_ERROR", "sample_top_p",
-           "infilling_prompt_tokens", "dialog_prompt_tokens"]
+           "infilling_prompt_tokens", "dialog_prompt_tokens", "ChatFormat"]
 
 log = logging.getLogger("llama")
 _ENGINES_SAMPLE_TOP_P = sample_top_p  # what research code may put another in the place of (``Llama._sample``)

@@ -250,6 +250,11 @@ def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, use_scaled:
     return torch.polar(torch.ones_like(angles), angles)
 
 
+def apply_scaling(freqs: torch.Tensor, scale_factor: float = 8.0, high_freq_factor: float = 4.0) -> torch.Tensor:
+    """Meta's name and arguments (llama-models) for ``scale_rope_freqs``, for research code that imports it."""
+    return scale_rope_freqs(freqs, scale_factor, high_freq_factor=high_freq_factor)
+
+
 def scale_rope_freqs(freqs: torch.Tensor, factor: float = 8.0, low_freq_factor: float = 1.0,
                      high_freq_factor: float = 4.0, original_context: int = 8192) -> torch.Tensor:
     """Llama 3.1's scaling: wavelengths longer than the original context / low_freq_factor are stretched by

@@ -331,6 +331,8 @@ class TiktokenTokenizer(Tokenizer):
     numbered from the first id after the regular ones."""
 
     kind = "llama3"
+    pat_str = PAT_STR  # Meta's names for them
+    num_reserved_special_tokens = N_SPECIAL
 
     def __init__(self, model_path: str):
         import tiktoken  # only Llama 3 needs it

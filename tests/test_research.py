@@ -19,10 +19,10 @@ from llama.graphs import GraphedDecoder
 from llama.linear import Fused, PackedFused
 from llama.research import replaced
 from llama.model import (Attention, FeedForward, ModelArgs, RMSNorm, Transformer, TransformerBlock, apply_rotary_emb,
-                         precompute_freqs_cis, repeat_kv, reshape_for_broadcast)
+                         apply_scaling, precompute_freqs_cis, repeat_kv, reshape_for_broadcast)
 
 from conftest import GQA, VOCAB
-from reference import greedy, rms_norm, rotate
+from reference import greedy, rms_norm, rotate, scaled_freq
 from reference import logits as reference_logits
 from test_model import build_model, prompt
 from test_packing import CONFIG
@@ -492,6 +492,11 @@ def test_metas_rotary_helpers_match_float64():
                                        rtol=0, atol=1e-5)
     q16, _ = apply_rotary_emb(xq.bfloat16(), xk.bfloat16(), freqs)
     assert q16.dtype == torch.bfloat16
+    # Llama 3.1's scaling, by llama-models' name: each frequency as the rule in reference.py says, factor 8 or 32.
+    f = 500000.0 ** (-torch.arange(0, 128, 2, dtype=torch.float64) / 128)
+    for factor in (8, 32):
+        want = torch.tensor([scaled_freq(float(x), factor) for x in f], dtype=torch.float64)
+        torch.testing.assert_close(apply_scaling(f.float(), factor).double(), want, rtol=1e-6, atol=0)
 
 
 def test_hooks_in_the_last_block_see_every_position(gqa):
@@ -564,8 +569,10 @@ def test_metas_chat_names_import_from_generation_and_build_its_prompts(tokenizer
     from ours, Meta's recipe gives the tokens chat_completion encodes."""
     from llama import chat
     from llama.chat import chat_format
-    from llama.generation import B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dialog, sample_top_p
+    from llama.generation import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, ChatFormat, Dialog,
+                                  sample_top_p)
     from llama.sampling import sample_top_p as ours
+    from llama.tokenizer import ChatFormat as llama3s
 
     tok = Tokenizer(tokenizer_path)
     dialog: Dialog = [{"role": "system", "content": "Answer briefly."},
@@ -577,6 +584,7 @@ def test_metas_chat_names_import_from_generation_and_build_its_prompts(tokenizer
     want += tok.encode(f"{B_INST} {dialog[3]['content'].strip()} {E_INST}", bos=True, eos=False)
     assert chat_format(tok).encode_dialog(dialog, 0) == want
     assert (sample_top_p, UNSAFE_ERROR) == (ours, chat.UNSAFE_ERROR) and {B_INST, E_INST} <= set(SPECIAL_TAGS)
+    assert ChatFormat is llama3s  # Meta's llama3 generation.py imports it from its tokenizer
 
 
 def test_a_compiled_model_is_not_compiled_again_at_every_call(gqa):

@@ -109,6 +109,7 @@ def test_llama3_special_ids_by_name(llama3, name, id_):
 
 def test_llama3_special_tokens_are_all_there(llama3):
     assert sorted(llama3.special_tokens.values()) == list(range(128000, 128256))
+    assert llama3.num_reserved_special_tokens == 256 and llama3.model._pat_str == llama3.pat_str  # Meta's names
     assert (llama3.eom_id, llama3.special_id("<|python_tag|>")) == (128008, 128010)
     for bad in ("<|reserved_special_token_246|>", "hello", "<s>"):
         with pytest.raises(ValueError, match="not a special token"):
