@@ -238,22 +238,27 @@ def any_rank(flag: bool) -> bool:
     """Whether flag holds on any rank of this model-parallel group. For what each rank decides from its own state
     (a hook that research code put on one rank only, a cache one rank holds), where the ranks must go the same way
     or their collectives won't match: a collective, which every rank of the group must call."""
-    return bool(_reduced(int(flag), dist.ReduceOp.MAX))
+    return any_ranks(flag)[0]
+
+
+def any_ranks(*flags: bool) -> List[bool]:
+    """``any_rank`` of each flag, in one collective."""
+    return [bool(v) for v in _reduced([int(f) for f in flags], dist.ReduceOp.MAX)]
 
 
 def least(value: int) -> int:
     """value's smallest on any rank of this model-parallel group (as ``any_rank``, for the ranks to agree)."""
-    return _reduced(value, dist.ReduceOp.MIN)
+    return _reduced([value], dist.ReduceOp.MIN)[0]
 
 
-def _reduced(value: int, op: dist.ReduceOp) -> int:
+def _reduced(values: List[int], op: dist.ReduceOp) -> List[int]:
     if not dist.is_initialized() or not mp_init.model_parallel_is_initialized() \
             or mp_init.get_model_parallel_world_size() == 1:
-        return value
+        return values
     group = mp_init.get_model_parallel_group()
-    t = torch.tensor([value], device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
+    t = torch.tensor(values, device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
     dist.all_reduce(t, op=op, group=group)
-    return int(t.item())
+    return t.tolist()
 
 
 def everyones(value: T, group: Optional[dist.ProcessGroup] = None) -> List[T]:

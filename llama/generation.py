@@ -290,7 +290,9 @@ class Llama:
         Each prompt gets up to min(max_gen_len, max_seq_len - its length) tokens, as in Meta's code, whatever else
         is in its batch: a row that the batch's longest prompt leaves less room (its rows end at one position) and
         that reaches the cache's end before its own limit or a stop token is continued afterwards, its prompt and
-        tokens so far prefilled as a new prompt. names: what errors call each prompt ("prompt i" by default)."""
+        tokens so far prefilled as a new prompt; where hooks see the rows, beside each row of its batch that is
+        done (a token of its own in its place, generating none), so that row i stays the caller's prompt i of the
+        batch, as in Meta's passes. names: what errors call each prompt ("prompt i" by default)."""
         prompt_tokens = _listed(prompt_tokens)
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop_tokens, echo, names)
         stop = frozenset(self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens)
@@ -299,27 +301,30 @@ class Llama:
         tokens: List[List[int]] = [[] for _ in range(n)]
         probs: List[List[float]] = [[] for _ in range(n)]
         ends: List[Optional[int]] = [None] * n
-        todo, first = list(range(n)), True
         in_order = distributed.any_rank(hooked(self.model.modules()))  # hooks see the rows as Meta's passes hold them
         with self._turn:  # whole: another thread's call waits for it, and it for theirs
-            while todo:
-                cut_short = []
-                for group in self._row_groups([prompts[i] for i in todo]):
-                    rows = [todo[k] for k in group]
-                    batch = _Batch.of([prompts[i] for i in rows], [room[i] for i in rows], max_seq_len, self.device,
+            for group in self._row_groups(prompt_tokens):
+                going, first = set(group), True
+                while going:
+                    rows = group if in_order else [i for i in group if i in going]
+                    batch = _Batch.of([prompts[i] if i in going else prompts[i][:1] for i in rows],
+                                      [room[i] if i in going else 0 for i in rows], max_seq_len, self.device,
                                       logprobs, rows, names, in_order)
                     end = batch.prompt_len
                     for pos in self._steps(batch, temperature, top_p, stop, score_prompts=logprobs and echo and first):
                         end = pos + 1
                     for i, row, row_probs, stopped_by in batch.results(end, stop, echo and first):
+                        if i not in going:
+                            continue
                         tokens[i] += row
                         probs[i] += row_probs
                         ends[i] = stopped_by
                         new = row[len(prompts[i]):] if echo and first else row
                         if stopped_by is None and len(new) < room[i]:  # the cache's end came first
                             prompts[i], room[i] = prompts[i] + new, room[i] - len(new)
-                            cut_short.append(i)
-                todo, first = cut_short, False
+                        else:
+                            going.discard(i)
+                    first = False
         return tokens, (probs if logprobs else None), ends
 
     def _row_groups(self, prompt_tokens: List[List[int]]) -> Iterator[List[int]]:
@@ -417,6 +422,7 @@ class Llama:
             if score_prompts:  # a prompt's first token has no context: 0.0, as in the reference
                 batch.logprobs[a:b, start + 1:prompt_len] = _logprobs_of(logits[:, :-1],
                                                                          tokens[a:b, start + 1:prompt_len])
+                batch.logprobs[a:b].scatter_(1, batch.pad[a:b, None], 0.0)  # (a pass over padding scores that too)
             last.append(logits[:, -1])
         return torch.cat(last)
 

@@ -26,9 +26,9 @@ class GraphedDecoder:
     The graphs hold the addresses of the model's weights, rotary table and KV cache: a cache allocated anew
     (``setup_cache``), a module put in the place of another (a wrapper around a layer, say), a weight replaced by
     another tensor (``w.weight = nn.Parameter(...)``, ``load_state_dict(..., assign=True)``, ``w.weight.data =
-    t``) or a table put in ``model.freqs_cis`` is noticed and the graphs captured again. Forward hooks, and forwards that research code has put in place of a block's, attention's,
-    feed-forward's or norm's, would not run in a replay: while there are any, steps run eagerly
-    (``model.forward``), calling them.
+    t``) or a table put in ``model.freqs_cis`` is noticed and the graphs captured again. Forward hooks, and
+    forwards that research code has put in place of a block's, attention's, feed-forward's or norm's, would not
+    run in a replay: while there are any, steps run eagerly (``model.forward``), calling them.
     """
 
     def __init__(self, model: Transformer, compile_elementwise: bool = False):

@@ -846,8 +846,10 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens).to(self.compute_dtype)
         # Only the last position goes through the final norm and output, unless hooks on them would see it (they
         # see every position, as on Meta's model), on any rank: the output's gather takes the same on every rank.
-        tail = last_only and not distributed.any_rank(hooked((self.norm, self.output)))
-        if self.runs_metas_way():  # each block and norm called, with Meta's arguments where they can say the pass
+        # And Meta's way where any rank goes it (a hook on one rank's block), or the ranks' collectives differ.
+        metas, tail_hooked = distributed.any_ranks(self.runs_metas_way(), hooked((self.norm, self.output)))
+        tail = last_only and not tail_hooked
+        if metas:  # each block and norm called, with Meta's arguments where they can say the pass
             args = self._metas_arguments(w, start, left_pad, h.dtype) or (w,)
             for layer in self.layers:
                 h = layer(h, *args)

@@ -13,13 +13,14 @@ from llama.cli import print0, run
 
 def main(ckpt_dir: str, tokenizer_path: str, prompts: list, max_gen_len: int = 8, logits_out: str = "",
          fail_on_rank: int = -1, fail_with: str = "ValueError", slow_on_rank: dict = None, dtype: str = "float32",
-         cpu_on_rank: dict = None, temperature: float = 0.0, seed_on_rank: dict = None):
+         cpu_on_rank: dict = None, temperature: float = 0.0, seed_on_rank: dict = None, hook_on_rank: int = -1):
     """prompts: a JSON list of strings (fire parses it). fail_on_rank: make that rank's load fail (raise
     fail_with, bad input or a crash), to check that the others stop too instead of waiting for it. slow_on_rank:
     {rank: seconds} that rank's load takes longer. dtype: None to let each rank pick. cpu_on_rank: make
     ranks see a CPU of another kind, {rank: "avx2"} (no native bf16) or {rank: "arm"} (no AVX), as machines of
     different kinds in one run do. temperature > 0 samples, each rank with the seed seed_on_rank gives it
-    (default 1), and every rank prints its tokens."""
+    (default 1), and every rank prints its tokens. hook_on_rank: that rank alone puts a forward hook (which
+    reads, changing nothing) on the first block, as research code recording activations on one rank does."""
     rank = int(os.environ.get("RANK", 0))
     kind = (cpu_on_rank or {}).get(rank)
     if kind == "avx2":
@@ -40,6 +41,8 @@ def main(ckpt_dir: str, tokenizer_path: str, prompts: list, max_gen_len: int = 8
     llama.checkpoint.Checkpoint.load_rank = load_rank
     g = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, device="cpu", dtype=dtype,
                     seed=(seed_on_rank or {}).get(rank, 1))
+    if rank == hook_on_rank:
+        g.model.layers[0].register_forward_hook(lambda module, args, out: None)
     prompt_tokens = [g.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
     if logits_out:
         logits = g.model.forward(torch.tensor(prompt_tokens[:1]), 0)[0]

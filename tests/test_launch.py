@@ -125,6 +125,16 @@ def test_a_checkpoint_missing_on_one_machine_fails_on_both_saying_where(make_ckp
         assert "[rank" not in result.stderr and "Error:" not in result.stderr.split("error: ")[1].splitlines()[0]
 
 
+def test_a_hook_on_one_rank_only_generates_as_without(make_ckpt, tokenizer_path):
+    """Research code recording activations on rank 0 alone: that rank calls the blocks as Meta's code does, and
+    the other must go the same way, or their collectives don't match (gloo failed on a size mismatch)."""
+    ckpt, _ = make_ckpt(GQA, mp=2)
+    args = driver(ckpt, tokenizer_path, "--hook_on_rank", "0")
+    first, second = launch_ranks(args, args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert tokens_of(first) == tokens_in_this_process(ckpt, tokenizer_path)
+
+
 def test_a_crash_on_one_rank_is_one_line_on_the_other(make_ckpt, tokenizer_path):
     """A rank that crashes loading (not bad input: CUDA out of memory, say) prints its traceback; the other says
     in one line which rank failed, where, and with what, where it printed a traceback of its own too."""

@@ -130,6 +130,21 @@ def test_a_hook_steering_each_row_its_own_way_in_a_ragged_batch(gqa):
     alone = [steered([i])[0] for i in range(3)]
     assert together == alone
     assert together != g.generate(prompts, 8, temperature=0)[0]  # not vacuous: the steering changes the text
+    # Rows cut short by the cache's end beside the longest (max_seq_len 64) are continued in a batch of all
+    # three rows still, the row done in its place, so that each keeps its vector; echo's logprobs as without.
+    long = [prompt(3, 4), prompt(50, 5), prompt(20, 6)]
+    shapes = []
+    hook = g.model.layers[0].register_forward_hook(lambda m, args, out: shapes.append(out.shape[0]) or
+                                                   out + steer[:, None, :])
+    with registered(hook):
+        together, lps = g.generate(long, 30, temperature=0, stop_tokens=[], logprobs=True, echo=True)
+    assert set(shapes) == {3} and [len(t) - len(p) for t, p in zip(together, long)] == [30, 14, 30]
+    for i, p in enumerate(long):
+        hook = g.model.layers[0].register_forward_hook(lambda m, args, out, i=i: out + steer[i])
+        with registered(hook):
+            alone, alone_lps = g.generate([p], 30, temperature=0, stop_tokens=[], logprobs=True, echo=True)
+        assert together[i] == alone[0] and lps[i][0] == 0.0
+        torch.testing.assert_close(torch.tensor(lps[i]), torch.tensor(alone_lps[0]), rtol=1e-4, atol=1e-4)
 
 
 def fused_model(make_ckpt, tokenizer_path, way: str):
