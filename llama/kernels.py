@@ -144,7 +144,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     the caller to use torch's."""
     bsz, kv_heads, group, dim = q.shape
     applies = (_reads_the_cache(q, keys, values) and q.dtype in _DTYPES and keys.dtype in (q.dtype, torch.bfloat16)
-               and group <= MAX_GROUP
+               and keys.shape[:2] == (bsz, kv_heads) and 1 <= group <= MAX_GROUP
                and (mask is None or (mask.dtype == q.dtype and mask.shape == (bsz, 1, 1, keys.shape[2])
                                      and mask.stride(3) == 1)))
     lib = library() if applies else None
@@ -247,7 +247,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> Optional[torch.Tensor]:
     (as the halves of one product's output are). None where the kernel doesn't apply (device, dtype, layout, a
     last dimension not a multiple of 16, autograd, or no kernels)."""
     hidden, stride = gate.shape[-1], _row_stride(gate, 1)
-    applies = (_elementwise_applies(gate, up) and gate.shape == up.shape and hidden % 16 == 0
+    applies = (_elementwise_applies(gate, up) and gate.shape == up.shape and hidden > 0 and hidden % 16 == 0
                and stride is not None and up.stride() == gate.stride())
     lib = library() if applies else None
     if lib is None:

@@ -87,6 +87,10 @@ def test_declines_what_it_does_not_take():
     assert kernels.decode_attention(q.bfloat16(), keys, values, None) is None  # a cache wider than the queries
     assert kernels.decode_attention(q, keys.bfloat16(), values, None) is None  # keys and values apart
     assert kernels.decode_attention(q, keys.transpose(2, 3), values, None) is None  # layout
+    # a cache of fewer rows or KV heads than the queries (torch's broadcasts it; the kernel would read past it)
+    assert kernels.decode_attention(q.expand(3, -1, -1, -1), keys, values, None) is None
+    assert kernels.decode_attention(q, keys[:, :1], values[:, :1], None) is None
+    assert kernels.decode_attention(q[:, :, :0], keys, values, None) is None  # no queries
     with torch.enable_grad():
         assert kernels.decode_attention(q.requires_grad_(), keys, values, None) is None  # autograd
 
@@ -286,6 +290,7 @@ def test_swiglu_and_rope_match_float64():
     assert kernels.swiglu(gate, torch.randn(3, 128)[:, :64]) is None  # strides differ
     assert kernels.swiglu(gate.t().contiguous().t(), gate.t().contiguous().t()) is None  # columns strided
     assert kernels.swiglu(gate[:, :40], gate[:, :40]) is None  # not a multiple of 16
+    assert kernels.swiglu(gate[:, :0], gate[:, :0]) is None  # no columns
     assert kernels.rope(torch.randn(1, 2, 2, 64).transpose(1, 2), tables[:2][None, :, None]) is None  # heads strided
     assert kernels.rope(torch.randn(1, 2, 2, 64), tables[:2][None, :, None].to(torch.complex128)) is None  # dtype
 
