@@ -846,8 +846,11 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens).to(self.compute_dtype)
         # Only the last position goes through the final norm and output, unless hooks on them would see it (they
         # see every position, as on Meta's model), on any rank: the output's gather takes the same on every rank.
-        # And Meta's way where any rank goes it (a hook on one rank's block), or the ranks' collectives differ.
-        metas, tail_hooked = distributed.any_ranks(self.runs_metas_way(), hooked((self.norm, self.output)))
+        # And Meta's way where any rank goes it (a hook on one rank's block), or the ranks' collectives differ; and
+        # the last block for the last position alone too, unless hooks in it would see the others. One collective.
+        metas, tail_hooked, last_hooked = distributed.any_ranks(
+            self.runs_metas_way(), hooked((self.norm, self.output)),
+            tokens.shape[1] > 1 and hooked(list(self.layers)[-1].modules()))
         tail = last_only and not tail_hooked
         if metas:  # each block and norm called, with Meta's arguments where they can say the pass
             args = self._metas_arguments(w, start, left_pad, h.dtype) or (w,)
@@ -855,8 +858,7 @@ class Transformer(nn.Module):
                 h = layer(h, *args)
             logits = self.output(self.norm(h[:, -1:] if tail else h)).float()
         else:
-            # The last block for the last position alone too, unless hooks in it would see the others.
-            trim = tail and tokens.shape[1] > 1 and not distributed.any_rank(hooked(list(self.layers)[-1].modules()))
+            trim = tail and tokens.shape[1] > 1 and not last_hooked
             carry = None
             for i, layer in enumerate(self.layers, 1):
                 h, carry = layer.residuals(h, carry, w, last_only=trim and i == len(self.layers))
