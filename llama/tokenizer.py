@@ -60,6 +60,11 @@ class Tokenizer:
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         raise NotImplementedError
 
+    def _framed(self, ids: List[int], bos: bool, eos: bool) -> List[int]:
+        """ids with the begin- and end-of-sequence tokens where bos and eos are true (tested as Meta's does, with
+        ``if``: numpy's bools and None too)."""
+        return [self.bos_id] * bool(bos) + ids + [self.eos_id] * bool(eos)
+
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
@@ -185,7 +190,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         ids = self.sp_model.encode(_utf8(s))
-        return [self.bos_id] * bool(bos) + ids + [self.eos_id] * bool(eos)
+        return self._framed(ids, bos, eos)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp_model.decode(self._ids(ids))
@@ -364,7 +369,7 @@ class TiktokenTokenizer(Tokenizer):
                 ids += self.model.encode(part, allowed_special=allowed_special, disallowed_special=disallowed_special)
         except ValueError as e:  # tiktoken's, for a disallowed one
             raise ValueError(f"{str(e).splitlines()[0]} (refused by disallowed_special)") from None
-        return [self.bos_id] * bool(bos) + ids + [self.eos_id] * bool(eos)
+        return self._framed(ids, bos, eos)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Bytes that aren't whole UTF-8 characters (ids cut mid-character) decode as U+FFFD."""
