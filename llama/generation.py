@@ -451,7 +451,7 @@ class Llama:
         if not prompt_tokens:
             raise ValueError("no prompts given: pass at least one")
         for i, p in enumerate(prompt_tokens):
-            name = names[i] if names else f"prompt {i}"
+            name = _name(names, i)
             if not isinstance(p, (list, tuple)):
                 raise ValueError(f"{name} must be a list of token ids, got {type(p).__name__}")
             if not p:
@@ -641,7 +641,7 @@ class _Batch:
     def name(self, row: int) -> str:
         """What errors call row's prompt."""
         i = self.index[self.order[row]]
-        return self.names[i] if self.names else f"prompt {i}"
+        return _name(self.names, i)
 
     def results(self, end: int, stop: Collection[int], echo: bool
                 ) -> Iterator[Tuple[int, List[int], List[float], Optional[int]]]:
@@ -655,6 +655,11 @@ class _Batch:
             first, cut = int(self.pad[i]) if echo else self.prompt_len, self.prompt_len + n
             probs = self.logprobs[i, first:cut].tolist() if self.logprobs is not None else []
             yield self.index[self.order[i]], row[first:cut], probs, generated[n] if n < len(generated) else None
+
+
+def _name(names: Optional[List[str]], i: int) -> str:
+    """What errors call the caller's prompt i: its name where the caller gave names (chat's "dialog i")."""
+    return names[i] if names else f"prompt {i}"
 
 
 def _logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
