@@ -182,7 +182,8 @@ static inline vf vexp(vf x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    vi scale = ((vi)t - (vi)magic + 127) << 23;
+    /* unsigned: below -87 the exponent goes negative, and a signed left shift of it is undefined in C */
+    vu scale = (vu)((vi)t - (vi)magic + 127) << 23;
     return (vf)((vi)(p * (vf)scale) & (vi)(x > -87.0f));
 }
 
