@@ -11,6 +11,7 @@
 #
 # Written for bash 3.2 (the macOS default) and later.
 
+[ -n "${BASH_VERSION:-}" ] || { echo "download.sh: run it with bash: bash download.sh" >&2; exit 2; }
 set -o pipefail
 
 PROG=download.sh
@@ -212,9 +213,9 @@ model_dir() {
 parse_models() {
     local list=$1 tok lc dir rest
     MODEL_DIRS=""
-    lc=$(printf '%s' "$list" | tr '[:upper:]' '[:lower:]' | tr ' \t' ',,')
+    lc=$(printf '%s' "$list" | tr '[:upper:]' '[:lower:]' | tr ' \t\r' ',,,')
     case $lc in
-        *[!a-z0-9,-]*) usage_error "invalid model list (valid for $FAMILY: $ALL_MODELS)" ;;
+        *[!a-z0-9,-]*) usage_error "invalid model list '$list': names are letters, digits and '-', separated by commas or blanks (valid for $FAMILY: $ALL_MODELS)" ;;
     esac
     rest="$lc,"
     while [ -n "$rest" ]; do
@@ -532,12 +533,13 @@ last_error() {
 # bytes into FAIL_KIND: ok, complete (nothing was left to fetch), transient,
 # forbidden, notfound, disk, norange (the server cannot resume this file),
 # page (a page or an error text came instead of the rest of the file) or
-# fatal; FAIL_MSG explains.
+# fatal; FAIL_MSG explains. FAIL_NET=1 where the server could not be reached.
 classify() {
     local rc=$1 log=$2 part=$3 before=${4:-0} code len
     code=$(http_status "$log")
     FAIL_KIND=fatal
     FAIL_MSG=""
+    FAIL_NET=0
     if [ "$before" -gt 0 ] && [ "$code" = 200 ]; then
         # A whole body for a resume request: the file from its start, or what
         # an expired link is answered with, which must not cost the partial
@@ -550,6 +552,17 @@ classify() {
             FAIL_KIND=page
             return
         fi
+    fi
+    if [ "$code" = 416 ]; then
+        # nothing left to fetch, or a partial longer than the file (wget
+        # exits 0 on both: "already fully retrieved")
+        if [ "$(expected_total "$log")" = "$(file_size "$part")" ]; then
+            FAIL_KIND=complete
+        else
+            FAIL_KIND=norange
+            FAIL_MSG="the server refused to resume (HTTP 416); starting again"
+        fi
+        return
     fi
     if [ "$rc" = 0 ]; then
         FAIL_KIND=ok
@@ -566,14 +579,6 @@ classify() {
                 401 | 403) FAIL_KIND=forbidden ;;
                 404 | 410) FAIL_KIND=notfound ;;
                 408 | 429 | 5??) FAIL_KIND=transient; FAIL_MSG="the server answered HTTP $code" ;;
-                416)
-                    # the partial file may already hold every byte
-                    if [ "$(expected_total "$log")" = "$(file_size "$part")" ]; then
-                        FAIL_KIND=complete
-                    else
-                        FAIL_KIND=norange
-                        FAIL_MSG="the server refused to resume (HTTP 416); starting again"
-                    fi ;;
                 *) FAIL_MSG="the server answered HTTP ${code:-error}" ;;
             esac ;;
         curl:23 | wget:3) FAIL_KIND=disk ;;
@@ -581,8 +586,11 @@ classify() {
             FAIL_KIND=norange
             FAIL_MSG="the server cannot resume this file; starting it again" ;;
         curl:3) FAIL_MSG="malformed URL: copy it again from the email and put it in single quotes" ;;
-        curl:5 | curl:6) FAIL_MSG="could not resolve the host: check the URL and your network" ;;
-        curl:7 | curl:16 | curl:18 | curl:28 | curl:35 | curl:52 | curl:55 | curl:56 | curl:92 | wget:4)
+        curl:5 | curl:6) FAIL_MSG="could not resolve the host: check the URL and your network"; FAIL_NET=1 ;;
+        curl:7 | wget:4)  # wget's 4 is also a transfer cut short: not out of reach where the server answered
+            FAIL_KIND=transient
+            [ -n "$code" ] || FAIL_NET=1 ;;
+        curl:16 | curl:18 | curl:28 | curl:35 | curl:52 | curl:55 | curl:56 | curl:92)
             FAIL_KIND=transient ;;
         curl:60 | wget:5) FAIL_MSG="TLS/SSL error: check the system's CA certificates and clock" ;;
     esac
@@ -714,6 +722,7 @@ fetch_file() {
             fatal)
                 err "$rel: $FAIL_MSG"
                 keep_partial "$part"
+                FATAL=$FAIL_NET
                 return 1 ;;
             norange)
                 rm -f -- "$part" ;;
@@ -722,6 +731,7 @@ fetch_file() {
         if [ "$attempt" -gt "$RETRIES" ]; then
             err "$rel: giving up after $RETRIES retries: $FAIL_MSG"
             keep_partial "$part"
+            FATAL=$FAIL_NET  # the server out of reach: so it is for every file
             return 1
         fi
         delay=$(backoff_delay "$attempt")
@@ -731,29 +741,30 @@ fetch_file() {
     done
 }
 
-# get_file REL KIND [MD5]: puts release file REL at TARGET/REL.
+# get_file REL KIND [ARG]: puts release file REL at TARGET/REL.
 #   KIND plain:     any file that is neither empty nor an HTML page (LICENSE,
 #                   USE_POLICY.md)
-#   KIND checklist: must look like an md5 checklist; with MD5 "again", one
+#   KIND checklist: must look like an md5 checklist; with ARG "again", one
 #                   in place is fetched anew (and stays until the new one is in)
-#   KIND checked:   must match MD5; a file that does not is fetched once more
-#                   from the start; where both copies have one md5, SAME_TWICE
-#                   is set to it and the second is left as REL.partial, for
-#                   the caller to check against the checklist fetched anew
+#   KIND checked:   must match the md5 that checklist ARG (a path in the
+#                   target) lists for it. On a mismatch the checklist is
+#                   fetched again first (one left by an earlier run may be out
+#                   of date: it costs a small file, not a large one), then the
+#                   file once more from the start
 # Returns 1 on failure; sets FATAL=1 when the remaining files cannot work
 # either (dead link, full disk). Sets GOT to skipped or fetched.
 get_file() {
-    local rel=$1 kind=$2 want=${3:-} dest part tag anew=0 first=""
+    local rel=$1 kind=$2 arg=${3:-} want="" dest part tag anew=0 rechecked=0 how=""
     dest="$TARGET/$rel"
     part="$dest.partial"
     FILE_INDEX=$((FILE_INDEX + 1))
     tag="[$FILE_INDEX/$FILE_COUNT] $rel"
     GOT=skipped
-    SAME_TWICE=""
+    [ "$kind" = checked ] && want=$(checklist_md5 "$TARGET/$arg" "${rel##*/}")
 
-    if [ "$kind:$want" = checklist:again ]; then
-        rm -f -- "$part"  # small: fetched whole, not resumed
-    elif [ -f "$dest" ]; then
+    # small, with no md5 to catch a partial file gone stale or bad: fetched whole
+    [ "$kind" = checked ] || rm -f -- "$part"
+    if [ "$kind:$arg" != checklist:again ] && [ -f "$dest" ]; then
         if [ "$kind" = checked ]; then
             if ! md5_of "$dest"; then
                 err "cannot compute the md5 of $rel: $MD5_ERR; the file is left as it is"
@@ -815,19 +826,21 @@ get_file() {
                     err "cannot compute the md5 of $rel.partial: $MD5_ERR; it is left as it is: run the same command again to verify it"
                     return 1
                 fi
+                if [ "$MD5_SUM" != "$want" ] && [ "$rechecked" = 0 ]; then
+                    rechecked=1
+                    say "  $rel has md5 $MD5_SUM, which $arg does not list: fetching $arg again, in case it is out of date"
+                    FILE_INDEX=$((FILE_INDEX - 1))
+                    get_file "$arg" checklist again || { keep_partial "$part"; return 1; }
+                    want=$(checklist_md5 "$TARGET/$arg" "${rel##*/}")
+                    how=" against the new $arg"
+                fi
                 if [ "$MD5_SUM" != "$want" ]; then
+                    rm -f -- "$part"
                     if [ "$anew" = 0 ]; then
-                        rm -f -- "$part"
                         anew=1
-                        first=$MD5_SUM
                         warn "$rel does not match the checklist (md5 $MD5_SUM, checklist says $want); fetching it again from the start"
                         continue
                     fi
-                    if [ "$MD5_SUM" = "$first" ]; then
-                        SAME_TWICE=$MD5_SUM
-                        return 1
-                    fi
-                    rm -f -- "$part"
                     err "$rel FAILED verification again (md5 $MD5_SUM, checklist says $want); the corrupt download was deleted: run the same command again to fetch it anew, or request a new link if it keeps failing"
                     return 1
                 fi ;;
@@ -840,7 +853,7 @@ get_file() {
         return 1
     fi
     if [ "$kind" = checked ]; then
-        say "$tag: verified ($(human "$(file_size "$dest")"))"
+        say "$tag: verified$how ($(human "$(file_size "$dest")"))"
     else
         say "$tag: done ($(human "$(file_size "$dest")"))"
     fi
@@ -862,33 +875,6 @@ get_checklist() {
     say "  $rel has no md5 for$lacking; fetching it again"
     FILE_INDEX=$((FILE_INDEX - 1))
     get_file "$rel" checklist again
-}
-
-# get_checked REL CHK: get_file REL checked, against checklist CHK's md5 of
-# REL's file. Two downloads alike that the checklist does not list point at
-# the checklist (one in place from an earlier run, the release's files
-# updated since, say): it is fetched again, and the download kept if the new
-# one lists its md5. Returns 1 on failure.
-get_checked() {
-    local rel=$1 chk=$2 want got
-    want=$(checklist_md5 "$TARGET/$chk" "${rel##*/}")
-    get_file "$rel" checked "$want" && return 0
-    [ -n "$SAME_TWICE" ] || return 1
-    got=$SAME_TWICE
-    say "  $rel came twice with md5 $got, which $chk does not list: fetching $chk again, in case it is out of date"
-    FILE_INDEX=$((FILE_INDEX - 1))
-    if get_file "$chk" checklist again && [ "$(checklist_md5 "$TARGET/$chk" "${rel##*/}")" = "$got" ]; then
-        if mv -f -- "$TARGET/$rel.partial" "$TARGET/$rel"; then
-            say "  $rel: verified against the new $chk ($(human "$(file_size "$TARGET/$rel")"))"
-            return 0
-        fi
-        err "cannot rename $TARGET/$rel.partial: disk full or not writable: free space in $TARGET"
-        FATAL=1
-        return 1
-    fi
-    rm -f -- "$TARGET/$rel.partial"
-    err "$rel FAILED verification again (md5 $got twice, checklist says $want); the corrupt download was deleted: run the same command again to fetch it anew, or request a new link if it keeps failing"
-    return 1
 }
 
 # Downloads and checks one model folder; returns 1 if anything failed.
@@ -926,7 +912,7 @@ get_model() {
             failed=1
             continue
         fi
-        get_checked "$dir/$name" "$dir/checklist.chk" || failed=1
+        get_file "$dir/$name" checked "$dir/checklist.chk" || failed=1
         [ "$FATAL" = 1 ] && return 1
     done
     return "$failed"
@@ -944,7 +930,7 @@ get_top_files() {
     if get_checklist tokenizer_checklist.chk tokenizer.model; then
         want=$(checklist_md5 "$TARGET/tokenizer_checklist.chk" tokenizer.model)
         if [ -n "$want" ]; then
-            get_checked tokenizer.model tokenizer_checklist.chk || failed=1
+            get_file tokenizer.model checked tokenizer_checklist.chk || failed=1
         else
             FILE_INDEX=$((FILE_INDEX + 1))
             err "tokenizer_checklist.chk has no md5 for tokenizer.model; cannot verify it"
@@ -989,7 +975,8 @@ take_lock() {
         fi
         pid=""
         read -r pid 2>/dev/null <"$lock/pid"
-        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        # kill -0 fails on another user's process too: ps sees it
+        if [ -n "$pid" ] && { kill -0 "$pid" 2>/dev/null || ps -p "$pid" >/dev/null 2>&1; }; then
             err "another download.sh (process $pid) is writing into $TARGET: let it finish or stop it, then run this again (if process $pid is no download.sh, remove $lock)"
             exit 1
         fi
@@ -1046,7 +1033,8 @@ check_count() {
 
 main() {
     local url_src="" dir summary="" status=0 line label
-    OPT_URL="" OPT_FAMILY="" OPT_MODELS="" OPT_TARGET="" OPT_DOWNLOADER="" DRY_RUN=0
+    OPT_URL="" OPT_FAMILY="" OPT_TARGET="" OPT_DOWNLOADER="" DRY_RUN=0
+    unset OPT_MODELS  # set, if empty, only where given: an empty list is an error, not all models
     while [ $# -gt 0 ]; do
         case $1 in
             -h | --help) usage; exit 0 ;;
@@ -1100,8 +1088,11 @@ main() {
     URL=$(clean_url "$URL")
     check_url "$URL"
 
-    MODELS=${OPT_MODELS:-${LLAMA_MODELS:-}}
-    if [ -z "$MODELS" ]; then
+    if [ -n "${OPT_MODELS+given}${LLAMA_MODELS+given}" ]; then
+        MODELS=${OPT_MODELS-$LLAMA_MODELS}
+        [ -n "$MODELS" ] || usage_error "the model list is empty (--models or LLAMA_MODELS): name the models (valid for $FAMILY: $ALL_MODELS), or all"
+    else
+        MODELS=""
         if [ "$url_src" = prompt ] || [ -t 0 ]; then
             printf 'Enter the models to download, separated by commas or blanks (%s), or press Enter for all: ' "$ALL_MODELS" >&2
             IFS= read -r MODELS || true

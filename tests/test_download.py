@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -398,6 +399,30 @@ def test_complete_file_that_fails_md5_is_fetched_anew_in_the_same_run(server, tm
     assert_release(tmp_path, server, ["llama-2-7b"])
 
 
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
+def test_partials_longer_than_the_file_start_again(server, tmp_path, downloader):
+    """The server answers 416 to a resume past the file's end, which wget took for "already fully retrieved"."""
+    (tmp_path / "llama-2-7b").mkdir()
+    (tmp_path / f"{SHARD_7B}.partial").write_bytes(server.files[SHARD_7B] + b"junk")
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path), "--downloader", downloader])
+    assert proc.returncode == 0, proc.stderr
+    assert server.ranges_for(SHARD_7B) == [f"bytes={64 * 1024 + 4}-", None]
+    assert_release(tmp_path, server, ["llama-2-7b"])
+
+
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
+def test_small_files_with_no_md5_are_never_resumed(server, tmp_path, downloader):
+    """A partial LICENSE or checklist (left by an earlier run, stale or damaged) is fetched whole: no md5 would
+    catch a resumed one that came out wrong."""
+    (tmp_path / "llama-2-7b").mkdir()
+    for rel in ("LICENSE", "llama-2-7b/checklist.chk"):
+        (tmp_path / f"{rel}.partial").write_bytes(b"garbage" + server.files[rel][7:-10])
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path), "--downloader", downloader])
+    assert proc.returncode == 0, proc.stderr
+    assert server.ranges_for("LICENSE") == [None] and server.ranges_for("llama-2-7b/checklist.chk") == [None]
+    assert_release(tmp_path, server, ["llama-2-7b"])
+
+
 @pytest.mark.parametrize("page, have", [("html", 30000), ("html", 50), ("error_text", 30000)])
 @pytest.mark.parametrize("downloader", DOWNLOADERS)
 def test_page_in_reply_to_a_resume_keeps_the_partial(server, tmp_path, downloader, page, have):
@@ -479,10 +504,9 @@ def test_corrupt_file_fails_verification(server, tmp_path, downloader):
     assert_release(tmp_path, server, ["llama-2-7b", "llama-2-7b-chat"])
 
 
-def test_a_stale_checklist_in_place_is_fetched_anew_when_a_file_comes_twice_alike(server, tmp_path):
-    """A checklist left by an earlier run that lists another md5 (the release's files updated since): the shard
-    comes twice with one md5, so the checklist is fetched again, and the second download verified against it and
-    kept, where each run had fetched the shard twice and deleted it."""
+def test_a_stale_checklist_in_place_is_fetched_anew_before_the_file(server, tmp_path):
+    """A checklist left by an earlier run that lists another md5 (the release's files updated since): on the
+    mismatch the checklist is fetched again before the shard, which verifies against it, fetched once."""
     args = ["--url", server.url, "--models", "7B", "--target", str(tmp_path)]
     chk = tmp_path / "llama-2-7b/checklist.chk"
     chk.parent.mkdir(parents=True)
@@ -490,10 +514,27 @@ def test_a_stale_checklist_in_place_is_fetched_anew_when_a_file_comes_twice_alik
     chk.write_text(server.files["llama-2-7b/checklist.chk"].decode().replace(digest, "0" * 32))
     proc = run(args)
     assert proc.returncode == 0, proc.stderr
-    assert [p for p in server.requested_paths() if "llama-2-7b/c" in p] == [SHARD_7B, SHARD_7B,
-                                                                            "llama-2-7b/checklist.chk"]
-    assert (f"{SHARD_7B} came twice with md5 {digest}, which llama-2-7b/checklist.chk does not list: fetching "
+    assert [p for p in server.requested_paths() if "llama-2-7b/c" in p] == [SHARD_7B, "llama-2-7b/checklist.chk"]
+    assert (f"{SHARD_7B} has md5 {digest}, which llama-2-7b/checklist.chk does not list: fetching "
             "llama-2-7b/checklist.chk again") in proc.stdout
+    assert_release(tmp_path, server, ["llama-2-7b"])
+
+
+def test_a_download_is_kept_when_the_checklist_cannot_be_fetched_again(server, tmp_path):
+    args = ["--url", server.url, "--models", "7B", "--target", str(tmp_path)]
+    chk = tmp_path / "llama-2-7b/checklist.chk"
+    chk.parent.mkdir(parents=True)
+    digest = hashlib.md5(server.files[SHARD_7B]).hexdigest()
+    chk.write_text(server.files["llama-2-7b/checklist.chk"].decode().replace(digest, "0" * 32))
+    server.flaky = {"llama-2-7b/checklist.chk": 100}
+    proc = run(args, env={"LLAMA_DOWNLOAD_RETRIES": "0"})
+    assert proc.returncode == 1
+    assert (tmp_path / f"{SHARD_7B}.partial").read_bytes() == server.files[SHARD_7B]
+    server.flaky = {}
+    server.reset_log()
+    again = run(args)
+    assert again.returncode == 0, again.stderr
+    assert server.ranges_for(SHARD_7B) == [f"bytes={64 * 1024}-"]  # answered 416: not fetched again
     assert_release(tmp_path, server, ["llama-2-7b"])
 
 
@@ -667,6 +708,48 @@ def test_unknown_model_is_rejected(server, tmp_path):
     assert proc.returncode == 2
     assert "unknown model '8b'" in proc.stderr
     assert server.requests == []
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_an_empty_model_list_is_an_error_not_all_models(server, tmp_path, how):
+    """``--models "$MODELS"`` with MODELS unset must not start a download of every model."""
+    args, env = (["--models", ""], None) if how == "flag" else ([], {"LLAMA_MODELS": ""})
+    proc = run(["--url", server.url, "--target", str(tmp_path), *args], env=env)
+    assert proc.returncode == 2
+    assert "the model list is empty" in proc.stderr
+    assert server.requests == []
+
+
+def test_a_model_list_typed_with_a_carriage_return(server, tmp_path):
+    proc = run(["--target", str(tmp_path), "--dry-run"], stdin=f"{server.url}\r\n7B\r\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "Models:     llama-2-7b" in proc.stdout
+
+
+def test_an_invalid_model_list_is_named(server, tmp_path):
+    proc = run(["--url", server.url, "--models", "7b_chat", "--target", str(tmp_path)])
+    assert proc.returncode == 2
+    assert "invalid model list '7b_chat'" in proc.stderr
+
+
+def test_a_server_out_of_reach_stops_the_run_after_one_file(tmp_path):
+    """Connections refused: every file would spend its retries alike, minutes each."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/*?Policy=p&Signature=s&Key-Pair-Id=k"
+    proc = run(["--url", url, "--models", "7B,13B", "--target", str(tmp_path)], env={"LLAMA_DOWNLOAD_RETRIES": "1"})
+    assert proc.returncode == 1
+    assert proc.stderr.count("giving up after 1 retries") == 1, proc.stderr
+    assert "llama-2-7b: FAILED (not attempted)" in proc.stdout
+    assert "llama-2-13b: FAILED (not attempted)" in proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("dash") is None, reason="no POSIX sh other than bash here")
+def test_run_with_sh_says_to_use_bash(tmp_path):
+    proc = subprocess.run([shutil.which("dash"), str(SCRIPT), "--help"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr == "download.sh: run it with bash: bash download.sh\n"
 
 
 def test_blanks_separate_models_as_commas(server, tmp_path):
