@@ -602,20 +602,13 @@ classify() {
 
 PROGRESS_PID=""
 
+# progress_line LABEL HAVE [TOTAL]: bytes so far, of TOTAL where it is known.
 progress_line() {
-    awk -v label="$1" -v have="$2" -v total="$3" '
-        function hs(n, i) {
-            i = 1
-            while (n >= 1024 && i < 5) { n /= 1024; i++ }
-            return (i == 1) ? sprintf("%d %s", n, u[i]) : sprintf("%.1f %s", n, u[i])
-        }
-        BEGIN {
-            split("B KiB MiB GiB TiB", u, " ")
-            if (total > 0)
-                printf "\r  %s  %s / %s  %3d%%\033[K", label, hs(have), hs(total), int(have * 100 / total)
-            else
-                printf "\r  %s  %s\033[K", label, hs(have)
-        }' >&2
+    if [ "${3:-0}" -gt 0 ] 2>/dev/null; then
+        printf '\r  %s  %s / %s  %3d%%\033[K' "$1" "$(human "$2")" "$(human "$3")" $(($2 * 100 / $3)) >&2
+    else
+        printf '\r  %s  %s\033[K' "$1" "$(human "$2")" >&2
+    fi
 }
 
 # Runs in the background until stop_progress; the sleep runs as a job so
@@ -760,7 +753,10 @@ get_file() {
     FILE_INDEX=$((FILE_INDEX + 1))
     tag="[$FILE_INDEX/$FILE_COUNT] $rel"
     GOT=skipped
-    [ "$kind" = checked ] && want=$(checklist_md5 "$TARGET/$arg" "${rel##*/}")
+    if [ "$kind" = checked ]; then
+        want=$(checklist_md5 "$TARGET/$arg" "${rel##*/}")
+        [ -n "$want" ] || { err "$arg has no md5 for ${rel##*/}; cannot verify it"; return 1; }
+    fi
 
     # small, with no md5 to catch a partial file gone stale or bad: fetched whole
     [ "$kind" = checked ] || rm -f -- "$part"
@@ -906,12 +902,6 @@ get_model() {
             [ "$FATAL" = 1 ] && return 1
             continue
         fi
-        if [ -z "$want" ]; then
-            FILE_INDEX=$((FILE_INDEX + 1))
-            err "$dir/checklist.chk has no md5 for $name; cannot verify it"
-            failed=1
-            continue
-        fi
         get_file "$dir/$name" checked "$dir/checklist.chk" || failed=1
         [ "$FATAL" = 1 ] && return 1
     done
@@ -920,25 +910,15 @@ get_model() {
 
 # The files of the target directory itself (top_files); returns 1 if any failed.
 get_top_files() {
-    local failed=0 want name
+    local failed=0 name
     for name in $(top_files); do
         case $name in tokenizer*) continue ;; esac
         get_file "$name" plain || failed=1
         [ "$FATAL" = 1 ] && return 1
     done
     [ "$FAMILY" = llama2 ] || return "$failed"
-    if get_checklist tokenizer_checklist.chk tokenizer.model; then
-        want=$(checklist_md5 "$TARGET/tokenizer_checklist.chk" tokenizer.model)
-        if [ -n "$want" ]; then
-            get_file tokenizer.model checked tokenizer_checklist.chk || failed=1
-        else
-            FILE_INDEX=$((FILE_INDEX + 1))
-            err "tokenizer_checklist.chk has no md5 for tokenizer.model; cannot verify it"
-            failed=1
-        fi
-    else
-        failed=1
-    fi
+    get_checklist tokenizer_checklist.chk tokenizer.model &&
+        get_file tokenizer.model checked tokenizer_checklist.chk || failed=1
     return "$failed"
 }
 
