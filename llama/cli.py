@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import fire
-import torch.distributed as dist
 
 from . import checkpoint, distributed
 
@@ -57,9 +56,6 @@ def one_line_errors() -> Iterator[None]:
         else:
             raise
         sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @contextlib.contextmanager

@@ -112,10 +112,9 @@ SCRIPT_ERRORS = [
 
 
 @pytest.mark.parametrize("args, code, said", SCRIPT_ERRORS)
-def test_scripts_say_what_is_wrong_in_one_line(args, code, said, capsys, monkeypatch):
+def test_scripts_say_what_is_wrong_in_one_line(args, code, said, capsys):
     """Each script's main() as its entry point runs it (``one_line_errors``), here in this process; the first case
     also as a process, the script's own entry point (3-4 s each on a 2-core machine)."""
-    monkeypatch.setattr(cli.dist, "destroy_process_group", lambda: None)  # the tests' own group stays
     with pytest.raises(SystemExit) as ended, cli.one_line_errors():
         script_main(Path(args[0]).stem, *args[1:])
     err = capsys.readouterr().err

@@ -92,8 +92,7 @@ def test_sigterm_while_writing_leaves_the_folder_as_it_was(tmp_path):
     assert stopped.value.code == 128 + signal.SIGTERM and not out.exists()
 
 
-def test_ctrl_c_is_one_line_and_the_shells_status(capsys, monkeypatch):
-    monkeypatch.setattr(cli.dist, "destroy_process_group", lambda: None)  # the tests' own group stays
+def test_ctrl_c_is_one_line_and_the_shells_status(capsys):
     with pytest.raises((SystemExit, KeyboardInterrupt)) as stopped:  # (one that escaped would stop the tests)
         with cli.one_line_errors():
             raise KeyboardInterrupt
