@@ -19,6 +19,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Un
 import torch
 
 from . import pages
+from .checks import cannot_read
 from .model import ModelArgs, family_embed_dim
 
 # Along which dimension each weight is split across model-parallel ranks; None: replicated on every rank.
@@ -77,19 +78,6 @@ def shard_shape(shape: Tuple[int, ...], dim: Optional[int], n: int) -> Tuple[int
     if dim is None:
         return shape
     return shape[:dim] + (shape[dim] // n,) + shape[dim + 1:]
-
-
-def cannot_read(path: Union[str, Path], error: OSError) -> ValueError:
-    """The error for an OSError met reading path: the file and the OS's reason. Downloading the file again would
-    not help, so unlike a damaged file's error this one doesn't say to."""
-    reason = (error.strerror or str(error)).lower()
-    if isinstance(error, PermissionError):
-        reason += "; your user needs read access to it (ls -l shows its owner and mode)"
-    elif isinstance(error, IsADirectoryError):
-        reason = "it is a folder, not a file"
-    elif os.path.islink(path) and not os.path.exists(path):
-        reason = f"it is a symbolic link to {os.readlink(path)}, which does not exist"
-    return ValueError(f"cannot read {path}: {reason}")
 
 
 def _read_text(path: Path, errors: str = "strict") -> str:

@@ -9,7 +9,6 @@ import contextlib
 import datetime
 import io
 import math
-import numbers
 import os
 import re
 import socket
@@ -19,6 +18,8 @@ from typing import List, Mapping, Optional, TypeVar, Union
 import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as mp_init
+
+from .checks import is_int, is_number
 
 T = TypeVar("T")
 
@@ -310,8 +311,8 @@ def agree(doing: str, **values: object) -> None:
 
 def _canonical(value: object) -> str:
     """value's repr, the same for equal values written differently."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        if isinstance(value, numbers.Integral):
+    if is_number(value):
+        if is_int(value):
             return repr(int(value))
         number = float(value)
         return repr(int(number) if number.is_integer() else number)  # 0.0 as 0

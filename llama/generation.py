@@ -2,7 +2,6 @@
 
 import hashlib
 import logging
-import numbers
 import threading
 import time
 from dataclasses import dataclass
@@ -14,10 +13,11 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_
 from . import checkpoint, distributed, kernels
 from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dialog, Message, Role, chat_format,
                    dialog_prompt_tokens, infilling_prompt, infilling_prompt_tokens)
+from .checks import is_int
 from .graphs import GraphedDecoder
 from .linear import can_pack, packed_for
 from .research import edit_count, hook_dicts, hooked, replaced
-from .model import (ModelArgs, Transformer, cache_dtype_for, compute_dtype_for, cpu_has_native_bf16, is_int)
+from .model import ModelArgs, Transformer, cache_dtype_for, compute_dtype_for, cpu_has_native_bf16
 from .sampling import check_sampling, sample, sample_top_p
 from .tokenizer import ChatFormat, Tokenizer
 
@@ -181,7 +181,7 @@ class Llama:
                             ("model_parallel_size", 1 if model_parallel_size is None else model_parallel_size)):
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(seed, numbers.Integral):
+        if not is_int(seed):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         start = time.perf_counter()
         device = distributed.setup(model_parallel_size, device)

@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import logging
 import math
-import numbers
 import operator
 import warnings
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 
 from . import distributed, kernels, pages
+from .checks import is_int, is_number
 from .linear import ColumnParallelLinear, Fused, Packable, PackedFused, RowParallelLinear, can_pack, packs_rows
 from .research import fused, hooked, own_forward, replaced, watch
 
@@ -109,16 +109,6 @@ def family_embed_dim(vocab_size: int) -> int:
     """How Meta's code for a model of this vocabulary shards the embedding: Llama 3 (128256 tokens) on the
     vocabulary, Llama 1/2 and Code Llama on the embedding dimension."""
     return 0 if vocab_size >= 128000 else 1
-
-
-def is_int(x) -> bool:
-    """An integer of Python's or numpy's; not a bool, which is one to Python, not to a user."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def is_number(x) -> bool:
-    """A real number of Python's or numpy's, not a bool."""
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def swiglu_width(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float] = None) -> int:
@@ -792,7 +782,7 @@ class Transformer(nn.Module):
             raise ValueError(f"start_pos must be an integer, got {start_pos!r}") from None
         if start_pos < 0:
             raise ValueError(f"start_pos must be >= 0, got {start_pos}")
-        if tokens.numel() and tokens.device.type == "cpu":
+        if tokens.device.type == "cpu":
             low, high = torch.aminmax(tokens)
             if low < 0 or high >= self.vocab_size:
                 raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {int(low)}..{int(high)}")
@@ -867,8 +857,9 @@ class Transformer(nn.Module):
 
     def runs_metas_way(self) -> bool:
         """Whether a pass must call each block and norm as Meta's forward does (not ``TransformerBlock.residuals``),
-        and attention with Meta's arguments: while a hook waits on a block, norm, attention or feed-forward, or
-        research code has replaced the forward of one (``llama.research.replaced``)."""
+        and attention with Meta's arguments where they can describe the pass (``_metas_arguments``): while a hook
+        waits on a block, norm, attention or feed-forward, or research code has replaced the forward of one
+        (``llama.research.replaced``)."""
         modules = self.replaceable_modules()
         return hooked(modules) or replaced(modules)
 

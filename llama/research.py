@@ -1,8 +1,9 @@
 """What research code does to the model, and how the engine notices it so that its fast ways never skip it:
 forward hooks (``hooked``), forwards of its own put in place of the engine's (``replaced``), and weights edited
-in place or through ``.data`` (``edit_count``, ``WatchedParameter``). Where any of these applies, the engine
-computes as Meta's code does: each module called, with Meta's arguments (``Transformer.runs_metas_way``), each
-weight as it is now.
+in place or through ``.data`` (``edit_count``, ``WatchedParameter``). Where a hook or a replaced forward
+applies, the engine computes as Meta's code does: each module called, with Meta's arguments wherever they can
+describe the pass (``Transformer.runs_metas_way``); where a weight was edited, the copies made from it (packed,
+fused) are dropped, so every product reads the weight as it is now.
 """
 
 from typing import Callable, Dict, Iterable

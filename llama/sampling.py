@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .model import is_int, is_number
+from .checks import is_int, is_number
 
 
 def check_sampling(max_gen_len: Optional[int], temperature: float, top_p: float) -> None:

@@ -16,7 +16,6 @@ infilling prompt places them by id.)
 
 import base64
 import binascii
-import numbers
 import os
 import re
 import unicodedata
@@ -27,7 +26,7 @@ from sentencepiece import SentencePieceProcessor
 
 from .chat import Dialog, Message, Role
 from .chat import Llama3ChatFormat as ChatFormat
-from .checkpoint import cannot_read
+from .checks import cannot_read, is_int
 
 # With the names research code for Llama 3 imports from Meta's tokenizer.py.
 __all__ = ["Tokenizer", "SentencePieceTokenizer", "TiktokenTokenizer", "ChatFormat", "Dialog", "Message", "Role"]
@@ -91,13 +90,13 @@ class Tokenizer:
         Meta's generate, -1, is left out, as Code Llama's decode does."""
         if isinstance(ids, torch.Tensor) and ids.dim() <= 1 and not ids.is_floating_point():
             ids = ids.tolist()
-        if isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
+        if is_int(ids):
             ids = [ids]
         if isinstance(ids, (str, bytes, torch.Tensor)) or not isinstance(ids, Iterable):
             raise ValueError(f"can only decode a list of token ids, got {type(ids).__name__}")
         out = []
         for i in ids:
-            if not isinstance(i, numbers.Integral) or isinstance(i, bool) or not -1 <= i < self.n_words:
+            if not is_int(i) or not -1 <= i < self.n_words:
                 raise ValueError(f"cannot decode {i!r}: token ids are integers in [0, {self.n_words})")
             if i != -1:
                 out.append(int(i))
