@@ -4,7 +4,10 @@ become its message; the tokenizer's ``kind`` picks the format (``Llama2ChatForma
 ``Llama3ChatFormat`` for "llama3", tiktoken). Infilling: Code Llama's prompt for the code between a prefix and
 a suffix (``infilling_prompt``)."""
 
-from typing import List, Literal, Optional, Tuple, TypedDict, get_args
+from typing import TYPE_CHECKING, FrozenSet, List, Literal, Optional, Tuple, TypedDict, get_args
+
+if TYPE_CHECKING:  # tokenizer.py imports this module
+    from .tokenizer import Tokenizer
 
 Role = Literal["system", "user", "assistant", "ipython"]  # ipython: Llama 3.1 tool output
 StopReason = Literal["end_of_turn", "end_of_message", "out_of_tokens"]
@@ -33,13 +36,15 @@ STEP = "<step>"  # Code Llama 70B's end of a message, unsafe in any Code Llama d
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 
 
-def _check_messages(dialog: Dialog, index: int) -> None:
+def _check_messages(dialog: Dialog, index: int) -> List[str]:
+    """The dialog's roles, or an error saying which message is not one."""
     if not isinstance(dialog, list) or not dialog:
         raise ValueError(f"dialog {index} must be a non-empty list of messages")
     for message in dialog:
         if not isinstance(message, dict) or not isinstance(message.get("content"), str) or "role" not in message:
             raise ValueError(f"dialog {index}: every message must be a dict with a 'role' and a str 'content', "
                              f"got {message!r}")
+    return [message["role"] for message in dialog]
 
 
 def _check_turns(turns: Dialog, index: int, roles: List[str]) -> None:
@@ -58,11 +63,11 @@ class ChatFormatBase:
     answer = {"role": "assistant"}  # the answer's fields besides its content
     tags: Tuple[str, ...] = ()  # what could forge the format's turns: the reference refuses messages holding them
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: "Tokenizer"):
         self.tokenizer = tokenizer
 
     @property
-    def stop_tokens(self) -> frozenset:
+    def stop_tokens(self) -> FrozenSet[int]:
         """The tokenizer's, as they are at the call (research code may add to Llama 3's)."""
         return frozenset(self.tokenizer.stop_tokens)
 
@@ -79,13 +84,12 @@ class Llama2ChatFormat(ChatFormatBase):
     """Llama 2 chat: ``[INST] user [/INST] answer`` pairs, the system prompt folded into the first user turn.
     Unsafe: Llama 2's tags, and with a Code Llama tokenizer ``<step>`` too, as Meta's codellama code has it."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: "Tokenizer"):
         super().__init__(tokenizer)
         self.tags = SPECIAL_TAGS + (STEP,) * tokenizer.is_code_llama
 
     def encode_dialog(self, dialog: Dialog, index: int = 0) -> List[int]:
-        _check_messages(dialog, index)
-        roles = [message["role"] for message in dialog]
+        roles = _check_messages(dialog, index)
         if dialog[0]["role"] == "system":
             if len(dialog) < 2:
                 raise ValueError(f"dialog {index}: a system message must be followed by a user message")
@@ -118,7 +122,7 @@ class Llama3ChatFormat(ChatFormatBase):
     ROLES = ("system", "user", "assistant", "ipython")
     ANSWERED = ("user", "ipython")
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: "Tokenizer"):
         super().__init__(tokenizer)
         special = tokenizer.special_id
         self.begin_of_text = special("<|begin_of_text|>")
@@ -148,8 +152,7 @@ class Llama3ChatFormat(ChatFormatBase):
                 "stop_reason": reason}
 
     def encode_dialog(self, dialog: Dialog, index: int = 0) -> List[int]:
-        _check_messages(dialog, index)
-        roles = [message["role"] for message in dialog]
+        roles = _check_messages(dialog, index)
         for j, message in enumerate(dialog):
             if message["role"] not in self.ROLES:
                 raise ValueError(f"dialog {index}: message {j} has an unknown role {message['role']!r}: roles are "
@@ -184,12 +187,12 @@ class CodeLlama70bChatFormat(ChatFormatBase):
     answer = {"role": "assistant", "destination": "user"}
     tags = SPECIAL_TAGS + (STEP,)
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: "Tokenizer"):
         super().__init__(tokenizer)
         self.step = tokenizer.step_id
 
     @property
-    def stop_tokens(self) -> frozenset:
+    def stop_tokens(self) -> FrozenSet[int]:
         return super().stop_tokens | {self.step}
 
     def encode_dialog(self, dialog: Dialog, index: int = 0) -> List[int]:
@@ -201,8 +204,7 @@ class CodeLlama70bChatFormat(ChatFormatBase):
     def encode_as_given(self, dialog: Dialog, index: int = 0) -> List[int]:
         """The prompt of the dialog's messages as they are, with no system message put first where it has none
         (Meta's ``dialog_prompt_tokens``: its chat_completion puts one there before calling it)."""
-        _check_messages(dialog, index)
-        roles = [message["role"] for message in dialog]
+        roles = _check_messages(dialog, index)
         _check_turns(dialog[1:] if roles[0] == "system" else dialog, index, roles)
         tokens = [self.tokenizer.bos_id]
         for message in dialog:
@@ -223,12 +225,12 @@ class CodeLlama70bChatFormat(ChatFormatBase):
 FORMATS = {"llama2": Llama2ChatFormat, "codellama70b": CodeLlama70bChatFormat, "llama3": Llama3ChatFormat}
 
 
-def chat_format(tokenizer):
+def chat_format(tokenizer: "Tokenizer") -> ChatFormatBase:
     """The chat format that goes with this tokenizer's kind."""
     return FORMATS[tokenizer.kind](tokenizer)
 
 
-def infilling_prompt(tokenizer, prefix: str, suffix: str, suffix_first: bool = False) -> List[int]:
+def infilling_prompt(tokenizer: "Tokenizer", prefix: str, suffix: str, suffix_first: bool = False) -> List[int]:
     """Code Llama's infilling prompt, as Meta's: ``<PRE> prefix <SUF>suffix <MID>``, the model writing the middle
     after it; with suffix_first, ``<PRE> <SUF>suffix <MID> prefix``, the model continuing the prefix. The suffix is
     encoded without the space SentencePiece puts before a text (it continues the middle)."""
@@ -248,12 +250,12 @@ def infilling_prompt(tokenizer, prefix: str, suffix: str, suffix_first: bool = F
 infilling_prompt_tokens = infilling_prompt
 
 
-def dialog_prompt_tokens(tokenizer, dialog: Dialog) -> List[int]:
+def dialog_prompt_tokens(tokenizer: "Tokenizer", dialog: Dialog) -> List[int]:
     """Meta's codellama's prompt of a Code Llama 70B dialog (``CodeLlama70bChatFormat``), its messages as given."""
     return CodeLlama70bChatFormat(tokenizer).encode_as_given(dialog)
 
 
-def check_infilling(tokenizer) -> None:
+def check_infilling(tokenizer: "Tokenizer") -> None:
     """Fail unless the tokenizer has Code Llama's infilling pieces."""
     if None in (tokenizer.prefix_id, tokenizer.suffix_id, tokenizer.middle_id, tokenizer.eot_id):
         raise ValueError("infilling needs a Code Llama tokenizer, with the pieces ▁<PRE>, ▁<SUF>, ▁<MID> and ▁<EOT> "
