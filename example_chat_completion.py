@@ -10,7 +10,7 @@ trained on sequences of 256 tokens.
 from typing import List, Optional
 
 from llama import Dialog, Llama
-from llama.cli import DEMO_MAX_GEN_LEN, checkpoint_or_demo, print0, run
+from llama.cli import checkpoint_or_demo, print0, run
 from llama.sampling import check_sampling
 
 DIALOGS: List[Dialog] = [
@@ -31,9 +31,7 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, t
          top_p: float = 0.9, max_seq_len: int = 512, max_gen_len: Optional[int] = None, max_batch_size: int = 4,
          device: Optional[str] = None, dtype: Optional[str] = None, compile_elementwise: bool = False):
     check_sampling(max_gen_len, temperature, top_p)  # before the load, which can take minutes
-    ckpt_dir, tokenizer_path, demo = checkpoint_or_demo(ckpt_dir, tokenizer_path)
-    if demo and max_gen_len is None:
-        max_gen_len = DEMO_MAX_GEN_LEN
+    ckpt_dir, tokenizer_path, max_gen_len = checkpoint_or_demo(ckpt_dir, tokenizer_path, max_gen_len)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=max_batch_size, device=device, dtype=dtype,
                             compile_elementwise=compile_elementwise)

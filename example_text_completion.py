@@ -25,7 +25,7 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, t
          top_p: float = 0.9, max_seq_len: int = 128, max_gen_len: int = 64, max_batch_size: int = 4,
          device: Optional[str] = None, dtype: Optional[str] = None, compile_elementwise: bool = False):
     check_sampling(max_gen_len, temperature, top_p)  # before the load, which can take minutes
-    ckpt_dir, tokenizer_path, _ = checkpoint_or_demo(ckpt_dir, tokenizer_path)
+    ckpt_dir, tokenizer_path, max_gen_len = checkpoint_or_demo(ckpt_dir, tokenizer_path, max_gen_len)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=max_batch_size, device=device, dtype=dtype,
                             compile_elementwise=compile_elementwise)

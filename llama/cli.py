@@ -160,11 +160,13 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def checkpoint_or_demo(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -> Tuple[str, str, bool]:
-    """(ckpt_dir, tokenizer_path, whether it is the demo model): both paths given, or neither for the small
-    model this repository ships in models/demo, so a fresh clone can generate without Meta's weights."""
+def checkpoint_or_demo(ckpt_dir: Optional[str], tokenizer_path: Optional[str],
+                       max_gen_len: Optional[int] = None) -> Tuple[str, str, Optional[int]]:
+    """(ckpt_dir, tokenizer_path, max_gen_len): both paths given, or neither for the small model this repository
+    ships in models/demo, so a fresh clone can generate without Meta's weights; max_gen_len None is the demo's
+    own default there (it was trained on short sequences), and stays None for a checkpoint of the user's."""
     if ckpt_dir is not None and tokenizer_path is not None:
-        return ckpt_dir, tokenizer_path, False
+        return ckpt_dir, tokenizer_path, max_gen_len
     if ckpt_dir is not None or tokenizer_path is not None:
         raise ValueError("pass both --ckpt_dir and --tokenizer_path, or neither to run the demo model in models/demo")
     if not (DEMO_DIR / "params.json").is_file():
@@ -175,4 +177,4 @@ def checkpoint_or_demo(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -
     except ValueError:
         shown = DEMO_DIR
     print0(f"using the demo model in {shown} (pass --ckpt_dir and --tokenizer_path for your own)\n")
-    return str(DEMO_DIR), str(DEMO_DIR / "tokenizer.model"), True
+    return str(DEMO_DIR), str(DEMO_DIR / "tokenizer.model"), DEMO_MAX_GEN_LEN if max_gen_len is None else max_gen_len

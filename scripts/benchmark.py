@@ -165,12 +165,11 @@ def mixed_batch(g: Llama, reps: int, token_by_token: bool = False) -> Tuple[floa
 
 def mixed_token_by_token(g: Llama) -> float:
     """The reference's way: all rows step together, one token at a time from the shortest prompt's end."""
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, g.model.params.vocab_size, (n,), generator=gen) for n in MIXED]
+    prompts = mixed_prompts(g)
     total = max(MIXED) + 64
     tokens = torch.zeros(len(MIXED), total, dtype=torch.long, device=g.device)
     for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
+        tokens[i, :len(p)] = torch.tensor(p)
     known = torch.arange(total, device=g.device)[None, :] < torch.tensor(MIXED, device=g.device)[:, None]
     start = time.perf_counter()
     logits = g.model.forward(tokens[:, :min(MIXED)], 0, last_only=True)

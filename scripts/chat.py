@@ -18,7 +18,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llama import Dialog, Llama, distributed  # noqa: E402
-from llama.cli import DEMO_MAX_GEN_LEN, checkpoint_or_demo, print0, run  # noqa: E402
+from llama.cli import checkpoint_or_demo, print0, run  # noqa: E402
 from llama.sampling import check_sampling  # noqa: E402
 
 
@@ -51,9 +51,7 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, s
     check_sampling(max_gen_len, temperature, top_p)  # before the load, which can take minutes
     if distributed.rank() == 0 and sys.stdin is None:
         raise ValueError("standard input is closed: the chat reads what you type there (or a file piped in)")
-    ckpt_dir, tokenizer_path, demo = checkpoint_or_demo(ckpt_dir, tokenizer_path)
-    if demo and max_gen_len is None:
-        max_gen_len = DEMO_MAX_GEN_LEN
+    ckpt_dir, tokenizer_path, max_gen_len = checkpoint_or_demo(ckpt_dir, tokenizer_path, max_gen_len)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=1, device=device, dtype=dtype)
     distributed.agree("to chat", system=system)
