@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import time
-from typing import List, Mapping, Optional, TypeVar, Union
+from typing import Dict, List, Mapping, Optional, TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -65,9 +65,20 @@ def pick_device(device: Union[str, torch.device, None]) -> torch.device:
     return device
 
 
+# What a launcher (torchrun, a SLURM or MPI job script) sets for each process it starts.
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launched() -> bool:
     """Whether a launcher (torchrun) started this process as one rank of several."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launcher_env(rank: int, world: int, port: int, addr: str = "127.0.0.1") -> Dict[str, str]:
+    """The variables a launcher sets for rank of world processes on one machine, meeting at addr:port: for
+    starting the ranks of a run without torchrun (whose agent is one more process importing torch)."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
 
 
 def init_process_group(device: torch.device) -> None:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_checkpoint import SHAPES, cached  # noqa: E402
 
+from llama import distributed  # noqa: E402
 from llama.cli import one_line_errors  # noqa: E402
 
 
@@ -77,14 +78,13 @@ def run(nproc: int, ckpt: Path, dtype: str, no_pack: bool) -> list:
     with socket.socket() as s:  # a free port for rank 0's store
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCHER_VARS}
     records = []
     with contextlib.ExitStack() as stack:  # output to files: a rank's full pipe can't stall it while we wait
         files = [[stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2)] for _ in range(nproc)]
         ranks = [subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env={
-            **env, **({} if nproc == 1 else {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
-                                             "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
-                                             "MASTER_PORT": str(port)})}) for r, (out, err) in enumerate(files)]
+            **env, **({} if nproc == 1 else distributed.launcher_env(r, nproc, port))})
+            for r, (out, err) in enumerate(files)]
         for r, (p, (out, err)) in enumerate(zip(ranks, files)):
             if p.wait():
                 for other in ranks:

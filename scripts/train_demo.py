@@ -280,7 +280,7 @@ def main() -> None:
     if args.test_data:
         write_test_data(Path(args.test_data), train_text, held_text, excerpt_chars=24_000)
 
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for var in distributed.LAUNCHER_VARS:
         os.environ.pop(var, None)
     distributed.setup(None, "cpu")  # Transformer's fairscale layers need a model-parallel group: one process
     params = {**SHAPE, "vocab_size": sp.vocab_size()}

@@ -52,7 +52,7 @@ needs_kernels = pytest.mark.skipif(not kernels_expected(), reason="C kernels off
 @pytest.fixture(scope="session", autouse=True)
 def process_group():
     """One process, one model-parallel group, set up the way Llama.build does it without a launcher."""
-    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+    for var in distributed.LAUNCHER_VARS:
         os.environ.pop(var, None)
     distributed.setup(None, "cpu")
     yield
@@ -147,9 +147,7 @@ def run_cmd(args, timeout=180, env=None, **kwargs) -> subprocess.CompletedProces
 def _unlaunched_env() -> dict:
     """This environment without a launcher's variables: a child starts unlaunched, or under its own torchrun.
     And with no GPU to see: the programs the tests run are CPU runs (on one GPU, two processes would share it)."""
-    return {**{k: v for k, v in os.environ.items()
-               if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")},
-            "CUDA_VISIBLE_DEVICES": ""}
+    return {**{k: v for k, v in os.environ.items() if k not in distributed.LAUNCHER_VARS}, "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _torchrun_exe() -> str:
@@ -206,11 +204,9 @@ def launch_ranks(*args_per_rank, timeout=120) -> List[subprocess.CompletedProces
     its own arguments, as if typed on its own machine. torchrun's agent imports torch too: 3-4 s of a run on a
     2-core AVX2 machine, most of what a test of the ranks' behaviour costs. The examples' tests run under
     torchrun itself."""
-    port, world = _free_port(), len(args_per_rank)
-    return _run_together([([sys.executable, *args], {
-        **_unlaunched_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-        for rank, args in enumerate(args_per_rank)], timeout)
+    port, world, env = _free_port(), len(args_per_rank), _unlaunched_env()
+    return _run_together([([sys.executable, *args], {**env, **distributed.launcher_env(rank, world, port)})
+                          for rank, args in enumerate(args_per_rank)], timeout)
 
 
 def launch(nproc: int, *args, timeout=120) -> subprocess.CompletedProcess:
