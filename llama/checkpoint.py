@@ -20,7 +20,7 @@ import torch
 
 from . import pages
 from .checks import cannot_read
-from .model import ModelArgs, family_embed_dim
+from .model import ModelArgs, family_embed_dim, rope_frequencies
 
 # Along which dimension each weight is split across model-parallel ranks; None: replicated on every rank.
 SHARD_DIM: Dict[str, Optional[int]] = {
@@ -46,7 +46,7 @@ REDOWNLOAD = "download it again and check it with md5sum -c checklist.chk"
 def rope_freqs(args: ModelArgs) -> torch.Tensor:
     """The ``rope.freqs`` of Meta's Llama 1/2 shards, for writing checkpoints as theirs (the engine never reads it
     but to check head_dim): each rotary frequency, unscaled, in bf16."""
-    return (1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))).to(torch.bfloat16)
+    return rope_frequencies(args.head_dim, args.rope_theta).to(torch.bfloat16)
 
 
 def shard_dim(key: str, embed_dim: int = 1) -> Optional[int]:
@@ -537,6 +537,18 @@ def random_checkpoint(out_dir: str, params: dict, mp: int = 1, seed: int = 0, vo
         x = torch.randn(shape, generator=g, device=device)
         # norms around 1, so that a test sees them used
         state[key] = (1 + 0.1 * x if len(shape) == 1 else x / shape[-1] ** 0.5).to("cpu", torch.bfloat16)
+    return save_full(state, args, params, out_dir, mp)
+
+
+def save_full(state: Dict[str, torch.Tensor], args: ModelArgs, params: dict, out_dir: str,
+              mp: int = 1) -> Dict[str, torch.Tensor]:
+    """Write a model's full (unsharded) weights as Meta's checkpoint of mp shards for its family, and return
+    what the shards hold joined: bf16, Llama 1/2's with the unused ``rope.freqs`` and the embedding split on its
+    dimension, Llama 3's split on the vocabulary."""
+    expected = set(full_shapes(args))
+    if set(state) != expected:
+        raise ValueError(f"the weights' names differ from Meta's: {sorted(set(state) ^ expected)[:5]}")
+    state = {key: t.detach().to(torch.bfloat16).contiguous() for key, t in state.items()}
     embed_dim = family_embed_dim(args.vocab_size)
     if embed_dim == 1:
         state["rope.freqs"] = rope_freqs(args)

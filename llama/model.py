@@ -228,12 +228,17 @@ class RMSNorm(nn.Module):
         return self.add_norm(x, y, self.weight, self.eps) if y is not None else (x, self.norm(x, self.weight, self.eps))
 
 
+def rope_frequencies(dim: int, theta: float, device: Optional[torch.device] = None) -> torch.Tensor:
+    """The rotary frequency of each pair of a head's dim dimensions, unscaled, in float32: theta ** (-2i / dim)."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32)[: dim // 2] / dim))
+
+
 def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, use_scaled: bool = False,
                          device: Optional[torch.device] = None, factor: float = 8.0) -> torch.Tensor:
     """The rotary rotations cos + i sin of positions 0..end-1 for heads of dim, (end, dim // 2), complex64, with
     Llama 3.1's scaling by factor where use_scaled (``ModelArgs.rope_factor``): Meta's name and first arguments,
     so research code importing it runs."""
-    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32)[: dim // 2] / dim))
+    freqs = rope_frequencies(dim, theta, device)
     if use_scaled:
         freqs = scale_rope_freqs(freqs, factor)
     angles = torch.outer(torch.arange(end, device=device, dtype=torch.float32), freqs)

@@ -216,15 +216,10 @@ def fmt_time(seconds: float) -> str:
 def save(model: Transformer, params: dict, tokenizer: bytes, out_dir: Path) -> None:
     """Meta's layout: params.json, consolidated.00.pth (bf16, with rope.freqs), checklist.chk, tokenizer.model
     and tokenizer_checklist.chk."""
-    args = model.params
-    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    state["rope.freqs"] = checkpoint.rope_freqs(args)
-    expected = set(checkpoint.full_shapes(args)) | {"rope.freqs"}
-    if set(state) != expected:
-        raise RuntimeError(f"state dict keys differ from Meta's: {sorted(set(state) ^ expected)[:5]}")
-    checkpoint.save(checkpoint.split(state, 1), params, str(out_dir))
-    (out_dir / "tokenizer.model").write_bytes(tokenizer)
-    (out_dir / "tokenizer_checklist.chk").write_text(f"{hashlib.md5(tokenizer).hexdigest()}  tokenizer.model\n")
+    checkpoint.save_full(model.state_dict(), model.params, params, str(out_dir))
+    checkpoint.replace(out_dir / "tokenizer.model", lambda tmp: tmp.write_bytes(tokenizer))
+    checkpoint.replace(out_dir / "tokenizer_checklist.chk",
+                       lambda tmp: tmp.write_text(f"{hashlib.md5(tokenizer).hexdigest()}  tokenizer.model\n"))
 
 
 def write_test_data(test_dir: Path, train: List[Tuple[str, str]], held: List[Tuple[str, str]],
