@@ -16,7 +16,7 @@ from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dia
 from .checks import is_int
 from .graphs import GraphedDecoder
 from .linear import can_pack, packed_for
-from .research import edit_count, hook_dicts, hooked, replaced
+from .research import hook_dicts, hooked, replaced, stamp
 from .model import ModelArgs, Transformer, cache_dtype_for, compute_dtype_for, cpu_has_native_bf16
 from .sampling import check_sampling, sample, sample_top_p
 from .tokenizer import ChatFormat, Tokenizer
@@ -587,7 +587,7 @@ class Llama:
         forwards of its modules. (A forward put in place of the model's own counts no runs: nothing is kept.)"""
         if replaced([self.model]):
             return (object(),)
-        return (self.model.runs, [(p.data_ptr(), edit_count(p)) for p in self.model.parameters()],
+        return (self.model.runs, [stamp(p) for p in self.model.parameters()],
                 [id(h) for d in hook_dicts(self.model.modules()) for h in d.values()],
                 [(type(m), type(m).forward, m.__dict__.get("forward")) for m in self.model.replaceable_modules()])
 

@@ -19,7 +19,7 @@ from fairscale.nn.model_parallel import mappings
 from torch import nn
 
 from . import kernels, pages
-from .research import WatchedParameter, edit_count, hooked, own_forward, replaced
+from .research import WatchedParameter, hooked, own_forward, replaced, stamp
 
 
 # For bf16 weights on a CPU without native bf16, whose bf16 matrix products are 5-100x slower than its float32
@@ -161,12 +161,12 @@ class Packable:
     weight (made by ``pack``) while the weight is the very tensor it was made from, unedited. Any other weight, an
     in-place edit, or autograd falls back to ``linear``; a stale copy is freed."""
     weight: nn.Parameter
-    # (copy, the dtype of products it serves, the weight's data_ptr and edit_count)
-    blocked: Optional[tuple[torch.Tensor, torch.dtype, int, tuple]] = None
+    # (copy, the dtype of products it serves, the weight's stamp)
+    blocked: Optional[tuple[torch.Tensor, torch.dtype, tuple]] = None
 
     def pack(self, compute: torch.dtype) -> None:
         w = self.weight
-        self.blocked = (pack(w, compute), compute, w.data_ptr(), edit_count(w))
+        self.blocked = (pack(w, compute), compute, stamp(w))
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the packed copy out (oneDNN's opaque tensors can be neither, and a copy would
@@ -175,7 +175,7 @@ class Packable:
 
     def valid(self) -> bool:
         """Whether the packed copy is still the weight's (freed where it is not)."""
-        if self.blocked is not None and self.blocked[2:] != (self.weight.data_ptr(), edit_count(self.weight)):
+        if self.blocked is not None and self.blocked[2] != stamp(self.weight):
             self.blocked = None
         return self.blocked is not None
 
@@ -205,7 +205,7 @@ class PackedFused:
             pages.drop(w)
         self.blocked: Optional[torch.Tensor] = pack(whole, compute)
         self.compute = compute
-        self.stamps = [(w.data_ptr(), edit_count(w)) for w in weights]
+        self.stamps = [stamp(w) for w in weights]
 
     def __getstate__(self) -> dict:
         """As ``Packable``: copies and pickles compute layer by layer, from their own weights."""
@@ -213,8 +213,7 @@ class PackedFused:
 
     def valid(self) -> bool:
         """Whether the blocked copy is still the layers' weights (freed where it is not)."""
-        if self.blocked is not None and self.stamps != [(m.weight.data_ptr(), edit_count(m.weight))
-                                                        for m in self.layers]:
+        if self.blocked is not None and self.stamps != [stamp(m.weight) for m in self.layers]:
             self.blocked = None
         return self.blocked is not None
 

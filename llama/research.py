@@ -1,6 +1,6 @@
 """What research code does to the model, and how the engine notices it so that its fast ways never skip it:
 forward hooks (``hooked``), forwards of its own put in place of the engine's (``replaced``), and weights edited
-in place or through ``.data`` (``edit_count``, ``WatchedParameter``). Where a hook or a replaced forward
+in place or through ``.data`` (``stamp``, ``WatchedParameter``). Where a hook or a replaced forward
 applies, the engine computes as Meta's code does: each module called, with Meta's arguments wherever they can
 describe the pass (``Transformer.runs_metas_way``); where a weight was edited, the copies made from it (packed,
 fused) are dropped, so every product reads the weight as it is now.
@@ -122,7 +122,8 @@ def watch(module: nn.Module) -> None:
                 setattr(m, name, WatchedParameter(p.detach(), requires_grad=p.requires_grad))
 
 
-def edit_count(t: torch.Tensor) -> tuple:
-    """What changes with every edit of t: its count of in-place edits (None for a tensor made in inference mode,
-    which keeps none, and can only be edited in inference mode) and of uses of its ``.data`` (``WatchedParameter``)."""
-    return (None if t.is_inference() else t._version, getattr(t, "data_uses", 0))
+def stamp(t: torch.Tensor) -> tuple:
+    """What changes where t's values may have: its memory, its count of in-place edits (None for a tensor made in
+    inference mode, which keeps none, and can only be edited in inference mode) and of uses of its ``.data``
+    (``WatchedParameter``). A copy made from t (packed, on a graph) is t's while t's stamp stays the same."""
+    return (t.data_ptr(), None if t.is_inference() else t._version, getattr(t, "data_uses", 0))
