@@ -3,7 +3,7 @@
 - ``decode_attention``: torch's ``scaled_dot_product_attention`` reads a long KV cache at about a tenth of the
   memory bandwidth when one query token attends to it, which made a step at 4096 cached positions 30 % slower
   than one at 128 on the 1b shape. This reads it in one blocked pass, a bf16 cache with float32 queries too
-  (``model.cache_dtype_for``), and not a row's left padding.
+  (``machine.cache_dtype_for``), and not a row's left padding.
 - ``prefill_attention``: a prompt's causal attention in float32 (where the CPU has no native bf16), as products
   of matrices: torch's ran a 1000-token prompt of the 1b shape at 60-70 GFLOP/s on an AMD Zen 3, this at 95-115
   (4096 tokens: 1.2-1.3x torch's).

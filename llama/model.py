@@ -23,6 +23,7 @@ from torch import nn
 from . import distributed, kernels, pages
 from .checks import is_int, is_number
 from .linear import ColumnParallelLinear, Fused, Packable, PackedFused, RowParallelLinear, can_pack, packs_rows
+from .machine import cache_dtype_for, compute_dtype_for
 from .research import fused, hooked, own_forward, replaced, watch
 
 
@@ -138,29 +139,6 @@ def _skip_fairscale_init() -> Iterator[None]:
 def _as_loaded(weight: torch.Tensor) -> torch.Tensor:
     """fairscale's init_method for the layers: none, as Meta's (the checkpoint's weights replace them)."""
     return weight
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: without them torch's bf16 matrix products are emulated and 5-100x slower."""
-    flags = kernels.cpu_id().split()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def compute_dtype_for(weights: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype of activations and KV cache: the weights', unless they are 16-bit on a CPU without native
-    instructions for them, where float32 products are the fast ones (``llama.linear``: the weights widened in
-    registers by kernels.c, or converted a block at a time)."""
-    if device.type == "cpu" and weights in (torch.bfloat16, torch.float16):
-        return weights if weights == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
-    return weights
-
-
-def cache_dtype_for(weights: torch.dtype, compute: torch.dtype) -> torch.dtype:
-    """The dtype of the KV cache: the compute dtype, except bf16 weights computing in float32 (a CPU without native
-    bf16) keep bf16 keys and values, as Meta's cache is in its weights' dtype. Decoding reads the whole cache at
-    each step: half the bytes made a step at 4096 cached positions of the 1b shape ~7 ms faster on such a CPU
-    (docs/performance.md). Attention widens them as it reads them."""
-    return torch.bfloat16 if weights == torch.bfloat16 and compute == torch.float32 else compute
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -40,7 +40,7 @@ from benchmark import read_rate, timed  # noqa: E402
 from llama import kernels, sampling  # noqa: E402
 from llama.cli import one_line_errors, positive_int  # noqa: E402
 from llama.linear import PACK_ROWS, can_pack, packed_product, torch_linear  # noqa: E402
-from llama.model import compute_dtype_for  # noqa: E402
+from llama.machine import compute_dtype_for  # noqa: E402
 
 LAYERS, KV_HEADS, GROUP, HEAD_DIM, POSITIONS = 22, 4, 8, 64, 4096
 CPU = torch.device("cpu")

@@ -43,8 +43,7 @@ from llama.checkpoint import read_params  # noqa: E402
 from llama.cli import one_line_errors, positive_int  # noqa: E402
 from llama.distributed import pick_device  # noqa: E402
 from llama.linear import packed_for  # noqa: E402
-from llama.generation import device_name  # noqa: E402
-from llama.model import compute_dtype_for  # noqa: E402
+from llama.machine import compute_dtype_for, device_name  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

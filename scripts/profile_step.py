@@ -26,7 +26,7 @@ from make_checkpoint import SHAPES, cached  # noqa: E402
 from llama import Llama, kernels  # noqa: E402
 from llama.cli import one_line_errors, positive_int  # noqa: E402
 from llama.distributed import pick_device  # noqa: E402
-from llama.generation import device_name  # noqa: E402
+from llama.machine import device_name  # noqa: E402
 
 # llama/kernels.c's calls, which the profiler can't see inside: each is recorded under its name.
 KERNELS = ("decode_attention", "prefill_attention", "rms_norm", "add_rms_norm", "swiglu", "rope", "linear_bf16",

@@ -24,8 +24,8 @@ def main(ckpt_dir: str, tokenizer_path: str, prompts: list, max_gen_len: int = 8
     rank = int(os.environ.get("RANK", 0))
     kind = (cpu_on_rank or {}).get(rank)
     if kind == "avx2":
-        import llama.model
-        llama.model.cpu_has_native_bf16 = lambda: False
+        import llama.machine
+        llama.machine.cpu_has_native_bf16 = lambda: False
     elif kind == "arm":
         torch.backends.cpu.get_cpu_capability = lambda: "DEFAULT"
     import llama.checkpoint

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama import checkpoint, generation
+from llama import checkpoint, generation, machine
 
 from conftest import GQA, VOCAB, launch, run_cmd, script_main
 from reference import greedy
@@ -458,9 +458,9 @@ def test_available_memory_counts_the_page_cache_the_kernel_gives_back(tmp_path):
     small; a model that fits was refused."""
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:          800000 kB\nMemAvailable:   20000000 kB\n")
-    assert generation.available_memory(torch.device("cpu"), str(meminfo)) == 20000000 * 1024
+    assert machine.available_memory(torch.device("cpu"), str(meminfo)) == 20000000 * 1024
     meminfo.write_text("MemTotal:       24000000 kB\n")
-    assert generation.available_memory(torch.device("cpu"), str(meminfo)) is None
+    assert machine.available_memory(torch.device("cpu"), str(meminfo)) is None
 
 
 @pytest.mark.parametrize("case", ["wrong shape", "truncated shard", "injected failure on rank 1"])

@@ -32,7 +32,7 @@ def test_build_does_not_change_torch_defaults(make_ckpt, tokenizer_path):
 
 
 def test_default_dtype_is_picked_for_the_machine(make_ckpt, tokenizer_path, caplog):
-    from llama.generation import cpu_has_native_bf16
+    from llama.machine import cpu_has_native_bf16
     ckpt, _ = make_ckpt(MHA)
     with caplog.at_level(logging.INFO, logger="llama"):
         g = Llama.build(ckpt, tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu")
@@ -51,7 +51,7 @@ def test_default_dtype_is_picked_for_the_machine(make_ckpt, tokenizer_path, capl
 def test_default_dtype_on_a_gpu_is_bf16_only_where_it_computes_in_it(monkeypatch, native):
     """A T4 or V100 can hold bf16 tensors (torch.cuda.is_bf16_supported() says True there by default), but its
     bf16 arithmetic is emulated: float16 there."""
-    from llama.generation import pick_dtype
+    from llama.machine import pick_dtype
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
     assert pick_dtype(None, torch.device("cuda")) == (torch.bfloat16 if native else torch.float16)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import llama.model
+import llama.machine
 from llama import Llama, Transformer, kernels, linear
 from llama.checkpoint import Checkpoint
 from llama.linear import PackedFused, Packable, can_pack
@@ -220,7 +220,7 @@ def test_build_packs_by_default_where_it_can(make_ckpt, tokenizer_path):
 def test_build_packs_for_float32_products_without_native_bf16(make_ckpt, tokenizer_path, monkeypatch):
     """bf16 weights on a CPU without native bf16 are computed in float32: packed for kernels.c's float32 product,
     whose logits match the weights as stored (linear_bf16 and float32 products of the weights converted)."""
-    monkeypatch.setattr(llama.model, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(llama.machine, "cpu_has_native_bf16", lambda: False)
     ckpt, _ = make_ckpt(CONFIG)
     g = Llama.build(ckpt, tokenizer_path, 32, 2, dtype="bfloat16")
     unpacked = Llama.build(ckpt, tokenizer_path, 32, 2, dtype="bfloat16", pack_weights=False)
