@@ -57,7 +57,7 @@ def check_fits(args: ModelArgs, world: int, dtype: torch.dtype, cache_dtype: tor
     if free is None:
         return
     weights = sum(torch.Size(s).numel() for s in checkpoint.full_shapes(args).values()) * dtype.itemsize // world
-    per_slot = 2 * args.n_layers * max(1, args.kv_heads // world) * args.head_dim * cache_dtype.itemsize  # K, V
+    per_slot = args.cache_bytes(world, cache_dtype)
     cache = per_slot * args.max_batch_size * args.max_seq_len
     if weights > free:
         raise ValueError(f"not enough memory on {device}: this process's weights alone take {weights / 2**30:.2f} "

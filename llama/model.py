@@ -88,6 +88,14 @@ class ModelArgs:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    def local_kv_heads(self, world: int) -> int:
+        """The KV heads each of world ranks holds: its share, or one (copied) where there are more ranks."""
+        return max(1, self.kv_heads // world)
+
+    def cache_bytes(self, world: int, dtype: torch.dtype) -> int:
+        """Bytes of one position of one row in a rank's KV cache: keys and values of every layer."""
+        return 2 * self.n_layers * self.local_kv_heads(world) * self.head_dim * dtype.itemsize
+
     @property
     def rope_factor(self) -> float:
         """How many times use_scaled_rope slows the longest wavelengths. Meta's params.json don't say and Meta's
@@ -361,7 +369,7 @@ class Attention(nn.Module):
         self.n_kv_heads = args.kv_heads
         self.n_local_heads = args.n_heads // mp
         # With more ranks than KV heads, each rank holds a copy of the one KV head its query heads share.
-        self.n_local_kv_heads = max(1, args.kv_heads // mp)
+        self.n_local_kv_heads = args.local_kv_heads(mp)
         self.n_rep = self.n_local_heads // self.n_local_kv_heads  # Meta's names, for research code
         self.head_dim = args.head_dim
         self.cache_size = (args.max_batch_size, args.max_seq_len)  # of a cache made on first use

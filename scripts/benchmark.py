@@ -313,7 +313,7 @@ def main() -> None:
     p = g.model.params
     n_params = sum(t.numel() for t in g.model.parameters())
     weight_bytes = sum(t.numel() * t.element_size() for t in g.model.parameters())
-    kv_per_pos = 2 * p.n_layers * p.kv_heads * p.head_dim * g.model.cache_dtype.itemsize
+    kv_per_pos = p.cache_bytes(1, g.model.cache_dtype)
     packed = g.model.packed_weights() > 0
     machine = device_name(device)
     print(f"machine: {machine}, {torch.get_num_threads()} threads; weights {g.model.output.weight.dtype}"
