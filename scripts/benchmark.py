@@ -271,7 +271,8 @@ def same_greedy_tokens(ckpt: Path, device) -> None:
     print(f"float32 greedy tokens equal Hugging Face's: {ours}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The flags, with what can be found wrong in them said before minutes of measuring."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="see scripts/make_checkpoint.py")
     parser.add_argument("--ckpt_dir", help="a checkpoint of your own, with its tokenizer.model in it")
@@ -292,42 +293,22 @@ def main() -> None:
     if args.json and (Path(args.json).is_dir() or not os.access(Path(args.json).resolve().parent, os.W_OK)):
         raise ValueError(f"--json {args.json}: can't write that file (a folder, or in no folder that is writable): "
                          "name a file in one, before the run rather than after it")
-    if args.vs_hf and importlib.util.find_spec("transformers") is None:  # before minutes of measuring
+    if args.vs_hf and importlib.util.find_spec("transformers") is None:
         raise ValueError("--vs-hf runs Hugging Face transformers, which is not installed here: pip install "
                          "transformers")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.no_kernels:
-        os.environ["LLAMA_KERNELS"] = "0"
-    device = pick_device(args.device)
-    ckpt = Path(args.ckpt_dir) if args.ckpt_dir else cached(Path(args.cache_dir), args.shape, str(device))
     if args.ckpt_dir:  # a mistyped path fails now, not after the ceilings' seconds of probes
-        Tokenizer(str(ckpt / "tokenizer.model"))
+        Tokenizer(str(Path(args.ckpt_dir) / "tokenizer.model"))
         read_params(args.ckpt_dir)
-    ceil = Ceilings(device, args.reps, small=args.shape == "tiny" and not args.ckpt_dir)
-    start = time.perf_counter()
-    g = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=4160, max_batch_size=16,
-                    device=device, dtype=args.dtype, pack_weights=False if args.no_pack else None,
-                    cuda_graphs=False if args.no_graphs else None, compile_elementwise=args.compile)
-    load_s = time.perf_counter() - start
-    p = g.model.params
+    return args
+
+
+def measure(g: Llama, ceil: Ceilings, args: argparse.Namespace, ckpt: Path) -> list:
+    """The table's rows after load: (name, value, unit, fraction of roofline or None, the ceilings timed in
+    turns with it)."""
     n_params = sum(t.numel() for t in g.model.parameters())
     weight_bytes = sum(t.numel() * t.element_size() for t in g.model.parameters())
-    kv_per_pos = p.cache_bytes(1, g.model.cache_dtype)
-    packed = g.model.packed_weights() > 0
-    machine = device_name(device)
-    print(f"machine: {machine}, {torch.get_num_threads()} threads; weights {g.model.output.weight.dtype}"
-          f"{f' (packed for {packed_for(g.model.compute_dtype)})' if packed else ''}, compute {g.model.compute_dtype}"
-          f", KV cache {g.model.cache_dtype}"
-          f"{', decoding from CUDA graphs' if g.decoder else ''}"
-          f"{', C kernels of llama/kernels.c' if device.type == 'cpu' and kernels.library() else ''}"
-          f"{', element-wise kernels compiled' if args.compile else ''}; "
-          f"{n_params / 1e6:,.1f} M parameters, {weight_bytes / 1e6:,.1f} MB")
-    _, bandwidth, matmul = ceil.in_turns_with({}, args.reps)
-    first = {"bandwidth": bandwidth, "matmul": matmul}
-    print(f"ceilings at the start: read {first['bandwidth'] / 1e9:.1f} GB/s, matmul {first['matmul'] / 1e9:.0f} "
-          f"GFLOP/s ({ceil.dtype}; " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in ceil.rates.items()) + ")")
-    rows = []  # (name, value, unit, fraction of roofline, the ceilings timed in turns with it)
+    kv_per_pos = g.model.params.cache_bytes(1, g.model.cache_dtype)
+    rows = []
 
     def against(name: str, seconds: float, value: float, unit: str, nbytes: float, flops: float, bw: float,
                 rate: float) -> None:
@@ -354,8 +335,8 @@ def main() -> None:
         rows.append(("  same, token by token", t_ref, "s", None, ""))
         rows.append(("  speed-up", t_ref / t, "x", None, ""))
     # On a GPU, the weights and cache live in its memory: its peak is the figure that matters there.
-    memory = "peak GPU memory" if device.type == "cuda" else "peak RSS"
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
+    memory = "peak GPU memory" if g.device.type == "cuda" else "peak RSS"
+    peak = torch.cuda.max_memory_allocated(g.device) if g.device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     used = peak - ceil.nbytes
     ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.pth"))
@@ -365,7 +346,36 @@ def main() -> None:
     # The KV cache (16 rows x 4160 positions here) is the other large allocation, sized by the caller.
     rows.append(("  same, less the KV cache", (used - kv_bytes) / ckpt_bytes, "x", None, ""))
     rows.append(("decode 4096 / 128 cached", steps[4096] / steps[128], "x", None, ""))
-    rows.insert(0, ("load", load_s, "s", None, ""))
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.no_kernels:
+        os.environ["LLAMA_KERNELS"] = "0"
+    device = pick_device(args.device)
+    ckpt = Path(args.ckpt_dir) if args.ckpt_dir else cached(Path(args.cache_dir), args.shape, str(device))
+    ceil = Ceilings(device, args.reps, small=args.shape == "tiny" and not args.ckpt_dir)
+    start = time.perf_counter()
+    g = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=4160, max_batch_size=16,
+                    device=device, dtype=args.dtype, pack_weights=False if args.no_pack else None,
+                    cuda_graphs=False if args.no_graphs else None, compile_elementwise=args.compile)
+    load_s = time.perf_counter() - start
+    packed, machine = g.model.packed_weights() > 0, device_name(device)
+    print(f"machine: {machine}, {torch.get_num_threads()} threads; weights {g.model.output.weight.dtype}"
+          f"{f' (packed for {packed_for(g.model.compute_dtype)})' if packed else ''}, compute {g.model.compute_dtype}"
+          f", KV cache {g.model.cache_dtype}"
+          f"{', decoding from CUDA graphs' if g.decoder else ''}"
+          f"{', C kernels of llama/kernels.c' if device.type == 'cpu' and kernels.library() else ''}"
+          f"{', element-wise kernels compiled' if args.compile else ''}; "
+          f"{sum(t.numel() for t in g.model.parameters()) / 1e6:,.1f} M parameters, "
+          f"{sum(t.numel() * t.element_size() for t in g.model.parameters()) / 1e6:,.1f} MB")
+    _, bandwidth, matmul = ceil.in_turns_with({}, args.reps)
+    print(f"ceilings at the start: read {bandwidth / 1e9:.1f} GB/s, matmul {matmul / 1e9:.0f} "
+          f"GFLOP/s ({ceil.dtype}; " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in ceil.rates.items()) + ")")
+    rows = [("load", load_s, "s", None, "")] + measure(g, ceil, args, ckpt)
 
     fig: Dict[str, float] = {}
     print(f"\n{'':36} {'value':>10} {'unit':<6} {'of roofline':>11}   ceilings in turns with it")
@@ -384,9 +394,9 @@ def main() -> None:
             fig[f"vs HF: {name}"] = theirs / ours
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"machine": machine, "packed": packed, **first, "matmul_dtype": ceil.dtype,
-             **{f"matmul_{k}": v for k, v in ceil.rates.items()}, "ceilings by row": {r[0]: r[4] for r in rows if r[4]},
-             **fig}, indent=1))
+            {"machine": machine, "packed": packed, "bandwidth": bandwidth, "matmul": matmul,
+             "matmul_dtype": ceil.dtype, **{f"matmul_{k}": v for k, v in ceil.rates.items()},
+             "ceilings by row": {r[0]: r[4] for r in rows if r[4]}, **fig}, indent=1))
 
 
 if __name__ == "__main__":
