@@ -1011,9 +1011,9 @@ check_count() {
     COUNT=${n:-0}
 }
 
-main() {
-    local url_src="" dir summary="" status=0 line label
-    OPT_URL="" OPT_FAMILY="" OPT_TARGET="" OPT_DOWNLOADER="" DRY_RUN=0
+# Sets the OPT_* variables, URL_SRC and DRY_RUN from the command line.
+parse_options() {
+    URL_SRC="" OPT_URL="" OPT_FAMILY="" OPT_TARGET="" OPT_DOWNLOADER="" DRY_RUN=0
     unset OPT_MODELS  # set, if empty, only where given: an empty list is an error, not all models
     while [ $# -gt 0 ]; do
         case $1 in
@@ -1022,14 +1022,14 @@ main() {
             --url | --family | --models | --target | --downloader)
                 [ $# -ge 2 ] || usage_error "$1 needs a value"
                 case $1 in
-                    --url) OPT_URL=$2; url_src=option ;;
+                    --url) OPT_URL=$2; URL_SRC=option ;;
                     --family) OPT_FAMILY=$2 ;;
                     --models) OPT_MODELS=$2 ;;
                     --target) OPT_TARGET=$2 ;;
                     --downloader) OPT_DOWNLOADER=$2 ;;
                 esac
                 shift 2 ;;
-            --url=*) OPT_URL=${1#*=}; url_src=option; shift ;;
+            --url=*) OPT_URL=${1#*=}; URL_SRC=option; shift ;;
             --family=*) OPT_FAMILY=${1#*=}; shift ;;
             --models=*) OPT_MODELS=${1#*=}; shift ;;
             --target=*) OPT_TARGET=${1#*=}; shift ;;
@@ -1040,7 +1040,12 @@ main() {
                 usage_error "unexpected argument (not shown, it may be a piece of the URL): give the URL with --url and put it in single quotes" ;;
         esac
     done
+}
 
+# The settings from the options, the LLAMA_* variables and the prompts: the
+# retries, the family, URL, MODEL_DIRS, TARGET, the tools, FILE_COUNT.
+read_settings() {
+    local dir
     check_count LLAMA_DOWNLOAD_RETRIES "${LLAMA_DOWNLOAD_RETRIES:-5}"
     RETRIES=$COUNT
     check_count LLAMA_DOWNLOAD_BACKOFF "${LLAMA_DOWNLOAD_BACKOFF:-2}"
@@ -1053,9 +1058,9 @@ main() {
 
     pick_family "${OPT_FAMILY:-${LLAMA_FAMILY:-llama2}}"
     URL=${OPT_URL:-${LLAMA_DOWNLOAD_URL:-}}
-    if [ -z "$OPT_URL" ] && [ -n "$URL" ]; then url_src="env"; fi
+    if [ -z "$OPT_URL" ] && [ -n "$URL" ]; then URL_SRC="env"; fi
     if [ -z "$URL" ]; then
-        url_src=prompt
+        URL_SRC=prompt
         printf 'Enter the URL from email: ' >&2
         if [ -t 0 ]; then
             # not echoed, so the signature stays off the screen
@@ -1073,7 +1078,7 @@ main() {
         [ -n "$MODELS" ] || usage_error "the model list is empty (--models or LLAMA_MODELS): name the models (valid for $FAMILY: $ALL_MODELS), or all"
     else
         MODELS=""
-        if [ "$url_src" = prompt ] || [ -t 0 ]; then
+        if [ "$URL_SRC" = prompt ] || [ -t 0 ]; then
             printf 'Enter the models to download, separated by commas or blanks (%s), or press Enter for all: ' "$ALL_MODELS" >&2
             IFS= read -r MODELS || true
         fi
@@ -1092,26 +1097,27 @@ main() {
     for dir in $MODEL_DIRS; do
         FILE_COUNT=$((FILE_COUNT + 1 + $(model_files "$dir" | wc -l)))
     done
+}
 
-    say "URL:        $(mask_url "$URL")"
-    say "Family:     $FAMILY"
-    say "Models:     $MODEL_DIRS"
-    say "Target:     $TARGET"
-
-    if [ "$DRY_RUN" = 1 ]; then
-        say "Downloader: ${DOWNLOADER:-none found (install curl or wget)}; md5: $MD5_TOOL"
-        say "Dry run: nothing is fetched. Would fetch:"
-        for line in $(top_files); do
-            say "  $(mask_url "$(file_url "$line")") -> $TARGET/$line"
+# Says what a run would fetch, and where, and exits.
+dry_run() {
+    local dir line
+    say "Downloader: ${DOWNLOADER:-none found (install curl or wget)}; md5: $MD5_TOOL"
+    say "Dry run: nothing is fetched. Would fetch:"
+    for line in $(top_files); do
+        say "  $(mask_url "$(file_url "$line")") -> $TARGET/$line"
+    done
+    for dir in $MODEL_DIRS; do
+        for line in checklist.chk $(model_files "$dir"); do
+            say "  $(mask_url "$(file_url "$(release_path "$dir/$line")")") -> $TARGET/$dir/$line"
         done
-        for dir in $MODEL_DIRS; do
-            for line in checklist.chk $(model_files "$dir"); do
-                say "  $(mask_url "$(file_url "$(release_path "$dir/$line")")") -> $TARGET/$dir/$line"
-            done
-        done
-        exit 0
-    fi
+    done
+    exit 0
+}
 
+# The downloader, the target, a work directory, the signal traps and the
+# target's lock, or exit 1 saying which is missing.
+prepare() {
     if [ -z "$DOWNLOADER" ]; then
         err "neither curl nor wget is installed: install one (Debian/Ubuntu: sudo apt-get install curl; Fedora: sudo dnf install curl; macOS has curl)"
         exit 1
@@ -1128,7 +1134,12 @@ main() {
     mkfifo "$WORKDIR/out" || { err "cannot create a pipe in $WORKDIR"; exit 1; }
     take_lock
     check_space
+}
 
+# Fetches and verifies everything, says a summary, and exits with 0 only if
+# every file verified.
+download_all() {
+    local dir summary="" status=0 label
     FATAL=0
     FILE_INDEX=0
     label=tokenizer  # Llama 2's is shared by its models; the others' come with each model
@@ -1164,6 +1175,18 @@ main() {
         say "Some files failed: see the messages above. Run the same command again to retry; verified files are skipped and partial ones resume."
     fi
     exit "$status"
+}
+
+main() {
+    parse_options "$@"
+    read_settings
+    say "URL:        $(mask_url "$URL")"
+    say "Family:     $FAMILY"
+    say "Models:     $MODEL_DIRS"
+    say "Target:     $TARGET"
+    [ "$DRY_RUN" = 1 ] && dry_run
+    prepare
+    download_all
 }
 
 main "$@"
