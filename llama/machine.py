@@ -2,6 +2,7 @@
 cache), and the memory it has left. The device itself is ``distributed.pick_device``'s: a launcher's rank decides
 which GPU."""
 
+import os
 from typing import Optional, Union
 
 import torch
@@ -78,11 +79,17 @@ def device_name(device: torch.device) -> str:
 def available_memory(device: torch.device, meminfo: str = "/proc/meminfo") -> Optional[int]:
     """Bytes this device can still give: the GPU's free memory; on Linux, MemAvailable, which counts the page
     cache the kernel would give back (MemFree does not: it is small right after a checkpoint was downloaded or
-    copied, whose pages fill the cache). None where it can't be told."""
+    copied, whose pages fill the cache). Elsewhere (macOS), the machine's memory in all, which at least refuses
+    a model that could never fit, where a load would swap until the system kills it. None where it can't be
+    told."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
         with open(meminfo) as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # no sysconf (Windows), or no such name
         return None

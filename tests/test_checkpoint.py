@@ -453,13 +453,17 @@ def test_a_kv_cache_that_cannot_fit_fails_before_allocating(make_ckpt, tokenizer
         Llama.build(ckpt, tokenizer_path, 32, 1, dtype="float32")
 
 
-def test_available_memory_counts_the_page_cache_the_kernel_gives_back(tmp_path):
+def test_available_memory_counts_the_page_cache_the_kernel_gives_back(tmp_path, monkeypatch):
     """MemAvailable, not MemFree: right after a checkpoint is copied, its pages fill the cache and MemFree is
-    small; a model that fits was refused."""
+    small; a model that fits was refused. With no MemAvailable to read (macOS), the machine's memory in all."""
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:          800000 kB\nMemAvailable:   20000000 kB\n")
     assert machine.available_memory(torch.device("cpu"), str(meminfo)) == 20000000 * 1024
     meminfo.write_text("MemTotal:       24000000 kB\n")
+    sysconf = {"SC_PAGE_SIZE": 16384, "SC_PHYS_PAGES": 1 << 20}  # 16 GiB of Apple silicon's 16 KiB pages
+    monkeypatch.setattr(os, "sysconf", sysconf.__getitem__)
+    assert machine.available_memory(torch.device("cpu"), str(tmp_path / "none")) == 16 << 30
+    monkeypatch.delattr(os, "sysconf")  # Windows
     assert machine.available_memory(torch.device("cpu"), str(meminfo)) is None
 
 
