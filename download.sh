@@ -149,8 +149,10 @@ check_url() {
         '') usage_error "no URL given: paste the URL from Meta's email" ;;
     esac
     case $u in
-        *[[:space:]\"\\]*)
+        *[[:space:]\"\'\\]*)
             usage_error "malformed URL (it contains blanks, quotes or backslashes): copy it again from the email and $quote_hint" ;;
+        *'&amp;'*)
+            usage_error "malformed URL: it has '&amp;' where the email has '&' (copied from a page's source?): copy it from the email as it shows" ;;
     esac
     case $u in
         https://?*|http://?*) ;;
@@ -162,7 +164,11 @@ check_url() {
     esac
     case $u in
         *'?'*Signature=*) ;;
-        *) usage_error "the URL looks cut short (it has no Signature=...): an unquoted URL is split by the shell at '&', so $quote_hint" ;;
+        *)
+            if [ "$URL_SRC" = prompt ]; then
+                usage_error "the URL looks cut short (it has no Signature=...): paste it whole, on one line"
+            fi
+            usage_error "the URL looks cut short (it has no Signature=...): an unquoted URL is split by the shell at '&', so $quote_hint" ;;
     esac
 }
 

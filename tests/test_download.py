@@ -696,6 +696,23 @@ def test_url_cut_at_ampersand_asks_for_quotes(server, tmp_path):
     assert server.requests == []
 
 
+def test_url_cut_short_at_the_prompt_asks_for_one_line(server, tmp_path):
+    """Typed at the prompt, no shell split it: the hint about quotes would mislead."""
+    first, rest = server.url.split("&", 1)
+    proc = run(["--target", str(tmp_path)], stdin=f"{first}\n&{rest}\n")
+    assert proc.returncode == 2
+    assert "paste it whole, on one line" in proc.stderr and "quotes" not in proc.stderr
+
+
+@pytest.mark.parametrize("bad, said", [(lambda u: u + "'", "quotes"), (lambda u: u.replace("&", "&amp;"), "&amp;")],
+                         ids=["stray quote", "html entity"])
+def test_url_pasted_with_what_the_email_does_not_have_is_rejected(server, tmp_path, bad, said):
+    proc = run(["--url", bad(server.url), "--target", str(tmp_path)])
+    assert proc.returncode == 2
+    assert "malformed URL" in proc.stderr and said in proc.stderr
+    assert server.requests == []
+
+
 @pytest.mark.parametrize("url", ["not a url", "ftp://host/*?Signature=x", ""])
 def test_malformed_url_is_rejected(tmp_path, url):
     proc = run(["--target", str(tmp_path)], stdin=url + "\n")
