@@ -587,7 +587,10 @@ classify() {
                 408 | 429 | 5??) FAIL_KIND=transient; FAIL_MSG="the server answered HTTP $code" ;;
                 *) FAIL_MSG="the server answered HTTP ${code:-error}" ;;
             esac ;;
-        curl:23 | wget:3) FAIL_KIND=disk ;;
+        curl:23 | wget:3) FAIL_KIND=disk; FAIL_MSG="disk full or not writable: free space in $TARGET" ;;
+        *:153)  # killed by SIGXFSZ
+            FAIL_KIND=disk
+            FAIL_MSG="the shell's file size limit (ulimit -f) stopped the write: raise it (ulimit -f unlimited)" ;;
         curl:33 | curl:36)
             FAIL_KIND=norange
             FAIL_MSG="the server cannot resume this file; starting it again" ;;
@@ -714,7 +717,7 @@ fetch_file() {
                 keep_partial "$part"
                 return 1 ;;
             disk)
-                err "disk full or not writable: free space in $TARGET (writing $rel.partial failed)"
+                err "$FAIL_MSG (writing $rel.partial failed)"
                 keep_partial "$part"
                 FATAL=1
                 return 1 ;;

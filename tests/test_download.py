@@ -606,6 +606,18 @@ def test_disk_full_is_reported(server, tmp_path):
     no_complete_looking(tmp_path, SHARD_7B)
 
 
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
+def test_a_file_size_limit_is_named_and_stops_the_run(server, tmp_path, downloader):
+    """ulimit -f: the downloader is killed by SIGXFSZ (exit status 153), which every later file would meet too."""
+    proc = subprocess.run([BASH, "-c", 'ulimit -f 20 && exec "$0" "$@"', BASH, str(SCRIPT), "--url", server.url,
+                           "--models", "7B,13B", "--target", str(tmp_path), "--downloader", downloader],
+                          capture_output=True, text=True, env=script_env(), timeout=60)
+    assert proc.returncode == 1
+    assert "the shell's file size limit (ulimit -f) stopped the write" in proc.stderr
+    assert "llama-2-13b: FAILED (not attempted)" in proc.stdout
+    assert (tmp_path / f"{SHARD_7B}.partial").stat().st_size == 20 * 1024  # kept, to resume
+
+
 # ------------------------------------------------- signals and concurrent runs
 
 SIGNAL_CASES = [(d, "SIGTERM", False) for d in DOWNLOADERS] + [
