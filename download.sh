@@ -12,6 +12,9 @@
 # Written for bash 3.2 (the macOS default) and later.
 
 [ -n "${BASH_VERSION:-}" ] || { echo "download.sh: run it with bash: bash download.sh" >&2; exit 2; }
+# bash run as sh (macOS's /bin/sh) is in POSIX mode, where bash before 5.1 can't parse process substitution:
+# bash parses a script a command at a time, so the functions below are read without it
+case :${SHELLOPTS-}: in *:posix:*) set +o posix ;; esac
 set -o pipefail
 
 PROG=download.sh
@@ -145,6 +148,7 @@ clean_url() {
 
 check_url() {
     local u=$1 quote_hint="put it in single quotes: --url 'https://...'"
+    [ "$URL_SRC" != prompt ] || quote_hint="paste it as it is, without quotes"
     case $u in
         '') usage_error "no URL given: paste the URL from Meta's email" ;;
     esac
@@ -221,6 +225,8 @@ parse_models() {
     MODEL_DIRS=""
     lc=$(printf '%s' "$list" | tr '[:upper:]' '[:lower:]' | tr ' \t\r' ',,,')
     case $lc in
+        *://* | *'?'* | *=*)  # not echoed: the signature must not show
+            usage_error "the model list looks like the URL: give the URL at the first prompt or with --url, and the models (valid for $FAMILY: $ALL_MODELS) at the second or with --models" ;;
         *[!a-z0-9,-]*) usage_error "invalid model list '$list': names are letters, digits and '-', separated by commas or blanks (valid for $FAMILY: $ALL_MODELS)" ;;
     esac
     rest="$lc,"
@@ -504,14 +510,16 @@ http_status() {
     awk '$1 ~ /^HTTP\/[0-9.]+$/ && $2 ~ /^[0-9][0-9][0-9]$/ { s = $2 } END { print s }' "$1"
 }
 
-# Total size of the file being fetched, from the response headers in LOG.
+# expected_total LOG [range]: total size of the file being fetched, from the
+# response headers in LOG; with "range", only as a Content-Range gives it
+# (empty where none does).
 expected_total() {
-    awk '
+    awk -v only_range="${2:-}" '
         { sub(/\r$/, "") }
         $1 ~ /^HTTP\/[0-9.]+$/ { tot = ""; len = "" }
         tolower($1) == "content-length:" { len = $2 }
         tolower($1) == "content-range:" { n = split($0, a, "/"); if (a[n] ~ /^[0-9]+$/) tot = a[n] }
-        END { if (tot != "") print tot; else print len }
+        END { if (tot != "" || only_range != "") print tot; else print len }
     ' "$1" 2>/dev/null
 }
 
@@ -541,7 +549,7 @@ last_error() {
 # page (a page or an error text came instead of the rest of the file) or
 # fatal; FAIL_MSG explains. FAIL_NET=1 where the server could not be reached.
 classify() {
-    local rc=$1 log=$2 part=$3 before=${4:-0} code len
+    local rc=$1 log=$2 part=$3 before=${4:-0} code len total
     code=$(http_status "$log")
     FAIL_KIND=fatal
     FAIL_MSG=""
@@ -561,8 +569,10 @@ classify() {
     fi
     if [ "$code" = 416 ]; then
         # nothing left to fetch, or a partial longer than the file (wget
-        # exits 0 on both: "already fully retrieved")
-        if [ "$(expected_total "$log")" = "$(file_size "$part")" ]; then
+        # exits 0 on both: "already fully retrieved"); a reply that gives no
+        # total (Content-Range: bytes */N) leaves it to the md5
+        total=$(expected_total "$log" range)
+        if [ -z "$total" ] || [ "$total" = "$(file_size "$part")" ]; then
             FAIL_KIND=complete
         else
             FAIL_KIND=norange
@@ -596,10 +606,11 @@ classify() {
             FAIL_MSG="the server cannot resume this file; starting it again" ;;
         curl:3) FAIL_MSG="malformed URL: copy it again from the email and put it in single quotes" ;;
         curl:5 | curl:6) FAIL_MSG="could not resolve the host: check the URL and your network"; FAIL_NET=1 ;;
-        curl:7 | wget:4)  # wget's 4 is also a transfer cut short: not out of reach where the server answered
+        curl:7 | curl:28 | wget:4)  # a timeout, or wget's 4, may also be a transfer cut short: not out of
+            # reach where the server answered
             FAIL_KIND=transient
             [ -n "$code" ] || FAIL_NET=1 ;;
-        curl:16 | curl:18 | curl:28 | curl:35 | curl:52 | curl:55 | curl:56 | curl:92)
+        curl:16 | curl:18 | curl:35 | curl:52 | curl:55 | curl:56 | curl:92)
             FAIL_KIND=transient ;;
         curl:60 | wget:5) FAIL_MSG="TLS/SSL error: check the system's CA certificates and clock" ;;
     esac
@@ -683,7 +694,7 @@ backoff_delay() {
 # there and retrying transient errors. Says what went wrong and returns 1 on
 # failure, with FATAL=1 when the remaining files cannot work either.
 fetch_file() {
-    local rel=$1 part=$2 log="$WORKDIR/fetch.log" rc attempt=0 delay before
+    local rel=$1 part=$2 log="$WORKDIR/fetch.log" rc attempt=0 delay before restarted=0
     while :; do
         : >"$log"
         before=$(file_size "$part")
@@ -727,13 +738,19 @@ fetch_file() {
                 FATAL=$FAIL_NET
                 return 1 ;;
             norange)
-                rm -f -- "$part" ;;
+                rm -f -- "$part"
+                if [ "$restarted" = 0 ]; then  # no retry spent on starting from byte 0, once
+                    restarted=1
+                    warn "$rel: $FAIL_MSG"
+                    continue
+                fi ;;
         esac
         attempt=$((attempt + 1))
         if [ "$attempt" -gt "$RETRIES" ]; then
             err "$rel: giving up after $RETRIES retries: $FAIL_MSG"
             keep_partial "$part"
             FATAL=$FAIL_NET  # the server out of reach: so it is for every file
+            [ "$FAIL_NET" = 0 ] || err "the server did not answer: check the network and the URL's host, then run the same command again"
             return 1
         fi
         delay=$(backoff_delay "$attempt")
@@ -837,6 +854,11 @@ get_file() {
                     FILE_INDEX=$((FILE_INDEX - 1))
                     get_file "$arg" checklist again || { keep_partial "$part"; return 1; }
                     want=$(checklist_md5 "$TARGET/$arg" "${rel##*/}")
+                    if [ -z "$want" ]; then
+                        err "the new $arg has no md5 for ${rel##*/}; cannot verify it"
+                        keep_partial "$part"
+                        return 1
+                    fi
                     how=" against the new $arg"
                 fi
                 if [ "$MD5_SUM" != "$want" ]; then

@@ -19,7 +19,9 @@ Failure modes, set per test through attributes of :class:`FakeRelease`:
 * ``flaky``: ``{path: k}`` - the first *k* requests for *path* get a 503;
 * ``stall``: ``{path: n}`` - on the first request for *path*, send the full
   headers and *n* bytes, then nothing more until the client goes away
-  (recorded in ``dropped``) or ``unstall`` is set (then drop the connection).
+  (recorded in ``dropped``) or ``unstall`` is set (then drop the connection);
+* ``bare_416``: answer a Range past the end with a 416 that gives no total (no
+  Content-Range), as some servers and proxies do.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class FakeRelease:
         self.missing: set[str] = set()
         self.flaky: dict[str, int] = {}
         self.stall: dict[str, int] = {}
+        self.bare_416 = False
         self.unstall = threading.Event()
         self.dropped: list[str] = []  # stalled paths whose client closed the connection
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
@@ -226,7 +229,7 @@ class _Handler(BaseHTTPRequestHandler):
             end = int(last) if last else len(data) - 1
             if start >= len(data):
                 self._send(416, b"", "text/plain", body,
-                           [("Content-Range", f"bytes */{len(data)}")])
+                           [] if rel.bare_416 else [("Content-Range", f"bytes */{len(data)}")])
                 return
             end = min(end, len(data) - 1)
             extra.append(("Content-Range", f"bytes {start}-{end}/{len(data)}"))

@@ -404,9 +404,23 @@ def test_partials_longer_than_the_file_start_again(server, tmp_path, downloader)
     """The server answers 416 to a resume past the file's end, which wget took for "already fully retrieved"."""
     (tmp_path / "llama-2-7b").mkdir()
     (tmp_path / f"{SHARD_7B}.partial").write_bytes(server.files[SHARD_7B] + b"junk")
-    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path), "--downloader", downloader])
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path), "--downloader", downloader],
+               env={"LLAMA_DOWNLOAD_RETRIES": "0"})  # starting again from byte 0 spends no retry
     assert proc.returncode == 0, proc.stderr
     assert server.ranges_for(SHARD_7B) == [f"bytes={64 * 1024 + 4}-", None]
+    assert_release(tmp_path, server, ["llama-2-7b"])
+
+
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
+def test_a_416_with_no_total_leaves_a_complete_partial_to_the_md5(server, tmp_path, downloader):
+    """Some servers answer a Range past the end without Content-Range: the partial is not thrown away."""
+    server.bare_416 = True
+    (tmp_path / "llama-2-7b").mkdir()
+    (tmp_path / f"{SHARD_7B}.partial").write_bytes(server.files[SHARD_7B])
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path), "--downloader", downloader],
+               env={"LLAMA_DOWNLOAD_RETRIES": "0"})
+    assert proc.returncode == 0, proc.stderr
+    assert server.ranges_for(SHARD_7B) == [f"bytes={64 * 1024}-"]
     assert_release(tmp_path, server, ["llama-2-7b"])
 
 
@@ -536,6 +550,22 @@ def test_a_download_is_kept_when_the_checklist_cannot_be_fetched_again(server, t
     assert again.returncode == 0, again.stderr
     assert server.ranges_for(SHARD_7B) == [f"bytes={64 * 1024}-"]  # answered 416: not fetched again
     assert_release(tmp_path, server, ["llama-2-7b"])
+
+
+def test_a_download_is_kept_when_the_new_checklist_does_not_list_it(server, tmp_path):
+    args = ["--url", server.url, "--models", "7B", "--target", str(tmp_path)]
+    chk = tmp_path / "llama-2-7b/checklist.chk"
+    chk.parent.mkdir(parents=True)
+    listed = server.files["llama-2-7b/checklist.chk"].decode()
+    digest = hashlib.md5(server.files[SHARD_7B]).hexdigest()
+    chk.write_text(listed.replace(digest, "0" * 32))
+    server.files["llama-2-7b/checklist.chk"] = "".join(
+        line for line in listed.splitlines(keepends=True) if "consolidated" not in line).encode()
+    proc = run(args)
+    assert proc.returncode == 1
+    assert "the new llama-2-7b/checklist.chk has no md5 for consolidated.00.pth; cannot verify it" in proc.stderr
+    assert server.ranges_for(SHARD_7B) == [None]  # not fetched again for nothing
+    assert (tmp_path / f"{SHARD_7B}.partial").read_bytes() == server.files[SHARD_7B]
 
 
 def test_md5_tool_that_fails_leaves_verified_files_as_they_are(server, tmp_path):
@@ -753,6 +783,24 @@ def test_a_model_list_typed_with_a_carriage_return(server, tmp_path):
     proc = run(["--target", str(tmp_path), "--dry-run"], stdin=f"{server.url}\r\n7B\r\n")
     assert proc.returncode == 0, proc.stderr
     assert "Models:     llama-2-7b" in proc.stdout
+
+
+@pytest.mark.parametrize("how", ["flag", "prompt"])
+def test_a_url_given_as_the_model_list_is_not_echoed(server, tmp_path, how):
+    """Pasted at the second prompt (the first one doesn't echo, so it's easy to do), or to --models: run() checks
+    that the signature shows nowhere."""
+    args, stdin = (["--url", server.url, "--models", server.url], "") if how == "flag" else ([], f"{server.url}\n" * 2)
+    proc = run(["--target", str(tmp_path), *args], stdin=stdin)
+    assert proc.returncode == 2
+    assert "the model list looks like the URL" in proc.stderr
+    assert server.requests == []
+
+
+def test_bash_as_sh_in_posix_mode_runs(server, tmp_path):
+    """macOS's /bin/sh is bash 3.2 in POSIX mode, which can't parse process substitution: the script leaves it."""
+    proc = subprocess.run([BASH, "--posix", str(SCRIPT), "--url", server.url, "--models", "7B", "--target",
+                           str(tmp_path), "--dry-run"], capture_output=True, text=True, env=script_env(), timeout=30)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_an_invalid_model_list_is_named(server, tmp_path):
