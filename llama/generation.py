@@ -16,9 +16,9 @@ from .chat import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dia
 from .checks import is_int
 from .graphs import GraphedDecoder
 from .linear import can_pack, packed_for
-from .research import hook_dicts, hooked, replaced, stamp
 from .machine import available_memory, cache_dtype_for, compute_dtype_for, device_name, one_compute_dtype, pick_dtype
 from .model import ModelArgs, Transformer
+from .research import hook_dicts, hooked, replaced, stamp
 from .sampling import check_sampling, sample, sample_top_p
 from .tokenizer import ChatFormat, Tokenizer
 

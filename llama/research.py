@@ -125,5 +125,5 @@ def watch(module: nn.Module) -> None:
 def stamp(t: torch.Tensor) -> tuple:
     """What changes where t's values may have: its memory, its count of in-place edits (None for a tensor made in
     inference mode, which keeps none, and can only be edited in inference mode) and of uses of its ``.data``
-    (``WatchedParameter``). A copy made from t (packed, on a graph) is t's while t's stamp stays the same."""
+    (``WatchedParameter``). A copy made from t (packed) is t's while t's stamp stays the same."""
     return (t.data_ptr(), None if t.is_inference() else t._version, getattr(t, "data_uses", 0))
