@@ -302,11 +302,10 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def measure(g: Llama, ceil: Ceilings, args: argparse.Namespace, ckpt: Path) -> list:
+def measure(g: Llama, ceil: Ceilings, args: argparse.Namespace, ckpt: Path, n_params: int,
+            weight_bytes: int) -> list:
     """The table's rows after load: (name, value, unit, fraction of roofline or None, the ceilings timed in
     turns with it)."""
-    n_params = sum(t.numel() for t in g.model.parameters())
-    weight_bytes = sum(t.numel() * t.element_size() for t in g.model.parameters())
     kv_per_pos = g.model.params.cache_bytes(1, g.model.cache_dtype)
     rows = []
 
@@ -364,18 +363,19 @@ def main() -> None:
                     cuda_graphs=False if args.no_graphs else None, compile_elementwise=args.compile)
     load_s = time.perf_counter() - start
     packed, machine = g.model.packed_weights() > 0, device_name(device)
+    n_params = sum(t.numel() for t in g.model.parameters())
+    weight_bytes = sum(t.numel() * t.element_size() for t in g.model.parameters())
     print(f"machine: {machine}, {torch.get_num_threads()} threads; weights {g.model.output.weight.dtype}"
           f"{f' (packed for {packed_for(g.model.compute_dtype)})' if packed else ''}, compute {g.model.compute_dtype}"
           f", KV cache {g.model.cache_dtype}"
           f"{', decoding from CUDA graphs' if g.decoder else ''}"
           f"{', C kernels of llama/kernels.c' if device.type == 'cpu' and kernels.library() else ''}"
           f"{', element-wise kernels compiled' if args.compile else ''}; "
-          f"{sum(t.numel() for t in g.model.parameters()) / 1e6:,.1f} M parameters, "
-          f"{sum(t.numel() * t.element_size() for t in g.model.parameters()) / 1e6:,.1f} MB")
+          f"{n_params / 1e6:,.1f} M parameters, {weight_bytes / 1e6:,.1f} MB")
     _, bandwidth, matmul = ceil.in_turns_with({}, args.reps)
     print(f"ceilings at the start: read {bandwidth / 1e9:.1f} GB/s, matmul {matmul / 1e9:.0f} "
           f"GFLOP/s ({ceil.dtype}; " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in ceil.rates.items()) + ")")
-    rows = [("load", load_s, "s", None, "")] + measure(g, ceil, args, ckpt)
+    rows = [("load", load_s, "s", None, "")] + measure(g, ceil, args, ckpt, n_params, weight_bytes)
 
     fig: Dict[str, float] = {}
     print(f"\n{'':36} {'value':>10} {'unit':<6} {'of roofline':>11}   ceilings in turns with it")
