@@ -147,8 +147,12 @@ clean_url() {
 }
 
 check_url() {
-    local u=$1 quote_hint="put it in single quotes: --url 'https://...'"
-    [ "$URL_SRC" != prompt ] || quote_hint="paste it as it is, without quotes"
+    local u=$1 quote_hint="put it in single quotes: --url 'https://...'" cut_hint
+    cut_hint="an unquoted URL is split by the shell at '&', so $quote_hint"
+    if [ "$URL_SRC" = prompt ]; then  # typed: no shell split it
+        quote_hint="paste it as it is, without quotes"
+        cut_hint="paste it whole, on one line"
+    fi
     case $u in
         '') usage_error "no URL given: paste the URL from Meta's email" ;;
     esac
@@ -168,11 +172,7 @@ check_url() {
     esac
     case $u in
         *'?'*Signature=*) ;;
-        *)
-            if [ "$URL_SRC" = prompt ]; then
-                usage_error "the URL looks cut short (it has no Signature=...): paste it whole, on one line"
-            fi
-            usage_error "the URL looks cut short (it has no Signature=...): an unquoted URL is split by the shell at '&', so $quote_hint" ;;
+        *) usage_error "the URL looks cut short (it has no Signature=...): $cut_hint" ;;
     esac
 }
 
