@@ -32,7 +32,9 @@
 #define TILE_ROWS 6 /* rows of an outer-product tile (prefill_attention's, linear_packed_f32's): 12 sums, two vectors
                      * of the other side, a broadcast and a load in AVX2's 16 registers */
 
-#if defined(__AVX512F__)
+#if defined(VECTOR_FLOATS) /* -DVECTOR_FLOATS=16 on AVX2: AVX-512's forms, emulated, for the tests to check them */
+#define W VECTOR_FLOATS
+#elif defined(__AVX512F__)
 #define W 16 /* floats per vector */
 #else
 #define W 8
@@ -80,9 +82,9 @@ static const float zeros[MAX_D]; /* a row of keys past the last, in either dtype
 /* bf16 to float32: bf16 is the top half of a float32. GCC 12 widens 16-bit lanes in two halves and joins them
  * (five instructions on AVX2), which cost linear_bf16 10-15 %; x86 has one instruction for it. */
 static inline vf widen(vh h) {
-#if W == 16
+#if W == 16 && defined(__AVX512F__)
     return (vf)((vu)_mm512_cvtepu16_epi32((__m256i)h) << 16);
-#elif defined(__AVX2__)
+#elif W == 8 && defined(__AVX2__)
     return (vf)((vu)_mm256_cvtepu16_epi32((__m128i)h) << 16);
 #else
     return (vf)(__builtin_convertvector(h, vu) << 16);
@@ -273,9 +275,9 @@ static inline __attribute__((always_inline)) void weigh_rows(float *acc, const f
             vf xv[CV_MAX];
             for (int j = 0; j < CV; j++) {
                 xv[j] = load(v, t * D + c + j * W, bf16);
-#if defined(__AVX2__) && !defined(__AVX512F__) /* kept in a register: GCC reloaded it in each multiply-add, whose
-                                                * loads then held back an AMD Zen 3 (10 % of a 4096-position step's
-                                                * attention); AVX-512's build is left as it was measured */
+#if W == 8 && defined(__AVX2__) /* kept in a register: GCC reloaded it in each multiply-add, whose loads then
+                                 * held back an AMD Zen 3 (10 % of a 4096-position step's attention); AVX-512's
+                                 * build is left as it was measured */
                 __asm__("" : "+v"(xv[j]));
 #endif
             }

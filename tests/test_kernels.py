@@ -23,9 +23,20 @@ from test_model import build_model, prompt
 WIDE = {"dim": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 64, "norm_eps": 1e-5,
         "vocab_size": -1}
 # Each compiled form of the kernel: the machine's own, and on x86 with AVX-512 also AVX2's (what machines without
-# AVX-512 run: other vector widths, other shuffles; on an AVX2-only machine the machine's own build is that one).
+# AVX-512 run: other vector widths, other shuffles; on an AVX2-only machine the machine's own build is that one);
+# on x86 without AVX-512, AVX-512's vector width emulated with AVX2's (GCC splits each vector in two), so that the
+# forms of the kernels for 16 floats a vector are checked on every x86 machine, not only where they run (at -O1:
+# GCC takes a minute over that form at -O3, 10 s at -O1).
+_X86 = platform.machine() == "x86_64"
+_AVX512 = "avx512f" in kernels.cpu_id().split()
 BUILDS = [kernels.FLAGS] + ([tuple("-march=x86-64-v3" if f == "-march=native" else f for f in kernels.FLAGS)]
-                            if platform.machine() == "x86_64" and "avx512f" in kernels.cpu_id().split() else [])
+                            if _X86 and _AVX512 else [])
+BUILDS += ([tuple("-O1" if f == "-O3" else f for f in kernels.FLAGS) + ("-DVECTOR_FLOATS=16", "-Wno-psabi")]
+           if _X86 and not _AVX512 else [])
+
+
+def build_id(flags: tuple) -> str:
+    return "16-floats-on-avx2" if "-DVECTOR_FLOATS=16" in flags else next(f for f in flags if f.startswith("-march"))
 
 
 def naive(q, keys, values, mask):
@@ -54,7 +65,7 @@ def cache_views(bsz, kv_heads, n, dim, dtype, seed):
 
 
 @needs_kernels
-@pytest.mark.parametrize("built", BUILDS, ids=lambda f: next(x for x in f if x.startswith("-march")), indirect=True)
+@pytest.mark.parametrize("built", BUILDS, ids=build_id, indirect=True)
 @pytest.mark.parametrize("dtype,cache", [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float32, torch.bfloat16)],
                          ids=["fp32", "bf16", "fp32-bf16_cache"])
 @pytest.mark.parametrize("bsz,kv_heads,group,dim,n", [
@@ -96,7 +107,7 @@ def test_declines_what_it_does_not_take():
 
 
 @needs_kernels
-@pytest.mark.parametrize("built", BUILDS, ids=lambda f: next(x for x in f if x.startswith("-march")), indirect=True)
+@pytest.mark.parametrize("built", BUILDS, ids=build_id, indirect=True)
 @pytest.mark.parametrize("cache", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_cache"])
 @pytest.mark.parametrize("bsz,kv_heads,group,dim,tokens", [
     (1, 4, 8, 64, 200),   # the 1b shape's heads: 8 tokens a work item, keys in four blocks, the last partial
@@ -217,7 +228,7 @@ def test_falls_back_to_torch_when_it_cannot_be_built(monkeypatch, tmp_path, capl
 
 
 @needs_kernels
-@pytest.mark.parametrize("built", BUILDS, ids=lambda f: next(x for x in f if x.startswith("-march")), indirect=True)
+@pytest.mark.parametrize("built", BUILDS, ids=build_id, indirect=True)
 def test_linear_bf16_matches_float64(built):
     g = torch.Generator().manual_seed(0)
     for rows in range(1, 17):  # 1: in order; 8 and more: groups of up to 7 rows in turn, and what is left
@@ -321,7 +332,7 @@ def test_linear_packed_bf16_matches_float64():
 
 
 @needs_kernels
-@pytest.mark.parametrize("built", BUILDS, ids=lambda f: next(x for x in f if x.startswith("-march")), indirect=True)
+@pytest.mark.parametrize("built", BUILDS, ids=build_id, indirect=True)
 def test_linear_packed_f32_matches_float64(built):
     """1-3 rows (two blocks of columns at a time, the last alone where their number is odd), 4-6 (one tile),
     7-17 (two or three tiles, the first two prefetching), 96 (one block of rows), 97 (a second block of one row),
