@@ -1,3 +1,5 @@
+from typing import Optional
+
 import torch
 
 from llama.sampling import sample, sample_top_p
@@ -52,11 +54,14 @@ def nucleus(probs: torch.Tensor, p: float) -> torch.Tensor:
     return order[mass_before <= p]
 
 
-def assert_samples_nucleus(probs: torch.Tensor, p: float, rounds: int = 10, rows: int = 1000) -> int:
-    """Draws from rows copies of one distribution: none outside its nucleus, each token of it as often as its
-    share of the nucleus' mass (within 3.5 standard deviations). Returns how many tokens were drawn."""
+def assert_samples_nucleus(probs: torch.Tensor, p: float, rounds: int = 10, rows: int = 1000,
+                           beside: Optional[torch.Tensor] = None) -> int:
+    """Draws from rows copies of one distribution (every other row of the batch one of ``beside`` where given,
+    whose draws are not checked here): none outside its nucleus, each token of it as often as its share of the
+    nucleus' mass (within 3.5 standard deviations). Returns how many tokens were drawn."""
     g = torch.Generator().manual_seed(0)
-    picks = torch.cat([sample_top_p(probs.repeat(rows, 1), p, g)[:, 0] for _ in range(rounds)])
+    batch = probs.repeat(rows, 1) if beside is None else torch.stack([probs, beside]).repeat(rows, 1)
+    picks = torch.cat([sample_top_p(batch, p, g)[:: 1 if beside is None else 2, 0] for _ in range(rounds)])
     kept = nucleus(probs, p)
     counts = torch.bincount(picks, minlength=len(probs)).double()
     assert counts.sum() == counts[kept].sum()
@@ -68,9 +73,14 @@ def assert_samples_nucleus(probs: torch.Tensor, p: float, rounds: int = 10, rows
 
 def test_top_p_over_a_large_vocabulary():
     """A peaked distribution over 32000 tokens, as a trained model's, whose nucleus lies among the few most
-    likely; and a flat one, whose nucleus is thousands of tokens: both sampled in proportion within it."""
+    likely; and a flat one, whose nucleus is thousands of tokens: both sampled in proportion within it, also
+    when rows of both are in one batch (each row's nucleus its own, the flat one's not cut to the peaked one's
+    few candidates)."""
     g = torch.Generator().manual_seed(3)
     peaked = torch.softmax(torch.randn(32000, generator=g) * 5, 0)
     assert 10 < assert_samples_nucleus(peaked, 0.9) < 256
     flat = torch.softmax(torch.randn(2000, generator=g) * 0.3, 0)
     assert assert_samples_nucleus(flat, 0.9, rounds=20) > 1000  # of its 1700-odd tokens
+    peaked = peaked[:2000] / peaked[:2000].sum()
+    assert assert_samples_nucleus(flat, 0.9, rounds=10, rows=500, beside=peaked) > 1000
+    assert assert_samples_nucleus(peaked, 0.9, rounds=10, rows=500, beside=flat) < 256
