@@ -684,19 +684,23 @@ def test_blocks_and_attention_in_wrappers_of_research_codes_compute(gqa):
 
 def test_a_sample_top_p_put_in_place_in_generation_samples(gqa, monkeypatch):
     """Meta's generate looks sample_top_p up in llama.generation at each step: research code puts its own there
-    to sample another way. Here one that takes the most likely token: the greedy tokens, at temperature 1."""
+    to sample another way. Here one that takes the most likely token: the greedy tokens; and it is given Meta's
+    probabilities, softmax(logits / temperature), the reference's at each step."""
     g, state = gqa
     calls = []
 
     def most_likely(probs, p):
-        calls.append((tuple(probs.shape), p))
+        calls.append((probs.clone(), p))
         return probs.argmax(dim=-1, keepdim=True)
 
     monkeypatch.setattr(llama.generation, "sample_top_p", most_likely)
     tokens = prompt(5, seed=11)
-    got = g.generate([tokens], 4, temperature=1.0, top_p=0.8)[0][0]
+    got = g.generate([tokens], 4, temperature=0.5, top_p=0.8)[0][0]
     assert got == greedy(state, PARAMS, tokens, 4, g.tokenizer.eos_id) and len(got) == 4
-    assert calls == [((1, VOCAB), 0.8)] * 4
+    assert [(tuple(probs.shape), p) for probs, p in calls] == [((1, VOCAB), 0.8)] * 4
+    for i, (probs, _) in enumerate(calls):
+        want = torch.softmax(reference_logits(state, PARAMS, tokens + got[:i])[-1] / 0.5, dim=-1)
+        torch.testing.assert_close(probs[0].double(), want, rtol=1e-3, atol=1e-4)
 
 
 def test_tokens_banned_with_minus_infinity_are_never_generated(gqa):
