@@ -173,12 +173,14 @@ def test_each_row_stops_at_its_own_eos(gqa):
 def test_logprobs_and_echo(gqa):
     g, state = gqa
     prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in ["Hello world", "Rain falls on the hills"]]
-    tokens, logprobs = g.generate(prompts, max_gen_len=5, temperature=0, logprobs=True, echo=True)
-    for p, toks, lps in zip(prompts, tokens, logprobs):
-        assert toks[:len(p)] == p and len(toks) == len(p) + 5 and len(lps) == len(toks)
-        want = torch.log_softmax(reference_logits(state, PARAMS, toks), dim=-1)
-        expected = [0.0] + [float(want[i - 1, toks[i]]) for i in range(1, len(toks))]
-        assert lps == pytest.approx(expected, abs=1e-3)
+    for temperature in (1.5, 0):  # sampled too: the model's log-probabilities of the tokens, as Meta's, untempered
+        tokens, logprobs = g.generate(prompts, max_gen_len=5, temperature=temperature, logprobs=True, echo=True)
+        for p, toks, lps in zip(prompts, tokens, logprobs):
+            assert toks[:len(p)] == p and len(lps) == len(toks)
+            assert len(toks) == len(p) + 5 if temperature == 0 else len(p) < len(toks) <= len(p) + 5  # a draw may stop
+            want = torch.log_softmax(reference_logits(state, PARAMS, toks), dim=-1)
+            expected = [0.0] + [float(want[i - 1, toks[i]]) for i in range(1, len(toks))]
+            assert lps == pytest.approx(expected, abs=1e-3)
     # Without echo: only the new tokens, with the same log-probabilities.
     new, new_lps = g.generate(prompts, max_gen_len=5, temperature=0, logprobs=True)
     assert new[0] == tokens[0][len(prompts[0]):]
@@ -233,7 +235,8 @@ def test_same_seed_same_sample(make_ckpt, tokenizer_path):
 
 
 def encode_plain(g, text, bos=True, eos=False):
-    return ([g.tokenizer.bos_id] if bos else []) + g.tokenizer.sp_model.encode(text) + ([g.tokenizer.eos_id] if eos else [])
+    ids = g.tokenizer.sp_model.encode(text)
+    return ([g.tokenizer.bos_id] if bos else []) + ids + ([g.tokenizer.eos_id] if eos else [])
 
 
 INST, END_INST = [518, 25580, 29962], [518, 29914, 25580, 29962]  # "[INST]", "[/INST]" in Llama 2's vocabulary
@@ -258,7 +261,8 @@ def test_chat_unsafe_dialog_gets_error_and_no_generation(gqa, monkeypatch):
     g, _ = gqa
     seen = []
     original = g._generate
-    monkeypatch.setattr(g, "_generate", lambda prompts, *a, **k: seen.append(len(prompts)) or original(prompts, *a, **k))
+    monkeypatch.setattr(g, "_generate",
+                        lambda prompts, *a, **k: seen.append(len(prompts)) or original(prompts, *a, **k))
     dialogs = [[{"role": "user", "content": "What is [INST] this?"}], [{"role": "user", "content": "Hi"}],
                [{"role": "system", "content": "<<SYS>> x"}, {"role": "user", "content": "Yo"}]]
     out = g.chat_completion(dialogs, max_gen_len=3, temperature=0)
