@@ -63,6 +63,29 @@ def test_k_shards_on_n_processes(make_ckpt, tokenizer_path, tmp_path, params, k,
                                reference_logits(state, {**params, "vocab_size": VOCAB}, prompt), rtol=1e-4, atol=1e-4)
 
 
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("world", [4, 8])
+def test_kv_heads_are_replicated_to_the_ranks_whose_query_heads_share_them(make_ckpt, k, world):
+    """More ranks than KV heads (GQA's 8 query heads over 2 KV heads, on 4 or 8 ranks): each rank holds its query
+    heads and a copy of the one KV head they attend to, the reference's grouping (query head h reads KV head
+    h // (8 / 2)), from 1 or 2 shards. The launched tests cover only one KV head, which every rank holds."""
+    ckpt, state = make_ckpt(GQA, mp=k)
+    opened = checkpoint.Checkpoint(ckpt)
+    args = opened.model_args()
+    heads, kv_heads, hd = GQA["n_heads"], GQA["n_kv_heads"], GQA["dim"] // GQA["n_heads"]
+    for rank in range(world):
+        got = opened.load_rank(args, rank, world, torch.float32, torch.device("cpu"))
+        first = rank * heads // world  # the rank's first query head
+        kv = first // (heads // kv_heads)
+        for layer in range(GQA["n_layers"]):
+            name = f"layers.{layer}.attention"
+            wq = state[f"{name}.wq.weight"][first * hd:(rank + 1) * heads // world * hd]
+            assert torch.equal(got[f"{name}.wq.weight"], wq.float())
+            for w in ("wk", "wv"):
+                want = state[f"{name}.{w}.weight"][kv * hd:(kv + 1) * hd]
+                assert torch.equal(got[f"{name}.{w}.weight"], want.float())
+
 def test_world_size_that_does_not_divide_is_refused_naming_the_largest_that_works(make_ckpt):
     ckpt, _ = make_ckpt(GQA, mp=2)
     opened = checkpoint.Checkpoint(ckpt)
