@@ -33,7 +33,6 @@ operations are used instead.
 """
 
 import ctypes
-import functools
 import hashlib
 import logging
 import os
@@ -112,9 +111,22 @@ def cpu_id() -> str:
         return f"{platform.machine()} {platform.processor()} {torch.backends.cpu.get_cpu_capability()}"
 
 
-@functools.lru_cache(maxsize=None)
+_library: list = []  # library()'s answer, once it has been asked
+
+
 def library() -> Optional[ctypes.CDLL]:
-    """The compiled kernels, or None (off, or they could not be built: logged once)."""
+    """The compiled kernels, or None (off, or they could not be built: logged once). Kept in a module variable
+    rather than by functools.lru_cache, which torch.compile (of a whole model, by research code) warns of when
+    it traces a call; ``library.cache_clear()`` forgets it all the same."""
+    if not _library:
+        _library.append(_load())
+    return _library[0]
+
+
+library.cache_clear = _library.clear
+
+
+def _load() -> Optional[ctypes.CDLL]:
     if not enabled():
         return None
     try:
