@@ -189,6 +189,10 @@ def test_tool_call_answer_and_its_encoding_in_a_dialog(tok, fmt):
     short = g.chat_completion([dialog], temperature=0, max_gen_len=3)[0]["generation"]
     assert short == {"role": "assistant", "content": tok.decode(script[1:3]), "tool_call": True,
                      "stop_reason": "out_of_tokens"}
+    # The tag anywhere but first is no call (Meta's checks the answer's start): the answer is its text, tag and all.
+    mid = plain(tok, "Sure:") + [PYTHON_TAG] + plain(tok, "x()")
+    said = Llama(scripted_model(tok, mid, EOT), tok).chat_completion([dialog], temperature=0)[0]["generation"]
+    assert said == {"role": "assistant", "content": tok.decode(mid), "tool_call": False, "stop_reason": "end_of_turn"}
 
     turn = [START] + plain(tok, "assistant") + [END] + plain(tok, "\n\n")
     prompt = expected(tok, [(m["role"], m["content"]) for m in dialog])  # ends with the assistant's header

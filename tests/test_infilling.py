@@ -90,19 +90,21 @@ def test_text_infilling_matches_reference(code_ckpt, code_llama_tokenizer_path, 
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_text_infilling_stops_at_eot(code_ckpt, code_llama_tokenizer_path, tmp_path):
-    """With ▁<EOT>'s output row made twice that of the third token greedy decoding picks, the infill ends there
-    (or sooner), without it; Meta's generation stops at ▁<EOT> the same way."""
+@pytest.mark.parametrize("stop", ["eot", "eos"])
+def test_text_infilling_stops_at_eot(code_ckpt, code_llama_tokenizer_path, tmp_path, stop):
+    """With ▁<EOT>'s output row (or </s>'s) made twice that of the third token greedy decoding picks, the infill
+    ends there (or sooner), without it; Meta's generation stops at either the same way."""
     ckpt, state = code_ckpt
     g = Llama.build(ckpt, code_llama_tokenizer_path, 96, 1, dtype="float32")
+    stop_id = EOT if stop == "eot" else g.tokenizer.eos_id
     prompt = infilling_prompt(g.tokenizer, PREFIX, SUFFIX)
     third = greedy(state, CODE_LLAMA, prompt, 3)[2]
     weights = torch.load(f"{ckpt}/consolidated.00.pth", weights_only=True)
-    weights["output.weight"][EOT] = 2 * weights["output.weight"][third]
+    weights["output.weight"][stop_id] = 2 * weights["output.weight"][third]
     (tmp_path / "params.json").write_bytes(open(f"{ckpt}/params.json", "rb").read())
     torch.save(weights, tmp_path / "consolidated.00.pth")
     state = {**state, "output.weight": weights["output.weight"].float()}
-    want = greedy(state, CODE_LLAMA, prompt, 8, stop=EOT)
+    want = greedy(state, CODE_LLAMA, prompt, 8, stop=stop_id)
     assert len(want) < 3
     g = Llama.build(str(tmp_path), code_llama_tokenizer_path, 96, 1, dtype="float32")
     out = g.text_infilling([PREFIX], [SUFFIX], temperature=0, max_gen_len=8, logprobs=True)[0]
