@@ -166,6 +166,18 @@ def test_keep_cache_after_a_stream_of_no_tokens(llama2, monkeypatch):
     assert text == g.tokenizer.decode(greedy(state, {**GQA, "vocab_size": VOCAB}, second, 6, stop=g.tokenizer.eos_id))
 
 
+def test_keep_cache_keeps_nothing_where_the_model_ran_before_the_stream_ended(llama2):
+    """A forward pass between a stream's last piece and its end (the generator not yet exhausted) writes over the
+    cache: the stream keeps nothing of it, and the next keep_cache stream's text is still the reference's."""
+    g, state = llama2
+    stream = g.stream("In the beginning", temperature=0, max_gen_len=1, keep_cache=True)
+    next(stream)
+    g.model.forward(torch.tensor([[1, 500, 600, 700, 800, 900, 1000]]), 0)
+    list(stream)
+    ids = g.tokenizer.encode("In the beginning God created", bos=True, eos=False)
+    text = "".join(g.stream("In the beginning God created", temperature=0, max_gen_len=8, keep_cache=True))
+    assert text == g.tokenizer.decode(greedy(state, {**GQA, "vocab_size": VOCAB}, ids, 8, stop=g.tokenizer.eos_id))
+
 def test_bad_input_is_a_clear_error(llama2):
     g = llama2[0]
     for prompt, kwargs, match in (("hi", {"top_p": -0.1}, "top_p"), ("hi", {"max_gen_len": -1}, "max_gen_len"),
