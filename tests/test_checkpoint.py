@@ -157,6 +157,12 @@ def test_reshard_refuses_a_non_empty_out_dir_unless_forced(make_ckpt, tmp_path):
     assert (out / "notes.txt").read_text() == "mine" and len(list(out.glob("*.pth"))) == 2
     with pytest.raises(ValueError, match="can't be split across 3"):
         script_main("reshard", "--ckpt_dir", ckpt, "--out_dir", str(tmp_path / "o3"), "--mp", "3")
+    src = tmp_path / "src"  # into itself, even forced and named another way: refused, the input as it was
+    shutil.copytree(ckpt, src)
+    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    with pytest.raises(ValueError, match="--out_dir must differ from --ckpt_dir"):
+        script_main("reshard", "--ckpt_dir", str(src), "--out_dir", f"{src}/.", "--mp", "2", "--force")
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before
 
 
 @pytest.mark.parametrize("link", ["hard", "symbolic"])
@@ -181,16 +187,19 @@ def test_reshard_forced_over_links_to_its_input_leaves_the_input_whole(make_ckpt
 
 def test_reshard_forced_over_another_checkpoint_leaves_none_of_it(make_ckpt, tmp_path, tokenizer_path):
     """--force into a folder holding a checkpoint of four shards: two are written, the other two removed, the
-    checklist theirs, and the folder loads as the input."""
+    checklist theirs, and the folder loads as the input. Its tokenizer.model, a symbolic link to another
+    model's, is replaced, not written through."""
     ckpt, _ = make_ckpt(MP4, mp=1)
     old, _ = make_ckpt(MP4, mp=4, seed=1)
-    out = tmp_path / "out"
+    out, other = tmp_path / "out", tmp_path / "other.model"
     shutil.copytree(old, out)
-    (out / "tokenizer.model").write_bytes(b"another model's")
+    other.write_bytes(b"another model's")
+    (out / "tokenizer.model").symlink_to(other)
     shutil.copyfile(tokenizer_path, Path(ckpt) / "tokenizer.model")
     script_main("reshard", "--ckpt_dir", ckpt, "--out_dir", str(out), "--mp", "2", "--force")
     assert sorted(f.name for f in out.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
     assert (out / "tokenizer.model").read_bytes() == Path(tokenizer_path).read_bytes()
+    assert other.read_bytes() == b"another model's"
     listed = [line.split()[1] for line in (out / "checklist.chk").read_text().splitlines()]
     assert listed == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]
     want = Llama.build(ckpt, tokenizer_path, 32, 1, device="cpu", dtype="float32").generate([[1, 5, 9]], 6, 0)
