@@ -2,6 +2,7 @@
 chat_completion's whole text for the same seed, the float64 reference's greedy tokens, and characters whose bytes
 are split across tokens (SentencePiece's byte pieces, tiktoken's byte-level pieces)."""
 
+import io
 import os
 import select
 import sys
@@ -17,7 +18,7 @@ from llama import Llama
 from llama.chat import UNSAFE_ERROR
 from llama.checkpoint import random_checkpoint
 
-from conftest import GQA, VOCAB, run_cmd, torchrun, torchrun_started
+from conftest import GQA, VOCAB, program, run_cmd, torchrun, torchrun_started
 from graph_replay import cpu_llama
 from reference import greedy
 from test_demo import DEMO
@@ -273,6 +274,35 @@ def test_chat_drops_the_oldest_exchanges_that_leave_no_room(llama2):
     assert length(system + dialog[-7:]) > g.model.params.max_seq_len - room  # one more exchange would not
     short = system + turns[:2] + dialog[-1:]
     assert length(short) <= g.model.params.max_seq_len - 8 and fit(g, short, 8) == short
+    tight = g.model.params.max_seq_len - length(system + dialog[-1:])  # room for the question alone
+    assert fit(g, dialog, tight) == system + dialog[-1:]
+
+
+def test_chat_script_resets_to_its_system_message_and_leaves_answers_a_quarter(monkeypatch, make_ckpt,
+                                                                                tokenizer_path):
+    """chat.py's main in this process: after /reset the dialog is the --system message again, then the new
+    question; without --max_gen_len each answer is left a quarter of max_seq_len."""
+    chat = program("scripts/chat.py")
+    rooms, asked = [], []
+    fit, stream = chat.fit, Llama.stream
+
+    def spied_fit(g, dialog, room):
+        rooms.append(room)
+        return fit(g, dialog, room)
+
+    def spied_stream(self, dialog, *args, **kwargs):
+        asked.append(dialog)
+        return stream(self, dialog, *args, **kwargs)
+
+    monkeypatch.setattr(chat, "fit", spied_fit)
+    monkeypatch.setattr(Llama, "stream", spied_stream)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hi\n/reset\nhello\n")))
+    ckpt, _ = make_ckpt(GQA)
+    chat.main(ckpt_dir=ckpt, tokenizer_path=tokenizer_path, system="Be brief.", temperature=0, max_seq_len=64,
+              device="cpu", dtype="float32")
+    system = {"role": "system", "content": "Be brief."}
+    assert asked == [[system, {"role": "user", "content": "hi"}], [system, {"role": "user", "content": "hello"}]]
+    assert rooms == [16, 16]
 
 
 def test_a_stream_that_something_else_ran_between_fails_clearly(llama2):
