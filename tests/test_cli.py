@@ -106,6 +106,8 @@ def test_a_bad_dist_timeout_is_a_clear_error(monkeypatch, value):
         distributed.timeout()
     monkeypatch.setenv("LLAMA_DIST_TIMEOUT", "2.5")
     assert distributed.timeout().total_seconds() == 2.5
+    monkeypatch.delenv("LLAMA_DIST_TIMEOUT")
+    assert distributed.timeout().total_seconds() == 600  # the README's default
 
 
 GLOO_PEER_GONE = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
@@ -113,7 +115,8 @@ GLOO_PEER_GONE = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pai
                   "remote worker before reporting an error.")
 
 
-@pytest.mark.parametrize("error, one_line", [(GLOO_PEER_GONE, True), ("CUDA out of memory", False)])
+@pytest.mark.parametrize("error, one_line", [(GLOO_PEER_GONE, True), (GLOO_PEER_GONE.replace("closed", "reset"), True),
+                                             ("CUDA out of memory", False)])
 def test_a_rank_that_lost_the_others_says_so_in_one_line(error, one_line):
     """A rank whose collective fails because another process died mid-run (gloo's error, as torchrun sees it when
     one rank crashes in a generation) points at that process's error instead of adding a traceback of its own;
@@ -125,8 +128,8 @@ def test_a_rank_that_lost_the_others_says_so_in_one_line(error, one_line):
     result = run_cmd([sys.executable, "-c", code], timeout=60)
     assert result.returncode == 1
     if one_line:
-        assert re.fullmatch(r"error: rank 0 \(on [^)]+\) lost the other processes mid-run \(Connection closed by "
-                            r"peer \[127.0.0.1\]:54429\): one of them failed or was killed, and its error is above, "
+        assert re.fullmatch(r"error: rank 0 \(on [^)]+\) lost the other processes mid-run \(Connection (closed|reset) "
+                            r"by peer \[127.0.0.1\]:54429\): one of them failed or was killed, and its error is above, "
                             r"or in its machine's log\n", result.stderr), result.stderr
     else:
         assert "Traceback" in result.stderr and "error: rank" not in result.stderr

@@ -2,6 +2,7 @@
 end to end, and running with no launcher at all."""
 
 import json
+import os
 import re
 import sys
 import time
@@ -64,6 +65,26 @@ def test_two_processes_on_mp2_equal_one_process_and_reference(make_ckpt, tokeniz
 def test_cpu_processes_share_the_machine_where_torchrun_would_give_each_one_core(env, cpus, threads):
     from llama.distributed import cpu_threads
     assert cpu_threads(env, cpus) == threads
+
+
+def test_setup_gives_torch_the_ranks_share_of_the_cores(monkeypatch):
+    """What cpu_threads says is what torch is set to, before the process group is made: torchrun's two CPU
+    processes on 16 cores (OMP_NUM_THREADS=1) compute on 8 threads each."""
+    class NoGroup(Exception):
+        pass
+
+    def init_process_group(device):
+        raise NoGroup
+
+    set_to = []
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    monkeypatch.setattr(distributed, "init_process_group", init_process_group)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(NoGroup):
+        distributed.setup(None, "cpu")
+    assert set_to == [8]
 
 
 def test_two_machines_equal_one_process(make_ckpt, tokenizer_path):
@@ -326,6 +347,23 @@ def test_more_processes_on_a_machine_than_its_gpus_is_a_clear_error(monkeypatch)
         with pytest.raises(ValueError, match=r"2 processes on this machine, but torch sees 1 GPU\(s\).*"
                                              r"--nproc_per_node 1.*--device cpu"):
             distributed.pick_device(None)
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """As many processes as GPUs (one on one, two on two): each the GPU of its LOCAL_RANK, not its global RANK
+    (the second machine's ranks 2 and 3 take GPUs 0 and 1); without a launcher, the first."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for gpus, local, rank in ((1, "1", "0"), (2, "2", "2"), (2, "2", "3"), (1, None, None)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda gpus=gpus: gpus)
+        for name, value in (("LOCAL_WORLD_SIZE", local), ("RANK", rank), ("LOCAL_RANK", rank and str(int(rank) % 2))):
+            if value:
+                monkeypatch.setenv(name, value)
+            else:
+                monkeypatch.delenv(name, raising=False)
+        assert distributed.pick_device(None) == torch.device("cuda", int(rank or 0) % 2)
+    assert chosen == [torch.device("cuda", i) for i in (0, 0, 1, 0)]
 
 
 ONE_RANK_SCRIPT = '''
