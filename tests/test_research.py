@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 import torch
-from torch.nn.modules.module import register_module_forward_hook
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 import llama.generation
 import llama.kernels
@@ -239,6 +239,24 @@ def test_a_module_put_in_the_place_of_a_fused_layer_computes(make_ckpt, tokenize
 
 
 @pytest.mark.parametrize("way", ["concatenated", "packed"])
+def test_a_weight_of_a_fused_group_replaced_is_used(make_ckpt, tokenizer_path, way):
+    """A new Parameter put in place of the last weight of a group (wv, w3), not the first: the group's product,
+    made of the old ones, gives way, and the logits are the reference's on the new weights."""
+    model, state, _, tol = fused_model(make_ckpt, tokenizer_path, way)
+    tokens = torch.tensor([prompt(12)])
+    before = model.forward(tokens, 0)[0]
+    edited = {k: v.double() for k, v in state.items()}
+    for module, name in ((model.layers[1].attention.wv, "layers.1.attention.wv.weight"),
+                         (model.layers[0].feed_forward.w3, "layers.0.feed_forward.w3.weight")):
+        module.weight = torch.nn.Parameter(-module.weight.detach().clone())
+        edited[name] = -edited[name]
+    got = model.forward(tokens, 0)[0].double()
+    want = reference_logits(edited, PARAMS | {"n_kv_heads": model.params.kv_heads,
+                                              "multiple_of": model.params.multiple_of}, tokens[0].tolist())
+    assert (got - want).abs().max() <= tol * want.abs().max()
+    assert (before.double() - want).abs().max() > 4 * tol * want.abs().max()  # the new weights mattered
+
+@pytest.mark.parametrize("way", ["concatenated", "packed"])
 def test_neurons_ablated_through_data_are_ablated(make_ckpt, tokenizer_path, way):
     """Writes through ``.data`` (no count of in-place edits sees them) to a weight of a group (w1) and to one
     product's own (w2): the logits are the reference's on the edited weights, not the packed copies' of before."""
@@ -326,11 +344,18 @@ def test_metas_module_signatures_and_names():
 
 
 def test_a_hook_for_every_module_sees_every_block(gqa):
-    """``register_module_forward_hook`` (every module's calls): the blocks are called, as on Meta's model."""
+    """``register_module_forward_hook`` (every module's calls, and the pre-hooks): the blocks are called, as on
+    Meta's model."""
     g, _ = gqa
     blocks = []
     handle = register_module_forward_hook(
         lambda module, args, out: blocks.append(module) if isinstance(module, TransformerBlock) else None)
+    with registered(handle):
+        g.model.forward(torch.tensor([prompt(6)]), 0)
+    assert blocks == list(g.model.layers)
+    blocks.clear()  # and register_module_forward_pre_hook's, before each call
+    handle = register_module_forward_pre_hook(
+        lambda module, args: blocks.append(module) if isinstance(module, TransformerBlock) else None)
     with registered(handle):
         g.model.forward(torch.tensor([prompt(6)]), 0)
     assert blocks == list(g.model.layers)
@@ -730,6 +755,10 @@ def test_hooks_on_the_final_norm_and_output_see_every_position(gqa):
         got = g.generate([tokens], 2, temperature=0)[0][0]
     assert shapes == [("norm", 8), ("output", 8), ("norm", 1), ("output", 1)]
     assert got == greedy(state, PARAMS, tokens, 2, g.tokenizer.eos_id)
+    shapes.clear()  # a hook on the output layer alone
+    with registered(g.model.output.register_forward_hook(lambda m, a, out: shapes.append(("output", out.shape[1])))):
+        g.generate([tokens], 2, temperature=0)
+    assert shapes == [("output", 8), ("output", 1)]
 
 
 def test_the_kv_cache_saved_and_assigned_back_as_on_metas(gqa):
