@@ -408,6 +408,7 @@ def test_partials_longer_than_the_file_start_again(server, tmp_path, downloader)
                env={"LLAMA_DOWNLOAD_RETRIES": "0"})  # starting again from byte 0 spends no retry
     assert proc.returncode == 0, proc.stderr
     assert server.ranges_for(SHARD_7B) == [f"bytes={64 * 1024 + 4}-", None]
+    assert server.ranges_for("llama-2-7b/checklist.chk") == [None]  # no failed md5 made it fetch the list again
     assert_release(tmp_path, server, ["llama-2-7b"])
 
 
@@ -463,6 +464,11 @@ def test_transient_server_errors_are_retried(server, tmp_path):
     assert len(server.ranges_for(SHARD_7B)) == 3
     assert "HTTP 503" in proc.stderr and "retry 2 of 5" in proc.stderr
     assert_release(tmp_path, server, ["llama-2-7b"])
+    server.flaky = {SHARD_7B: 1}  # one retry allowed, one needed
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path / "again")],
+               env={"LLAMA_DOWNLOAD_RETRIES": "1"})
+    assert proc.returncode == 0 and "retry 1 of 1" in proc.stderr, proc.stderr
+    assert_release(tmp_path / "again", server, ["llama-2-7b"])
 
 
 # ---------------------------------------------------------------------- failures
@@ -572,7 +578,8 @@ def test_md5_tool_that_fails_leaves_verified_files_as_they_are(server, tmp_path)
     target = tmp_path / "t"
     args = ["--url", server.url, "--models", "7B", "--target", str(target)]
     assert run(args).returncode == 0
-    failing = "#!/bin/sh\necho 'md5sum: -: Input/output error' >&2\nexit 1\n"
+    # a tool that fails having printed a digest (of what it read before the error): its status decides
+    failing = "#!/bin/sh\necho 'd41d8cd98f00b204e9800998ecf8427e  -'\necho 'md5sum: -: Input/output error' >&2\nexit 1\n"
     path = restricted_path(tmp_path, BASE_TOOLS + DOWNLOADERS[:1], {"md5sum": failing})
     server.reset_log()
     proc = run(args, env={"PATH": path})
