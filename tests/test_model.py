@@ -283,15 +283,21 @@ def test_unknown_params_keys_are_ignored_with_a_warning(caplog):
         ("WARNING", "params.json: ignoring unknown keys ['future_key']")]
 
 
-def test_forward_train_matches_reference_and_has_gradients(make_ckpt):
+@pytest.mark.parametrize("fused", [False, True], ids=["as_loaded", "fused"])
+def test_forward_train_matches_reference_and_has_gradients(make_ckpt, fused):
+    """Also with wq/wk/wv and w1/w3 fused into one tensor each (as on a GPU): their weights, views of it, still
+    ask for gradients and get them."""
     ckpt, state = make_ckpt(GQA)
     args = ModelArgs.from_params({**read_params(ckpt), "vocab_size": VOCAB})
     model = Transformer(args)
     model.load_state_dict({k: v.clone().requires_grad_() for k, v in state.items() if k != "rope.freqs"},
                           strict=True, assign=True)
+    if fused:
+        model.fuse_weights()
     tokens = prompt(12)
     logits = model.forward_train(torch.tensor([tokens]))
     torch.testing.assert_close(logits[0].double(), reference_logits(state, {**GQA, "vocab_size": VOCAB}, tokens),
                                rtol=1e-4, atol=1e-4)
     logits.logsumexp(-1).mean().backward()
-    assert model.layers[0].attention.wq.weight.grad is not None
+    attention, ff = model.layers[0].attention, model.layers[0].feed_forward
+    assert all(m.weight.grad is not None for m in (attention.wq, attention.wk, attention.wv, ff.w1, ff.w3))
