@@ -471,6 +471,20 @@ def test_transient_server_errors_are_retried(server, tmp_path):
     assert_release(tmp_path / "again", server, ["llama-2-7b"])
 
 
+def test_checklists_written_by_other_md5_tools_are_read(server, tmp_path):
+    """A checklist whose names start with ./ (md5sum run on ./*), carry md5sum's binary-mode * or end in CRLF
+    (written on Windows): each file still has its md5, and the release downloads and verifies."""
+    chk = "llama-2-7b/checklist.chk"
+    forms = (b"%s  ./%s\r\n", b"%s *%s\n")  # the shard's line, params.json's
+    lines = server.files[chk].splitlines()
+    assert len(lines) == len(forms)
+    server.files[chk] = b"".join(form % tuple(line.split(b"  ", 1)) for form, line in zip(forms, lines))
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    assert "no md5" not in proc.stderr and len(server.ranges_for(SHARD_7B)) == 1
+    for rel in model_paths("llama-2-7b"):
+        assert (tmp_path / rel).read_bytes() == server.files[rel], rel
+
 # ---------------------------------------------------------------------- failures
 
 @pytest.mark.parametrize("downloader", DOWNLOADERS)
