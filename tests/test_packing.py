@@ -3,6 +3,8 @@ blocked layout, or kernels.c's order for float32 products. The same function as 
 weights, and never a stale copy used after the weight changed."""
 
 import copy
+import mmap
+import sys
 import threading
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 from torch import nn
 
 import llama.machine
-from llama import Llama, Transformer, kernels, linear
+from llama import Llama, Transformer, kernels, linear, pages
 from llama.checkpoint import Checkpoint
 from llama.linear import PackedFused, Packable, can_pack
 
@@ -102,6 +104,31 @@ def test_packed_model_close_to_reference(make_ckpt, packed_for):
                 torch.testing.assert_close(g.double(), exact[8:], rtol=1e-4, atol=1e-4)
     assert len(packed(model)) == len(packables(model))  # the packed copies stayed valid throughout
 
+
+def resident_pages(t: torch.Tensor) -> int:
+    """How many of the whole pages under t are in this process's memory (bit 63 of /proc/self/pagemap)."""
+    start, end = pages._span(t)
+    first, last = -(-start // mmap.PAGESIZE), end // mmap.PAGESIZE
+    if last <= first:
+        return 0
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = torch.frombuffer(bytearray(f.read((last - first) * 8)), dtype=torch.int64)
+    return int((entries < 0).sum())
+
+
+@needs_packing
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are let go of on Linux only")
+def test_packing_lets_go_of_the_weights_mapped_pages(make_ckpt):
+    """The load reads the weights' pages in; each packed weight, alone or in a group (wq/wk/wv, w1/w3), lets go
+    of its own, so that the process holds one copy of the weights, not the packed one and the file's too."""
+    model = mapped_model(make_ckpt(CONFIG)[0])
+    weights = {name: m.weight for name, m in model.named_modules() if isinstance(m, Packable)}
+    read_in = [f"layers.{i}.{name}" for i in range(2) for name in ("attention.wq", "feed_forward.w1",
+                                                                    "feed_forward.w3", "feed_forward.w2")]
+    assert all(resident_pages(weights[name]) > 0 for name in read_in)  # (wk and wv, 4 KB, hold no whole page)
+    model.pack_weights()
+    assert {name: resident_pages(w) for name, w in weights.items()} == dict.fromkeys(weights, 0)
 
 @needs_packing
 def test_packed_weights_still_read_as_saved(make_ckpt):
