@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -469,6 +470,19 @@ def test_transient_server_errors_are_retried(server, tmp_path):
                env={"LLAMA_DOWNLOAD_RETRIES": "1"})
     assert proc.returncode == 0 and "retry 1 of 1" in proc.stderr, proc.stderr
     assert_release(tmp_path / "again", server, ["llama-2-7b"])
+
+
+def test_retry_delays_double_up_to_a_minute(server, tmp_path):
+    """LLAMA_DOWNLOAD_BACKOFF seconds before the first retry, doubled for each after it, never more than 60 (a
+    sleep that returns at once stands in for the waits)."""
+    server.flaky = {SHARD_7B: 4}
+    tools = [t for t in BASE_TOOLS if t != "sleep"] + DOWNLOADERS[:1] + ["md5sum"]
+    path = restricted_path(tmp_path, tools, {"sleep": "#!/bin/sh\nexit 0\n"})
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path / "t")],
+               env={"PATH": path, "LLAMA_DOWNLOAD_BACKOFF": "20"})
+    assert proc.returncode == 0, proc.stderr
+    said = re.findall(r"retry (\d) of 5 in (\d+)s", proc.stderr)
+    assert said == [("1", "20"), ("2", "40"), ("3", "60"), ("4", "60")]
 
 
 def test_checklists_written_by_other_md5_tools_are_read(server, tmp_path):
