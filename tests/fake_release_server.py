@@ -21,7 +21,9 @@ Failure modes, set per test through attributes of :class:`FakeRelease`:
   headers and *n* bytes, then nothing more until the client goes away
   (recorded in ``dropped``) or ``unstall`` is set (then drop the connection);
 * ``bare_416``: answer a Range past the end with a 416 that gives no total (no
-  Content-Range), as some servers and proxies do.
+  Content-Range), as some servers and proxies do;
+* ``no_ranges``: answer every request with the whole file (200), Range or not,
+  as a server that can't resume does.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class FakeRelease:
         self.flaky: dict[str, int] = {}
         self.stall: dict[str, int] = {}
         self.bare_416 = False
+        self.no_ranges = False
         self.unstall = threading.Event()
         self.dropped: list[str] = []  # stalled paths whose client closed the connection
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
@@ -221,7 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
         start = 0
         code = 200
         extra = [("Accept-Ranges", "bytes")]
-        if rng:
+        if rng and not rel.no_ranges:
             spec = rng.strip()
             assert spec.startswith("bytes="), spec
             first, _, last = spec[len("bytes="):].partition("-")

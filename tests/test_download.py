@@ -427,6 +427,21 @@ def test_a_416_with_no_total_leaves_a_complete_partial_to_the_md5(server, tmp_pa
 
 
 @pytest.mark.parametrize("downloader", DOWNLOADERS)
+@pytest.mark.parametrize("part", ["complete", "half"])
+def test_a_server_that_cannot_resume_sends_the_file_again(server, tmp_path, downloader, part):
+    """A server that ignores Range answers a resume with the whole file (200): the file is taken from its start,
+    and is not mistaken for the page an expired link gets, whether the partial was complete or not."""
+    server.no_ranges = True
+    (tmp_path / "llama-2-7b").mkdir()
+    data = server.files[SHARD_7B]
+    (tmp_path / f"{SHARD_7B}.partial").write_bytes(data if part == "complete" else data[:len(data) // 2])
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path), "--downloader", downloader],
+               env={"LLAMA_DOWNLOAD_RETRIES": "0"})
+    assert proc.returncode == 0, proc.stderr
+    assert server.ranges_for(SHARD_7B)[0] == f"bytes={len(data) if part == 'complete' else len(data) // 2}-"
+    assert_release(tmp_path, server, ["llama-2-7b"])
+
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
 def test_small_files_with_no_md5_are_never_resumed(server, tmp_path, downloader):
     """A partial LICENSE or checklist (left by an earlier run, stale or damaged) is fetched whole: no md5 would
     catch a resumed one that came out wrong."""
