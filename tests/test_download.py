@@ -441,6 +441,7 @@ def test_a_server_that_cannot_resume_sends_the_file_again(server, tmp_path, down
     assert server.ranges_for(SHARD_7B)[0] == f"bytes={len(data) if part == 'complete' else len(data) // 2}-"
     assert_release(tmp_path, server, ["llama-2-7b"])
 
+
 @pytest.mark.parametrize("downloader", DOWNLOADERS)
 def test_small_files_with_no_md5_are_never_resumed(server, tmp_path, downloader):
     """A partial LICENSE or checklist (left by an earlier run, stale or damaged) is fetched whole: no md5 would
@@ -513,6 +514,7 @@ def test_checklists_written_by_other_md5_tools_are_read(server, tmp_path):
     assert "no md5" not in proc.stderr and len(server.ranges_for(SHARD_7B)) == 1
     for rel in model_paths("llama-2-7b"):
         assert (tmp_path / rel).read_bytes() == server.files[rel], rel
+
 
 # ---------------------------------------------------------------------- failures
 

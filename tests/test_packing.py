@@ -130,6 +130,7 @@ def test_packing_lets_go_of_the_weights_mapped_pages(make_ckpt):
     model.pack_weights()
     assert {name: resident_pages(w) for name, w in weights.items()} == dict.fromkeys(weights, 0)
 
+
 @needs_packing
 def test_packed_weights_still_read_as_saved(make_ckpt):
     """Their mapped pages were let go of: reading a weight reads the file again, not zeros."""

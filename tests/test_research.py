@@ -256,6 +256,7 @@ def test_a_weight_of_a_fused_group_replaced_is_used(make_ckpt, tokenizer_path, w
     assert (got - want).abs().max() <= tol * want.abs().max()
     assert (before.double() - want).abs().max() > 4 * tol * want.abs().max()  # the new weights mattered
 
+
 @pytest.mark.parametrize("way", ["concatenated", "packed"])
 def test_neurons_ablated_through_data_are_ablated(make_ckpt, tokenizer_path, way):
     """Writes through ``.data`` (no count of in-place edits sees them) to a weight of a group (w1) and to one

@@ -179,6 +179,7 @@ def test_keep_cache_keeps_nothing_where_the_model_ran_before_the_stream_ended(ll
     text = "".join(g.stream("In the beginning God created", temperature=0, max_gen_len=8, keep_cache=True))
     assert text == g.tokenizer.decode(greedy(state, {**GQA, "vocab_size": VOCAB}, ids, 8, stop=g.tokenizer.eos_id))
 
+
 def test_bad_input_is_a_clear_error(llama2):
     g = llama2[0]
     for prompt, kwargs, match in (("hi", {"top_p": -0.1}, "top_p"), ("hi", {"max_gen_len": -1}, "max_gen_len"),
