@@ -63,7 +63,6 @@ def test_k_shards_on_n_processes(make_ckpt, tokenizer_path, tmp_path, params, k,
                                reference_logits(state, {**params, "vocab_size": VOCAB}, prompt), rtol=1e-4, atol=1e-4)
 
 
-
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("world", [4, 8])
 def test_kv_heads_are_replicated_to_the_ranks_whose_query_heads_share_them(make_ckpt, k, world):
@@ -85,6 +84,7 @@ def test_kv_heads_are_replicated_to_the_ranks_whose_query_heads_share_them(make_
             for w in ("wk", "wv"):
                 want = state[f"{name}.{w}.weight"][kv * hd:(kv + 1) * hd]
                 assert torch.equal(got[f"{name}.{w}.weight"], want.float())
+
 
 def test_world_size_that_does_not_divide_is_refused_naming_the_largest_that_works(make_ckpt):
     ckpt, _ = make_ckpt(GQA, mp=2)
