@@ -78,12 +78,19 @@ def droppable() -> Callable[[torch.Tensor], bool]:
 def _unwritten(start: int, end: int) -> bool:
     """Whether every page from start to end is either not in memory or the file's own page: pagemap's bits 63
     (present), 62 (swapped: only anonymous pages are) and 61 (a file page)."""
-    first, last = start // mmap.PAGESIZE, (end - 1) // mmap.PAGESIZE
     try:
-        with open("/proc/self/pagemap", "rb") as f:
-            f.seek(first * 8)
-            entries = torch.frombuffer(bytearray(f.read((last - first + 1) * 8)), dtype=torch.int64)
+        entries = pagemap(start // mmap.PAGESIZE, (end - 1) // mmap.PAGESIZE + 1)
     except OSError:
         return False
     present, swapped, file_page = entries < 0, (entries >> 62) & 1 == 1, (entries >> 61) & 1 == 1
     return not bool((swapped | (present & ~file_page)).any())
+
+
+def pagemap(first: int, end: int) -> torch.Tensor:
+    """/proc/self/pagemap's entries (int64) for this process's pages first..end-1 (Linux only: OSError
+    elsewhere)."""
+    if end <= first:
+        return torch.empty(0, dtype=torch.int64)
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        return torch.frombuffer(bytearray(f.read((end - first) * 8)), dtype=torch.int64)

@@ -108,13 +108,7 @@ def test_packed_model_close_to_reference(make_ckpt, packed_for):
 def resident_pages(t: torch.Tensor) -> int:
     """How many of the whole pages under t are in this process's memory (bit 63 of /proc/self/pagemap)."""
     start, end = pages._span(t)
-    first, last = -(-start // mmap.PAGESIZE), end // mmap.PAGESIZE
-    if last <= first:
-        return 0
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(first * 8)
-        entries = torch.frombuffer(bytearray(f.read((last - first) * 8)), dtype=torch.int64)
-    return int((entries < 0).sum())
+    return int((pages.pagemap(-(-start // mmap.PAGESIZE), end // mmap.PAGESIZE) < 0).sum())
 
 
 @needs_packing
