@@ -20,7 +20,7 @@ from llama import distributed, kernels
 from llama.checkpoint import random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = Path(os.environ.get("LLAMA_TEST_FIXTURES") or ROOT.parent / "shared" / "fixtures")
 LLAMA2_TOKENIZER = FIXTURES / "llama2" / "tokenizer.model"
 LLAMA3_TOKENIZER = FIXTURES / "llama3" / "tokenizer.model"
 
@@ -30,7 +30,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     missing = [str(p) for p in (LLAMA2_TOKENIZER, LLAMA3_TOKENIZER) if not p.is_file()]
     if missing:
         pytest.exit(f"missing test fixtures {missing}: the real Llama 2 and Llama 3 tokenizers, in shared/fixtures/ "
-                    "beside the clone (see the README's tests section)", returncode=1)
+                    "beside the clone, or where LLAMA_TEST_FIXTURES points (see the README's tests section)",
+                    returncode=1)
 
 # Small shapes of each kind: multi-head, grouped-query, Code Llama's rope_theta. vocab_size -1 as Meta writes it.
 MHA = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": -1}
