@@ -25,7 +25,8 @@ case "$*" in
     *get_device_name*) echo "Fake GPU torch 0.0" ;;
     "-c "*) ;;
     "-m pytest"*) sleep "${PYTEST_SECONDS:-0}"; echo "3 passed in 1.00s" ;;
-    *benchmark.py*--compile*) printf 'ceilings\n\n        value unit   of roofline\ndecode batch 1   200 tok/s   70%%\n' ;;
+    *benchmark.py*--compile*)
+        printf 'ceilings\n\n        value unit   of roofline\ndecode batch 1   200 tok/s   70%%\n' ;;
     *profile_step.py*) echo "no GPU after all" >&2; exit 3 ;;
     *benchmark.py*) echo "decode batch 1   190 tok/s   66%" ;;
 esac
