@@ -72,8 +72,9 @@ Layout in the target directory, as Meta's scripts make it:
 Files are written as FILE.partial and renamed once they verify against the
 checklist, so an interrupted or corrupt download never looks complete. Run
 the same command again to resume: verified files are skipped. A file that
-fails verification is fetched once more from the start; a checklist that
-lacks a file's md5 is fetched once more. Only one run at a time writes into
+fails verification is fetched once more from the start (where both tries
+give the same wrong bytes, the server's file or checklist is wrong: it says
+so); a checklist that lacks a file's md5 is fetched once more. Only one run at a time writes into
 a target directory (it holds DIR/.download.lock meanwhile).
 
 Exit status: 0 when every requested file verified, 1 when anything failed,
@@ -773,7 +774,7 @@ fetch_file() {
 # Returns 1 on failure; sets FATAL=1 when the remaining files cannot work
 # either (dead link, full disk). Sets GOT to skipped or fetched.
 get_file() {
-    local rel=$1 kind=$2 arg=${3:-} want="" dest part tag anew=0 rechecked=0 how=""
+    local rel=$1 kind=$2 arg=${3:-} want="" dest part tag anew=0 rechecked=0 how="" first_md5=""
     dest="$TARGET/$rel"
     part="$dest.partial"
     FILE_INDEX=$((FILE_INDEX + 1))
@@ -865,10 +866,16 @@ get_file() {
                     rm -f -- "$part"
                     if [ "$anew" = 0 ]; then
                         anew=1
+                        first_md5=$MD5_SUM
                         warn "$rel does not match the checklist (md5 $MD5_SUM, checklist says $want); fetching it again from the start"
                         continue
                     fi
-                    err "$rel FAILED verification again (md5 $MD5_SUM, checklist says $want); the corrupt download was deleted: run the same command again to fetch it anew, or request a new link if it keeps failing"
+                    if [ "$MD5_SUM" = "$first_md5" ]; then
+                        # a bad transfer would not give the same wrong bytes twice
+                        err "$rel FAILED verification again, with the same md5 $MD5_SUM both times (checklist says $want): the server sends these bytes, so the file or its checklist is wrong there, and running again would fetch the same; the download was deleted: request a new link, or report it to Meta if a new one does the same"
+                    else
+                        err "$rel FAILED verification again (md5 $MD5_SUM, checklist says $want); the corrupt download was deleted: run the same command again to fetch it anew, or request a new link if it keeps failing"
+                    fi
                     return 1
                 fi ;;
         esac

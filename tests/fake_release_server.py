@@ -14,7 +14,9 @@ Failure modes, set per test through attributes of :class:`FakeRelease`:
   headers, then only *n* bytes, then drop the connection;
 * ``html``: paths answered with a 200 HTML page instead of the file;
 * ``error_text``: paths answered with a 200 plain-text error message;
-* ``corrupt``: paths served with one byte flipped;
+* ``corrupt``: paths served with one byte flipped (the same one each time);
+* ``garbled``: paths served with another byte flipped each time, as a bad
+  transfer would;
 * ``missing``: paths answered with 404;
 * ``flaky``: ``{path: k}`` - the first *k* requests for *path* get a 503;
 * ``stall``: ``{path: n}`` - on the first request for *path*, send the full
@@ -104,6 +106,7 @@ class FakeRelease:
         self.html: set[str] = set()
         self.error_text: set[str] = set()
         self.corrupt: set[str] = set()
+        self.garbled: set[str] = set()
         self.missing: set[str] = set()
         self.flaky: dict[str, int] = {}
         self.stall: dict[str, int] = {}
@@ -218,8 +221,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, ERROR_TEXT, "text/plain", body)
             return
         data = rel.files[path]
-        if path in rel.corrupt:
-            pos = len(data) // 2
+        if path in rel.corrupt or path in rel.garbled:
+            pos = len(data) // 2 if path in rel.corrupt else len(rel.requests) * 7919 % len(data)
             data = data[:pos] + bytes([data[pos] ^ 0xFF]) + data[pos + 1:]
         start = 0
         code = 200

@@ -553,8 +553,8 @@ def test_corrupt_file_fails_verification(server, tmp_path, downloader):
             "--downloader", downloader]
     proc = run(args)
     assert proc.returncode == 1
-    assert f"{SHARD_7B} FAILED verification" in proc.stderr
-    assert "deleted" in proc.stderr
+    assert f"{SHARD_7B} FAILED verification again, with the same md5" in proc.stderr  # not the transfer's fault
+    assert "running again would fetch the same; the download was deleted: request a new link" in proc.stderr
     assert "llama-2-7b: FAILED" in proc.stdout
     assert "llama-2-7b-chat: OK" in proc.stdout
     no_complete_looking(tmp_path, SHARD_7B)
@@ -567,6 +567,16 @@ def test_corrupt_file_fails_verification(server, tmp_path, downloader):
     assert again.returncode == 0, again.stderr
     assert server.requested_paths() == [SHARD_7B]
     assert_release(tmp_path, server, ["llama-2-7b", "llama-2-7b-chat"])
+
+
+def test_a_file_garbled_differently_twice_is_said_to_be_worth_another_run(server, tmp_path):
+    """Two downloads of other wrong bytes each (a bad transfer, not a bad file on the server): run again."""
+    server.garbled = {SHARD_7B}
+    proc = run(["--url", server.url, "--models", "7B", "--target", str(tmp_path)])
+    assert proc.returncode == 1 and server.requested_paths().count(SHARD_7B) == 2
+    assert re.search(rf"{SHARD_7B} FAILED verification again \(md5 \w+, checklist says \w+\); the corrupt download "
+                     "was deleted: run the same command again to fetch it anew", proc.stderr), proc.stderr
+    no_complete_looking(tmp_path, SHARD_7B)
 
 
 def test_a_stale_checklist_in_place_is_fetched_anew_before_the_file(server, tmp_path):
