@@ -74,8 +74,9 @@ checklist, so an interrupted or corrupt download never looks complete. Run
 the same command again to resume: verified files are skipped. A file that
 fails verification is fetched once more from the start (where both tries
 give the same wrong bytes, the server's file or checklist is wrong: it says
-so); a checklist that lacks a file's md5 is fetched once more. Only one run at a time writes into
-a target directory (it holds DIR/.download.lock meanwhile).
+so); a checklist that lacks a file's md5 is fetched once more. Only one run
+at a time writes into a target directory (it holds DIR/.download.lock
+meanwhile).
 
 Exit status: 0 when every requested file verified, 1 when anything failed,
 2 on a usage error, 130 when stopped by a signal (Ctrl-C, kill).
