@@ -296,7 +296,11 @@ class Llama:
         Each step is taken in its turn (``self._turn``), and fails where anything else ran on the model since the
         one before it (``Transformer.runs``: a stream's caller, or another thread, generating or calling forward
         between its pieces), which wrote over the cache that the step would read: a clear error, not another
-        text's continuation."""
+        text's continuation.
+
+        The prefill and each step run in inference mode, as the whole of Meta's generate does (research code's
+        wrapper of ``model.forward`` may edit the logits in place), but not across the yields: the caller's code
+        between the pieces of a stream runs as it would."""
         with self._turn:
             logits = self._prefill(batch, score_prompts, cached)
             batch.runs = self.model.runs
@@ -311,6 +315,7 @@ class Llama:
             if all_done:
                 return
 
+    @torch.inference_mode()
     def _step(self, batch: "_Batch", pos: int, logits: Optional[torch.Tensor], temperature: float, top_p: float,
               stop_ids: torch.Tensor, done: torch.Tensor) -> bool:
         """Sample each row's token at pos into ``batch.tokens``, from logits (the prefill's), or None: the
@@ -351,6 +356,7 @@ class Llama:
             return sample_top_p(torch.softmax(logits.float() / temperature, dim=-1), top_p).reshape(-1)
         return sample(logits, temperature, top_p, self.generator)
 
+    @torch.inference_mode()
     def _prefill(self, batch: "_Batch", score_prompts: bool, cached: int) -> torch.Tensor:
         """Each row's logits (rows, vocab) after its prompt, in the batch's passes: sorted, one forward pass per
         group of prompts of one length, over their own tokens only; with score_prompts, the prompts'

@@ -62,9 +62,10 @@ class GraphedDecoder:
         if caches is not self.caches:
             self.graphs.clear()  # a cache made anew (setup_cache, or research code's cache_k of another size)
             self.caches = caches
-        if bsz not in self.inputs:
-            self.inputs[bsz] = (torch.empty_like(tokens), torch.empty((), dtype=torch.long, device=tokens.device),
-                                torch.empty(bsz, dtype=torch.long, device=tokens.device))
+        if bsz not in self.inputs:  # (writable by a later step called outside inference mode too)
+            with torch.inference_mode(False):
+                self.inputs[bsz] = (torch.empty_like(tokens), torch.empty((), dtype=torch.long, device=tokens.device),
+                                    torch.empty(bsz, dtype=torch.long, device=tokens.device))
         static_tokens, static_pos, static_pad = self.inputs[bsz]
         static_tokens.copy_(tokens)
         static_pos.fill_(pos)

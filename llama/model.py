@@ -24,7 +24,7 @@ from . import distributed, kernels, pages
 from .checks import is_int, is_number
 from .linear import ColumnParallelLinear, Fused, Packable, PackedFused, RowParallelLinear, can_pack, packs_rows
 from .machine import cache_dtype_for, compute_dtype_for
-from .research import fused, hooked, own_forward, replaced, watch
+from .research import apply_layer, fused, hooked, own_forward, replaced, watch
 
 
 @dataclass
@@ -436,7 +436,7 @@ class Attention(nn.Module):
             self.allocate_cache(*self.cache_size, x.dtype, x.device)
         parts = self._modules
         wqkv = fused(self.wqkv, parts["wq"], parts["wk"], parts["wv"])
-        qkv = wqkv(x) if wqkv is not None else torch.cat((self.wq(x), self.wk(x), self.wv(x)), dim=-1)
+        qkv = wqkv(x) if wqkv is not None else torch.cat([apply_layer(parts[n], x) for n in ("wq", "wk", "wv")], -1)
         qkv = qkv.view(bsz, seqlen, heads + 2 * kv_heads, self.head_dim)
         gqa = heads != kv_heads
         if w.positions is None:  # training: whole sequences at once, no cache
@@ -464,7 +464,7 @@ class Attention(nn.Module):
                 if out is None:
                     out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                                                          is_causal=mask is None, enable_gqa=gqa)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        return apply_layer(self.wo, out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
 @own_forward
@@ -483,8 +483,8 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = self._modules
         w13 = fused(self.w13, parts["w1"], parts["w3"])
-        gate, up = w13(x).chunk(2, dim=-1) if w13 is not None else (self.w1(x), self.w3(x))
-        return self.w2(self.swiglu(gate, up))
+        gate, up = w13(x).chunk(2, dim=-1) if w13 is not None else (apply_layer(self.w1, x), apply_layer(self.w3, x))
+        return apply_layer(self.w2, self.swiglu(gate, up))
 
 
 BLOCK_PARTS = ("attention_norm", "ffn_norm", "attention", "feed_forward")
@@ -512,7 +512,7 @@ class TransformerBlock(nn.Module):
         """Meta's block, each part called as a module (for their hooks), in a Window or at Meta's arguments
         (start_pos, freqs_cis, mask), which attention is given as they came; ``residuals`` is the fused way."""
         h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h + apply_layer(self.feed_forward, self.ffn_norm(h))
 
     def residuals(self, x: torch.Tensor, carry: Optional[torch.Tensor], w: Window,
                   last_only: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -525,7 +525,7 @@ class TransformerBlock(nn.Module):
         x, normed = self.attention_norm.after_add(x, carry)
         out = self.attention(normed, w, last_only=last_only)
         h, normed = self.ffn_norm.after_add(x[:, -1:] if last_only else x, out)
-        return h, self.feed_forward(normed)
+        return h, apply_layer(self.feed_forward, normed)
 
 
 @own_forward
@@ -837,13 +837,13 @@ class Transformer(nn.Module):
             args = self._metas_arguments(w, start, left_pad, h.dtype) or (w,)
             for layer in self.layers:
                 h = layer(h, *args)
-            logits = self.output(self.norm(h[:, -1:] if tail else h)).float()
+            logits = apply_layer(self.output, self.norm(h[:, -1:] if tail else h)).float()
         else:
             trim = tail and tokens.shape[1] > 1 and not last_hooked
             carry = None
             for i, layer in enumerate(self.layers, 1):
                 h, carry = layer.residuals(h, carry, w, last_only=trim and i == len(self.layers))
-            logits = self.output(self.norm.after_add(h, carry)[1]).float()
+            logits = apply_layer(self.output, self.norm.after_add(h, carry)[1]).float()
         return logits[:, -1:] if last_only and not tail else logits
 
     def runs_metas_way(self) -> bool:
@@ -887,4 +887,4 @@ class Transformer(nn.Module):
         w = Window(None, tokens.shape[1], slice(None), self.freqs_cis[: tokens.shape[1]][None, :, None, :], None)
         for layer in self.layers:
             h = layer(h, w)
-        return self.output(self.norm(h)).float()
+        return apply_layer(self.output, self.norm(h)).float()

@@ -71,6 +71,18 @@ nn_module.register_module_module_registration_hook(_count_module_set)
 nn_module.register_module_parameter_registration_hook(_count_tensor_set)
 nn_module.register_module_buffer_registration_hook(_count_tensor_set)
 
+def apply_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x), for a linear layer or feed-forward of the model, or a module research code put in its place.
+    The engine's take activations of any dtype (bf16 weights compute in float32 on CPUs without native bf16);
+    a module of research code's whose own weights are in another dtype than x (an nn.Linear, or a LoRA wrapper's
+    matrices, made in the checkpoint's bf16, as Meta's model would feed them) is given x in that dtype and gives
+    back x's, where torch would fail on the mismatch."""
+    if type(layer) in _OWN_FORWARDS:
+        return layer(x)
+    dtype = next((p.dtype for m in layer.modules() if type(m) not in _OWN_FORWARDS
+                  for p in m.parameters(recurse=False) if p.is_floating_point()), x.dtype)
+    return layer(x) if dtype == x.dtype else layer(x.to(dtype)).to(x.dtype)
+
 
 def module_sets() -> int:
     """How many submodules have been set on modules in this process so far (building a model sets its own, and

@@ -133,6 +133,18 @@ def test_graphed_steps_match_reference_across_buckets(make_ckpt, tokenizer_path,
     assert {keys for _, keys in g.decoder.graphs} == {24, 32}  # captured again after the new cache
 
 
+def test_steps_called_outside_inference_mode_after_a_generation_in_it(make_ckpt, tokenizer_path, device):
+    """A generation's steps run in inference mode (as Meta's generate), and make the graphs' inputs there; a
+    step called by research code afterwards, outside it, writes into them all the same."""
+    ckpt, state = make_ckpt(GQA)
+    g = build(ckpt, tokenizer_path, 32, 1, device)
+    g.generate([prompt(4, 9)], 3, temperature=0)
+    tokens = prompt(8, 1)
+    g.model.forward(torch.tensor([tokens], device=device), 0)
+    assert not torch.is_inference_mode_enabled() and 1 in g.decoder.inputs
+    step_matches_reference(g, state, tokens, 11, device)
+
+
 def test_graphed_generation_equals_eager(make_ckpt, tokenizer_path, device):
     ckpt, _ = make_ckpt(GQA)
     runs = [build(ckpt, tokenizer_path, 64, 3, device, graphs) for graphs in (True, False)]

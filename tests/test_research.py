@@ -746,6 +746,79 @@ def test_tokens_banned_with_minus_infinity_are_never_generated(gqa):
     assert not set(banned.tolist()) & {t for row in sampled for t in row}
 
 
+def test_a_wrapper_of_the_models_forward_may_edit_the_logits_in_place(gqa):
+    """A logit bias wrapping ``model.forward`` (the README's way to wrap the whole model) that writes into the
+    logits it returns, as it can in Meta's generate, which runs in inference mode: greedy picks the reference's
+    best of the rest, in a generation and a stream; outside one, the caller's code is not in inference mode."""
+    g, state = gqa
+    tokens = prompt(8, seed=9)
+    want = reference_logits(state, PARAMS, tokens)[-1]
+    banned = int(want.argmax())
+    forward = g.model.forward
+
+    def biased(tokens, start_pos):
+        out = forward(tokens, start_pos)
+        out[..., banned] = float("-inf")
+        out /= 2.0
+        return out
+
+    g.model.forward = biased
+    try:
+        first = g.generate([tokens], 1, temperature=0)[0][0][0]
+        pieces = g.stream(g.tokenizer.decode(tokens), temperature=0, max_gen_len=3)
+        next(pieces)
+        assert not torch.is_inference_mode_enabled()
+        list(pieces)
+    finally:
+        del g.model.forward
+    assert first == int(want.index_fill(0, torch.tensor(banned), float("-inf")).argmax())
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
+def test_modules_made_in_the_weights_dtype_compute_where_activations_are_float32(make_ckpt, tokenizer_path,
+                                                                                 monkeypatch, kernels):
+    """bf16 weights computing in float32 (CPUs without native bf16): an nn.Linear made in bf16 put in the place
+    of wq, w2 and the output layer, and a LoRA wrapper around wv whose matrices are bf16, compute as Meta's model
+    would feed them (in bf16), and the logits are the reference's with those weights."""
+    if not kernels:
+        monkeypatch.setattr(llama.kernels, "library", lambda: None)
+    ckpt, state = make_ckpt(GQA)
+    g = Llama.build(ckpt, tokenizer_path, 64, 4, device="cpu", dtype="bfloat16")
+    g.model.setup_cache(compute_dtype=torch.float32)
+    model, edited = g.model, {k: v.bfloat16().double() for k, v in state.items()}
+    tokens = prompt(12, seed=4)
+    before = model.forward(torch.tensor([tokens]), 0)[0].double()
+
+    def halved(owner: torch.nn.Module, name: str, key: str) -> None:
+        old = getattr(owner, name).weight
+        new = torch.nn.Linear(old.shape[1], old.shape[0], bias=False, dtype=torch.bfloat16)
+        with torch.no_grad():
+            new.weight.copy_(old * 0.5)
+        setattr(owner, name, new)
+        edited[key] = edited[key] * 0.5
+
+    class LoRA(torch.nn.Module):
+        def __init__(self, base: torch.nn.Module, rank: int = 4):
+            super().__init__()
+            self.base = base
+            self.a = torch.nn.Linear(base.weight.shape[1], rank, bias=False, dtype=base.weight.dtype)
+            self.b = torch.nn.Linear(rank, base.weight.shape[0], bias=False, dtype=base.weight.dtype)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.base(x) + self.b(self.a(x))
+
+    halved(model.layers[0].attention, "wq", "layers.0.attention.wq.weight")
+    halved(model.layers[1].feed_forward, "w2", "layers.1.feed_forward.w2.weight")
+    halved(model, "output", "output.weight")
+    lora = model.layers[1].attention.wv = LoRA(model.layers[1].attention.wv)
+    edited["layers.1.attention.wv.weight"] += lora.b.weight.double() @ lora.a.weight.double()
+    got = model.forward(torch.tensor([tokens]), 0)[0].double()
+    assert got.dtype == before.dtype and model.layers[0].attention.cache_k.dtype == torch.bfloat16
+    want = reference_logits(edited, PARAMS, tokens)
+    assert (got - want).abs().max() < 0.03 * want.abs().max()
+    assert (before - want).abs().max() > 0.2 * want.abs().max()  # the modules mattered
+
+
 def test_hooks_on_the_final_norm_and_output_see_every_position(gqa):
     """Meta's forward runs the whole prompt through the final norm and the output layer: their hooks see all of
     it, where the engine would otherwise take only the last position there."""
