@@ -176,7 +176,7 @@ def lost_peer(error: BaseException) -> Optional[str]:
     what it says of that, in a few words. Else None."""
     if not dist.is_initialized() or not isinstance(error, RuntimeError):
         return None
-    said = re.search(r"Connection (closed|reset) by peer \S*", str(error))
+    said = re.search(r"Connection (closed|reset) by peer( \S+)?", str(error))  # (its address, where given)
     if said:
         return said.group(0).rstrip(".")
     return str(error).splitlines()[0] if isinstance(error, dist.DistNetworkError) else None
