@@ -7,11 +7,15 @@ so each rank cuts its own slice out of the concatenation of the shards. Shards a
 only reads the bytes of its slice.
 """
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
 import re
+import shutil
+import signal
+import threading
 import zipfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
@@ -441,14 +445,17 @@ def md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(shards: Iterable[Dict[str, torch.Tensor]], params: dict, out_dir: str) -> None:
+def save(shards: Iterable[Dict[str, torch.Tensor]], params: dict, out_dir: str,
+         files: Optional[Dict[str, Callable[[Path], object]]] = None) -> None:
     """Write params.json, consolidated.NN.pth and a checklist.chk of md5 sums (``md5sum -c`` format), and remove
-    the shards of a checkpoint written there before with more of them.
+    the shards of a checkpoint written there before with more of them. files: other files of the checkpoint
+    (its tokenizer.model), name -> a function writing it to the path it is given.
 
     Every file is written under a temporary name first, and all are renamed into place at the end, the checklist
-    last: a write that fails or is killed leaves a checkpoint that was there as it was, not a mixture of two that
-    would load and compute nonsense (it needs room for both until then). No file is written over in place: it may
-    be a link to another checkpoint's file (the one being resharded, even), or mapped by a job running on it.
+    last, with Ctrl-C and SIGTERM held until the renames are done (``_signals_held``): a write that fails or is stopped leaves a
+    checkpoint that was there as it was, not a mixture of two that would load and compute nonsense (it needs room
+    for both until then). No file is written over in place: it may be a link to another checkpoint's file (the
+    one being resharded, even), or mapped by a job running on it.
 
     shards may be a generator: each is written and let go before the next is made.
     """
@@ -465,18 +472,44 @@ def save(shards: Iterable[Dict[str, torch.Tensor]], params: dict, out_dir: str) 
             written[name] = _partial(out / name)
             torch.save(shard, written[name])
             del shard  # before the generator makes the next one
-        checklist = _partial(out / "checklist.chk")
-        checklist.write_text("".join(f"{md5(written[name])}  {name}\n" for name in sorted(written)))
-        written["checklist.chk"] = checklist
-        for name, path in written.items():
-            if name == "checklist.chk":
-                for old in out.glob("consolidated.*.pth"):
-                    if old.name not in written:
-                        old.unlink()
-            os.replace(path, out / name)
+        sums = "".join(f"{md5(written[name])}  {name}\n" for name in sorted(written))
+        written["checklist.chk"] = _partial(out / "checklist.chk")
+        written["checklist.chk"].write_text(sums)
+        for name, write in (files or {}).items():
+            written[name] = _partial(out / name)
+            write(written[name])
+        with _signals_held():
+            for name in sorted(written, key=lambda name: name == "checklist.chk"):  # the checklist last
+                if name == "checklist.chk":
+                    for old in out.glob("consolidated.*.pth"):
+                        if old.name not in written:
+                            old.unlink()
+                os.replace(written[name], out / name)
     finally:
         for path in written.values():
             path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM arriving meanwhile are delivered after the block, not inside it. (Their handlers are
+    set aside: blocking them would hold them from this thread alone, and another, gloo's or torch's, would take
+    them. Only the main thread can set handlers, and only its own run them.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: List[int] = []
+    held = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    held = {s: h for s, h in held.items() if h is not None}  # (None: set outside Python, can't be set back)
+    for s in held:
+        signal.signal(s, lambda signum, frame: arrived.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
+        for s in arrived:
+            signal.raise_signal(s)
 
 
 def _partial(path: Path) -> Path:
@@ -484,7 +517,8 @@ def _partial(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
-PARTIAL_NAME = re.compile(r"\.(params\.json|checklist\.chk|tokenizer\.model|consolidated\.\d+\.pth)\.partial")
+PARTIAL_NAME = re.compile(
+    r"\.(params\.json|checklist\.chk|tokenizer\.model|tokenizer_checklist\.chk|consolidated\.\d+\.pth)\.partial")
 
 
 def leftovers(folder: Path) -> List[Path]:
@@ -493,26 +527,18 @@ def leftovers(folder: Path) -> List[Path]:
     return [p for p in folder.glob(".*.partial") if PARTIAL_NAME.fullmatch(p.name) and p.is_file()]
 
 
-def replace(path: Path, write: Callable[[Path], object]) -> None:
-    """write(a temporary file beside path), then rename it to path: a file there before is replaced, never
-    written over in place, as in ``save``; and a write that fails leaves nothing under the name."""
-    tmp = _partial(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def reshard(ckpt_dir: str, out_dir: str, mp: int) -> None:
-    """Write ckpt_dir's model as an equivalent checkpoint of mp shards, one output shard in memory at a time."""
+    """Write ckpt_dir's model as an equivalent checkpoint of mp shards, one output shard in memory at a time, with
+    ckpt_dir's tokenizer.model where it has one."""
     ckpt = Checkpoint(ckpt_dir)
+    tokenizer = Path(ckpt_dir) / "tokenizer.model"
+    files = {tokenizer.name: lambda tmp: shutil.copyfile(tokenizer, tmp)} if tokenizer.is_file() else {}
     args = ckpt.model_args()
     check_split(args, mp, replicate_kv=False, unit="shards")
     extras = {k: v.clone() for k, v in ckpt.shards[0].items() if k in IGNORED_KEYS}
     cpu, embed_dim = torch.device("cpu"), ckpt.embed_dim(args)  # each family keeps its own layout
     save(({**ckpt.load_rank(args, r, mp, None, cpu, copy=True, embed_dim=embed_dim), **extras} for r in range(mp)),
-         ckpt.params, out_dir)
+         ckpt.params, out_dir, files)
 
 
 def random_checkpoint(out_dir: str, params: dict, mp: int = 1, seed: int = 0, vocab_size: Optional[int] = None,
@@ -540,11 +566,11 @@ def random_checkpoint(out_dir: str, params: dict, mp: int = 1, seed: int = 0, vo
     return save_full(state, args, params, out_dir, mp)
 
 
-def save_full(state: Dict[str, torch.Tensor], args: ModelArgs, params: dict, out_dir: str,
-              mp: int = 1) -> Dict[str, torch.Tensor]:
-    """Write a model's full (unsharded) weights as Meta's checkpoint of mp shards for its family, and return
-    what the shards hold joined: bf16, Llama 1/2's with the unused ``rope.freqs`` and the embedding split on its
-    dimension, Llama 3's split on the vocabulary."""
+def save_full(state: Dict[str, torch.Tensor], args: ModelArgs, params: dict, out_dir: str, mp: int = 1,
+              files: Optional[Dict[str, Callable[[Path], object]]] = None) -> Dict[str, torch.Tensor]:
+    """Write a model's full (unsharded) weights as Meta's checkpoint of mp shards for its family (with ``save``'s
+    files), and return what the shards hold joined: bf16, Llama 1/2's with the unused ``rope.freqs`` and the
+    embedding split on its dimension, Llama 3's split on the vocabulary."""
     expected = set(full_shapes(args))
     if set(state) != expected:
         raise ValueError(f"the weights' names differ from Meta's: {sorted(set(state) ^ expected)[:5]}")
@@ -552,5 +578,5 @@ def save_full(state: Dict[str, torch.Tensor], args: ModelArgs, params: dict, out
     embed_dim = family_embed_dim(args.vocab_size)
     if embed_dim == 1:
         state["rope.freqs"] = rope_freqs(args)
-    save(split(state, mp, embed_dim), params, out_dir)
+    save(split(state, mp, embed_dim), params, out_dir, files)
     return state

@@ -10,12 +10,11 @@ saves that work at every start, and gives files Meta's reference code can load w
 """
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llama.checkpoint import replace, reshard  # noqa: E402
+from llama.checkpoint import reshard  # noqa: E402
 from llama.cli import one_line_errors, output_dir, positive_int  # noqa: E402
 
 
@@ -30,13 +29,10 @@ def main() -> None:
     if out == src:
         raise ValueError("--out_dir must differ from --ckpt_dir (the input would be overwritten while read)")
     with output_dir(str(out), args.force):
-        reshard(str(src), str(out), args.mp)
-        tokenizer = src / "tokenizer.model"
-        if tokenizer.is_file():  # the checkpoint's own, in place of any there before
-            replace(out / tokenizer.name, lambda tmp: shutil.copyfile(tokenizer, tmp))
-        elif (out / tokenizer.name).exists():  # the user's: kept, but it may be another model's
-            print(f"warning: {out / tokenizer.name} was there before and is kept, but {src} has no tokenizer.model "
-                  "to say it is this model's: check that it is", file=sys.stderr)
+        reshard(str(src), str(out), args.mp)  # with src's tokenizer.model, in place of any there before
+        if not (src / "tokenizer.model").is_file() and (out / "tokenizer.model").exists():  # the user's: kept
+            print(f"warning: {out / 'tokenizer.model'} was there before and is kept, but {src} has no "
+                  "tokenizer.model to say it is this model's: check that it is", file=sys.stderr)
     print(f"wrote {args.mp} shard(s) to {out}")
 
 

@@ -216,10 +216,10 @@ def fmt_time(seconds: float) -> str:
 def save(model: Transformer, params: dict, tokenizer: bytes, out_dir: Path) -> None:
     """Meta's layout: params.json, consolidated.00.pth (bf16, with rope.freqs), checklist.chk, tokenizer.model
     and tokenizer_checklist.chk."""
-    checkpoint.save_full(model.state_dict(), model.params, params, str(out_dir))
-    checkpoint.replace(out_dir / "tokenizer.model", lambda tmp: tmp.write_bytes(tokenizer))
-    checkpoint.replace(out_dir / "tokenizer_checklist.chk",
-                       lambda tmp: tmp.write_text(f"{hashlib.md5(tokenizer).hexdigest()}  tokenizer.model\n"))
+    checklist = f"{hashlib.md5(tokenizer).hexdigest()}  tokenizer.model\n"
+    checkpoint.save_full(model.state_dict(), model.params, params, str(out_dir), files={
+        "tokenizer.model": lambda tmp: tmp.write_bytes(tokenizer),
+        "tokenizer_checklist.chk": lambda tmp: tmp.write_text(checklist)})
 
 
 def write_test_data(test_dir: Path, train: List[Tuple[str, str]], held: List[Tuple[str, str]],

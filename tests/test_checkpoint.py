@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -205,6 +206,48 @@ def test_reshard_forced_over_another_checkpoint_leaves_none_of_it(make_ckpt, tmp
     want = Llama.build(ckpt, tokenizer_path, 32, 1, device="cpu", dtype="float32").generate([[1, 5, 9]], 6, 0)
     got = Llama.build(str(out), tokenizer_path, 32, 1, device="cpu", dtype="float32").generate([[1, 5, 9]], 6, 0)
     assert got == want
+
+
+def test_a_reshard_stopped_leaves_one_checkpoint_whole_the_old_or_the_new(make_ckpt, tmp_path, tokenizer_path,
+                                                                          monkeypatch):
+    """--force over another checkpoint, stopped (Ctrl-C) while its tokenizer is copied: the old checkpoint is
+    there as it was, tokenizer too; stopped while the files are renamed into place: the renames finish first,
+    and the folder holds the new checkpoint whole (where it had held new shards beside the old checklist)."""
+    ckpt, _ = make_ckpt(MP4, mp=1)
+    old, _ = make_ckpt(MP4, mp=4, seed=1)
+    shutil.copyfile(tokenizer_path, Path(ckpt) / "tokenizer.model")
+    out = tmp_path / "out"
+    shutil.copytree(old, out)
+    (out / "tokenizer.model").write_bytes(b"the old model's")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    args = ["--ckpt_dir", ckpt, "--out_dir", str(out), "--mp", "2", "--force"]
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "copyfile", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            script_main("reshard", *args)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    rename, renamed = os.replace, []
+
+    def interrupted(src, dst):  # Ctrl-C at the first rename
+        if not renamed:
+            os.kill(os.getpid(), signal.SIGINT)
+        rename(src, dst)
+        renamed.append(Path(dst).name)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        script_main("reshard", *args)
+    assert len(renamed) == 5  # params.json, two shards, tokenizer.model, checklist.chk
+    assert sorted(p.name for p in out.iterdir()) == ["checklist.chk", "consolidated.00.pth", "consolidated.01.pth",
+                                                     "params.json", "tokenizer.model"]
+    assert (out / "tokenizer.model").read_bytes() == Path(tokenizer_path).read_bytes()
+    for line in (out / "checklist.chk").read_text().splitlines():
+        digest, name = line.split()
+        assert checkpoint.md5(out / name) == digest, name
 
 
 def test_what_a_killed_reshard_left_is_removed_by_the_next(make_ckpt, tmp_path, tokenizer_path):
