@@ -7,6 +7,7 @@ import difflib
 import functools
 import inspect
 import logging
+import os
 import re
 import shutil
 import signal
@@ -29,6 +30,11 @@ def one_line_errors() -> Iterator[None]:
     """Bad input (a ValueError) ends the program with one line on stderr and exit code 1, not a traceback."""
     try:
         yield
+        sys.stdout.flush()  # now, where a reader gone (below) is caught, rather than at the exit
+    except BrokenPipeError as e:  # the reader of its output gone (`| head -1`): it stops, quietly, as others do
+        distributed.tell_the_others(e)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush would fail again)
+        sys.exit(141)  # 128 + SIGPIPE: the shell's status for a program that signal stopped
     except ValueError as e:
         distributed.tell_the_others(e)
         sys.stderr.write(f"error: {e}\n")  # one write: the ranks' lines don't interleave

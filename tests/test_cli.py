@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import stat
+import subprocess
 import sys
 from typing import Optional
 
@@ -13,7 +14,7 @@ import pytest
 
 from llama import cli, distributed
 
-from conftest import run_cmd
+from conftest import ROOT, run_cmd
 
 
 def main(ckpt_dir: Optional[str] = None, max_gen_len: int = 4, suffix_first: bool = False):
@@ -97,6 +98,19 @@ def test_ctrl_c_is_one_line_and_the_shells_status(capsys):
         with cli.one_line_errors():
             raise KeyboardInterrupt
     assert stopped.type is SystemExit and stopped.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+def test_output_to_a_reader_gone_ends_quietly_as_a_pipelines_programs_do():
+    """`python example_text_completion.py | head -1`: the reader closes the pipe, and the example stops with the
+    status of a program stopped by SIGPIPE, saying nothing (where it printed a traceback of BrokenPipeError)."""
+    read, write = os.pipe()
+    os.close(read)  # a reader gone before the first line
+    try:
+        result = subprocess.run([sys.executable, "example_text_completion.py", "--max_gen_len", "4"], cwd=ROOT,
+                                stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert result.returncode == 141 and result.stderr == "", result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("value", ["abc", "-5", "0", "inf"])
