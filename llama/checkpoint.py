@@ -8,6 +8,7 @@ only reads the bytes of its slice.
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -460,24 +461,29 @@ def save(shards: Iterable[Dict[str, torch.Tensor]], params: dict, out_dir: str,
     shards may be a generator: each is written and let go before the next is made.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in leftovers(out):
-        path.unlink()
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        for path in leftovers(out):
+            path.unlink()
     written: Dict[str, Path] = {}
     try:
         written["params.json"] = _partial(out / "params.json")
-        written["params.json"].write_text(json.dumps(params))
+        with writing(out):
+            written["params.json"].write_text(json.dumps(params))
         for j, shard in enumerate(shards):
             name = f"consolidated.{j:02d}.pth"
             written[name] = _partial(out / name)
-            torch.save(shard, written[name])
+            with writing(out):
+                torch.save(shard, written[name])
             del shard  # before the generator makes the next one
         sums = "".join(f"{md5(written[name])}  {name}\n" for name in sorted(written))
         written["checklist.chk"] = _partial(out / "checklist.chk")
-        written["checklist.chk"].write_text(sums)
+        with writing(out):
+            written["checklist.chk"].write_text(sums)
         for name, write in (files or {}).items():
             written[name] = _partial(out / name)
-            write(written[name])
+            with writing(out):
+                write(written[name])
         with _signals_held():
             for name in sorted(written, key=lambda name: name == "checklist.chk"):  # the checklist last
                 if name == "checklist.chk":
@@ -487,7 +493,26 @@ def save(shards: Iterable[Dict[str, torch.Tensor]], params: dict, out_dir: str,
                 os.replace(written[name], out / name)
     finally:
         for path in written.values():
-            path.unlink(missing_ok=True)
+            if os.path.lexists(path):  # (unlink's missing_ok doesn't cover a read-only file system's error)
+                path.unlink()
+
+
+@contextlib.contextmanager
+def writing(out: Path) -> Iterator[None]:
+    """A write into out that fails for want of room or permission: a ValueError saying so, not a traceback (in
+    C++'s words, from torch.save)."""
+    try:
+        yield
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise ValueError(f"can't write the checkpoint into {out}: {e.strerror or e}: " + (
+            "free space there, or write it elsewhere" if full else "write it into a folder you can write to")) from e
+    except RuntimeError as e:
+        if not re.search(r"inline_container|PytorchStreamWriter|iostream error", str(e)):
+            raise
+        free = shutil.disk_usage(out).free / 2**20
+        raise ValueError(f"can't write the checkpoint into {out}: torch.save failed ({str(e).splitlines()[0]}), with "
+                         f"{free:.1f} MiB free there: free space there, or write it elsewhere") from e
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from typing import Optional
 import sentencepiece as spm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llama.checkpoint import random_checkpoint  # noqa: E402
+from llama.checkpoint import random_checkpoint, writing  # noqa: E402
 from llama.cli import one_line_errors, output_dir, positive_int  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
@@ -55,13 +55,15 @@ def make(out: Path, shape: str, mp: int = 1, tokenizer_path: Optional[str] = Non
          device: str = "cpu") -> None:
     """Write a random checkpoint of the named shape, and its tokenizer.model, into the folder out; its random
     numbers drawn on device."""
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = out / "tokenizer.model"
     if tokenizer_path:
         Tokenizer(tokenizer_path)  # a missing or unreadable file said as itself, not as the copy
-        shutil.copyfile(tokenizer_path, tokenizer)
-    else:
-        train_tokenizer(tokenizer, SHAPES[shape]["vocab_size"])
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        if tokenizer_path:
+            shutil.copyfile(tokenizer_path, tokenizer)
+        else:
+            train_tokenizer(tokenizer, SHAPES[shape]["vocab_size"])
     params = {**SHAPES[shape], "norm_eps": 1e-5, "vocab_size": -1}  # -1, as Meta writes it: the tokenizer says
     random_checkpoint(str(out), params, mp=mp, seed=seed, vocab_size=Tokenizer(str(tokenizer)).n_words,
                       device=device)

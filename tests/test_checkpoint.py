@@ -250,6 +250,31 @@ def test_a_reshard_stopped_leaves_one_checkpoint_whole_the_old_or_the_new(make_c
         assert checkpoint.md5(out / name) == digest, name
 
 
+def test_a_write_without_room_or_permission_says_so(make_ckpt, tmp_path, monkeypatch, tokenizer_path):
+    """A full disk (which torch.save reports in C++'s words) or a read-only folder: one ValueError saying so, the
+    checkpoint there before left as it was."""
+    ckpt, _ = make_ckpt(MP4, mp=1)
+    out = tmp_path / "out"
+    shutil.copytree(ckpt, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*args):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4544 vs 4438")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(ValueError, match=rf"can't write the checkpoint into {re.escape(str(out))}: torch.save failed "
+                                         r"\(\[enforce fail .* 4438\), with [\d.]+ MiB free there: free space there"):
+        script_main("reshard", "--ckpt_dir", ckpt, "--out_dir", str(out), "--mp", "2", "--force")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "new"))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(ValueError, match="new: Read-only file system: write it into a folder you can write to"):
+        script_main("make_checkpoint", "--out_dir", str(tmp_path / "new"), "--tokenizer_path", tokenizer_path)
+
+
 def test_what_a_killed_reshard_left_is_removed_by_the_next(make_ckpt, tmp_path, tokenizer_path):
     """A reshard killed mid-write (kill -9, the OOM killer) leaves its hidden temporary files: the folder still
     counts as empty for the next run, which removes them, a user's own hidden file kept."""
