@@ -109,13 +109,36 @@ def run(main: Callable) -> None:
 def call(main: Callable, argv: List[str]) -> object:
     """main given a command line's arguments as fire gives them, its flags checked first (check_flags, typed)."""
     check_flags(main, argv)
-    return fire.Fire(typed(main), command=argv)
+    return fire.Fire(typed(main), command=as_typed(main, argv))
+
+
+FLAG = re.compile(r"--?([A-Za-z_][\w-]*)(=.*)?", re.S)
+
+
+def as_typed(main: Callable, argv: List[str]) -> List[str]:
+    """argv with the values of main's str flags quoted as Python strings, which fire passes on as they are: it
+    reads any other value as a Python literal, --system 'pirate, concise' as a tuple and --ckpt_dir 1e3 as
+    1000.0. (A flag followed by another flag, or by nothing, has no value to quote: ``typed`` says so.)"""
+    hints = typing.get_type_hints(main)
+    strings = {name for name, hint in hints.items() if hint in (str, Optional[str])}
+    out: List[str] = []
+    for i, arg in enumerate(argv):
+        flag = FLAG.fullmatch(arg)
+        before = FLAG.fullmatch(argv[i - 1]) if i else None
+        if arg == "--":
+            return out + argv[i:]
+        if flag and flag.group(1).replace("-", "_") in strings and flag.group(2):
+            arg = f"{arg.split('=')[0]}={flag.group(2)[1:]!r}"
+        elif not flag and before and not before.group(2) and before.group(1).replace("-", "_") in strings:
+            arg = repr(arg)
+        out.append(arg)
+    return out
 
 
 def typed(main: Callable) -> Callable:
     """main, its bool and str flags checked as fire gives them: fire passes ``--flag=false`` on as the string
-    'false' (true to Python), a ``--path`` with no value as True, and a path of digits (``--ckpt_dir 2024``) as a
-    number."""
+    'false' (true to Python), a ``--path`` with no value as True, and a path of digits given without its flag
+    name (``as_typed`` quotes the others) as a number."""
     hints = typing.get_type_hints(main)
 
     @functools.wraps(main)
@@ -171,6 +194,9 @@ def checkpoint_or_demo(ckpt_dir: Optional[str], tokenizer_path: Optional[str],
     """(ckpt_dir, tokenizer_path, max_gen_len): both paths given, or neither for the small model this repository
     ships in models/demo, so a fresh clone can generate without Meta's weights; max_gen_len None is the demo's
     own default there (it was trained on short sequences), and stays None for a checkpoint of the user's."""
+    for flag, value in (("--ckpt_dir", ckpt_dir), ("--tokenizer_path", tokenizer_path)):
+        if value == "":
+            raise ValueError(f"{flag} is empty: give it the path (an unset shell variable, maybe)")
     if ckpt_dir is not None and tokenizer_path is not None:
         return ckpt_dir, tokenizer_path, max_gen_len
     if ckpt_dir is not None or tokenizer_path is not None:

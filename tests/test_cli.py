@@ -43,6 +43,24 @@ def test_bool_and_path_flags_as_fire_passes_them():
         typed(ckpt_dir=True)
 
 
+def test_text_flags_are_passed_on_as_typed():
+    """fire reads a flag's value as a Python literal: a str flag gets the text as typed all the same (where
+    --system 'pirate, concise' was the tuple's text and --ckpt_dir 1e3 was '1000.0'); the others their literals."""
+    def chat(ckpt_dir: Optional[str] = None, system: str = "", max_gen_len: int = 4, quiet: bool = False):
+        return ckpt_dir, system, max_gen_len, quiet
+
+    for argv, want in [(["--system", "pirate, concise", "--max_gen_len", "1e1"], (None, "pirate, concise", 10.0, False)),
+                       (["--system=[yes]", "--ckpt-dir=0x10"], ("0x10", "[yes]", 4, False)),
+                       (["--quiet", "--ckpt_dir", "1e3", "--system", "-1"], ("1e3", "-1", 4, True)),
+                       (["--ckpt_dir", "2024", "--system=", "-max_gen_len", "2"], ("2024", "", 2, False)),
+                       (["--system", "it's \"x\"", "--", "--verbose"], (None, "it's \"x\"", 4, False))]:
+        assert cli.call(chat, argv) == want, argv
+    with pytest.raises(ValueError, match="--ckpt_dir needs a value"):
+        cli.call(chat, ["--ckpt_dir", "--quiet"])
+    with pytest.raises(ValueError, match="--ckpt_dir is empty: give it the path"):
+        cli.checkpoint_or_demo("", "tokenizer.model")
+
+
 def test_equal_arguments_written_differently_agree():
     """What the ranks compare (distributed.agree): 0 and 0.0, and a params.json's keys in another order, are
     the same; 0.6 and 0.60001 are not."""
