@@ -186,7 +186,10 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: {_why_unloadable(path, head, e)}") from None
     if not isinstance(shard, dict) or not all(isinstance(t, torch.Tensor) for t in shard.values()):
-        raise ValueError(f"{path}: expected a dict of tensors")
+        nested = [k for k, v in shard.items() if isinstance(v, dict)] if isinstance(shard, dict) else []
+        raise ValueError(f"{path}: expected a dict of tensors" + (
+            f", as Meta's shards are; this one holds dicts (under {nested[:3]}), as a training checkpoint does: "
+            "save the model's state_dict alone" if nested else ""))
     if any(key.startswith("module.") for key in shard):
         raise ValueError(f"{path}: its keys carry a 'module.' prefix, as a checkpoint saved from a "
                          "DistributedDataParallel wrapper does; strip it before saving")
@@ -250,6 +253,9 @@ def validate(paths: List[Path], shards: List[Dict[str, torch.Tensor]], args: Mod
                 raise ValueError(f"{path}: {key} has shape {tuple(shard[key].shape)}, expected {want} for "
                                  f"params.json with {k} shard(s)")
             _check_dtype(path, key, shard[key].dtype)
+            if shard[key].layout != torch.strided:
+                raise ValueError(f"{path}: {key} is a {str(shard[key].layout).removeprefix('torch.')} tensor, where "
+                                 "Meta's shards hold dense ones: save it with .to_dense()")
 
 
 def _check_dtype(path: Path, key: str, dtype: torch.dtype) -> None:

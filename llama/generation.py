@@ -128,6 +128,10 @@ class Llama:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not is_int(seed):
             raise ValueError(f"seed must be an integer, got {seed!r}")
+        for name, value in (("pack_weights", pack_weights), ("cuda_graphs", cuda_graphs),
+                            ("compile_elementwise", compile_elementwise)):
+            if not isinstance(value, bool) and value is not None:  # "no" is true to Python
+                raise ValueError(f"{name} must be True, False or None (the machine's default), got {value!r}")
         start = time.perf_counter()
         device = distributed.setup(model_parallel_size, device)
         rank, world = get_model_parallel_rank(), get_model_parallel_world_size()

@@ -331,6 +331,8 @@ def test_bad_input_is_a_value_error(gqa, call, match):
     ({"model_parallel_size": 0}, "model_parallel_size must be a positive integer"),
     ({"seed": "x"}, "seed must be an integer"), ({"ckpt_dir": __file__}, "is a file, not a folder"),
     ({"tokenizer_path": "."}, "is a folder, not a file"),
+    ({"pack_weights": "no"}, r"pack_weights must be True, False or None \(the machine's default\), got 'no'"),
+    ({"cuda_graphs": 0}, "cuda_graphs must be True, False or None"),
     pytest.param({"device": "mps"}, "torch has no such device", marks=pytest.mark.skipif(
         torch.backends.mps.is_available(), reason="this machine has MPS")),
 ])
