@@ -54,6 +54,8 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, s
     ckpt_dir, tokenizer_path, max_gen_len = checkpoint_or_demo(ckpt_dir, tokenizer_path, max_gen_len)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=1, device=device, dtype=dtype)
+    if system:  # bytes that aren't UTF-8 (a terminal in another encoding): U+FFFD, as in what is typed below
+        system = system.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     distributed.agree("to chat", system=system)
     if distributed.rank() == 0:  # bytes that aren't UTF-8 typed or piped in: U+FFFD, not an error
         sys.stdin.reconfigure(errors="replace")

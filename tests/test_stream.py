@@ -246,13 +246,15 @@ def test_chat_under_torchrun_waits_for_typing_longer_than_the_collectives_time_l
 
 def test_chat_takes_bytes_that_are_not_utf8(tmp_path):
     """A message of bytes that aren't UTF-8 typed or piped in is answered (U+FFFD in their place), where it ended
-    the chat with a traceback."""
+    the chat with a traceback; so is each message after a --system of such bytes, where none was sent."""
     typed = tmp_path / "typed"
     typed.write_bytes(b"hello\n\xff\xfe there\n/exit\n")
     with typed.open("rb") as stdin:
-        r = run_cmd([sys.executable, "scripts/chat.py", "--temperature", "0", "--max_gen_len", "4"], stdin=stdin)
+        r = run_cmd([sys.executable, "scripts/chat.py", "--temperature", "0", "--max_gen_len", "4", "--system",
+                     b"caf\xe9, brief"], stdin=stdin)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len([t for t in r.stdout.split("> ")[1:] if t.strip()]) == 2  # both answered
+    answers = [t for t in r.stdout.split("> ")[1:] if t.strip()]
+    assert len(answers) == 2 and not any("not sent" in t for t in answers), r.stdout  # both answered
 
 
 def test_chat_drops_the_oldest_exchanges_that_leave_no_room(llama2):
