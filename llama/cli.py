@@ -118,19 +118,24 @@ FLAG = re.compile(r"--?([A-Za-z_][\w-]*)(=.*)?", re.S)
 def as_typed(main: Callable, argv: List[str]) -> List[str]:
     """argv with the values of main's str flags quoted as Python strings, which fire passes on as they are: it
     reads any other value as a Python literal, --system 'pirate, concise' as a tuple and --ckpt_dir 1e3 as
-    1000.0. (A flag followed by another flag, or by nothing, has no value to quote: ``typed`` says so.)"""
+    1000.0. (A flag followed by another flag, or by nothing, has no value to quote: ``typed`` says so. None,
+    for a flag that may be None, stays fire's None: ``--dtype None``, the machine's pick.)"""
     hints = typing.get_type_hints(main)
-    strings = {name for name, hint in hints.items() if hint in (str, Optional[str])}
+    strings = {name: hint for name, hint in hints.items() if hint in (str, Optional[str])}
+
+    def quoted(name: str, value: str) -> str:
+        return value if value == "None" and strings[name] is not str else repr(value)
+
     out: List[str] = []
     for i, arg in enumerate(argv):
         flag = FLAG.fullmatch(arg)
         before = FLAG.fullmatch(argv[i - 1]) if i else None
         if arg == "--":
             return out + argv[i:]
-        if flag and flag.group(1).replace("-", "_") in strings and flag.group(2):
-            arg = f"{arg.split('=')[0]}={flag.group(2)[1:]!r}"
-        elif not flag and before and not before.group(2) and before.group(1).replace("-", "_") in strings:
-            arg = repr(arg)
+        if flag and flag.group(2) and (name := flag.group(1).replace("-", "_")) in strings:
+            arg = f"{arg.split('=')[0]}={quoted(name, flag.group(2)[1:])}"
+        elif not flag and before and not before.group(2) and (name := before.group(1).replace("-", "_")) in strings:
+            arg = quoted(name, arg)
         out.append(arg)
     return out
 

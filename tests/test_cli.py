@@ -53,7 +53,8 @@ def test_text_flags_are_passed_on_as_typed():
                        (["--system=[yes]", "--ckpt-dir=0x10"], ("0x10", "[yes]", 4, False)),
                        (["--quiet", "--ckpt_dir", "1e3", "--system", "-1"], ("1e3", "-1", 4, True)),
                        (["--ckpt_dir", "2024", "--system=", "-max_gen_len", "2"], ("2024", "", 2, False)),
-                       (["--system", "it's \"x\"", "--", "--verbose"], (None, "it's \"x\"", 4, False))]:
+                       (["--system", "it's \"x\"", "--", "--verbose"], (None, "it's \"x\"", 4, False)),
+                       (["--ckpt_dir=None", "--system", "None"], (None, "None", 4, False))]:  # fire's None kept
         assert cli.call(chat, argv) == want, argv
     with pytest.raises(ValueError, match="--ckpt_dir needs a value"):
         cli.call(chat, ["--ckpt_dir", "--quiet"])
