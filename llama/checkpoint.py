@@ -531,7 +531,7 @@ def _signals_held() -> Iterator[None]:
         return
     arrived: List[int] = []
     held = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    held = {s: h for s, h in held.items() if h is not None}  # (None: set outside Python, can't be set back)
+    held = {s: h for s, h in held.items() if h not in (None, signal.SIG_IGN)}  # (None: set outside Python)
     for s in held:
         signal.signal(s, lambda signum, frame: arrived.append(signum))
     try:
