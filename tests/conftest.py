@@ -1,13 +1,18 @@
+import atexit
 import contextlib
 import functools
 import importlib.util
+import multiprocessing
 import os
+import runpy
 import shutil
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import time
+import traceback
 import unittest.mock
 from pathlib import Path
 from types import ModuleType
@@ -140,9 +145,12 @@ def script_main(name: str, *args: str) -> None:
 
 
 def run_cmd(args, timeout=180, env=None, **kwargs) -> subprocess.CompletedProcess:
-    """Run a command from the repository root with no launcher variables inherited; a hang fails the test."""
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**_unlaunched_env(), **(env or {})}, **kwargs)
+    """Run a command from the repository root with no launcher variables inherited; a hang fails the test. A
+    Python script given no input starts from ``_warm``'s process."""
+    env = {**_unlaunched_env(), **(env or {})}
+    if not kwargs and args[0] == sys.executable and args[1].endswith(".py"):
+        return _run_together([(args, env)], timeout)[0]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
 
 
 def _unlaunched_env() -> dict:
@@ -172,21 +180,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_script(argv: List[str], env: dict, out: str, err: str) -> None:
+    """In a process forked from ``_warm``'s: what ``python script args...`` would do, without importing torch
+    again. Its output to the files out and err, its exit status the script's, atexit's functions run."""
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY), fd)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(ROOT)
+    sys.argv = list(argv)
+    sys.path.insert(0, str((ROOT / argv[0]).resolve().parent))  # as python puts a script's folder
+    code = 0
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (e.code is not None)
+        if not isinstance(e.code, (int, type(None))):
+            sys.stderr.write(f"{e.code}\n")
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
+
+
+@functools.lru_cache(maxsize=None)
+def _warm() -> multiprocessing.context.BaseContext:
+    """Processes forked from one that has imported torch and llama already: 3-4 s less a rank on a 2-core AVX2
+    machine, most of what a test of the ranks' behaviour costs. What torch reads at import (none of what the
+    ranks are given differs) is this process's environment's."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "fire", "llama", "llama.cli", "conftest"])
+    return ctx
+
+
 def _run_together(commands: List[Tuple[list, dict]], timeout: float) -> List[subprocess.CompletedProcess]:
     """Start every (command, environment) at once and wait for all; output to files, not pipes that could fill
-    while the test waits on another process. A hang fails the test, and kills them all."""
+    while the test waits on another process. A hang fails the test, and kills them all. Python scripts start
+    from ``_warm``'s process; other commands (``python -c``, torchrun) as themselves."""
     with contextlib.ExitStack() as stack:
         launched = []
         for cmd, env in commands:
-            out, err = (stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
-            launched.append((cmd, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True),
-                             out, err))
-            stack.callback(launched[-1][1].kill)
+            out, err = (stack.enter_context(tempfile.NamedTemporaryFile("w+")) for _ in range(2))
+            if cmd[0] == sys.executable and cmd[1].endswith(".py"):
+                p = _warm().Process(target=_run_script, args=(cmd[1:], env, out.name, err.name))
+                p.start()
+            else:
+                p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+            launched.append((cmd, p, out, err))
+            stack.callback(p.kill)
         done = []
+        deadline = time.monotonic() + timeout
         for cmd, p, out, err in launched:
-            p.wait(timeout)
+            if isinstance(p, subprocess.Popen):
+                p.wait(max(0.0, deadline - time.monotonic()))
+                code = p.returncode
+            else:
+                p.join(max(0.0, deadline - time.monotonic()))
+                if p.exitcode is None:
+                    raise subprocess.TimeoutExpired(cmd, timeout)
+                code = p.exitcode
             out.seek(0), err.seek(0)
-            done.append(subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read()))
+            done.append(subprocess.CompletedProcess(cmd, code, out.read(), err.read()))
         return done
 
 
