@@ -13,8 +13,9 @@ from llama.cli import print0, run
 
 
 def main(ckpt_dir: str, tokenizer_path: str, prompts: list, max_gen_len: int = 8, logits_out: str = "",
-         fail_on_rank: int = -1, fail_with: str = "ValueError", slow_on_rank: dict = None, dtype: Optional[str] = "float32",
-         cpu_on_rank: dict = None, temperature: float = 0.0, seed_on_rank: dict = None, hook_on_rank: int = -1):
+         fail_on_rank: int = -1, fail_with: str = "ValueError", slow_on_rank: dict = None,
+         dtype: Optional[str] = "float32", cpu_on_rank: dict = None, temperature: float = 0.0,
+         seed_on_rank: dict = None, hook_on_rank: int = -1):
     """prompts: a JSON list of strings (fire parses it). fail_on_rank: make that rank's load fail (raise
     fail_with, bad input or a crash), to check that the others stop too instead of waiting for it. slow_on_rank:
     {rank: seconds} that rank's load takes longer. dtype: None to let each rank pick. cpu_on_rank: make

@@ -419,8 +419,9 @@ BROKEN = {
     "keys of a DistributedDataParallel wrapper": (lambda d: resave(d / "consolidated.00.pth", lambda s: s.update(
         {f"module.{k}": s.pop(k) for k in list(s)})), r"consolidated.00.pth: its keys carry a 'module.' prefix"),
     "a sparse tensor": (lambda d: resave(d / "consolidated.01.pth", lambda s: s.update(
-        {"norm.weight": s["norm.weight"].to_sparse()})), r"consolidated.01.pth: norm.weight is a sparse_coo tensor, "
-                                                         r"where Meta's shards hold dense ones: save it with \.to_dense"),
+        {"norm.weight": s["norm.weight"].to_sparse()})),
+        r"consolidated.01.pth: norm.weight is a sparse_coo tensor, where Meta's shards hold dense ones: save it with "
+        r"\.to_dense"),
     "a training checkpoint": (lambda d: resave(d / "consolidated.00.pth", lambda s: (s.update(model=dict(s)), [
         s.pop(k) for k in list(s) if k != "model"])), r"consolidated.00.pth: expected a dict of tensors, as Meta's "
                                                      r"shards are; this one holds dicts \(under \['model'\]\)"),

@@ -49,7 +49,8 @@ def test_text_flags_are_passed_on_as_typed():
     def chat(ckpt_dir: Optional[str] = None, system: str = "", max_gen_len: int = 4, quiet: bool = False):
         return ckpt_dir, system, max_gen_len, quiet
 
-    for argv, want in [(["--system", "pirate, concise", "--max_gen_len", "1e1"], (None, "pirate, concise", 10.0, False)),
+    for argv, want in [(["--system", "pirate, concise", "--max_gen_len", "1e1"],
+                        (None, "pirate, concise", 10.0, False)),
                        (["--system=[yes]", "--ckpt-dir=0x10"], ("0x10", "[yes]", 4, False)),
                        (["--quiet", "--ckpt_dir", "1e3", "--system", "-1"], ("1e3", "-1", 4, True)),
                        (["--ckpt_dir", "2024", "--system=", "-max_gen_len", "2"], ("2024", "", 2, False)),
