@@ -193,10 +193,12 @@ def _run_script(argv: List[str], env: dict, out: str, err: str) -> None:
     code = 0
     try:
         runpy.run_path(argv[0], run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (e.code is not None)
-        if not isinstance(e.code, (int, type(None))):
+    except SystemExit as e:  # as the interpreter ends on it
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
             sys.stderr.write(f"{e.code}\n")
+            code = 1
     except BaseException:
         traceback.print_exc()
         code = 1
