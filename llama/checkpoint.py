@@ -9,6 +9,7 @@ only reads the bytes of its slice.
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -472,31 +473,28 @@ def save(shards: Iterable[Dict[str, torch.Tensor]], params: dict, out_dir: str,
         for path in leftovers(out):
             path.unlink()
     written: Dict[str, Path] = {}
-    try:
-        written["params.json"] = _partial(out / "params.json")
+
+    def put(name: str, write: Callable[[Path], object]) -> None:
+        written[name] = _partial(out / name)
         with writing(out):
-            written["params.json"].write_text(json.dumps(params))
+            write(written[name])
+
+    try:
+        put("params.json", lambda path: path.write_text(json.dumps(params)))
         for j, shard in enumerate(shards):
-            name = f"consolidated.{j:02d}.pth"
-            written[name] = _partial(out / name)
-            with writing(out):
-                torch.save(shard, written[name])
+            put(f"consolidated.{j:02d}.pth", functools.partial(torch.save, shard))
             del shard  # before the generator makes the next one
         sums = "".join(f"{md5(written[name])}  {name}\n" for name in sorted(written))
-        written["checklist.chk"] = _partial(out / "checklist.chk")
-        with writing(out):
-            written["checklist.chk"].write_text(sums)
         for name, write in (files or {}).items():
-            written[name] = _partial(out / name)
-            with writing(out):
-                write(written[name])
+            put(name, write)
+        put("checklist.chk", lambda path: path.write_text(sums))
         with _signals_held():
-            for name in sorted(written, key=lambda name: name == "checklist.chk"):  # the checklist last
-                if name == "checklist.chk":
+            for name, path in written.items():
+                if name == "checklist.chk":  # the last
                     for old in out.glob("consolidated.*.pth"):
                         if old.name not in written:
                             old.unlink()
-                os.replace(written[name], out / name)
+                os.replace(path, out / name)
     finally:
         for path in written.values():
             if os.path.lexists(path):  # (unlink's missing_ok doesn't cover a read-only file system's error)

@@ -71,6 +71,7 @@ nn_module.register_module_module_registration_hook(_count_module_set)
 nn_module.register_module_parameter_registration_hook(_count_tensor_set)
 nn_module.register_module_buffer_registration_hook(_count_tensor_set)
 
+
 def apply_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """layer(x), for a linear layer or feed-forward of the model, or a module research code put in its place.
     The engine's take activations of any dtype (bf16 weights compute in float32 on CPUs without native bf16);
