@@ -127,16 +127,17 @@ def as_typed(main: Callable, argv: List[str]) -> List[str]:
         return value if value == "None" and strings[name] is not str else repr(value)
 
     out: List[str] = []
+    before = None  # the flag before arg, if it is one
     for i, arg in enumerate(argv):
-        flag = FLAG.fullmatch(arg)
-        before = FLAG.fullmatch(argv[i - 1]) if i else None
         if arg == "--":
             return out + argv[i:]
+        flag = FLAG.fullmatch(arg)
         if flag and flag.group(2) and (name := flag.group(1).replace("-", "_")) in strings:
             arg = f"{arg.split('=')[0]}={quoted(name, flag.group(2)[1:])}"
         elif not flag and before and not before.group(2) and (name := before.group(1).replace("-", "_")) in strings:
             arg = quoted(name, arg)
         out.append(arg)
+        before = flag
     return out
 
 
