@@ -148,7 +148,7 @@ def run_cmd(args, timeout=180, env=None, **kwargs) -> subprocess.CompletedProces
     """Run a command from the repository root with no launcher variables inherited; a hang fails the test. A
     Python script given no input starts from ``_warm``'s process."""
     env = {**_unlaunched_env(), **(env or {})}
-    if not kwargs and args[0] == sys.executable and args[1].endswith(".py"):
+    if not kwargs and _a_script(args):
         return _run_together([(args, env)], timeout)[0]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
 
@@ -178,6 +178,11 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _a_script(cmd: list) -> bool:
+    """Whether cmd is ``python script.py ...``, which ``_run_script`` can run in a process forked from ``_warm``'s."""
+    return cmd[0] == sys.executable and len(cmd) > 1 and cmd[1].endswith(".py")
 
 
 def _run_script(argv: List[str], env: dict, out: str, err: str) -> None:
@@ -225,7 +230,7 @@ def _run_together(commands: List[Tuple[list, dict]], timeout: float) -> List[sub
         launched = []
         for cmd, env in commands:
             out, err = (stack.enter_context(tempfile.NamedTemporaryFile("w+")) for _ in range(2))
-            if cmd[0] == sys.executable and cmd[1].endswith(".py"):
+            if _a_script(cmd):
                 p = _warm().Process(target=_run_script, args=(cmd[1:], env, out.name, err.name))
                 p.start()
             else:
