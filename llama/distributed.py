@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import time
-from typing import Dict, List, Mapping, Optional, TypeVar, Union
+from typing import Callable, Dict, List, Mapping, Optional, TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -283,20 +283,26 @@ def everyones(value: T, group: Optional[dist.ProcessGroup] = None) -> List[T]:
     return values
 
 
-_PATIENT: Optional[dist.ProcessGroup] = None  # first_ranks' group, made on first use
+_PATIENT: Optional[dist.ProcessGroup] = None  # from_first_rank's group, made on first use
 
 
-def first_ranks(value: T) -> T:
-    """Rank 0's value on every rank: a collective, which all ranks must call, over a group of its own that waits
-    without a time limit. It is for what a person types on the first process, who may take longer than
-    ``timeout()``, after which a collective of the run's group fails (and nccl's watchdog ends the processes). A rank
-    that dies still ends the wait: its connections close."""
+def from_first_rank(read: Callable[[], T]) -> T:
+    """What read() gives on the first rank, on every rank: a collective, which all ranks must call, over a group
+    of its own that waits without a time limit. It is for what a person types on the first process, who may take
+    longer than ``timeout()``, after which a collective of the run's group fails (and nccl's watchdog ends the
+    processes). The group is made before rank 0 reads, and the others' wait is polled from Python: a wait in C++
+    holds off Ctrl-C, and under torchrun, which sends it to every process, the others sat out torchrun's 30 s
+    before it killed them. A rank that dies still ends the wait: its connections close."""
     global _PATIENT
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
+        return read()
     if _PATIENT is None:
         _PATIENT = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
-    box = [value]
+    box = [read() if rank() == 0 else None]
+    ready = dist.broadcast(torch.zeros(1), src=0, group=_PATIENT, async_op=True)
+    while not ready.is_completed():
+        time.sleep(0.01)
+    ready.wait()  # (raises where it ended with an error)
     dist.broadcast_object_list(box, src=0, group=_PATIENT)
     return box[0]
 

@@ -22,16 +22,14 @@ from llama.cli import checkpoint_or_demo, print0, run  # noqa: E402
 from llama.sampling import check_sampling  # noqa: E402
 
 
-def read_message() -> Optional[str]:
-    """What was typed on the first process, on every process (None at the end of input), however long the typing
-    takes."""
-    line = None
-    if distributed.rank() == 0:
-        try:
-            line = input("> ")
-        except EOFError:
-            print()
-    return distributed.first_ranks(line)
+def typed() -> Optional[str]:
+    """A line typed on this process (None at the end of input): the first one's is each process's message
+    (``distributed.from_first_rank``), however long the typing takes."""
+    try:
+        return input("> ")
+    except EOFError:
+        print()
+        return None
 
 
 def fit(generator: Llama, dialog: Dialog, room: int) -> Dialog:
@@ -61,7 +59,7 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, s
         sys.stdin.reconfigure(errors="replace")
     start: Dialog = [{"role": "system", "content": system}] if system else []
     dialog = list(start)
-    while (message := read_message()) is not None:
+    while (message := distributed.from_first_rank(typed)) is not None:
         message = message.strip()
         if message == "/exit":
             break

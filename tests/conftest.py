@@ -168,10 +168,11 @@ def torchrun(nproc: int, *args, **kwargs) -> subprocess.CompletedProcess:
 
 
 def torchrun_started(nproc: int, *args, env=None) -> subprocess.Popen:
-    """torchrun's processes started, their input, output and errors pipes, for a test that feeds them in time."""
+    """torchrun's processes started, their input, output and errors pipes, for a test that feeds them in time; in
+    a process group of their own, which the test may signal as a terminal signals its foreground job."""
     return subprocess.Popen([_torchrun_exe(), "--standalone", "--nproc_per_node", str(nproc), *args], cwd=ROOT,
                             text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**_unlaunched_env(), **(env or {})})
+                            env={**_unlaunched_env(), **(env or {})}, start_new_session=True)
 
 
 def _free_port() -> int:

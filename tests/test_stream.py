@@ -5,6 +5,7 @@ are split across tokens (SentencePiece's byte pieces, tiktoken's byte-level piec
 import io
 import os
 import select
+import signal
 import sys
 import threading
 import time
@@ -242,6 +243,22 @@ def test_chat_under_torchrun_waits_for_typing_longer_than_the_collectives_time_l
         p.kill()
     assert p.returncode == 0, err[-3000:]
     assert first.endswith("> ") and len([text for text in (first + out).split("> ")[1:] if text.strip()]) == 1
+
+
+def test_ctrl_c_at_the_prompt_of_a_chat_under_torchrun_ends_every_process():
+    """Ctrl-C at the chat's first prompt, sent to torchrun and its processes as a terminal sends it: each process
+    says it was interrupted and ends. The second had sat making the group the first one would make after reading
+    a line, until torchrun killed it 30 s later: there in gloo's C++, which a signal on another of its threads
+    doesn't wake (before the fix this failed about every other run)."""
+    p = torchrun_started(2, "scripts/chat.py", "--max_gen_len", "4")
+    try:
+        first = prompted(p)
+        time.sleep(2)  # the second process well into its wait
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert first.endswith("> ") and err.count("interrupted\n") == 2 and "forcefully" not in err, err[-3000:]
 
 
 def test_chat_takes_bytes_that_are_not_utf8(tmp_path):
