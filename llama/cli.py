@@ -99,7 +99,11 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def run(main: Callable) -> None:
-    """An example's entry point: fire's arguments, INFO logging on rank 0, one_line_errors."""
+    """An example's entry point: fire's arguments, INFO logging on rank 0, one_line_errors. A character the
+    output's encoding lacks (PYTHONIOENCODING=ascii, a Windows console) is printed as "?", where it ended the run
+    at the first such piece of a generation."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
     logging.basicConfig(level=logging.INFO if distributed.rank() == 0 else logging.WARNING,
                         format="%(message)s")
     with one_line_errors():

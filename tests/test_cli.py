@@ -120,6 +120,14 @@ def test_ctrl_c_is_one_line_and_the_shells_status(capsys):
     assert stopped.type is SystemExit and stopped.value.code == 130 and capsys.readouterr().err == "interrupted\n"
 
 
+def test_a_character_the_output_cannot_encode_is_printed_as_a_question_mark():
+    """Text the output's encoding lacks (here ASCII) is printed with "?" in place of what it can't show, and the
+    run goes on, where it ended with an encode error."""
+    r = subprocess.run([sys.executable, "-c", "from llama.cli import run; run(lambda: print('caf\\xe9 \\u2603 ok'))"],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert (r.returncode, r.stdout, r.stderr) == (0, "caf? ? ok\n", "")
+
+
 def test_output_to_a_reader_gone_ends_quietly_as_a_pipelines_programs_do():
     """`python example_text_completion.py | head -1`: the reader closes the pipe, and the example stops with the
     status of a program stopped by SIGPIPE, saying nothing (where it printed a traceback of BrokenPipeError)."""
