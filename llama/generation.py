@@ -18,7 +18,7 @@ from .graphs import GraphedDecoder
 from .linear import can_pack, packed_for
 from .machine import available_memory, cache_dtype_for, compute_dtype_for, device_name, one_compute_dtype, pick_dtype
 from .model import ModelArgs, Transformer
-from .research import hook_dicts, hooked, replaced, stamp
+from .research import hook_dicts, hooked, module_sets, replaced, stamp
 from .sampling import check_sampling, sample, sample_top_p
 from .tokenizer import ChatFormat, Tokenizer
 
@@ -298,16 +298,16 @@ class Llama:
         how many of a one-prompt batch's first tokens the cache holds already (stream's keep_cache).
 
         Each step is taken in its turn (``self._turn``), and fails where anything else ran on the model since the
-        one before it (``Transformer.runs``: a stream's caller, or another thread, generating or calling forward
-        between its pieces), which wrote over the cache that the step would read: a clear error, not another
-        text's continuation.
+        one before it (``Transformer.cache_writes``: a stream's caller, or another thread, generating, calling
+        forward or running the layers between its pieces), which wrote over the cache that the step would read: a
+        clear error, not another text's continuation.
 
         The prefill and each step run in inference mode, as the whole of Meta's generate does (research code's
         wrapper of ``model.forward`` may edit the logits in place), but not across the yields: the caller's code
         between the pieces of a stream runs as it would."""
         with self._turn:
             logits = self._prefill(batch, score_prompts, cached)
-            batch.runs = self.model.runs
+            batch.runs = self.model.cache_writes()
         stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=self.device)
         done = torch.zeros(len(batch.prompts), dtype=torch.bool, device=self.device)
         prompt_len = batch.prompt_len
@@ -325,9 +325,10 @@ class Llama:
         """Sample each row's token at pos into ``batch.tokens``, from logits (the prefill's), or None: the
         decoding step of the tokens before it. Whether every row has now sampled a stop token."""
         tokens, prompt_len = batch.tokens, batch.prompt_len
-        if self.model.runs != batch.runs:
+        if self.model.cache_writes() != batch.runs:
             raise ValueError("something else ran on this model between two steps of a generation (another "
-                             "generation, stream or forward pass, in this thread or another), writing over the KV "
+                             "generation, stream or forward pass, in this thread or another, or its layers run by "
+                             "hand), writing over the KV "
                              "cache that the generation continues from: finish or close() a stream before calling "
                              "the model again, and give each thread that streams a Llama of its own")
         if logits is None:
@@ -349,7 +350,7 @@ class Llama:
         all_done, all_finite = torch.stack((done.all(), finite.all())).tolist()
         if not all_finite:
             raise ValueError(self._not_finite(batch.name(int(finite.logical_not().nonzero()[0])), pos - prompt_len + 1))
-        batch.runs = self.model.runs
+        batch.runs = self.model.cache_writes()
         return all_done
 
     def _sample(self, logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -487,8 +488,9 @@ class Llama:
         waits for the tokens that complete it.
 
         keep_cache: where the previous call also kept its cache and ran to its end, and nothing has run on the
-        model since (no other generation, forward pass or new cache, no weight replaced or edited in place or
-        through ``.data``, no hook added or removed), the prompt's tokens that the cache holds from that call (a
+        model since (no other generation, forward pass, layer run by research code or new cache, no weight,
+        module or rotary table replaced or edited in place or through ``.data``, no hook added or removed, the
+        cache not edited), the prompt's tokens that the cache holds from that call (a
         chat's earlier turns and the answer it gave) are not computed again: only the rest of the prompt is
         prefilled. The text is then the same up to rounding (the cached keys and values were computed in other
         passes), not bit for bit."""
@@ -520,7 +522,7 @@ class Llama:
                     yield text[len(said):]
                 window, said = window[-1:], self.tokenizer.decode(window[-1:])
         with self._turn:
-            if keep_cache and self.model.runs == batch.runs:  # the cache holds the tokens before pos (not its own)
+            if keep_cache and self.model.cache_writes() == batch.runs:  # the cache holds the tokens before pos
                 self._kept = (batch.tokens[0, :pos].tolist(), self._model_state())
         text = self.tokenizer.decode(window)
         if len(text) > len(said):
@@ -537,14 +539,19 @@ class Llama:
         return n
 
     def _model_state(self) -> tuple:
-        """What the KV cache's contents depend on besides the tokens: the model's runs (``Transformer.runs``), its
-        weights (each one's tensor and count of in-place edits), the forward hooks that would run on it and the
-        forwards of its modules. (A forward put in place of the model's own counts no runs: nothing is kept.)"""
-        if replaced([self.model]):
+        """What the KV cache's contents depend on besides the tokens: the model's runs and research code's writes
+        (``Transformer.cache_writes``), its weights and rotary table (each one's tensor and count of in-place
+        edits), the forward hooks that would run on it, the forwards of its modules and the modules put anywhere in
+        the process (a wrapper around ``attention.wk`` has no weights of its own), and the caches themselves
+        (edited in place by research code). (A forward put in place of the model's own counts no runs: nothing is
+        kept.)"""
+        model = self.model
+        if replaced([model]):
             return (object(),)
-        return (self.model.runs, [stamp(p) for p in self.model.parameters()],
-                [id(h) for d in hook_dicts(self.model.modules()) for h in d.values()],
-                [(type(m), type(m).forward, m.__dict__.get("forward")) for m in self.model.replaceable_modules()])
+        return (model.cache_writes(), [stamp(p) for p in model.parameters()], stamp(model.freqs_cis),
+                [id(h) for d in hook_dicts(model.modules()) for h in d.values()],
+                [(type(m), type(m).forward, m.__dict__.get("forward")) for m in model.replaceable_modules()],
+                module_sets(), [stamp(a.cache_kv) for a in model.attentions()])
 
     def _gen_len(self, max_gen_len: Optional[int]) -> int:
         """Meta's default: max_seq_len - 1, which leaves each prompt all of max_seq_len after it."""
@@ -572,7 +579,7 @@ class _Batch:
     logprobs: Optional[torch.Tensor]  # (rows, positions): each token's log-probability, with logprobs=True
     index: List[int]  # the caller's index of each of the batch's prompts
     names: Optional[List[str]] = None  # what errors call each of the caller's prompts, by the caller's index
-    runs: int = 0  # the model's runs (``Transformer.runs``) after the batch's last step
+    runs: Tuple[int, int] = (0, 0)  # the model's ``cache_writes()`` after the batch's last step
 
     @staticmethod
     def of(prompt_tokens: List[List[int]], gen_lens: List[int], max_seq_len: int, device: torch.device,

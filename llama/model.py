@@ -346,6 +346,15 @@ class Window:
         return Window(positions, where + seqlen, slice(0, bsz), freqs_cis[None, :, None, :], mask)
 
 
+@dataclass
+class Writes:
+    """How many times research code has written a model's KV caches itself: called an attention (or a block) with
+    Meta's arguments, running the layers as Meta's forward does, or assigned ``cache_k``. One count that a
+    Transformer shares with its attentions (``Transformer.cache_writes``). (The model's own passes call them with a
+    Window: counted once each, as ``Transformer.runs``, and nothing in them that torch.compile would guard on.)"""
+    n: int = 0
+
+
 class MetasCache:
     """Meta's ``cache_k`` (0) or ``cache_v`` (1) of an Attention, (batch, positions, kv_heads, head_dim): a view of
     its cache_kv, which research code reads, edits in place, or assigns (to save and restore a cache). Read
@@ -382,6 +391,7 @@ class Attention(nn.Module):
         self.cache_kv: Optional[torch.Tensor] = None  # keys and values; cache_k and cache_v view them
         self.wqkv: Optional[Union[Fused, PackedFused]] = None  # Transformer.fuse_weights, pack_weights
         self.rotate_and_cache = rotate_and_cache  # or its compiled form (Transformer.compiled_elementwise)
+        self.writes = Writes()  # its Transformer's, in one
 
     def allocate_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
         """A cache of this size, dtype and device: the one there where it is one (research code may hold views of
@@ -423,6 +433,7 @@ class Attention(nn.Module):
             rows, positions = min(old.shape[1], value.shape[0]), min(old.shape[3], value.shape[1])
             self.cache_kv[:, :rows, :, :positions] = old[:, :rows, :, :positions]
         self.cache_kv[i] = value.transpose(1, 2)
+        self.writes.n += 1
 
     def forward(self, x: torch.Tensor, start_pos: Union[Window, int], freqs_cis: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None, *, last_only: bool = False) -> torch.Tensor:
@@ -430,6 +441,8 @@ class Attention(nn.Module):
         last_only: the output at the last position only, (batch, 1, dim), every position's keys and values
         cached all the same: the last query alone attends, as in decoding."""
         w = Window.of(x, start_pos, freqs_cis, mask)
+        if w is not start_pos:  # Meta's arguments: perhaps research code's own loop over the layers
+            self.writes.n += 1
         bsz, seqlen, _ = x.shape
         heads, kv_heads = self.n_local_heads, self.n_local_kv_heads
         if self.cache_kv is None and w.positions is not None:  # called on its own, as Meta's allocates in __init__
@@ -559,8 +572,15 @@ class Transformer(nn.Module):
         self.cache_dtype: Optional[torch.dtype] = None  # the KV cache's when made (research code may assign another)
         self.cache_made_for: Optional[Tuple[torch.device, torch.dtype]] = None  # the weights' device and dtype then
         self.runs = 0  # forward passes, decoding steps and caches made: each changes what the KV cache holds
+        self.writes = Writes()  # and research code's own
+        for attention in self.attentions():
+            attention.writes = self.writes
         self._caches = Caches([], 0, 0)  # as ready_cache found them last
         self._compiled: Optional[tuple[Callable, ...]] = None  # compiled_elementwise
+
+    def cache_writes(self) -> Tuple[int, int]:
+        """What changes where the KV caches' contents may have: the model's runs and research code's writes."""
+        return self.runs, self.writes.n
 
     @staticmethod
     def _embedding(params: ModelArgs) -> type:

@@ -96,14 +96,14 @@ def test_keep_cache_prefills_only_what_the_cache_lacks(llama2, monkeypatch):
     prompt is prefilled."""
     g, state = llama2
     starts = []  # (first position, tokens) of each pass (a spy on the pass itself: a forward put in place of the
-    run = g.model._run  # model's would be research code's own, which keeps no cache)
-    monkeypatch.setattr(g.model, "_run", lambda tokens, positions, *a, **kw: starts.append(
-        (int(positions[0]), tokens.shape[1])) or run(tokens, positions, *a, **kw))
+    run = g.model._run  # model's would be research code's own, which keeps no cache); the position not read in a
+    monkeypatch.setattr(g.model, "_run", lambda tokens, positions, *a, **kw: starts.append(  # graph's capture
+        (positions[0].clone(), tokens.shape[1])) or run(tokens, positions, *a, **kw))
 
     def prefill_start(dialog, **kwargs) -> int:
         starts.clear()
         "".join(g.stream(dialog, temperature=0, max_gen_len=12, **kwargs))
-        return starts[0][0]
+        return int(starts[0][0])
 
     first = [{"role": "user", "content": "Who made the heaven and the earth?"}]
     g.model.forward(torch.tensor([[1]]), 0)
@@ -120,7 +120,7 @@ def test_keep_cache_prefills_only_what_the_cache_lacks(llama2, monkeypatch):
     assert prefill_start(first, keep_cache=True) == 0  # generate ran since the last stream
     starts.clear()
     text = "".join(g.stream(second, temperature=0, max_gen_len=12, keep_cache=True))
-    assert starts[0] == (common, len(ids2) - common)
+    assert (int(starts[0][0]), starts[0][1]) == (common, len(ids2) - common)
     want = greedy(state, {**GQA, "vocab_size": VOCAB}, ids2, 12, stop=g.tokenizer.eos_id)
     assert text == g.tokenizer.decode(want)
 
@@ -144,6 +144,19 @@ def test_keep_cache_prefills_only_what_the_cache_lacks(llama2, monkeypatch):
     hook = register_module_forward_hook(lambda *args: None)  # one for every module
     assert prefill_start(second, keep_cache=True) == 0
     hook.remove()
+    prefill_start(first, keep_cache=True)
+    layers_run_by_hand(g.model, ids1)  # the cache written, not by the model's forward
+    assert prefill_start(second, keep_cache=True) == 0
+    prefill_start(first, keep_cache=True)
+    attention.cache_k[0, :2].mul_(1)  # the cache edited by research code
+    assert prefill_start(second, keep_cache=True) == 0
+    prefill_start(first, keep_cache=True)
+    g.model.freqs_cis = g.model.freqs_cis * 1  # a rotary table of research code's own (RoPE scaling)
+    assert prefill_start(second, keep_cache=True) == 0
+    prefill_start(first, keep_cache=True)
+    attention.wk = torch.nn.Sequential(wk := attention.wk)  # a wrapper with no weights of its own
+    assert prefill_start(second, keep_cache=True) == 0
+    attention.wk = wk
     prefill_start(first, keep_cache=True)
     assert prefill_start(second) == 0  # keep_cache off
     prefill_start(first, keep_cache=True)
@@ -325,6 +338,15 @@ def test_chat_script_resets_to_its_system_message_and_leaves_answers_a_quarter(m
     assert rooms == [16, 16]
 
 
+def layers_run_by_hand(model, ids) -> None:
+    """ids through the model's blocks as research code runs them, with Meta's arguments: its KV cache written
+    without the model's forward."""
+    with torch.inference_mode():
+        h = model.tok_embeddings(torch.tensor([ids])).to(model.compute_dtype)
+        for layer in model.layers:
+            h = layer(h, 0, model.freqs_cis[:len(ids)], None)
+
+
 def test_a_stream_that_something_else_ran_between_fails_clearly(llama2):
     """A stream paused while the same Llama runs something else (a notebook's next cell, a zip of two streams, a
     forward pass) would continue from a KV cache written over by it, another text's: its next piece is an error
@@ -335,7 +357,8 @@ def test_a_stream_that_something_else_ran_between_fails_clearly(llama2):
     assert len(want) == 24  # pieces to come after the first
     for other in (lambda: g.text_completion(["Once upon a time"], temperature=0, max_gen_len=8),
                   lambda: next(g.stream("Once upon a time", temperature=0)),
-                  lambda: g.model.forward(torch.tensor([[1, 2, 3]]), 0)):
+                  lambda: g.model.forward(torch.tensor([[1, 2, 3]]), 0),
+                  lambda: layers_run_by_hand(g.model, [1, 2, 3])):
         paused = g.stream("In the beginning", temperature=0, max_gen_len=24, keep_cache=True)
         next(paused)
         other()
