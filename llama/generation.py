@@ -103,6 +103,7 @@ def _listed(prompt_tokens: List[List[int]]) -> List[List[int]]:
 
 class Llama:
     @staticmethod
+    @torch.inference_mode(False)  # called in it, the weights would be inference tensors: edits to them unseen
     def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int,
               model_parallel_size: Optional[int] = None, seed: int = 1, *,
               device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,

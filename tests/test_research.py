@@ -279,6 +279,27 @@ def test_neurons_ablated_through_data_are_ablated(make_ckpt, tokenizer_path, way
     assert (before.double() - want).abs().max() > 4 * tol * want.abs().max()  # the edit mattered
 
 
+def test_a_model_built_in_inference_mode_sees_its_weights_edited_in_place(make_ckpt, tokenizer_path):
+    """Llama.build called inside torch.inference_mode() (a notebook cell under it): a weight then edited in place
+    (in inference mode, where alone an inference tensor may be edited) is used as edited. Made there as inference
+    tensors, which keep no count of edits, the weights' packed copies were used as before the edit."""
+    ckpt, state = make_ckpt(CONFIG)
+    with torch.inference_mode():
+        model = Llama.build(ckpt, tokenizer_path, max_seq_len=64, max_batch_size=4, device="cpu",
+                            dtype="bfloat16").model
+    if not model.packed_weights():
+        pytest.skip("nothing can be packed on this machine")
+    tokens = torch.tensor([prompt(12)])
+    with torch.inference_mode():
+        model.layers[1].feed_forward.w2.weight.zero_()
+    got = model.forward(tokens, 0)[0].double()
+    edited = {k: v.bfloat16().double() for k, v in state.items()}
+    edited["layers.1.feed_forward.w2.weight"].zero_()
+    want = reference_logits(edited, PARAMS | {"n_kv_heads": model.params.kv_heads,
+                                              "multiple_of": model.params.multiple_of}, tokens[0].tolist())
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
 def metas_forward(model, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
     """Meta's Transformer.forward, written out as research code does to run the layers itself."""
     seqlen = tokens.shape[1]
