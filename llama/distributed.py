@@ -12,6 +12,7 @@ import math
 import os
 import re
 import socket
+import sys
 import time
 from typing import Callable, Dict, List, Mapping, Optional, TypeVar, Union
 
@@ -94,7 +95,9 @@ def init_process_group(device: torch.device) -> None:
                                 timeout=limit)
     else:  # its store in the process: no port to find (or to race another process for), no network, and none of
         # the TCP store that PyTorch's Windows builds without libuv failed to make
+        hook = sys.excepthook  # which torch's would replace with one putting "[rank0]: " before every line
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout())
+        sys.excepthook = hook
     # A group left to the interpreter's exit can abort the process there ("terminate called without an active
     # exception"), and torchrun then ends the others, before rank 0 has printed: research code that builds and
     # returns never tears it down itself.

@@ -290,6 +290,8 @@ def test_compile_elementwise_without_cuda_graphs_exits_1_on_every_rank(make_ckpt
 
 
 def test_build_twice_in_one_python_session_without_launcher(make_ckpt, tokenizer_path):
+    """Two builds in one session, which make and reuse a one-process group; a traceback after them is Python's
+    own, where torch's group put "[rank0]: " before each of its lines."""
     ckpt, _ = make_ckpt(GQA)
     code = f"""
 from llama import Llama
@@ -299,9 +301,11 @@ x = a.text_completion(["Hello"], temperature=0, max_gen_len=4)[0]["generation"]
 y = b.text_completion(["Hello"], temperature=0, max_gen_len=4)[0]["generation"]
 assert x == y, (x, y)
 print("OK")
+raise RuntimeError("after the builds")
 """
     result = run_cmd([sys.executable, "-c", code])
-    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 1 and "OK" in result.stdout, result.stderr[-3000:]
+    assert result.stderr.startswith("Traceback") and result.stderr.endswith("\nRuntimeError: after the builds\n")
 
 
 def test_a_model_parallel_size_without_the_processes_says_how_to_launch(make_ckpt, tokenizer_path):
