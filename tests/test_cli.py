@@ -128,6 +128,16 @@ def test_a_character_the_output_cannot_encode_is_printed_as_a_question_mark():
     assert (r.returncode, r.stdout, r.stderr) == (0, "caf? ? ok\n", "")
 
 
+def test_a_torch_older_than_2_6_is_named_at_import():
+    """torch 2.5 runs one process, but any run of several failed in its first step (its gloo collectives left
+    inference mode) with an error that named no version: the package says which torch it needs, at import."""
+    r = subprocess.run([sys.executable, "-c", "import torch; torch.__version__ = '2.5.1+cu124'; import llama"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.endswith(
+        "ImportError: llama needs torch 2.6 or later, and this is torch 2.5.1+cu124: pip install --upgrade "
+        "'torch>=2.6'\n"), r.stderr[-2000:]
+
+
 def test_output_to_a_reader_gone_ends_quietly_as_a_pipelines_programs_do():
     """`python example_text_completion.py | head -1`: the reader closes the pipe, and the example stops with the
     status of a program stopped by SIGPIPE, saying nothing (where it printed a traceback of BrokenPipeError)."""
