@@ -329,9 +329,9 @@ class Llama:
         if self.model.cache_writes() != batch.runs:
             raise ValueError("something else ran on this model between two steps of a generation (another "
                              "generation, stream or forward pass, in this thread or another, or its layers run by "
-                             "hand), writing over the KV "
-                             "cache that the generation continues from: finish or close() a stream before calling "
-                             "the model again, and give each thread that streams a Llama of its own")
+                             "hand), writing over the KV cache that the generation continues from: finish or close() "
+                             "a stream before calling the model again, and give each thread that streams a Llama of "
+                             "its own")
         if logits is None:
             logits = self.decode_step(tokens[:, pos - 1:pos], pos - 1, left_pad=batch.pad)[:, -1]
         # NaN or +infinity in a row's logits (a float16 overflow, say), or -infinity everywhere, are garbage to
@@ -491,9 +491,8 @@ class Llama:
         keep_cache: where the previous call also kept its cache and ran to its end, and nothing has run on the
         model since (no other generation, forward pass, layer run by research code or new cache, no weight,
         module or rotary table replaced or edited in place or through ``.data``, no hook added or removed, the
-        cache not edited), the prompt's tokens that the cache holds from that call (a
-        chat's earlier turns and the answer it gave) are not computed again: only the rest of the prompt is
-        prefilled. The text is then the same up to rounding (the cached keys and values were computed in other
+        cache not edited), the prompt's tokens that the cache holds from that call (a chat's earlier turns and the
+        answer it gave) are not computed again: only the rest of the prompt is prefilled. The text is then the same up to rounding (the cached keys and values were computed in other
         passes), not bit for bit."""
         if isinstance(prompt, str):
             ids, stop = self.tokenizer.encode(prompt, bos=True, eos=False), frozenset(self.tokenizer.stop_tokens)

@@ -350,8 +350,8 @@ class Window:
 class Writes:
     """How many times research code has written a model's KV caches itself: called an attention (or a block) with
     Meta's arguments, running the layers as Meta's forward does, or assigned ``cache_k``. One count that a
-    Transformer shares with its attentions (``Transformer.cache_writes``). (The model's own passes call them with a
-    Window: counted once each, as ``Transformer.runs``, and nothing in them that torch.compile would guard on.)"""
+    Transformer shares with its attentions (``Transformer.cache_writes``). (The model's own passes, which call them
+    with a Window, count as one run each: ``Transformer.runs``.)"""
     n: int = 0
 
 
