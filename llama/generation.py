@@ -492,8 +492,8 @@ class Llama:
         model since (no other generation, forward pass, layer run by research code or new cache, no weight,
         module or rotary table replaced or edited in place or through ``.data``, no hook added or removed, the
         cache not edited), the prompt's tokens that the cache holds from that call (a chat's earlier turns and the
-        answer it gave) are not computed again: only the rest of the prompt is prefilled. The text is then the same up to rounding (the cached keys and values were computed in other
-        passes), not bit for bit."""
+        answer it gave) are not computed again: only the rest of the prompt is prefilled. The text is then the same
+        up to rounding (the cached keys and values were computed in other passes), not bit for bit."""
         if isinstance(prompt, str):
             ids, stop = self.tokenizer.encode(prompt, bos=True, eos=False), frozenset(self.tokenizer.stop_tokens)
         else:
