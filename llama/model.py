@@ -824,18 +824,12 @@ class Transformer(nn.Module):
                              f"({c.rows} x {c.positions}): raise max_batch_size / max_seq_len")
         return c
 
-    @torch.compiler.disable
-    def _count_run(self) -> None:
-        """``runs`` one more, out of torch.compile's sight: Dynamo of torch 2.6 guards on the count's value, so that
-        research code's compiled model compiled again at every call."""
-        self.runs += 1
-
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, key_end: int, first_row: int,
              left_pad: Optional[torch.Tensor], masked: bool, last_only: bool, first_key: int = 0,
              start: Optional[int] = None) -> torch.Tensor:
         """The forward pass of tokens at cache positions (a tensor; start, the first, where the caller knows it
         on the host), attention reading cache positions first_key..key_end."""
-        self._count_run()
+        self.runs += 1
         bsz = tokens.shape[0]
         pad = left_pad if left_pad is not None else torch.zeros(bsz, dtype=torch.long, device=tokens.device)
         rope_pos = (positions[None, :] - pad[:, None]).clamp(min=0)  # (bsz, seqlen)
