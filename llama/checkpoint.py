@@ -462,8 +462,8 @@ def save(shards: Iterable[Dict[str, torch.Tensor]], params: dict, out_dir: str,
     Every file is written under a temporary name first, and all are renamed into place at the end, the checklist
     last, with Ctrl-C and SIGTERM held until the renames are done (``_signals_held``): a write that fails or is
     stopped leaves a checkpoint that was there as it was, not a mixture of two that would load and compute
-    nonsense (it needs room for both until then). No file is written over in place: it may be a link to another checkpoint's file (the
-    one being resharded, even), or mapped by a job running on it.
+    nonsense (it needs room for both until then). No file is written over in place: it may be a link to another
+    checkpoint's file (the one being resharded, even), or mapped by a job running on it.
 
     shards may be a generator: each is written and let go before the next is made.
     """
