@@ -308,7 +308,7 @@ class Llama:
         between the pieces of a stream runs as it would."""
         with self._turn:
             logits = self._prefill(batch, score_prompts, cached)
-            batch.runs = self.model.cache_writes()
+            batch.writes = self.model.cache_writes()
         stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=self.device)
         done = torch.zeros(len(batch.prompts), dtype=torch.bool, device=self.device)
         prompt_len = batch.prompt_len
@@ -326,7 +326,7 @@ class Llama:
         """Sample each row's token at pos into ``batch.tokens``, from logits (the prefill's), or None: the
         decoding step of the tokens before it. Whether every row has now sampled a stop token."""
         tokens, prompt_len = batch.tokens, batch.prompt_len
-        if self.model.cache_writes() != batch.runs:
+        if self.model.cache_writes() != batch.writes:
             raise ValueError("something else ran on this model between two steps of a generation (another "
                              "generation, stream or forward pass, in this thread or another, or its layers run by "
                              "hand), writing over the KV cache that the generation continues from: finish or close() "
@@ -351,7 +351,7 @@ class Llama:
         all_done, all_finite = torch.stack((done.all(), finite.all())).tolist()
         if not all_finite:
             raise ValueError(self._not_finite(batch.name(int(finite.logical_not().nonzero()[0])), pos - prompt_len + 1))
-        batch.runs = self.model.cache_writes()
+        batch.writes = self.model.cache_writes()
         return all_done
 
     def _sample(self, logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -522,7 +522,7 @@ class Llama:
                     yield text[len(said):]
                 window, said = window[-1:], self.tokenizer.decode(window[-1:])
         with self._turn:
-            if keep_cache and self.model.cache_writes() == batch.runs:  # the cache holds the tokens before pos
+            if keep_cache and self.model.cache_writes() == batch.writes:  # the cache holds the tokens before pos
                 self._kept = (batch.tokens[0, :pos].tolist(), self._model_state())
         text = self.tokenizer.decode(window)
         if len(text) > len(said):
@@ -551,7 +551,7 @@ class Llama:
         return (model.cache_writes(), [stamp(p) for p in model.parameters()], stamp(model.freqs_cis),
                 [id(h) for d in hook_dicts(model.modules()) for h in d.values()],
                 [(type(m), type(m).forward, m.__dict__.get("forward")) for m in model.replaceable_modules()],
-                module_sets(), [stamp(a.cache_kv) for a in model.attentions()])
+                module_sets(), [a.cache_kv is not None and stamp(a.cache_kv) for a in model.attentions()])
 
     def _gen_len(self, max_gen_len: Optional[int]) -> int:
         """Meta's default: max_seq_len - 1, which leaves each prompt all of max_seq_len after it."""
@@ -579,7 +579,7 @@ class _Batch:
     logprobs: Optional[torch.Tensor]  # (rows, positions): each token's log-probability, with logprobs=True
     index: List[int]  # the caller's index of each of the batch's prompts
     names: Optional[List[str]] = None  # what errors call each of the caller's prompts, by the caller's index
-    runs: Tuple[int, int] = (0, 0)  # the model's ``cache_writes()`` after the batch's last step
+    writes: Tuple[int, int] = (0, 0)  # the model's ``cache_writes()`` after the batch's last step
 
     @staticmethod
     def of(prompt_tokens: List[List[int]], gen_lens: List[int], max_seq_len: int, device: torch.device,

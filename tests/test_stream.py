@@ -158,6 +158,9 @@ def test_keep_cache_prefills_only_what_the_cache_lacks(llama2, monkeypatch):
     assert prefill_start(second, keep_cache=True) == 0
     attention.wk = wk
     prefill_start(first, keep_cache=True)
+    attention.cache_kv = None  # a cache yet to be made (an attention put in place, say)
+    assert prefill_start(second, keep_cache=True) == 0
+    prefill_start(first, keep_cache=True)
     assert prefill_start(second) == 0  # keep_cache off
     prefill_start(first, keep_cache=True)
     assert prefill_start(second, keep_cache=True) == common  # and on again, with nothing in between
